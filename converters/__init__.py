@@ -1,0 +1,1 @@
+"""converters: importers, encoders, exporters and the command-line tools of resmoe."""

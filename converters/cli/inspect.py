@@ -1,0 +1,88 @@
+"""resmoe-inspect: where every byte of a .rmoe file goes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+import resmoe_format
+from resmoe_format.accounting import CATEGORIES, EXPERT_CATEGORIES, Accounting, account
+
+from .common import run_cli
+
+LABELS = {
+    "header": "header (JSON schema, tensor index)",
+    "barycenters": "barycenters / base experts",
+    "permutations": "permutations",
+    "residual_values": "residual values",
+    "residual_indices": "residual indices, masks, pointers",
+    "scales": "quantization scales",
+    "checksums": "checksums",
+    "passthrough": "passthrough tensors (non-expert)",
+    "embedded_files": "embedded files (config, tokenizer)",
+}
+
+
+def render(acc: Accounting, model: dict, console: Console, per_layer: bool = False) -> None:
+    t = Table(title=f"{model.get('architecture', '?')}: {acc.file_size:,} bytes on disk")
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    t.add_column("% of file", justify="right")
+    t.add_column("bits / expert weight", justify="right")
+    for c in CATEGORIES:
+        bpw = f"{acc.bits_per_expert_weight(c):.3f}" if c in EXPERT_CATEGORIES else ""
+        t.add_row(LABELS[c], f"{acc.bytes[c]:,}", f"{100 * acc.bytes[c] / acc.file_size:.2f}", bpw)
+    t.add_section()
+    t.add_row("total (= file size)", f"{sum(acc.bytes.values()):,}", "100.00", "")
+    t.add_row("compressed experts", f"{acc.expert_bytes:,}", f"{100 * acc.expert_bytes / acc.file_size:.2f}",
+              f"{acc.bits_per_expert_weight():.3f}")
+    t.add_row("same experts in source dtype", f"{acc.source_expert_bytes:,}", "",
+              f"{acc.source_bits_per_weight:.3f}")
+    console.print(t)
+    if acc.source_expert_bytes:
+        console.print(f"{acc.expert_weights:,} expert weights in {len(acc.layers)} compressed layers: "
+                      f"{acc.expert_bytes / acc.source_expert_bytes:.1%} of their source size "
+                      f"({1 - acc.expert_bytes / acc.source_expert_bytes:.1%} saved)")
+    if per_layer:
+        lt = Table(title="per compressed layer")
+        for col in ("layer", "experts", "expert bytes", "source bytes", "bits / weight", "encodings"):
+            lt.add_column(col, justify="left" if col == "encodings" else "right")
+        for lay in acc.layers:
+            lt.add_row(str(lay["index"]), str(lay["num_experts"]), f"{lay['expert_bytes']:,}",
+                       f"{lay['source_bytes']:,}", f"{lay['bits_per_expert_weight']:.3f}",
+                       ", ".join(f"{k}×{v}" for k, v in sorted(lay["encodings"].items())))
+        console.print(lt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="resmoe-inspect", description="True byte accounting of a .rmoe file.")
+    ap.add_argument("file", help=".rmoe file")
+    ap.add_argument("--json", action="store_true", help="print the accounting as JSON")
+    ap.add_argument("--layers", action="store_true", help="also show a per-layer table")
+    ap.add_argument("--verify", action="store_true", help="read and check every tensor first")
+    a = ap.parse_args(argv)
+
+    def body() -> int:
+        with resmoe_format.open(a.file) as r:
+            if a.verify:
+                r.verify()
+            acc = account(r)
+            if a.json:
+                doc = {"file": a.file, "version": ".".join(map(str, r.version)), "model": r.model,
+                       "method": r.schema.method, **acc.to_json()}
+                json.dump(doc, sys.stdout, indent=2)
+                print()
+            else:
+                render(acc, r.model, Console(), a.layers)
+                if a.verify:
+                    print("verify: every tensor checksum and record is valid")
+        return 0
+
+    return run_cli("resmoe-inspect", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""``bitmap``: one bit per element (row-major, little-endian bit order within a byte)
+plus the kept values packed in row-major order."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import (Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail,
+                   group_absmax_contiguous, value_allowed, value_bytes)
+from .dense import _q
+from .sparse_common import keep_mask
+from .values import load_values, scales_nbytes, store_values
+from ..errors import RmoeFormatError
+
+
+class Bitmap:
+    name = "bitmap"
+
+    def encode(self, x: np.ndarray, value_dtype: str, quant: Quant | None = None,
+               mask: np.ndarray | None = None, **_) -> Encoded:
+        m, n = x.shape
+        mask = keep_mask(x) if mask is None else np.asarray(mask, dtype=bool)
+        packed = np.packbits(mask.reshape(-1), bitorder="little")
+        values = x[mask].astype(np.float32)
+        parts = {"mask": packed}
+        parts.update(store_values(values, value_dtype, quant, *_rows(mask.sum(axis=1))))
+        return Encoded(self.name, (m, n), value_dtype, parts, {}, _q(value_dtype, quant))
+
+    def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
+        m, n = shape
+        if "values" not in parts or len(parts["values"][1]) != 1:
+            raise RmoeFormatError(f"bitmap: 1-D values tensor missing ({names.get('values')})")
+        nnz = parts["values"][1][0]
+        if nnz > m * n:
+            raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
+        check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
+        check_part(parts, names, "mask", (-(-m * n // 8),), ("u8",))
+        used = {"values", "mask"} | check_quant_parts(parts, names, quant, value_dtype, "values", m, nnz)
+        check_no_extra(parts, names, used, self.name)
+
+    def decode(self, enc: Encoded, names) -> np.ndarray:
+        m, n = enc.shape
+        packed = np.asarray(enc.parts["mask"])
+        bits = np.unpackbits(packed, bitorder="little").view(bool)
+        if bits[m * n:].any():
+            raise fail(names.get("mask", "mask"), "padding bits after the last element are not zero")
+        mask = bits[: m * n].reshape(m, n)
+        nnz = enc.parts["values"].size
+        if int(mask.sum()) != nnz:
+            raise fail(names.get("mask", "mask"), f"{int(mask.sum())} bits set but {nnz} values stored")
+        _, expand = _rows(mask.sum(axis=1))
+        out = np.zeros((m, n), dtype=np.float32)
+        out[mask] = load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, expand)
+        return out
+
+    def predict_nbytes(self, shape, value_dtype, quant, nnz: int = 0, **_) -> int:
+        m, n = shape
+        return -(-m * n // 8) + nnz * value_bytes(value_dtype) + scales_nbytes(value_dtype, quant, m, nnz)
+
+
+def _rows(row_counts: np.ndarray):
+    counts = np.asarray(row_counts, dtype=np.int64)
+
+    def absmax(a: np.ndarray) -> np.ndarray:
+        return group_absmax_contiguous(a, counts)
+
+    def expand(s: np.ndarray) -> np.ndarray:
+        return np.repeat(s.astype(np.float32), counts)
+
+    return absmax, expand

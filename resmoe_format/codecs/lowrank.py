@@ -1,0 +1,70 @@
+"""``lowrank``: U (m, r) and V (r, n); the matrix is U @ V.
+
+The product is accumulated in float64 and rounded once to float32 (spec section
+"Restoration arithmetic").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import (Encoded, Quant, _is_int, check_no_extra, check_part, check_quant_parts,
+                   value_allowed, value_bytes)
+from .dense import _q
+from .values import dense_rows, load_values, scales_nbytes, store_values
+from ..errors import RmoeFormatError
+
+
+class LowRank:
+    name = "lowrank"
+
+    def encode(self, x: np.ndarray | None = None, value_dtype: str = "fp32", quant: Quant | None = None,
+               *, u: np.ndarray | None = None, v: np.ndarray | None = None, rank: int | None = None,
+               **_) -> Encoded:
+        """Encode given factors ``u``, ``v``, or truncate the SVD of ``x`` to ``rank``."""
+        if u is None or v is None:
+            if x is None or rank is None:
+                raise ValueError("lowrank needs factors u, v or a matrix and a rank")
+            u, v = svd_factors(x, rank)
+        u = np.asarray(u, dtype=np.float32)
+        v = np.asarray(v, dtype=np.float32)
+        (m, r), (r2, n) = u.shape, v.shape
+        if r != r2:
+            raise ValueError(f"factor shapes {u.shape} and {v.shape} do not chain")
+        parts = {}
+        parts.update(store_values(u, value_dtype, quant, *dense_rows(m, r), part="u"))
+        parts.update(store_values(v, value_dtype, quant, *dense_rows(r, n), part="v"))
+        return Encoded(self.name, (m, n), value_dtype, parts, {"rank": r}, _q(value_dtype, quant))
+
+    def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
+        m, n = shape
+        r = params.get("rank")
+        if not (_is_int(r) and 0 <= r <= min(m, n)):
+            raise RmoeFormatError(f"lowrank: rank {r!r} must be an integer in [0, min(m, n)] for shape {[m, n]}")
+        check_part(parts, names, "u", (m, r), value_allowed(value_dtype))
+        check_part(parts, names, "v", (r, n), value_allowed(value_dtype))
+        used = {"u", "v"}
+        used |= check_quant_parts(parts, names, quant, value_dtype, "u", m, m * r)
+        used |= check_quant_parts(parts, names, quant, value_dtype, "v", r, r * n)
+        check_no_extra(parts, names, used, self.name)
+
+    def decode(self, enc: Encoded, names) -> np.ndarray:
+        m, n = enc.shape
+        r = enc.params["rank"]
+        u = load_values(enc.parts["u"], enc.parts.get("u_scales"), enc.quant, dense_rows(m, r)[1])
+        v = load_values(enc.parts["v"], enc.parts.get("v_scales"), enc.quant, dense_rows(r, n)[1])
+        return (u.astype(np.float64) @ v.astype(np.float64)).astype(np.float32)
+
+    def predict_nbytes(self, shape, value_dtype, quant, rank: int = 0, **_) -> int:
+        m, n = shape
+        vb = value_bytes(value_dtype)
+        return (rank * (m + n) * vb + scales_nbytes(value_dtype, quant, m, m * rank)
+                + scales_nbytes(value_dtype, quant, rank, rank * n))
+
+
+def svd_factors(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated SVD ``x ~= u @ v`` with sqrt(sigma) split between the factors."""
+    x64 = np.asarray(x, dtype=np.float64)
+    uu, s, vt = np.linalg.svd(x64, full_matrices=False)
+    rank = max(0, min(rank, s.size))
+    root = np.sqrt(s[:rank])
+    return (uu[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)

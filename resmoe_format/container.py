@@ -1,0 +1,443 @@
+"""Reading and writing .rmoe files: a safetensors file whose ``__metadata__`` carries the
+schema. The reader mmaps the file and hands out zero-copy numpy views; the writer streams
+tensors to disk as they come and publishes the file atomically."""
+from __future__ import annotations
+
+import functools
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import codecs, dtypes
+from .codecs import Encoded, PART_CATEGORY
+from .errors import RmoeFormatError
+from .safetensors_header import Header, TensorEntry, read_header
+from .stream import StreamingWriter, crc32
+from .schema import (FORMAT_NAME, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
+                     parse_version)
+
+CHECKSUM_TENSOR = "rmoe.checksums"
+RESERVED_PREFIX = "rmoe."
+META_FORMAT, META_VERSION, META_SCHEMA, META_SCHEMA_CRC = "format", "rmoe_version", "rmoe_schema", "rmoe_schema_crc32"
+
+
+def _guard(fn):
+    """Whatever bytes a file holds, only RmoeFormatError leaves the reader."""
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except RmoeFormatError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, ArithmeticError,
+                RecursionError, AttributeError, BufferError) as e:
+            raise RmoeFormatError(f"malformed file ({type(e).__name__}: {e})") from e
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------
+# roles: what every tensor is, derived from the schema
+
+@dataclass(frozen=True)
+class Role:
+    category: str  # accounting category (spec section 7)
+    layer: int | None = None
+    expert: int | None = None
+
+
+def tensor_roles(schema: Schema) -> dict[str, Role]:
+    """Map every tensor the schema references to its role; a name used twice is an error."""
+    roles: dict[str, Role] = {}
+
+    def put(name: str, role: Role) -> None:
+        if name in roles:
+            raise RmoeFormatError(f"tensor {name} is referenced twice by the schema")
+        roles[name] = role
+
+    put(schema.checksum["tensor"], Role("checksums"))
+    for f in schema.files:
+        put(f["tensor"], Role("embedded_files"))
+    for p in schema.passthrough:
+        put(p, Role("passthrough"))
+    for lay in schema.layers:
+        for ref in lay.base.values():
+            for part, t in ref.tensors.items():
+                put(t, Role("barycenters" if PART_CATEGORY.get(part) == "residual_values"
+                            else _category(part, t), lay.index))
+        for k, p in enumerate(lay.permutations or []):
+            put(p, Role("permutations", lay.index, k))
+        for k, res in enumerate(lay.residuals):
+            for ref in res.values():
+                if ref is not None:
+                    for part, t in ref.tensors.items():
+                        put(t, Role(_category(part, t), lay.index, k))
+    return roles
+
+
+def _category(part: str, tname: str) -> str:
+    try:
+        return {"residual_index": "residual_indices"}.get(PART_CATEGORY[part], PART_CATEGORY[part])
+    except KeyError:
+        raise RmoeFormatError(f"tensor {tname}: unknown part name {part!r}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# schema <-> tensor table consistency (no tensor data touched)
+
+def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry]) -> dict[str, Role]:
+    roles = tensor_roles(schema)
+    missing = [n for n in roles if n not in tensors]
+    if missing:
+        raise RmoeFormatError(f"schema references tensor {missing[0]} which the file does not hold")
+    unlisted = [n for n in tensors if n not in roles]
+    if unlisted:
+        raise RmoeFormatError(f"tensor {unlisted[0]} has no role in the schema")
+    ck = tensors[schema.checksum["tensor"]]
+    if ck.dtype != "u32" or ck.shape != (len(tensors) - 1,):
+        raise RmoeFormatError(f"tensor {ck.name}: checksums must be u32 [{len(tensors) - 1}], "
+                              f"got {ck.dtype} {list(ck.shape)}")
+    for f in schema.files:
+        t = tensors[f["tensor"]]
+        if t.dtype != "u8" or len(t.shape) != 1:
+            raise RmoeFormatError(f"tensor {t.name}: an embedded file must be u8 1-D")
+    for lay in schema.layers:
+        _check_layer(lay, tensors)
+    return roles
+
+
+def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {p: (tensors[t].dtype, tensors[t].shape) for p, t in ref.tensors.items()}
+
+
+def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry]) -> None:
+    for m in lay.matrices:
+        refs = ([lay.base[m.name]] if m.name in lay.base else []) + [r[m.name] for r in lay.residuals if r[m.name]]
+        for ref in refs:
+            codecs.check_layout(ref.encoding, m.shape2d, ref.value_dtype, ref.quant, ref.params,
+                                _parts_info(ref, tensors), ref.tensors)
+    pdt = "u16" if lay.num_neurons <= 65535 else "i32"
+    for p in lay.permutations or []:
+        t = tensors[p]
+        if t.dtype != pdt or t.shape != (lay.num_neurons,):
+            raise RmoeFormatError(f"tensor {p}: a permutation of {lay.num_neurons} neurons must be "
+                                  f"{pdt} [{lay.num_neurons}], got {t.dtype} {list(t.shape)}")
+    for s in lay.sources:
+        shape = source_shape(lay, s)
+        if tuple(s.shape) != shape:
+            raise RmoeFormatError(f"layer {lay.index} source {s.name}: declared shape {list(s.shape)} but its "
+                                  f"assembly gives {list(shape)}")
+
+
+def source_shape(lay: LayerSpec, s: SourceSpec) -> tuple[int, ...]:
+    """The shape a source tensor's assembly rule produces (validates the rule)."""
+    where = f"layer {lay.index} source {s.name}"
+    if s.expert != "all" and s.expert >= lay.num_experts:
+        raise RmoeFormatError(f"{where}: expert {s.expert} of {lay.num_experts}")
+    mats = [lay.matrix(p) for p in s.parts]
+    if any(m.dtype != s.dtype for m in mats):
+        raise RmoeFormatError(f"{where}: dtype {s.dtype} differs from its matrices' dtype")
+    shapes = [tuple(reversed(m.shape)) if s.transpose else tuple(m.shape) for m in mats]
+    if len({len(x) for x in shapes}) != 1:
+        raise RmoeFormatError(f"{where}: parts of different ranks")
+    shape = list(shapes[0])
+    if len(shapes) > 1:
+        ax = s.join_axis
+        if not 0 <= ax < len(shape):
+            raise RmoeFormatError(f"{where}: join_axis {ax} out of range")
+        others = {x[:ax] + x[ax + 1:] for x in shapes}
+        if len(others) != 1 or (s.join == "interleave" and len(set(shapes)) != 1):
+            raise RmoeFormatError(f"{where}: part shapes {shapes} cannot be joined ({s.join}) on axis {ax}")
+        shape[ax] = sum(x[ax] for x in shapes)
+    return ((lay.num_experts,) if s.expert == "all" else ()) + tuple(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Reader
+
+class Reader:
+    """A .rmoe file opened for reading (see :func:`open`)."""
+
+    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True):
+        self.path = Path(path)
+        self.verify_checksums = verify_checksums
+        self._verified: set[str] = set()
+        try:
+            self._f = self.path.open("rb")
+        except OSError as e:
+            raise RmoeFormatError(f"cannot open {self.path}: {e.strerror}") from None
+        try:
+            self._init()
+        except BaseException:
+            self._f.close()
+            raise
+
+    @_guard
+    def _init(self) -> None:
+        self.file_size = os.fstat(self._f.fileno()).st_size
+        self.header: Header = read_header(self._f, self.file_size)
+        meta = self.header.metadata
+        if meta.get(META_FORMAT) != FORMAT_NAME:
+            raise RmoeFormatError(f"__metadata__.format is {meta.get(META_FORMAT)!r}, not 'rmoe': "
+                                  "a safetensors file, but not a .rmoe file")
+        self.version = parse_version(meta.get(META_VERSION))
+        raw = meta.get(META_SCHEMA)
+        if raw is None:
+            raise RmoeFormatError("__metadata__.rmoe_schema is missing")
+        want = meta.get(META_SCHEMA_CRC)
+        if want is None or not want.isdigit() or int(want) != crc32(raw.encode("utf-8")):
+            raise RmoeFormatError("__metadata__.rmoe_schema does not match rmoe_schema_crc32 (corrupt header)")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise RmoeFormatError(f"rmoe_schema is not valid JSON: {e}") from None
+        self.schema = Schema.from_json(doc)
+        self.roles = check_schema_layout(self.schema, self.header.tensors)
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        ck = self.schema.checksum["tensor"]
+        if crc32(self._view(ck)) != self.schema.checksum["crc32"]:
+            raise RmoeFormatError(f"tensor {ck}: checksum table is corrupt (crc32 mismatch)")
+        self._crc = dict(zip((n for n in self.header.tensors if n != ck), self._view(ck).tolist()))
+        self._layers = {lay.index: lay for lay in self.schema.layers}
+
+    # --- raw tensors ---------------------------------------------------------------
+    def _view(self, name: str) -> np.ndarray:
+        t = self.header.tensors[name]
+        dt = dtypes.by_name(t.dtype).np
+        a = np.frombuffer(self._mm, dtype=dt, count=t.numel, offset=self.header.data_start + t.begin)
+        return a.reshape(t.shape)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.header.tensors)
+
+    @_guard
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only zero-copy view of a tensor, checksum-verified on first access."""
+        if name not in self.header.tensors:
+            raise RmoeFormatError(f"no tensor named {name!r} in {self.path}")
+        a = self._view(name)
+        if self.verify_checksums and name not in self._verified and name != self.schema.checksum["tensor"]:
+            if crc32(a) != self._crc[name]:
+                raise RmoeFormatError(f"tensor {name}: crc32 mismatch (corrupt data)")
+            self._verified.add(name)
+        return a
+
+    @_guard
+    def verify(self) -> None:
+        """Read every tensor, check its checksum, and decode every layer record."""
+        saved = self.verify_checksums
+        self.verify_checksums = True
+        try:
+            for name in self.header.tensors:
+                self.tensor(name)
+            for lay in self.schema.layers:
+                for m in lay.matrices:
+                    if lay.base_kind != "none":
+                        self.base(lay.index, m.name)
+                    for k in range(lay.num_experts):
+                        self.residual(lay.index, k, m.name)
+                for k in range(lay.num_experts if lay.permutations else 0):
+                    self.permutation(lay.index, k)
+        finally:
+            self.verify_checksums = saved
+
+    # --- schema-level access ------------------------------------------------------
+    @property
+    def layers(self) -> list[LayerSpec]:
+        return self.schema.layers
+
+    def layer(self, index: int) -> LayerSpec:
+        try:
+            return self._layers[index]
+        except KeyError:
+            raise RmoeFormatError(f"no compressed layer {index}; layers are {sorted(self._layers)}") from None
+
+    @_guard
+    def encoded(self, ref: EncodedRef, matrix: MatrixSpec) -> Encoded:
+        parts = {p: self.tensor(t) for p, t in ref.tensors.items()}
+        return Encoded(ref.encoding, matrix.shape2d, ref.value_dtype, parts, ref.params, ref.quant)
+
+    @_guard
+    def base(self, layer: int, matrix: str) -> np.ndarray | None:
+        """The decoded float32 base matrix (2-D), or None when the layer has no base."""
+        lay = self.layer(layer)
+        if lay.base_kind == "none":
+            return None
+        ref = lay.base[matrix]
+        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+
+    @_guard
+    def residual(self, layer: int, expert: int, matrix: str) -> np.ndarray | None:
+        """The decoded float32 residual (2-D) of one expert's matrix, or None if absent."""
+        lay = self.layer(layer)
+        if not 0 <= expert < lay.num_experts:
+            raise RmoeFormatError(f"layer {layer}: expert {expert} of {lay.num_experts}")
+        ref = lay.residuals[expert][lay.matrix(matrix).name]
+        if ref is None:
+            return None
+        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+
+    @_guard
+    def permutation(self, layer: int, expert: int) -> np.ndarray | None:
+        """Expert ``expert``'s permutation p as int64 (aligned neuron i = original neuron p[i])."""
+        lay = self.layer(layer)
+        if lay.permutations is None:
+            return None
+        name = lay.permutations[expert]
+        p = self.tensor(name).astype(np.int64)
+        n = lay.num_neurons
+        if p.size and (p.min() < 0 or p.max() >= n or (np.bincount(p, minlength=n) != 1).any()):
+            raise RmoeFormatError(f"tensor {name}: not a permutation of 0..{n - 1}")
+        return p
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """Embedded source files (config.json, tokenizer files) by relative path."""
+        return {f["path"]: self.tensor(f["tensor"]).tobytes() for f in self.schema.files}
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.schema.model
+
+    def config(self) -> dict | None:
+        """The embedded config.json, parsed, or None."""
+        for f in self.schema.files:
+            if f["path"] == "config.json":
+                try:
+                    return json.loads(self.tensor(f["tensor"]).tobytes().decode("utf-8"))
+                except (ValueError, RecursionError) as e:
+                    raise RmoeFormatError(f"embedded config.json is not valid JSON: {e}") from None
+        return None
+
+    def close(self) -> None:
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # views still alive; the map closes when they go
+        self._f.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open(path: str | os.PathLike, verify_checksums: bool = True) -> Reader:  # noqa: A001
+    """Open a .rmoe file: validates the header and schema, mmaps the data.
+
+    Tensor checksums are checked when a tensor is first read; pass
+    ``verify_checksums=False`` to skip that (the layout checks always run).
+    """
+    return Reader(path, verify_checksums)
+
+
+# ---------------------------------------------------------------------------------------
+# Writer
+
+@dataclass
+class MoELayer:
+    """One compressed MoE layer as the writer takes it (arrays in memory)."""
+
+    index: int
+    num_neurons: int
+    matrices: list[MatrixSpec]
+    base_kind: str
+    base: dict[str, Encoded]
+    residuals: list[dict[str, Encoded | None]]
+    permutations: list[np.ndarray] | None = None
+    sources: list[SourceSpec] = field(default_factory=list)
+    prefix: str = ""
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+class Writer:
+    """Streams a .rmoe file to disk layer by layer and publishes it atomically.
+
+    Tensors go to temporary spill files beside the target as they are added; ``close()``
+    writes header + data to a temporary file, fsyncs it and renames it over the target.
+    If anything fails (or the block of a ``with`` raises) the target is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, model: dict[str, Any], method: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.model = dict(model)
+        self.method = dict(method or {})
+        self._out = StreamingWriter(self.path)
+        self._put = self._out.put
+        self._files: list[dict[str, str]] = []
+        self._passthrough: list[str] = []
+        self._layers: list[LayerSpec] = []
+
+    def add_file(self, path: str, data: bytes) -> None:
+        """Embed a source file (config.json, tokenizer.json, ...)."""
+        self._files.append({"path": path, "tensor": self._put(f"rmoe.files.{path}", np.frombuffer(data, np.uint8))})
+
+    def add_passthrough(self, name: str, array: np.ndarray) -> None:
+        """Store a source tensor unchanged under its own name."""
+        if name.startswith(RESERVED_PREFIX):
+            raise RmoeFormatError(f"passthrough tensor {name}: names starting with {RESERVED_PREFIX!r} are reserved")
+        self._passthrough.append(self._put(name, array))
+
+    def _put_encoded(self, prefix: str, enc: Encoded) -> EncodedRef:
+        tensors = {part: self._put(f"{prefix}.{part}", arr) for part, arr in enc.parts.items()}
+        return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
+
+    def add_layer(self, layer: MoELayer) -> LayerSpec:
+        """Write one compressed MoE layer; its arrays may be freed afterwards."""
+        i = layer.index
+        pre = f"rmoe.layers.{i}"
+        base = {m: self._put_encoded(f"{pre}.base.{m}", e) for m, e in layer.base.items()}
+        perms = None
+        if layer.permutations is not None:
+            pdt = np.uint16 if layer.num_neurons <= 65535 else np.int32
+            perms = [self._put(f"{pre}.experts.{k}.permutation", np.asarray(p).astype(pdt))
+                     for k, p in enumerate(layer.permutations)]
+        residuals = [{m: (self._put_encoded(f"{pre}.experts.{k}.{m}", e) if e is not None else None)
+                      for m, e in r.items()} for k, r in enumerate(layer.residuals)]
+        spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
+                         layer.base_kind, base, perms, residuals, list(layer.sources), dict(layer.extensions))
+        self._layers.append(LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}"))
+        return spec
+
+    # --- finishing -------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish the file and move it into place atomically."""
+        if self._out.closed:
+            return
+        try:
+            crcs = np.array([self._out.crc(t.name) for t in self._out.layout()], dtype=np.uint32)
+            self._put(CHECKSUM_TENSOR, crcs)
+            schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
+                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
+            raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
+
+            def metadata(entries: list[TensorEntry]) -> dict[str, str]:
+                check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries})
+                return {META_FORMAT: FORMAT_NAME, META_VERSION: VERSION_STR, META_SCHEMA: raw,
+                        META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
+
+            self._out.commit(metadata)
+        finally:
+            self._out.abort()
+
+    def abort(self) -> None:
+        """Discard everything written; the target path is not touched."""
+        self._out.abort()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+

@@ -1,0 +1,323 @@
+"""The schema document: what every tensor of a .rmoe file is (spec/FORMAT.md, section 4).
+
+Classes here mirror the JSON one to one. ``from_json`` validates structure and types
+and raises :class:`RmoeFormatError` for anything else; cross-checks against the tensor
+table happen in :mod:`resmoe_format.container`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+from .codecs import ENCODINGS, Quant
+from .errors import RmoeFormatError
+
+FORMAT_NAME = "rmoe"
+VERSION = (1, 0)
+VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
+BASE_KINDS = ("barycenter", "mean", "weighted", "none")
+JOINS = ("concat", "interleave")
+PERMUTATION_DTYPES = ("u16", "i32")
+MAX_NDIM = 8
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _obj(d: Any, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise RmoeFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _req(d: dict, key: str, where: str, kind: type | tuple, optional: bool = False, default: Any = None) -> Any:
+    if key not in d:
+        if optional:
+            return default
+        raise RmoeFormatError(f"{where}: required field {key!r} is missing")
+    v = d[key]
+    ok = _is_int(v) if kind is int else isinstance(v, kind)
+    if not ok:
+        raise RmoeFormatError(f"{where}.{key}: wrong type {type(v).__name__}")
+    return v
+
+
+def _shape(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > MAX_NDIM or not all(_is_int(s) and 0 <= s < 2**48 for s in v):
+        raise RmoeFormatError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers")
+    return tuple(v)
+
+
+def _name(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise RmoeFormatError(f"{where}: tensor name must be a non-empty string")
+    return v
+
+
+@dataclass
+class MatrixSpec:
+    """One matrix of every expert of a layer, in canonical orientation."""
+
+    name: str
+    shape: tuple[int, ...]  # 1-D (vector) or 2-D
+    dtype: str  # source dtype: the restored matrix is cast to it
+    neuron_axis: int | None  # axis indexed by hidden neuron (permuted), or None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "neuron_axis": self.neuron_axis}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "MatrixSpec":
+        d = _obj(d, where)
+        shape = _shape(_req(d, "shape", where, list), where + ".shape")
+        if len(shape) not in (1, 2):
+            raise RmoeFormatError(f"{where}.shape: an expert matrix is 1-D or 2-D")
+        dt = _req(d, "dtype", where, str)
+        if dt not in dtypes.SOURCE_DTYPES:
+            raise RmoeFormatError(f"{where}.dtype: {dt!r} is not one of {dtypes.SOURCE_DTYPES}")
+        ax = d.get("neuron_axis")
+        if ax is not None and not (_is_int(ax) and 0 <= ax < len(shape)):
+            raise RmoeFormatError(f"{where}.neuron_axis: {ax!r} is not an axis of shape {list(shape)}")
+        return cls(_req(d, "name", where, str), shape, dt, ax)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        return (1, self.shape[0]) if len(self.shape) == 1 else (self.shape[0], self.shape[1])
+
+
+@dataclass
+class EncodedRef:
+    """Where an encoded matrix lives: its encoding, value dtype, params and part tensors."""
+
+    encoding: str
+    value_dtype: str
+    tensors: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    quant: Quant | None = None
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"encoding": self.encoding, "value_dtype": self.value_dtype, "tensors": self.tensors}
+        if self.params:
+            d["params"] = self.params
+        if self.quant is not None:
+            d["quant"] = self.quant.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "EncodedRef":
+        d = _obj(d, where)
+        enc = _req(d, "encoding", where, str)
+        if enc not in ENCODINGS:
+            raise RmoeFormatError(f"{where}.encoding: unknown encoding {enc!r} (known: {', '.join(ENCODINGS)})")
+        vd = _req(d, "value_dtype", where, str)
+        if vd not in dtypes.VALUE_DTYPES:
+            raise RmoeFormatError(f"{where}.value_dtype: {vd!r} is not one of {dtypes.VALUE_DTYPES}")
+        tensors = _obj(_req(d, "tensors", where, dict), where + ".tensors")
+        for k, v in tensors.items():
+            _name(v, f"{where}.tensors.{k}")
+        params = _obj(d.get("params", {}), where + ".params")
+        quant = Quant.from_json(d["quant"], where + ".quant") if d.get("quant") is not None else None
+        return cls(enc, vd, dict(tensors), dict(params), quant)
+
+
+@dataclass
+class SourceSpec:
+    """How one tensor of the source checkpoint is assembled from restored expert matrices.
+
+    Per expert: each part (a matrix name) is transposed if ``transpose``; several parts are
+    joined (``concat`` or ``interleave``) along ``join_axis``. ``expert`` is an expert index,
+    or ``"all"`` to stack every expert's result along a new leading axis.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    expert: int | str
+    parts: list[str]
+    transpose: bool = False
+    join: str | None = None
+    join_axis: int = 0
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "expert": self.expert,
+             "parts": list(self.parts), "transpose": self.transpose}
+        if self.join is not None:
+            d["join"] = self.join
+            d["join_axis"] = self.join_axis
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "SourceSpec":
+        d = _obj(d, where)
+        ex = d.get("expert")
+        if not (ex == "all" or (_is_int(ex) and ex >= 0)):
+            raise RmoeFormatError(f"{where}.expert: must be an expert index or \"all\", got {ex!r}")
+        parts = _req(d, "parts", where, list)
+        if not parts or not all(isinstance(p, str) for p in parts):
+            raise RmoeFormatError(f"{where}.parts: a non-empty list of matrix names")
+        join = d.get("join")
+        if len(parts) > 1 and join not in JOINS:
+            raise RmoeFormatError(f"{where}.join: several parts need join in {JOINS}, got {join!r}")
+        if join is not None and join not in JOINS:
+            raise RmoeFormatError(f"{where}.join: {join!r} is not one of {JOINS}")
+        dt = _req(d, "dtype", where, str)
+        if dt not in dtypes.SOURCE_DTYPES:
+            raise RmoeFormatError(f"{where}.dtype: {dt!r} is not one of {dtypes.SOURCE_DTYPES}")
+        return cls(_name(d.get("name"), where + ".name"), dt, _shape(_req(d, "shape", where, list), where),
+                   ex, list(parts), bool(_req(d, "transpose", where, bool, True, False)), join,
+                   _req(d, "join_axis", where, int, True, 0))
+
+
+@dataclass
+class LayerSpec:
+    """One compressed MoE layer: base, permutations, per-expert residuals, source mapping."""
+
+    index: int
+    prefix: str
+    num_experts: int
+    num_neurons: int
+    matrices: list[MatrixSpec]
+    base_kind: str
+    base: dict[str, EncodedRef]
+    permutations: list[str] | None
+    residuals: list[dict[str, EncodedRef | None]]
+    sources: list[SourceSpec]
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+    def matrix(self, name: str) -> MatrixSpec:
+        for m in self.matrices:
+            if m.name == name:
+                return m
+        raise RmoeFormatError(f"layer {self.index}: no matrix named {name!r}")
+
+    def to_json(self) -> dict:
+        d = {
+            "index": self.index, "prefix": self.prefix, "num_experts": self.num_experts,
+            "num_neurons": self.num_neurons, "matrices": [m.to_json() for m in self.matrices],
+            "base": {"kind": self.base_kind, "matrices": {k: v.to_json() for k, v in self.base.items()}},
+            "permutations": self.permutations,
+            "residuals": [{k: (v.to_json() if v else None) for k, v in r.items()} for r in self.residuals],
+            "sources": [s.to_json() for s in self.sources],
+        }
+        if self.extensions:
+            d["extensions"] = self.extensions
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "LayerSpec":
+        d = _obj(d, where)
+        index = _req(d, "index", where, int)
+        where = f"layer {index}"
+        E = _req(d, "num_experts", where, int)
+        n = _req(d, "num_neurons", where, int)
+        if not (1 <= E <= 2**20) or not (0 <= n < 2**31):
+            raise RmoeFormatError(f"{where}: num_experts {E} or num_neurons {n} out of range")
+        mats = [MatrixSpec.from_json(m, f"{where}.matrices[{i}]")
+                for i, m in enumerate(_req(d, "matrices", where, list))]
+        names = [m.name for m in mats]
+        if len(set(names)) != len(names) or not names:
+            raise RmoeFormatError(f"{where}.matrices: names must be unique and at least one")
+        for m in mats:
+            if m.neuron_axis is not None and m.shape[m.neuron_axis] != n:
+                raise RmoeFormatError(f"{where}.matrices.{m.name}: neuron axis has {m.shape[m.neuron_axis]} "
+                                      f"entries, num_neurons is {n}")
+        b = _obj(_req(d, "base", where, dict), where + ".base")
+        kind = _req(b, "kind", where + ".base", str)
+        if kind not in BASE_KINDS:
+            raise RmoeFormatError(f"{where}.base.kind: {kind!r} is not one of {BASE_KINDS}")
+        base = {k: EncodedRef.from_json(v, f"{where}.base.{k}")
+                for k, v in _obj(b.get("matrices", {}), where + ".base.matrices").items()}
+        if kind == "none" and base:
+            raise RmoeFormatError(f"{where}.base: kind none carries no matrices")
+        if kind != "none" and set(base) != set(names):
+            raise RmoeFormatError(f"{where}.base: needs exactly the matrices {names}, has {sorted(base)}")
+        perms = d.get("permutations")
+        if perms is not None:
+            if not isinstance(perms, list) or len(perms) != E:
+                raise RmoeFormatError(f"{where}.permutations: a list of {E} tensor names or null")
+            perms = [_name(p, f"{where}.permutations[{i}]") for i, p in enumerate(perms)]
+        res_raw = _req(d, "residuals", where, list)
+        if len(res_raw) != E:
+            raise RmoeFormatError(f"{where}.residuals: {len(res_raw)} entries for {E} experts")
+        residuals = []
+        for k, r in enumerate(res_raw):
+            r = _obj(r, f"{where}.residuals[{k}]")
+            if set(r) - set(names):
+                raise RmoeFormatError(f"{where}.residuals[{k}]: unknown matrices {sorted(set(r) - set(names))}")
+            residuals.append({m: (EncodedRef.from_json(r[m], f"{where}.residuals[{k}].{m}")
+                                  if r.get(m) is not None else None) for m in names})
+            if kind == "none" and any(v is None for v in residuals[-1].values()):
+                raise RmoeFormatError(f"{where}.residuals[{k}]: with no base every matrix needs a residual")
+        sources = [SourceSpec.from_json(s, f"{where}.sources[{i}]")
+                   for i, s in enumerate(_req(d, "sources", where, list))]
+        ext = _obj(d.get("extensions", {}), where + ".extensions")
+        return cls(index, _req(d, "prefix", where, str, True, ""), E, n, mats, kind, base, perms,
+                   residuals, sources, ext)
+
+
+@dataclass
+class Schema:
+    """The whole schema document."""
+
+    model: dict[str, Any]
+    method: dict[str, Any]
+    files: list[dict[str, str]]
+    passthrough: list[str]
+    layers: list[LayerSpec]
+    checksum: dict[str, Any]
+    version: str = VERSION_STR
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT_NAME, "version": self.version, "model": self.model, "method": self.method,
+                "checksum": self.checksum, "files": self.files, "passthrough": self.passthrough,
+                "layers": [lay.to_json() for lay in self.layers]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Schema":
+        d = _obj(d, "schema")
+        model = _obj(_req(d, "model", "schema", dict), "schema.model")
+        method = _obj(d.get("method", {}), "schema.method")
+        cks = _obj(_req(d, "checksum", "schema", dict), "schema.checksum")
+        if _req(cks, "algorithm", "schema.checksum", str) != "crc32":
+            raise RmoeFormatError(f"schema.checksum.algorithm: only crc32 is defined, got {cks['algorithm']!r}")
+        _name(cks.get("tensor"), "schema.checksum.tensor")
+        _req(cks, "crc32", "schema.checksum", int)
+        files = _req(d, "files", "schema", list, True, [])
+        for i, f in enumerate(files):
+            f = _obj(f, f"schema.files[{i}]")
+            if not isinstance(f.get("path"), str) or not _safe_relpath(f["path"]):
+                raise RmoeFormatError(f"schema.files[{i}].path: must be a plain relative file name, got {f.get('path')!r}")
+            _name(f.get("tensor"), f"schema.files[{i}].tensor")
+        passthrough = _req(d, "passthrough", "schema", list, True, [])
+        for i, p in enumerate(passthrough):
+            _name(p, f"schema.passthrough[{i}]")
+        layers = [LayerSpec.from_json(x, f"schema.layers[{i}]") for i, x in enumerate(_req(d, "layers", "schema", list))]
+        idx = [lay.index for lay in layers]
+        if len(set(idx)) != len(idx):
+            raise RmoeFormatError("schema.layers: layer indices must be unique")
+        return cls(model, method, [dict(f) for f in files], list(passthrough), layers, dict(cks),
+                   d.get("version", VERSION_STR))
+
+
+def _safe_relpath(p: str) -> bool:
+    parts = p.replace("\\", "/").split("/")
+    return bool(p) and not p.startswith("/") and all(x not in ("", ".", "..") for x in parts) and "\x00" not in p
+
+
+def parse_version(s: Any) -> tuple[int, int]:
+    """Parse "major.minor"; reject an unknown major version with a clear message."""
+    if not isinstance(s, str):
+        raise RmoeFormatError(f"rmoe_version must be a string, got {type(s).__name__}")
+    try:
+        major_s, minor_s = s.split(".")
+        major, minor = int(major_s), int(minor_s)
+        if major < 0 or minor < 0:
+            raise ValueError
+    except ValueError:
+        raise RmoeFormatError(f"rmoe_version {s!r} is not of the form major.minor") from None
+    if major != VERSION[0]:
+        raise RmoeFormatError(f"this file is .rmoe version {s}; this reader understands major version "
+                              f"{VERSION[0]} only (upgrade resmoe to read it)")
+    return major, minor
