@@ -111,7 +111,8 @@ def index_dtype_for(max_value: int, small: str, large: str) -> str:
 
 def to_value_dtype(x: np.ndarray, value_dtype: str) -> np.ndarray:
     """Round float values to a float value dtype (round to nearest even); reject overflow."""
-    out = np.asarray(x, dtype=np.float32).astype(dtypes.by_name(value_dtype).np)
+    with np.errstate(over="ignore"):
+        out = np.asarray(x, dtype=np.float32).astype(dtypes.by_name(value_dtype).np)
     if value_dtype == "fp16" and not np.isfinite(out).all() and np.isfinite(x).all():
         raise ValueError("values overflow fp16 (|x| > 65504); use bf16 or fp32")
     return out

@@ -1,0 +1,183 @@
+"""The container: a valid safetensors file, versioning, checksums, atomic streaming writes."""
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import resmoe_format
+from resmoe_format import RmoeFormatError, Writer
+from resmoe_format.demo import build
+
+from filecraft import rewrite, split
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("demo") / "demo.rmoe", layers=2, experts=8, hidden=32, inter=48)
+
+
+def test_rmoe_is_a_valid_safetensors_file(demo):
+    with safe_open(demo, "numpy") as f:
+        meta = f.metadata()
+        assert meta["format"] == "rmoe" and meta["rmoe_version"] == resmoe_format.VERSION_STR
+        names = set(f.keys())
+    with resmoe_format.open(demo) as r:
+        assert names == set(r.tensor_names)
+        np.testing.assert_array_equal(r.tensor("model.norm.weight").astype(np.float32), np.ones(32, np.float32))
+
+
+def test_tensors_are_naturally_aligned_and_zero_copy(demo):
+    with resmoe_format.open(demo) as r:
+        for name in r.tensor_names:
+            a = r.tensor(name)
+            assert (r.header.data_start + r.header.tensors[name].begin) % a.dtype.itemsize == 0, name
+            assert not a.flags.writeable and not a.flags.owndata
+
+
+def test_every_tensor_has_a_role_from_the_schema(demo):
+    with resmoe_format.open(demo) as r:
+        assert set(r.roles) == set(r.tensor_names)
+        cats = {role.category for role in r.roles.values()}
+    assert {"barycenters", "permutations", "residual_values", "residual_indices", "scales",
+            "checksums", "passthrough", "embedded_files"} <= cats
+
+
+def test_embedded_config_is_returned(demo):
+    with resmoe_format.open(demo) as r:
+        assert r.config()["model_type"] == "mixtral"
+        assert "config.json" in r.files
+
+
+def test_newer_minor_version_and_unknown_optional_fields_are_accepted(demo, tmp_path):
+    def edit_schema(s):
+        s["future_field"] = {"x": 1}
+        s["layers"][0]["future_layer_field"] = [1, 2]
+        s["layers"][0]["extensions"] = {"compressed_experts": {"note": "ignored by 1.0 readers"}}
+
+    p = rewrite(demo, tmp_path / "minor.rmoe", edit_meta=lambda m: m.update(rmoe_version="1.7"),
+                edit_schema=edit_schema)
+    with resmoe_format.open(p) as r:
+        r.verify()
+        assert r.version == (1, 7)
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "x", "1", "1.0.0"])
+def test_unknown_major_or_malformed_version_is_rejected(demo, tmp_path, version):
+    p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
+    with pytest.raises(RmoeFormatError, match="version"):
+        resmoe_format.open(p)
+
+
+def test_plain_safetensors_file_is_rejected_clearly(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros(3, np.float32)}, tmp_path / "plain.safetensors")
+    with pytest.raises(RmoeFormatError, match="not a .rmoe"):
+        resmoe_format.open(tmp_path / "plain.safetensors")
+
+
+def test_corrupt_tensor_data_fails_its_checksum_unless_skipped(demo, tmp_path):
+    with resmoe_format.open(demo) as r:
+        t = r.header.tensors["rmoe.layers.1.base.w2.values"]
+
+    def flip(d):
+        d[t.begin + 3] ^= 0x10
+        return d
+
+    p = rewrite(demo, tmp_path / "c.rmoe", edit_data=flip)
+    with resmoe_format.open(p) as r:  # layout is fine, so it opens
+        with pytest.raises(RmoeFormatError, match=r"rmoe.layers.1.base.w2.values: crc32 mismatch"):
+            r.base(1, "w2")
+    with resmoe_format.open(p, verify_checksums=False) as r:
+        r.base(1, "w2")  # skipping verification reads the (corrupt) bytes
+
+
+def test_schema_edit_without_crc_update_is_caught(demo, tmp_path):
+    p = rewrite(demo, tmp_path / "s.rmoe", edit_schema=lambda s: s["model"].update(architecture="Other"),
+                fix_crc=False)
+    with pytest.raises(RmoeFormatError, match="rmoe_schema_crc32"):
+        resmoe_format.open(p)
+
+
+def test_inconsistent_layout_is_rejected_before_reading_data(demo, tmp_path):
+    def shrink(s):
+        s["layers"][0]["matrices"][0]["shape"] = [48, 31]
+
+    p = rewrite(demo, tmp_path / "l.rmoe", edit_schema=shrink)
+    with pytest.raises(RmoeFormatError, match=r"base.w1.values: shape \[48, 32\] but the schema implies \[48, 31\]"):
+        resmoe_format.open(p)
+
+
+def test_hostile_header_length_does_not_allocate(tmp_path):
+    p = tmp_path / "h.rmoe"
+    p.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(RmoeFormatError, match="header length"):
+        resmoe_format.open(p)
+
+
+def test_hostile_shape_does_not_allocate(demo, tmp_path):
+    def huge(h):
+        name = next(iter(h))
+        h[name]["shape"] = [2**40, 2**40]
+
+    p = rewrite(demo, tmp_path / "big.rmoe", edit_head=huge)
+    with pytest.raises(RmoeFormatError, match="needs"):
+        resmoe_format.open(p)
+
+
+def test_missing_file_is_a_format_error(tmp_path):
+    with pytest.raises(RmoeFormatError, match="cannot open"):
+        resmoe_format.open(tmp_path / "nope.rmoe")
+
+
+# --- atomic, streaming writes ----------------------------------------------------------
+
+def _leftovers(d):
+    return sorted(x for x in os.listdir(d) if x.startswith("."))
+
+
+def test_failed_write_leaves_nothing_at_the_target(tmp_path):
+    target = tmp_path / "out.rmoe"
+    with pytest.raises(RuntimeError):
+        with Writer(target, {"architecture": "x"}) as w:
+            w.add_passthrough("a", np.ones(1000, np.float32))
+            raise RuntimeError("interrupted")
+    assert not target.exists() and _leftovers(tmp_path) == []
+
+
+def test_failed_write_keeps_an_existing_target(tmp_path, demo):
+    target = tmp_path / "out.rmoe"
+    target.write_bytes(demo.read_bytes())
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError):
+        with Writer(target, {"architecture": "x"}) as w:
+            w.add_passthrough("a", np.ones(10, np.float32))
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_invalid_record_is_refused_before_anything_is_written(tmp_path):
+    target = tmp_path / "out.rmoe"
+    with pytest.raises(RmoeFormatError, match="reserved"):
+        with Writer(target, {"architecture": "x"}) as w:
+            w.add_passthrough("rmoe.layers.0.x", np.ones(3, np.float32))
+    assert not target.exists()
+
+
+def test_writes_are_deterministic(tmp_path):
+    a = build(tmp_path / "a.rmoe", layers=1, experts=4, hidden=16, inter=24, seed=3)
+    b = build(tmp_path / "b.rmoe", layers=1, experts=4, hidden=16, inter=24, seed=3)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_writer_streams_data_to_disk_not_memory(tmp_path):
+    """Tensors go to spill files as they are added: the writer holds no tensor data."""
+    w = Writer(tmp_path / "s.rmoe", {"architecture": "x"})
+    w.add_passthrough("big", np.ones(1 << 20, np.float32))
+    spilled = sum(os.fstat(f.fileno()).st_size for f in w._out._spills.values())
+    assert spilled == 4 << 20
+    w.close()
+    assert (tmp_path / "s.rmoe").stat().st_size > 4 << 20

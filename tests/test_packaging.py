@@ -1,0 +1,45 @@
+"""Package boundaries: resmoe_format needs neither converters nor torch to read a file."""
+import subprocess
+import sys
+
+
+def test_reading_needs_no_torch_and_no_converters(tmp_path):
+    code = f"""
+import sys
+import resmoe_format
+from resmoe_format import restore
+from resmoe_format.accounting import account
+from resmoe_format.demo import build
+p = build({str(tmp_path / 'd.rmoe')!r}, layers=1, experts=2, hidden=8, inter=8)
+with resmoe_format.open(p) as r:
+    r.verify(); account(r); list(restore.restore_all(r, True))
+bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'converters'))]
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resmoe_format_source_never_imports_converters():
+    import pathlib
+
+    import resmoe_format
+
+    root = pathlib.Path(resmoe_format.__file__).parent
+    for f in root.rglob("*.py"):
+        text = f.read_text()
+        assert "import converters" not in text and "from converters" not in text, f
+
+
+def test_console_scripts_are_installed():
+    from importlib.metadata import entry_points
+
+    names = {e.name for e in entry_points(group="console_scripts")}
+    assert {"resmoe-convert", "resmoe-inspect", "resmoe-restore", "resmoe-export"} <= names
+
+
+def test_export_rejects_unsupported_target(tmp_path, capsys):
+    from converters.cli.export import main
+
+    assert main([str(tmp_path / "x.rmoe"), "--to", "gguf", str(tmp_path / "o")]) == 2
+    assert "supported: safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
