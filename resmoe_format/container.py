@@ -24,6 +24,10 @@ from .schema import (FORMAT_NAME, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
 META_FORMAT, META_VERSION, META_SCHEMA, META_SCHEMA_CRC = "format", "rmoe_version", "rmoe_schema", "rmoe_schema_crc32"
+#: Default cap on the elements of one decoded expert matrix (2**28: 1 GiB as float32). Sparse
+#: and low-rank encodings decode to far more bytes than they store, so a reader bounds what a
+#: hostile schema can make it allocate; every released MoE's expert matrices are far below this.
+MAX_MATRIX_ELEMENTS = 2**28
 
 
 def _guard(fn):
@@ -89,7 +93,8 @@ def _category(part: str, tname: str) -> str:
 # ---------------------------------------------------------------------------------------
 # schema <-> tensor table consistency (no tensor data touched)
 
-def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry]) -> dict[str, Role]:
+def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
+                        max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> dict[str, Role]:
     roles = tensor_roles(schema)
     missing = [n for n in roles if n not in tensors]
     if missing:
@@ -106,7 +111,7 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry]) -> dict
         if t.dtype != "u8" or len(t.shape) != 1:
             raise RmoeFormatError(f"tensor {t.name}: an embedded file must be u8 1-D")
     for lay in schema.layers:
-        _check_layer(lay, tensors)
+        _check_layer(lay, tensors, max_matrix_elements)
     return roles
 
 
@@ -114,8 +119,12 @@ def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, t
     return {p: (tensors[t].dtype, tensors[t].shape) for p, t in ref.tensors.items()}
 
 
-def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry]) -> None:
+def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: int) -> None:
     for m in lay.matrices:
+        rows, cols = m.shape2d
+        if rows * cols > max_elements:
+            raise RmoeFormatError(f"layer {lay.index} matrix {m.name}: {rows} x {cols} elements exceed the "
+                                  f"reader's limit of {max_elements} (max_matrix_elements)")
         refs = ([lay.base[m.name]] if m.name in lay.base else []) + [r[m.name] for r in lay.residuals if r[m.name]]
         for ref in refs:
             codecs.check_layout(ref.encoding, m.shape2d, ref.value_dtype, ref.quant, ref.params,
@@ -162,9 +171,11 @@ def source_shape(lay: LayerSpec, s: SourceSpec) -> tuple[int, ...]:
 class Reader:
     """A .rmoe file opened for reading (see :func:`open`)."""
 
-    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True):
+    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True,
+                 max_matrix_elements: int = MAX_MATRIX_ELEMENTS):
         self.path = Path(path)
         self.verify_checksums = verify_checksums
+        self.max_matrix_elements = max_matrix_elements
         self._verified: set[str] = set()
         try:
             self._f = self.path.open("rb")
@@ -196,7 +207,7 @@ class Reader:
         except (ValueError, RecursionError) as e:
             raise RmoeFormatError(f"rmoe_schema is not valid JSON: {e}") from None
         self.schema = Schema.from_json(doc)
-        self.roles = check_schema_layout(self.schema, self.header.tensors)
+        self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements)
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         ck = self.schema.checksum["tensor"]
         if crc32(self._view(ck)) != self.schema.checksum["crc32"]:
@@ -330,13 +341,15 @@ class Reader:
         self.close()
 
 
-def open(path: str | os.PathLike, verify_checksums: bool = True) -> Reader:  # noqa: A001
+def open(path: str | os.PathLike, verify_checksums: bool = True,  # noqa: A001
+         max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> Reader:
     """Open a .rmoe file: validates the header and schema, mmaps the data.
 
     Tensor checksums are checked when a tensor is first read; pass
     ``verify_checksums=False`` to skip that (the layout checks always run).
+    ``max_matrix_elements`` bounds the size of one decoded expert matrix.
     """
-    return Reader(path, verify_checksums)
+    return Reader(path, verify_checksums, max_matrix_elements)
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,7 +433,7 @@ class Writer:
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
-                check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries})
+                check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62)
                 return {META_FORMAT: FORMAT_NAME, META_VERSION: VERSION_STR, META_SCHEMA: raw,
                         META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
 

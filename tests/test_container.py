@@ -181,3 +181,25 @@ def test_writer_streams_data_to_disk_not_memory(tmp_path):
     assert spilled == 4 << 20
     w.close()
     assert (tmp_path / "s.rmoe").stat().st_size > 4 << 20
+
+
+@pytest.mark.parametrize("encoding", ["lowrank", "bsr"])
+def test_tiny_storage_cannot_declare_a_huge_matrix(tmp_path, encoding):
+    """Rank 0 or zero stored blocks take no bytes whatever the shape: the reader caps the shape."""
+    from resmoe_format import MatrixSpec, MoELayer, SourceSpec, codecs
+
+    m, n = 2**15, 2**15  # 1 Gi elements, 4 GiB as float32, stored in a few bytes
+    enc = (codecs.encode(None, "lowrank", "bf16", u=np.zeros((m, 0)), v=np.zeros((0, n))) if encoding == "lowrank"
+           else codecs.encode(np.zeros((m, 16), np.float32), "bsr", "bf16", block_shape=(2**15, 1)))
+    if encoding == "bsr":  # widen the declared matrix: with no stored block, nothing else changes size
+        enc.shape = (m, n)
+        enc.params["block_shape"] = [2**15, 2**15]
+        enc.parts["indptr"] = np.zeros(2, np.uint32)
+        enc.parts["values"] = enc.parts["values"].reshape(0, 2**15, 2**15)
+    with Writer(tmp_path / "t.rmoe", {"architecture": "t"}) as w:
+        w.add_layer(MoELayer(0, m, [MatrixSpec("w", (m, n), "bf16", 0)], "none", {}, [{"w": enc}], None,
+                             [SourceSpec("w", "bf16", (m, n), 0, ["w"])]))
+    with pytest.raises(RmoeFormatError, match="max_matrix_elements"):
+        resmoe_format.open(tmp_path / "t.rmoe")
+    with resmoe_format.open(tmp_path / "t.rmoe", max_matrix_elements=2**30) as r:  # explicit opt-in
+        assert r.layer(0).matrices[0].shape == (m, n)
