@@ -5,7 +5,7 @@
         r.verify()
         w = resmoe_format.restore.restore_matrix(r, layer=3, expert=0, matrix="gate")
 
-Reading needs numpy only; torch is imported only by :mod:`resmoe_format.torch`.
+Reading needs numpy (and ml_dtypes for bf16), never torch.
 """
 from . import codecs, restore
 from .codecs import Encoded, Quant

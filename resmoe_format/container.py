@@ -399,25 +399,50 @@ class Writer:
             raise RmoeFormatError(f"passthrough tensor {name}: names starting with {RESERVED_PREFIX!r} are reserved")
         self._passthrough.append(self._put(name, array))
 
-    def _put_encoded(self, prefix: str, enc: Encoded) -> EncodedRef:
-        tensors = {part: self._put(f"{prefix}.{part}", arr) for part, arr in enc.parts.items()}
-        return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
-
     def add_layer(self, layer: MoELayer) -> LayerSpec:
-        """Write one compressed MoE layer; its arrays may be freed afterwards."""
+        """Validate and write one compressed MoE layer; its arrays may be freed afterwards.
+
+        The whole record is checked (schema rules, part shapes, permutations) before any of
+        its bytes are written, so a refused layer leaves the writer usable.
+        """
         i = layer.index
+        if any(lay.index == i for lay in self._layers):
+            raise RmoeFormatError(f"layer {i} written twice")
         pre = f"rmoe.layers.{i}"
-        base = {m: self._put_encoded(f"{pre}.base.{m}", e) for m, e in layer.base.items()}
+        arrays: dict[str, np.ndarray] = {}
+
+        def ref(prefix: str, enc: Encoded) -> EncodedRef:
+            tensors = {}
+            for part, arr in enc.parts.items():
+                tensors[part] = f"{prefix}.{part}"
+                arrays[tensors[part]] = np.asarray(arr)
+            return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
+
+        base = {m: ref(f"{pre}.base.{m}", e) for m, e in layer.base.items()}
         perms = None
         if layer.permutations is not None:
             pdt = np.uint16 if layer.num_neurons <= 65535 else np.int32
-            perms = [self._put(f"{pre}.experts.{k}.permutation", np.asarray(p).astype(pdt))
-                     for k, p in enumerate(layer.permutations)]
-        residuals = [{m: (self._put_encoded(f"{pre}.experts.{k}.{m}", e) if e is not None else None)
-                      for m, e in r.items()} for k, r in enumerate(layer.residuals)]
+            perms = []
+            for k, p in enumerate(layer.permutations):
+                p = np.asarray(p)
+                if p.shape != (layer.num_neurons,) or not np.array_equal(np.sort(p), np.arange(layer.num_neurons)):
+                    raise RmoeFormatError(f"layer {i} expert {k}: permutation is not a permutation of "
+                                          f"0..{layer.num_neurons - 1}")
+                perms.append(f"{pre}.experts.{k}.permutation")
+                arrays[perms[-1]] = p.astype(pdt)
+        residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e) if e is not None else None) for m, e in r.items()}
+                     for k, r in enumerate(layer.residuals)]
         spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
                          layer.base_kind, base, perms, residuals, list(layer.sources), dict(layer.extensions))
-        self._layers.append(LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}"))
+        spec = LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
+        clash = [n for n in arrays if n in self._out.entries]
+        if clash:
+            raise RmoeFormatError(f"tensor {clash[0]} written twice")
+        pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
+        _check_layer(spec, pseudo, 2**62)
+        for name, arr in arrays.items():
+            self._put(name, arr)
+        self._layers.append(spec)
         return spec
 
     # --- finishing -------------------------------------------------------------------

@@ -1,5 +1,4 @@
 """The container: a valid safetensors file, versioning, checksums, atomic streaming writes."""
-import json
 import os
 import struct
 
@@ -11,7 +10,7 @@ import resmoe_format
 from resmoe_format import RmoeFormatError, Writer
 from resmoe_format.demo import build
 
-from filecraft import rewrite, split
+from filecraft import rewrite
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +202,21 @@ def test_tiny_storage_cannot_declare_a_huge_matrix(tmp_path, encoding):
         resmoe_format.open(tmp_path / "t.rmoe")
     with resmoe_format.open(tmp_path / "t.rmoe", max_matrix_elements=2**30) as r:  # explicit opt-in
         assert r.layer(0).matrices[0].shape == (m, n)
+
+
+def test_refused_layer_leaves_the_writer_usable(tmp_path):
+    from resmoe_format import MatrixSpec, MoELayer, SourceSpec, codecs
+
+    def layer(perm):
+        return MoELayer(0, 4, [MatrixSpec("w", (4, 3), "fp32", 0)], "barycenter",
+                        {"w": codecs.encode(np.ones((4, 3)), "dense", "fp32")},
+                        [{"w": codecs.encode(np.eye(4, 3), "csr16", "fp32")}], [perm],
+                        [SourceSpec("w0", "fp32", (4, 3), 0, ["w"])])
+
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="not a permutation"):
+            w.add_layer(layer(np.array([0, 1, 1, 3])))
+        w.add_layer(layer(np.array([3, 1, 0, 2])))
+    with resmoe_format.open(tmp_path / "w.rmoe") as r:
+        r.verify()
+        np.testing.assert_array_equal(r.permutation(0, 0), [3, 1, 0, 2])

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RmoeFormatError
 from .base import PART_CATEGORY, Encoded, Quant
 from .bitmap import Bitmap
-from .bsr import DEFAULT_BLOCK, Bsr, block_occupancy
+from .bsr import Bsr, block_occupancy
 from .csr16 import Csr16
 from .dense import Dense
 from .lowrank import LowRank, svd_factors
