@@ -240,12 +240,21 @@ class Reader:
 
     @_guard
     def verify(self) -> None:
-        """Read every tensor, check its checksum, and decode every layer record."""
+        """Read every tensor, check its checksum, and decode every layer record.
+
+        Pages are released as it goes, so resident memory stays near one layer.
+        """
         saved = self.verify_checksums
         self.verify_checksums = True
         try:
-            for name in self.header.tensors:
+            touched = 0
+            for name, t in self.header.tensors.items():
                 self.tensor(name)
+                touched += t.nbytes
+                if touched > 1 << 26:
+                    self.release()
+                    touched = 0
+            self.release()
             for lay in self.schema.layers:
                 for m in lay.matrices:
                     if lay.base_kind != "none":
@@ -254,6 +263,7 @@ class Reader:
                         self.residual(lay.index, k, m.name)
                 for k in range(lay.num_experts if lay.permutations else 0):
                     self.permutation(lay.index, k)
+                self.release()
         finally:
             self.verify_checksums = saved
 
@@ -324,6 +334,16 @@ class Reader:
                 except (ValueError, RecursionError) as e:
                     raise RmoeFormatError(f"embedded config.json is not valid JSON: {e}") from None
         return None
+
+    def release(self) -> None:
+        """Drop the file pages this process has touched from its resident set.
+
+        The mapping is read-only and file-backed, so pages come back from the file on the
+        next access; views stay valid. Streaming consumers call this between layers.
+        """
+        mm = getattr(self, "_mm", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED") and len(mm):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         mm = getattr(self, "_mm", None)

@@ -90,4 +90,5 @@ def restore_all(reader: Reader, original_order: bool = False) -> Iterator[tuple[
         yield name, reader.tensor(name)
     for lay in reader.layers:
         yield from restore_layer(reader, lay.index, original_order)
+        reader.release()
 

@@ -26,8 +26,8 @@ LABELS = {
 }
 
 
-def render(acc: Accounting, model: dict, console: Console, per_layer: bool = False) -> None:
-    t = Table(title=f"{model.get('architecture', '?')}: {acc.file_size:,} bytes on disk")
+def render(acc: Accounting, model: dict, console: Console, per_layer: bool = False, caption: str = "") -> None:
+    t = Table(title=f"{model.get('architecture', '?')}: {acc.file_size:,} bytes on disk", caption=caption or None)
     t.add_column("part")
     t.add_column("bytes", justify="right")
     t.add_column("% of file", justify="right")
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(doc, sys.stdout, indent=2)
                 print()
             else:
-                render(acc, r.model, Console(), a.layers)
+                caption = (f".rmoe {'.'.join(map(str, r.version))}, method {r.schema.method.get('name', '?')}, "
+                           f"source dtype {r.model.get('source_dtype', '?')}")
+                render(acc, r.model, Console(), a.layers, caption)
                 if a.verify:
                     print("verify: every tensor checksum and record is valid")
         return 0
