@@ -1,0 +1,81 @@
+"""Source assembly rules and the float32 restoration arithmetic."""
+import numpy as np
+import pytest
+
+from resmoe_format import LayerSpec, MatrixSpec, RmoeFormatError, SourceSpec
+from resmoe_format.container import source_shape
+from resmoe_format.restore import assemble, combine, unpermute
+
+
+def _layer(E=3, n=4, h=5):
+    mats = [MatrixSpec("gate", (n, h), "bf16", 0), MatrixSpec("up", (n, h), "bf16", 0),
+            MatrixSpec("down", (h, n), "bf16", 1), MatrixSpec("bias", (n,), "bf16", 0)]
+    return LayerSpec(0, "", E, n, mats, "none", {}, None, [{} for _ in range(E)], [])
+
+
+def _experts(E=3, n=4, h=5):
+    rng = np.random.default_rng(0)
+    return [{"gate": rng.standard_normal((n, h)), "up": rng.standard_normal((n, h)),
+             "down": rng.standard_normal((h, n)), "bias": rng.standard_normal(n)} for _ in range(E)]
+
+
+def test_concat_of_gate_and_up_rows():  # e.g. a fused (2I, H) gate_up weight, gate rows first
+    lay, ex = _layer(), _experts()
+    s = SourceSpec("x", "bf16", (8, 5), 1, ["gate", "up"], join="concat", join_axis=0)
+    assert source_shape(lay, s) == (8, 5)
+    np.testing.assert_array_equal(assemble(lay, s, ex), np.concatenate([ex[1]["gate"], ex[1]["up"]]))
+
+
+def test_interleave_transposed_and_stacked():  # GPT-OSS gate_up_proj: (E, H, 2I), gate even, up odd
+    lay, ex = _layer(), _experts()
+    s = SourceSpec("x", "bf16", (3, 5, 8), "all", ["gate", "up"], transpose=True, join="interleave", join_axis=1)
+    assert source_shape(lay, s) == (3, 5, 8)
+    got = assemble(lay, s, ex)
+    for k in range(3):
+        np.testing.assert_array_equal(got[k][:, 0::2], ex[k]["gate"].T)
+        np.testing.assert_array_equal(got[k][:, 1::2], ex[k]["up"].T)
+
+
+def test_interleaved_vectors():  # GPT-OSS gate_up_proj_bias: (E, 2I)
+    lay, ex = _layer(), _experts()
+    ex = [dict(e, up_bias=e["bias"] * 2) for e in ex]
+    lay.matrices.append(MatrixSpec("up_bias", (4,), "bf16", 0))
+    s = SourceSpec("b", "bf16", (3, 8), "all", ["bias", "up_bias"], join="interleave", join_axis=0)
+    got = assemble(lay, s, ex)
+    np.testing.assert_array_equal(got[:, 1::2], got[:, 0::2] * 2)
+
+
+@pytest.mark.parametrize("bad", [
+    SourceSpec("x", "bf16", (8, 6), 0, ["gate", "up"], join="concat", join_axis=0),  # wrong declared shape
+    SourceSpec("x", "bf16", (9, 5), 0, ["gate", "down"], join="interleave", join_axis=0),  # unequal parts
+    SourceSpec("x", "bf16", (4, 5), 7, ["gate"]),  # no expert 7
+    SourceSpec("x", "fp16", (4, 5), 0, ["gate"]),  # dtype differs from the matrix
+    SourceSpec("x", "bf16", (4, 5), 0, ["gate", "bias"], join="concat", join_axis=0),  # ranks differ
+])
+def test_inconsistent_assembly_rules_are_rejected(bad):
+    lay = _layer()
+    with pytest.raises(RmoeFormatError):
+        if source_shape(lay, bad) != bad.shape:
+            raise RmoeFormatError("shape")
+
+
+def test_unpermute_inverts_the_alignment():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 3))
+    p = rng.permutation(6)
+    aligned = w[p]  # aligned neuron i = original neuron p[i]
+    np.testing.assert_array_equal(unpermute(aligned, p, 0), w)
+    np.testing.assert_array_equal(unpermute(aligned.T, p, 1), w.T)
+
+
+def test_combine_is_one_float32_add_then_round_to_nearest_even():
+    b = np.array([1.0, 1.0, -0.0, 3.0], np.float32)
+    d = np.array([2.0**-8, 3 * 2.0**-8, -0.0, 0.0], np.float32)
+    got = combine(b, d, "bf16").astype(np.float32)
+    # bf16's step at 1 is 2^-7: 1 + 2^-8 ties between 1 and 1 + 2^-7 -> even mantissa (1.0);
+    # 1 + 3*2^-8 ties between 1 + 2^-7 and 1 + 2^-6 -> even mantissa (1 + 2^-6)
+    np.testing.assert_array_equal(got, np.array([1.0, 1.0 + 2.0**-6, -0.0, 3.0], np.float32))
+    assert np.signbit(got[2])
+    assert combine(None, d, "fp32") is not None and np.signbit(combine(None, d, "fp32")[2])
+    with pytest.raises(RmoeFormatError):
+        combine(None, None, "fp32")
