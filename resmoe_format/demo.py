@@ -35,7 +35,7 @@ def _mixtral_config(layers: int, experts: int, hidden: int, inter: int, vocab: i
 # (encoding, value dtype, quant, params) per expert, cycled: every encoding appears.
 PLAN = [("csr16", "bf16", None, {}), ("bitmap", "bf16", None, {}), ("bsr", "fp16", None, {"block_shape": (8, 8)}),
         ("lowrank", "bf16", None, {"rank": 4}), ("bitmap", "int8", Quant("per_row"), {}),
-        ("csr16", "int8", Quant("per_block", block=64), {}), ("dense", "fp32", None, {}), ("auto", "bf16", None, {})]
+        ("csr16", "int8", Quant("per_block", block=64), {}), ("rice", "bf16", None, {}), ("auto", "bf16", None, {})]
 
 
 def build(path: str | Path, layers: int = 2, experts: int = 8, hidden: int = 64, inter: int = 128,

@@ -8,7 +8,7 @@ from resmoe_format import codecs
 from resmoe_format.codecs import Quant, keep_mask
 from resmoe_format.dtypes import by_name
 
-ELEMENTWISE = ("dense", "csr16", "bitmap", "bsr")
+ELEMENTWISE = ("dense", "csr16", "bitmap", "bsr", "rice")
 
 
 @st.composite
@@ -31,10 +31,8 @@ def test_float_round_trip_is_exact_rounding(encoding, value_dtype, x, block):
     enc = codecs.encode(x, encoding, value_dtype, block_shape=block)
     y = codecs.decode(enc)
     np.testing.assert_array_equal(y.view(np.uint32), _expected(x, value_dtype).view(np.uint32))
-    size = codecs.CODECS[encoding].predict_nbytes(x.shape, value_dtype, None, nnz=int(keep_mask(x).sum()),
-                                                  nnzb=enc.parts["values"].shape[0] if encoding == "bsr" else 0,
-                                                  block_shape=block)
-    assert size == enc.nbytes
+    label = f"bsr{block[0]}x{block[1]}" if encoding == "bsr" else encoding
+    assert codecs.predict_sizes(x, value_dtype, block_shapes=[block])[label][0] == enc.nbytes
 
 
 @pytest.mark.parametrize("encoding", ELEMENTWISE)
@@ -64,7 +62,7 @@ def test_negative_zero_is_kept_by_sparse_encodings():
     x = np.zeros((3, 5), np.float32)
     x[1, 2] = -0.0
     x[2, 4] = 1.5
-    for e in ("csr16", "bitmap", "bsr"):
+    for e in ("csr16", "bitmap", "bsr", "rice"):
         y = codecs.decode(codecs.encode(x, e, "fp32"))
         assert np.signbit(y[1, 2]) and y[2, 4] == 1.5 and not np.signbit(y[0, 0])
 
@@ -110,12 +108,35 @@ def test_auto_stores_the_smallest_encoding(vd, x):
     np.testing.assert_array_equal(codecs.decode(enc) == 0, codecs.decode(codecs.encode(x, "dense", vd)) == 0)
 
 
-def test_auto_crossover_bitmap_beats_csr16_above_one_sixteenth():
+def test_bitmap_beats_csr16_above_one_sixteenth():
     rng = np.random.default_rng(0)
-    for d, want in ((0.02, "csr16"), (0.25, "bitmap")):
+    for d, smaller in ((0.04, "csr16"), (0.08, "bitmap")):
         x = rng.standard_normal((256, 512)).astype(np.float32)
         x[rng.random(x.shape) >= d] = 0
-        assert codecs.encode(x, "auto", "bf16").encoding == want
+        sizes = codecs.predict_sizes(x, "bf16")
+        assert min(("csr16", "bitmap"), key=lambda e: sizes[e][0]) == smaller
+
+
+@pytest.mark.parametrize("density", [0.01, 0.05, 0.1, 0.25, 0.5])
+def test_auto_is_near_the_entropy_bound_on_random_masks(density):
+    """Gap coding (rice) keeps unstructured masks within a few percent of H(d) + d * 16 bits."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((512, 1024)).astype(np.float32)
+    x[rng.random(x.shape) >= density] = 0
+    d = np.count_nonzero(x) / x.size
+    bound_bits = -(d * np.log2(d) + (1 - d) * np.log2(1 - d)) + 16 * d
+    enc = codecs.encode(x, "auto", "bf16")
+    assert 8 * enc.nbytes / x.size <= 1.05 * bound_bits
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 9])
+def test_rice_with_any_parameter_round_trips(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((37, 53)).astype(np.float32)
+    x[rng.random(x.shape) >= 0.2] = 0
+    enc = codecs.encode(x, "rice", "fp32", k=k)
+    assert enc.params["k"] == k
+    np.testing.assert_array_equal(codecs.decode(enc), x)
 
 
 def test_auto_keeps_low_rank_factors_low_rank():

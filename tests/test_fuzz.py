@@ -129,7 +129,7 @@ def test_consistent_layout_but_hostile_index_data(small, tmp_path):
     """Index tensors with valid shapes but wrong contents, checksums skipped: decode checks them."""
     with resmoe_format.open(small) as r:
         targets = [(n, t) for n, t in r.header.tensors.items()
-                   if n.endswith((".indptr", ".indices", ".mask", ".permutation"))]
+                   if n.endswith((".indptr", ".indices", ".mask", ".permutation", ".quotients", ".remainders"))]
         start = r.header.data_start
     raw = small.read_bytes()
     rng = np.random.default_rng(3)

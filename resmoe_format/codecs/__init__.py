@@ -16,14 +16,16 @@ from .bsr import Bsr, block_occupancy
 from .csr16 import Csr16
 from .dense import Dense
 from .lowrank import LowRank, svd_factors
+from . import rice
+from .rice import Rice, gaps_of
 from .sparse_common import keep_mask
 
-CODECS = {c.name: c for c in (Dense(), LowRank(), Csr16(), Bitmap(), Bsr())}
+CODECS = {c.name: c for c in (Dense(), LowRank(), Csr16(), Bitmap(), Bsr(), Rice())}
 ENCODINGS = tuple(CODECS)
 #: Block shapes ``auto`` tries for bsr.
 AUTO_BSR_BLOCKS = ((4, 4), (8, 8), (16, 16), (32, 32))
 #: Tie-break order for ``auto`` (earlier wins at equal size).
-AUTO_ORDER = ("dense", "bitmap", "csr16", "bsr")
+AUTO_ORDER = ("dense", "bitmap", "csr16", "rice", "bsr")
 
 __all__ = ["CODECS", "ENCODINGS", "Encoded", "Quant", "PART_CATEGORY", "encode", "encode_auto",
            "decode", "check_layout", "predict_sizes", "keep_mask", "svd_factors"]
@@ -85,6 +87,9 @@ def predict_sizes(x: np.ndarray, value_dtype: str, quant: Quant | None = None, m
         "bitmap": (CODECS["bitmap"].predict_nbytes(x.shape, value_dtype, quant, nnz=nnz), {}),
         "csr16": (CODECS["csr16"].predict_nbytes(x.shape, value_dtype, quant, nnz=nnz), {}),
     }
+    gaps = gaps_of(mask.reshape(-1))
+    k = rice.best_k(gaps)
+    out["rice"] = (CODECS["rice"].predict_nbytes(x.shape, value_dtype, quant, nnz=nnz, gaps=gaps, k=k), {"k": k})
     for bs in block_shapes:
         nnzb = int(block_occupancy(mask, bs).sum())
         out[f"bsr{bs[0]}x{bs[1]}"] = (CODECS["bsr"].predict_nbytes(x.shape, value_dtype, quant, nnzb=nnzb,
@@ -96,7 +101,7 @@ def encode_auto(x: np.ndarray | None, value_dtype: str = "bf16", quant: Quant | 
                 mask: np.ndarray | None = None, u: np.ndarray | None = None, v: np.ndarray | None = None,
                 block_shapes=AUTO_BSR_BLOCKS, **_: Any) -> Encoded:
     """Store in the smallest encoding: low-rank factors stay low rank unless dense is smaller;
-    a matrix goes to whichever of dense, bitmap, csr16, bsr is smallest for its mask."""
+    a matrix goes to whichever of dense, bitmap, csr16, rice, bsr is smallest for its mask."""
     if u is not None and v is not None:
         m, n = np.shape(u)[0], np.shape(v)[1]
         r = np.shape(u)[1]

@@ -24,6 +24,8 @@ PART_CATEGORY = {
     "indices": "residual_index",
     "indptr": "residual_index",
     "mask": "residual_index",
+    "quotients": "residual_index",
+    "remainders": "residual_index",
     "scales": "scales",
     "u_scales": "scales",
     "v_scales": "scales",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail,
-                   group_absmax_contiguous, value_allowed, value_bytes)
+from .base import Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail, value_allowed, value_bytes
 from .dense import _q
 from .sparse_common import keep_mask
-from .values import load_values, scales_nbytes, store_values
+from .values import load_values, packed_rows, scales_nbytes, store_values
 from ..errors import RmoeFormatError
 
 
@@ -22,7 +21,7 @@ class Bitmap:
         packed = np.packbits(mask.reshape(-1), bitorder="little")
         values = x[mask].astype(np.float32)
         parts = {"mask": packed}
-        parts.update(store_values(values, value_dtype, quant, *_rows(mask.sum(axis=1))))
+        parts.update(store_values(values, value_dtype, quant, *packed_rows(mask.sum(axis=1))))
         return Encoded(self.name, (m, n), value_dtype, parts, {}, _q(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
@@ -47,7 +46,7 @@ class Bitmap:
         nnz = enc.parts["values"].size
         if int(mask.sum()) != nnz:
             raise fail(names.get("mask", "mask"), f"{int(mask.sum())} bits set but {nnz} values stored")
-        _, expand = _rows(mask.sum(axis=1))
+        _, expand = packed_rows(mask.sum(axis=1))
         out = np.zeros((m, n), dtype=np.float32)
         out[mask] = load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, expand)
         return out
@@ -56,14 +55,3 @@ class Bitmap:
         m, n = shape
         return -(-m * n // 8) + nnz * value_bytes(value_dtype) + scales_nbytes(value_dtype, quant, m, nnz)
 
-
-def _rows(row_counts: np.ndarray):
-    counts = np.asarray(row_counts, dtype=np.int64)
-
-    def absmax(a: np.ndarray) -> np.ndarray:
-        return group_absmax_contiguous(a, counts)
-
-    def expand(s: np.ndarray) -> np.ndarray:
-        return np.repeat(s.astype(np.float32), counts)
-
-    return absmax, expand

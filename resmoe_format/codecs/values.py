@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import (Quant, block_scale_per_value, dequantize_with, n_block_groups,
+from .base import (Quant, block_scale_per_value, dequantize_with, group_absmax_contiguous, n_block_groups,
                    quantize_flat_blocks, quantize_with, scales_from_absmax, to_value_dtype)
 
 #: (absvals) -> per-row absmax, and (per-row scales) -> per-value scale, both flat.
@@ -69,5 +69,18 @@ def dense_rows(m: int, n: int) -> tuple[RowAbsmax, RowExpand]:
 
     def expand(s: np.ndarray) -> np.ndarray:
         return np.repeat(s.astype(np.float32), n)
+
+    return absmax, expand
+
+
+def packed_rows(row_counts: np.ndarray) -> tuple[RowAbsmax, RowExpand]:
+    """Row layout of values packed in row-major order, ``row_counts[i]`` of them in row i."""
+    counts = np.asarray(row_counts, dtype=np.int64)
+
+    def absmax(a: np.ndarray) -> np.ndarray:
+        return group_absmax_contiguous(a, counts)
+
+    def expand(s: np.ndarray) -> np.ndarray:
+        return np.repeat(s.astype(np.float32), counts)
 
     return absmax, expand
