@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail, value_allowed, value_bytes
+from .base import Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail, value_bytes
 from .dense import _q
-from .sparse_common import keep_mask
+from .sparse_common import keep_mask, packed_values_count
 from .values import load_values, packed_rows, scales_nbytes, store_values
-from ..errors import RmoeFormatError
 
 
 class Bitmap:
@@ -26,12 +25,7 @@ class Bitmap:
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
-        if "values" not in parts or len(parts["values"][1]) != 1:
-            raise RmoeFormatError(f"bitmap: 1-D values tensor missing ({names.get('values')})")
-        nnz = parts["values"][1][0]
-        if nnz > m * n:
-            raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
-        check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
+        nnz = packed_values_count(parts, names, shape, value_dtype, self.name)
         check_part(parts, names, "mask", (-(-m * n // 8),), ("u8",))
         used = {"values", "mask"} | check_quant_parts(parts, names, quant, value_dtype, "values", m, nnz)
         check_no_extra(parts, names, used, self.name)

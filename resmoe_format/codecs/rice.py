@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from .base import (Encoded, Quant, _is_int, check_no_extra, check_part, check_quant_parts, fail,
-                   value_allowed, value_bytes)
+                   value_bytes)
 from .dense import _q
-from .sparse_common import keep_mask
+from .sparse_common import keep_mask, packed_values_count
 from .values import load_values, packed_rows, scales_nbytes, store_values
 from ..errors import RmoeFormatError
 
@@ -71,12 +71,7 @@ class Rice:
         k = params.get("k")
         if not (_is_int(k) and 0 <= k <= MAX_K):
             raise RmoeFormatError(f"rice: k must be an integer in [0, {MAX_K}], got {k!r}")
-        if "values" not in parts or len(parts["values"][1]) != 1:
-            raise RmoeFormatError(f"rice: 1-D values tensor missing ({names.get('values')})")
-        nnz = parts["values"][1][0]
-        if nnz > m * n:
-            raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
-        check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
+        nnz = packed_values_count(parts, names, shape, value_dtype, self.name)
         check_part(parts, names, "remainders", (-(-nnz * k // 8),), ("u8",))
         if "quotients" not in parts or len(parts["quotients"][1]) != 1:
             raise RmoeFormatError(f"rice: 1-D quotients tensor missing ({names.get('quotients')})")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import fail
+from ..errors import RmoeFormatError
+from .base import check_part, fail, value_allowed
 
 
 def keep_mask(x: np.ndarray) -> np.ndarray:
@@ -39,3 +40,15 @@ def check_sorted_within(indices: np.ndarray, counts: np.ndarray, limit: int, tna
     boundary[starts - 1] = True
     if not (step | boundary).all():
         raise fail(tname, "indices are not strictly increasing within a row")
+
+
+def packed_values_count(parts, names, shape, value_dtype: str, encoding: str) -> int:
+    """Check the 1-D packed ``values`` part (at most m*n entries); return its length."""
+    m, n = shape
+    if "values" not in parts or len(parts["values"][1]) != 1:
+        raise RmoeFormatError(f"{encoding}: 1-D values tensor missing ({names.get('values')})")
+    nnz = parts["values"][1][0]
+    if nnz > m * n:
+        raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
+    check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
+    return nnz
