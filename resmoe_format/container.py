@@ -471,8 +471,11 @@ class Writer:
         if self._out.closed:
             return
         try:
-            crcs = np.array([self._out.crc(t.name) for t in self._out.layout()], dtype=np.uint32)
-            self._put(CHECKSUM_TENSOR, crcs)
+            # place the checksum tensor first, then fill it in final data order
+            self._put(CHECKSUM_TENSOR, np.zeros(len(self._out.entries), dtype=np.uint32))
+            crcs = np.array([self._out.crc(t.name) for t in self._out.layout() if t.name != CHECKSUM_TENSOR],
+                            dtype=np.uint32)
+            self._out.overwrite(CHECKSUM_TENSOR, crcs)
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
                             {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)

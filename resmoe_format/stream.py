@@ -61,6 +61,19 @@ class StreamingWriter:
         self._pos[c] += buf.nbytes
         return name
 
+    def overwrite(self, name: str, a: np.ndarray) -> None:
+        """Replace a tensor's bytes with an array of the same dtype and shape."""
+        dt, shape, c, off, _ = self.entries[name]
+        a = np.ascontiguousarray(a)
+        if dtypes.of_array(a).name != dt or tuple(a.shape) != shape:
+            raise ValueError(f"overwrite of {name} must keep dtype {dt} and shape {list(shape)}")
+        buf = memoryview(a.reshape(-1).view(np.uint8))
+        sp = self._spills[c]
+        sp.seek(off)
+        sp.write(buf)
+        sp.seek(0, os.SEEK_END)
+        self.entries[name] = (dt, shape, c, off, crc32(buf))
+
     def crc(self, name: str) -> int:
         return self.entries[name][4]
 
