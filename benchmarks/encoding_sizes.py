@@ -4,8 +4,8 @@ choice, and encode/decode throughput.
 A 1024 x 4096 Gaussian residual is magnitude-pruned to each density (an unstructured,
 random-looking mask, as pruned residuals are). For every encoding the stored bytes are
 measured by encoding for real. The bound is m*n*H(d)/8 + nnz*value_bytes (+ scales for int8):
-no code for an unstructured mask does better on average. Target: ``auto`` within 5% of the
-best concrete encoding at every density (the script exits 1 otherwise).
+no code for an unstructured mask does better on average. Target: ``auto`` within 5% of that
+bound (and so of the best achievable encoding) at every density; the script exits 1 otherwise.
 
     python benchmarks/encoding_sizes.py [--quick]
 """
@@ -105,7 +105,8 @@ def run(quick: bool) -> dict:
                             for d in tqdm(DENSITIES, desc=f"sizes {vd}")]
     for d in tqdm((0.05, 0.25, 0.5), desc="throughput"):
         res["throughput"][str(d)] = throughput(mats[d])
-    res["target_met"] = all(r["auto_over_best"] <= 0.05 for rows in res["sizes"].values() for r in rows)
+    res["target_met"] = all(r["auto_over_bound"] <= 0.05 for rows in res["sizes"].values() for r in rows)
+    res["worst_auto_over_bound"] = max(r["auto_over_bound"] for rows in res["sizes"].values() for r in rows)
     return res
 
 
@@ -132,8 +133,9 @@ def report(res: dict) -> str:
     for d, t in res["throughput"].items():
         out.append(f"| {d} | " + " | ".join(f"{v['encode_MBps']:.0f} | {v['decode_MBps']:.0f}" for v in t.values())
                    + " |")
-    out += ["", f"Target (auto within 5% of the best encoding at every density): "
-            f"**{'met' if res['target_met'] else 'NOT met'}**. "
+    out += ["", f"Target (auto within 5% of the entropy bound, the best any encoding of an unstructured mask "
+            f"can do, at every density): **{'met' if res['target_met'] else 'NOT met'}** (worst: "
+            f"{100 * res['worst_auto_over_bound']:+.1f}%). "
             "auto computes every candidate's exact size from the mask before encoding, so it always picks "
             "the smallest. Versus the entropy bound: rice (Golomb-Rice coded gaps) follows H(d) closely at low "
             "density, where fixed-rate index codes (16 bits per kept entry for csr16, 1 bit per element for "
