@@ -12,9 +12,9 @@ from . import dtypes
 from .container import Reader
 
 CATEGORIES = ("header", "barycenters", "permutations", "residual_values", "residual_indices", "scales",
-              "checksums", "passthrough", "embedded_files")
+              "extensions", "checksums", "passthrough", "embedded_files")
 #: Categories that make up the stored cost of the compressed experts.
-EXPERT_CATEGORIES = ("barycenters", "permutations", "residual_values", "residual_indices", "scales")
+EXPERT_CATEGORIES = ("barycenters", "permutations", "residual_values", "residual_indices", "scales", "extensions")
 
 
 @dataclass

@@ -80,6 +80,9 @@ def tensor_roles(schema: Schema) -> dict[str, Role]:
                 if ref is not None:
                     for part, t in ref.tensors.items():
                         put(t, Role(_category(part, t), lay.index, k))
+        for ext in lay.extensions.values():
+            for t in ext.get("tensors", {}).values():
+                put(t, Role("extensions", lay.index))
     return roles
 
 
@@ -388,7 +391,8 @@ class MoELayer:
     permutations: list[np.ndarray] | None = None
     sources: list[SourceSpec] = field(default_factory=list)
     prefix: str = ""
-    extensions: dict[str, Any] = field(default_factory=dict)
+    #: method-specific data; an entry's "tensors" maps names to arrays written with the layer
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Writer:
@@ -452,8 +456,18 @@ class Writer:
                 arrays[perms[-1]] = p.astype(pdt)
         residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e) if e is not None else None) for m, e in r.items()}
                      for k, r in enumerate(layer.residuals)]
+        extensions = {}
+        for key, val in layer.extensions.items():
+            val = dict(val)
+            if "tensors" in val:
+                names = {}
+                for part, arr in val["tensors"].items():
+                    names[part] = f"{pre}.extensions.{key}.{part}"
+                    arrays[names[part]] = np.asarray(arr)
+                val["tensors"] = names
+            extensions[key] = val
         spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
-                         layer.base_kind, base, perms, residuals, list(layer.sources), dict(layer.extensions))
+                         layer.base_kind, base, perms, residuals, list(layer.sources), extensions)
         spec = LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
         clash = [n for n in arrays if n in self._out.entries]
         if clash:

@@ -253,6 +253,10 @@ class LayerSpec:
         sources = [SourceSpec.from_json(s, f"{where}.sources[{i}]")
                    for i, s in enumerate(_req(d, "sources", where, list))]
         ext = _obj(d.get("extensions", {}), where + ".extensions")
+        for key, val in ext.items():
+            val = _obj(val, f"{where}.extensions.{key}")
+            for part, t in _obj(val.get("tensors", {}), f"{where}.extensions.{key}.tensors").items():
+                _name(t, f"{where}.extensions.{key}.tensors.{part}")
         return cls(index, _req(d, "prefix", where, str, True, ""), E, n, mats, kind, base, perms,
                    residuals, sources, ext)
 

@@ -230,3 +230,24 @@ def test_empty_tensors_of_every_size_keep_checksums_consistent(tmp_path):
             w.add_passthrough(f"one{i}", np.ones(3, dt))
     with resmoe_format.open(tmp_path / "e.rmoe") as r:
         r.verify()
+
+
+def test_extension_tensors_have_a_role_and_are_counted(tmp_path):
+    """Room for other methods: per-expert vectors (Compressed Experts) ride in extensions."""
+    from resmoe_format import MatrixSpec, MoELayer, SourceSpec, codecs
+    from resmoe_format.accounting import account
+
+    ce = np.ones((2, 3, 4), np.float32)  # per expert: 3 scaling vectors of the hidden size
+    layer = MoELayer(0, 3, [MatrixSpec("w", (3, 4), "fp32", 0)], "mean",
+                     {"w": codecs.encode(np.ones((3, 4)), "dense", "fp32")}, [{"w": None}, {"w": None}], None,
+                     [SourceSpec("w0", "fp32", (3, 4), 0, ["w"])],
+                     extensions={"compressed_experts": {"n_ce": 1, "tensors": {"ce": ce}}})
+    with Writer(tmp_path / "x.rmoe", {"architecture": "t"}) as w:
+        w.add_layer(layer)
+    with resmoe_format.open(tmp_path / "x.rmoe") as r:
+        r.verify()
+        ext = r.layer(0).extensions["compressed_experts"]
+        assert ext["n_ce"] == 1
+        np.testing.assert_array_equal(r.tensor(ext["tensors"]["ce"]), ce)
+        acc = account(r)
+    assert acc.bytes["extensions"] == ce.nbytes and sum(acc.bytes.values()) == acc.file_size

@@ -20,6 +20,7 @@ LABELS = {
     "residual_values": "residual values",
     "residual_indices": "residual indices, masks, pointers",
     "scales": "quantization scales",
+    "extensions": "method extensions (per-expert vectors, ...)",
     "checksums": "checksums",
     "passthrough": "passthrough tensors (non-expert)",
     "embedded_files": "embedded files (config, tokenizer)",
