@@ -67,15 +67,3 @@ def of_array(a: np.ndarray) -> DType:
             return d
     raise RmoeFormatError(f"numpy dtype {a.dtype} has no .rmoe equivalent")
 
-
-def torch_dtype(name: str):
-    """The torch dtype for a format dtype name (imports torch lazily)."""
-    import torch
-
-    table = {
-        "bool": torch.bool, "u8": torch.uint8, "i8": torch.int8, "i16": torch.int16,
-        "u16": torch.uint16, "fp16": torch.float16, "bf16": torch.bfloat16,
-        "i32": torch.int32, "u32": torch.uint32, "fp32": torch.float32,
-        "i64": torch.int64, "u64": torch.uint64, "fp64": torch.float64,
-    }
-    return table[name]

@@ -9,7 +9,7 @@ file) plus small JSON *params*. Every codec is a class with the same four method
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -103,12 +103,6 @@ def value_storage_dtype(value_dtype: str) -> str:
 
 def value_bytes(value_dtype: str) -> int:
     return dtypes.by_name(value_storage_dtype(value_dtype)).itemsize
-
-
-def index_dtype_for(max_value: int, small: str, large: str) -> str:
-    """The narrowest of two unsigned dtypes that holds max_value."""
-    lim = np.iinfo(dtypes.by_name(small).np).max
-    return small if max_value <= lim else large
 
 
 def to_value_dtype(x: np.ndarray, value_dtype: str) -> np.ndarray:
@@ -215,15 +209,6 @@ def check_quant_parts(parts, names, quant: Quant | None, value_dtype: str, part:
     return {scale_part}
 
 
-def dims_ok(shape: Any) -> tuple[int, int]:
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
-            or not all(_is_int(s) and 0 <= s < 2**40 for s in shape)):
-        raise RmoeFormatError(f"matrix shape must be two non-negative integers, got {shape!r}")
-    return int(shape[0]), int(shape[1])
-
-
 def fail(tname: str, msg: str) -> RmoeFormatError:
     return RmoeFormatError(f"tensor {tname}: {msg}")
 
-
-Getter = Callable[[str], np.ndarray]
