@@ -1,34 +1,43 @@
-"""Build the worked example of spec/FORMAT.md section 10 and print it field by field.
+"""Build the worked example of spec/FORMAT.md section 9 and print it field by field.
 
-    python spec/worked_example.py example.rmoe
+    python spec/worked_example.py OUT.rmoe [--check spec/FORMAT.md]
 
-One MoE layer, 2 experts, 3 hidden neurons, hidden size 4, source dtype bf16. The
-numbers printed here are the ones the spec shows.
+One MoE layer, 2 experts, 3 hidden neurons, hidden size 4, source dtype bf16; base dense
+bf16, expert 0's residuals csr16 bf16, expert 1's bitmap bf16; one passthrough tensor and
+an embedded config.json. Every number section 9 of the spec shows is printed here, under
+the same sub-section numbers; the decoding below is done by hand from the file's bytes
+(struct and plain integer arithmetic) and then checked against the library.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import re
 import struct
 import sys
+import zlib
 
 import numpy as np
 
 import resmoe_format
-from resmoe_format import MatrixSpec, MoELayer, SourceSpec, Writer, codecs, restore
+from resmoe_format import MatrixSpec, MoELayer, SourceSpec, Writer, accounting, codecs, restore
 
 
 def build(path: str) -> None:
     w1_base = np.array([[0.5, -1.0, 0.25, 2.0], [1.0, 0.0, -0.5, 0.75], [-2.0, 1.5, 0.0, 1.0]], np.float32)
     w2_base = np.array([[1.0, 0.5, -1.0], [0.0, 2.0, 0.25], [-0.5, 1.0, 1.5], [0.75, -0.25, 0.0]], np.float32)
-    # expert 0: residual with two entries in w1 and one in w2 (csr16); expert 1: bitmap
+    # expert 0 (csr16): two entries in w1, one in w2
     r0_w1 = np.zeros((3, 4), np.float32)
     r0_w1[0, 1], r0_w1[2, 3] = 0.125, -0.375
     r0_w2 = np.zeros((4, 3), np.float32)
     r0_w2[1, 0] = 0.5
+    # expert 1 (bitmap): three entries in w1, two in w2; w2[0, 0] = 3 * 2**-8 makes a bf16 tie
     r1_w1 = np.zeros((3, 4), np.float32)
     r1_w1[1, 0], r1_w1[1, 2], r1_w1[2, 1] = -0.25, 0.0625, 1.0
     r1_w2 = np.zeros((4, 3), np.float32)
-    r1_w2[3, 2] = -1.5
+    r1_w2[0, 0], r1_w2[3, 2] = 0.01171875, -1.5
     layer = MoELayer(
         index=0, num_neurons=3,
         matrices=[MatrixSpec("w1", (3, 4), "bf16", 0), MatrixSpec("w2", (4, 3), "bf16", 1)],
@@ -46,11 +55,30 @@ def build(path: str) -> None:
         w.add_layer(layer)
 
 
+# ---- helpers: decoding by hand -------------------------------------------------------
+
+def bf16(h: int) -> float:
+    """The value of a bf16 bit pattern: it is the top half of a binary32."""
+    return struct.unpack("<f", struct.pack("<I", h << 16))[0]
+
+
+def f32_bits(x) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(x)))[0]
+
+
+def u16s(b: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(b) // 2}H", b))
+
+
+def u32s(b: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(b) // 4}I", b))
+
+
 def compact_json(doc) -> str:
     """Indented JSON with short lists and small objects kept on one line."""
     def fmt(v, ind):
         one = json.dumps(v)
-        if len(one) + ind <= 100:
+        if len(one) + ind <= 132:
             return one
         pad = " " * (ind + 2)
         if isinstance(v, dict):
@@ -61,37 +89,198 @@ def compact_json(doc) -> str:
     return fmt(doc, 0)
 
 
+def hexdump(b: bytes, base: int) -> str:
+    lines = []
+    for i in range(0, len(b), 16):
+        chunk = b[i:i + 16]
+        hx = " ".join(f"{x:02x}" for x in chunk[:8]) + "  " + " ".join(f"{x:02x}" for x in chunk[8:])
+        txt = "".join(chr(x) if 32 <= x < 127 else "." for x in chunk)
+        lines.append(f"{base + i:08x}  {hx:<49s} |{txt}|")
+    return "\n".join(lines)
+
+
+def num(x) -> str:
+    """The exact decimal value (every value in this example is a short binary fraction)."""
+    s = repr(float(x))
+    return s[:-2] if s.endswith(".0") else s
+
+
+def mat(a, indent: str = "    ") -> str:
+    return "\n".join(indent + "[" + ", ".join(f"{num(v):>10s}" for v in row) + "]"
+                     for row in np.asarray(a, np.float32).reshape(-1, np.shape(a)[-1]))
+
+
+# ---- the walk-through ------------------------------------------------------------------
+
 def walk(path: str) -> None:
     raw = open(path, "rb").read()
     (n,) = struct.unpack("<Q", raw[:8])
+    ds = 8 + n
+    print("[9.1] framing")
     print(f"file size: {len(raw)} bytes")
-    print(f"bytes 0..7 (header length N, u64 little-endian): {raw[:8].hex(' ')}  -> N = {n}")
-    print(f"data buffer: bytes {8 + n}..{len(raw) - 1} ({len(raw) - 8 - n} bytes)\n")
-    head = json.loads(raw[8:8 + n])
+    print(f"bytes 0..7: {raw[:8].hex(' ')}  -> N = {n} (u64 little-endian)")
+    print(f"header: bytes 8..{ds - 1}; 8 + N = {ds} = 8 * {ds // 8}")
+    print(f"header starts: {raw[8:8 + 48].decode()!r}")
+    pad = len(raw[8:ds]) - len(raw[8:ds].rstrip(b' '))
+    print(f"header ends: {raw[ds - 24:ds].decode()!r} ({pad} padding spaces)")
+    print(f"data buffer: bytes {ds}..{len(raw) - 1} ({len(raw) - ds} bytes)")
+
+    head = json.loads(raw[8:ds])
     meta = head.pop("__metadata__")
-    print("__metadata__ (rmoe_schema shown parsed):")
-    print(json.dumps({k: v for k, v in meta.items() if k != "rmoe_schema"}, indent=2))
-    print("rmoe_schema =")
-    print(compact_json(json.loads(meta["rmoe_schema"])))
-    print("\ntensors in data order:")
-    print(f"{'name':40s} {'dtype':5s} {'shape':10s} {'data_offsets':14s} bytes (hex)")
-    for name, e in sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+    schema_raw = meta["rmoe_schema"]
+    print("\n[9.2] __metadata__")
+    for k, v in meta.items():
+        print(f"{k} = {v!r}" if k != "rmoe_schema" else f"{k} = <{len(v.encode())} bytes of compact JSON, below>")
+    print(f"crc32(UTF-8 of rmoe_schema) = {zlib.crc32(schema_raw.encode()) & 0xFFFFFFFF}")
+    print("rmoe_schema, re-indented:")
+    print(compact_json(json.loads(schema_raw)))
+
+    print("\n[9.3] tensors")
+    print(f"in data order; data_offsets are relative to the data buffer, which starts at file offset {ds}")
+    print(f"{'name':38s} {'dtype':5s} {'shape':7s} {'data_offsets':12s} {'file bytes':11s} bytes (hex)")
+    order = sorted(head.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    for name, e in order:
         b, end = e["data_offsets"]
-        print(f"{name:40s} {e['dtype']:5s} {str(e['shape']):10s} {str([b, end]):14s} {raw[8 + n + b: 8 + n + end].hex(' ')}")
+        body = raw[ds + b: ds + end]
+        shown = body.hex(" ") if len(body) <= 24 else body[:16].hex(" ") + f" ... ({len(body)} bytes)"
+        print(f"{name:38s} {e['dtype']:5s} {str(e['shape']):7s} {str([b, end]):12s} "
+              f"{f'{ds + b}..{ds + end - 1}':11s} {shown}")
+    print(f"\ndata buffer hexdump (offsets are file offsets in hex; {ds} = 0x{ds:x}):")
+    print(hexdump(raw[ds:], ds))
+
+    def t(name: str) -> bytes:
+        b, end = head[name]["data_offsets"]
+        return raw[ds + b: ds + end]
+
+    print("\n[9.4] checksums")
+    ck = u32s(t("rmoe.checksums"))
+    others = [nm for nm, _ in order if nm != "rmoe.checksums"]
+    for nm, c in zip(others, ck):
+        mine = zlib.crc32(t(nm)) & 0xFFFFFFFF
+        print(f"  {c:08x}  {nm}{'' if mine == c else '  MISMATCH'}")
+    sch = json.loads(schema_raw)
+    print(f"crc32 of the checksum tensor's {len(t('rmoe.checksums'))} bytes = "
+          f"{zlib.crc32(t('rmoe.checksums')) & 0xFFFFFFFF}; schema.checksum.crc32 = {sch['checksum']['crc32']}")
+
+    pre = "rmoe.layers.0"
+    print("\n[9.5] base and permutations")
+    print("base w1, dense bf16 (3 x 4, row-major)")
+    bw1 = u16s(t(f"{pre}.base.w1.values"))
+    for i in range(3):
+        print(f"  row {i}: " + "  ".join(f"{h:04x}={num(bf16(h))}" for h in bw1[4 * i:4 * i + 4]))
+    print("base w2, dense bf16 (4 x 3, row-major)")
+    bw2 = u16s(t(f"{pre}.base.w2.values"))
+    for i in range(4):
+        print(f"  row {i}: " + "  ".join(f"{h:04x}={num(bf16(h))}" for h in bw2[3 * i:3 * i + 3]))
+    for k in range(2):
+        print(f"permutation of expert {k}: bytes {t(f'{pre}.experts.{k}.permutation').hex(' ')} "
+              f"-> u16 {u16s(t(f'{pre}.experts.{k}.permutation'))}")
+
+    print("\n[9.6] expert 0 residuals, csr16 bf16")
+    for m, (rows, cols) in (("w1", (3, 4)), ("w2", (4, 3))):
+        p = f"{pre}.experts.0.{m}"
+        ptr, idx, val = u32s(t(f"{p}.indptr")), u16s(t(f"{p}.indices")), u16s(t(f"{p}.values"))
+        nblocks = max(1, -(-cols // 65536))
+        ptr2 = [ptr[b * (rows + 1):(b + 1) * (rows + 1)] for b in range(nblocks)]
+        print(f"{m} ({rows} x {cols}): column blocks B = {nblocks}; indptr (B, m+1) = {ptr2}; "
+              f"indices = {idx}; values = {[f'{h:04x}' for h in val]}")
+        dense = np.zeros((rows, cols), np.float32)
+        for i in range(rows):
+            lo, hi = ptr[i], ptr[i + 1]
+            entries = [f"indices[{j}] = col {idx[j]}, values[{j}] = {val[j]:04x} = {num(bf16(val[j]))}"
+                       for j in range(lo, hi)]
+            print(f"  row {i}: indptr[0][{i}..{i + 1}] = [{lo}, {hi})"
+                  + (" -> " + "; ".join(entries) if entries else ", no entries"))
+            for j in range(lo, hi):
+                dense[i, idx[j]] = bf16(val[j])
+        print(f"  decoded residual D:\n{mat(dense)}")
+
+    print("\n[9.7] expert 1 residuals, bitmap bf16")
+    for m, (rows, cols) in (("w1", (3, 4)), ("w2", (4, 3))):
+        p = f"{pre}.experts.1.{m}"
+        mask, val = t(f"{p}.mask"), u16s(t(f"{p}.values"))
+        print(f"{m} ({rows} x {cols}): mask = {mask.hex(' ')} ({len(mask)} bytes = ceil({rows * cols}/8)); "
+              f"values = {[f'{h:04x}' for h in val]}")
+        bits = [j for j in range(8 * len(mask)) if mask[j // 8] >> (j % 8) & 1]
+        for bi, byte in enumerate(mask):
+            set_ = [8 * bi + s for s in range(8) if byte >> s & 1]
+            print(f"  byte {bi} = 0x{byte:02x} = 0b{byte:08b}: bits set (LSB = bit 0) {[s - 8 * bi for s in set_]} "
+                  f"-> element indices {set_}")
+        print(f"  padding bits {rows * cols}..{8 * len(mask) - 1} are "
+              f"{'zero' if all(j < rows * cols for j in bits) else 'NOT zero'}")
+        dense = np.zeros((rows, cols), np.float32)
+        for v, j in zip(val, bits):
+            print(f"  element {j} = (row {j // cols}, col {j % cols}) <- next value {v:04x} = {num(bf16(v))}")
+            dense[j // cols, j % cols] = bf16(v)
+        print(f"  decoded residual D:\n{mat(dense)}")
+
+    print("\n[9.8] restoring elements by hand")
+    cases = [(0, "w1", 0, 1, 4, bw1, "csr16"), (1, "w2", 0, 0, 3, bw2, "bitmap")]
     with resmoe_format.open(path) as r:
         r.verify()
-        print("\nchecksums tensor (u32 crc32 of each other tensor, in data order):",
-              [f"{c:08x}" for c in r.tensor("rmoe.checksums").tolist()])
+        for k, m, i, j, cols, base, _ in cases:
+            b = np.float32(bf16(base[i * cols + j]))
+            d = np.float32(r.residual(0, k, m)[i, j])
+            a = np.float32(b + d)
+            bits = f32_bits(a)
+            hi, lo = bits >> 16, bits & 0xFFFF
+            if lo > 0x8000 or (lo == 0x8000 and hi & 1):
+                w, why = hi + 1, "rounds up" if lo > 0x8000 else "tie, rounds to the even neighbour (up)"
+            else:
+                w, why = hi, "rounds down" if lo != 0x8000 else "tie, rounds to the even neighbour (down)"
+            if lo == 0:
+                why = "exact"
+            lib = restore.restore_matrix(r, 0, k, m)[i, j]
+            libbits = int(np.asarray(lib).view(np.uint16))
+            print(f"expert {k} {m}[{i},{j}]: B = bf16 {base[i * cols + j]:04x} = {num(b)}; D = {num(d)} "
+                  f"(fp32 {f32_bits(d):08x})")
+            print(f"  A = B + D = {num(a)} (fp32 {bits:08x}): high half {hi:04x}, low half {lo:04x} -> {why}")
+            print(f"  W = bf16 {w:04x} = {num(bf16(w))}; library restore_matrix gives {libbits:04x}"
+                  f"{'' if libbits == w else '  MISMATCH'}")
         for k in range(2):
             for m in ("w1", "w2"):
-                print(f"\nexpert {k} {m}: residual decoded (float32):\n{r.residual(0, k, m)}")
-                print(f"expert {k} {m}: restored, barycenter order (bf16 -> float32):\n"
-                      f"{restore.restore_matrix(r, 0, k, m).astype(np.float32)}")
-                print(f"expert {k} {m}: restored, original order:\n"
-                      f"{restore.restore_matrix(r, 0, k, m, original_order=True).astype(np.float32)}")
+                print(f"expert {k} {m}, aligned order:\n{mat(restore.restore_matrix(r, 0, k, m))}")
+                print(f"expert {k} {m}, original order (permutation {r.permutation(0, k).tolist()}):\n"
+                      f"{mat(restore.restore_matrix(r, 0, k, m, original_order=True))}")
+
+        print("\n[9.9] byte accounting")
+        acc = accounting.account(r)
+        for c, v in acc.bytes.items():
+            print(f"  {c:17s} {v:5d}")
+        print(f"  {'total':17s} {sum(acc.bytes.values()):5d} = file size {acc.file_size}")
+        print(f"expert weights = {acc.expert_weights}; expert bytes = {acc.expert_bytes}; "
+              f"bits per expert weight = {acc.bits_per_expert_weight():.4f} (source: {acc.source_bits_per_weight:g})")
+
+
+def sections(text: str) -> dict[str, str]:
+    """The walk-through split at its "[9.x] title" lines: {"9.x": body}."""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^\[(9\.\d)\] [^\n]*\n(.*?)(?=^\[9\.\d\]|\Z)", text, re.S | re.M):
+        out[m.group(1)] = m.group(2).rstrip("\n")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default="example.rmoe", help="path of the .rmoe file to write")
+    ap.add_argument("--check", metavar="FORMAT.md",
+                    help="also check that every printed block appears verbatim in this spec file")
+    a = ap.parse_args(argv)
+    build(a.out)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        walk(a.out)
+    text = buf.getvalue()
+    print(text, end="")
+    if a.check:
+        spec = open(a.check, encoding="utf-8").read()
+        stale = [k for k, body in sections(text).items() if body not in spec]
+        if stale:
+            print(f"\n{a.check}: section(s) {', '.join(stale)} differ from this output", file=sys.stderr)
+            return 1
+        print(f"\n{a.check}: every block of section 9 matches this output", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "example.rmoe"
-    build(out)
-    walk(out)
+    raise SystemExit(main(sys.argv[1:]))

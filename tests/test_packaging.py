@@ -43,3 +43,17 @@ def test_export_rejects_unsupported_target(tmp_path, capsys):
     assert main([str(tmp_path / "x.rmoe"), "--to", "gguf", str(tmp_path / "o")]) == 2
     assert "supported: safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_spec_worked_example_matches_spec(tmp_path):
+    """spec/FORMAT.md section 9 is the printed output of spec/worked_example.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "spec" / "worked_example.py"), str(tmp_path / "we.rmoe"),
+         "--check", str(root / "spec" / "FORMAT.md")],
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
