@@ -157,3 +157,17 @@ def test_one_dimensional_matrices_are_one_row():
 def test_fp16_overflow_is_refused():
     with pytest.raises(ValueError, match="fp16"):
         codecs.encode(np.array([[1e6]], np.float32), "dense", "fp16")
+
+
+def test_auto_tie_break_follows_auto_order():
+    """At equal size, auto picks the earlier encoding of AUTO_ORDER (csr16 before rice and bsr)."""
+    from resmoe_format.codecs import AUTO_ORDER, predict_sizes
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        m, n = rng.integers(1, 9, size=2)
+        x = np.where(rng.random((m, n)) < rng.random(), rng.standard_normal((m, n)), 0).astype(np.float32)
+        sizes = predict_sizes(x, "bf16")
+        best = min(s for s, _ in sizes.values())
+        winners = {("bsr" if k.startswith("bsr") else k) for k, (s, _) in sizes.items() if s == best}
+        expect = min(winners, key=AUTO_ORDER.index)
+        assert codecs.encode(x, "auto", "bf16").encoding == expect

@@ -115,6 +115,12 @@ def encode_auto(x: np.ndarray | None, value_dtype: str = "bf16", quant: Quant | 
         mask = np.asarray(mask, dtype=bool).reshape(x.shape)
     sizes = predict_sizes(x, value_dtype, quant, mask, block_shapes)
     rank = {name: i for i, name in enumerate(AUTO_ORDER)}
-    label = min(sizes, key=lambda k: (sizes[k][0], rank.get(k.rstrip("0123456789x"), 9), k))
-    name = "bsr" if label.startswith("bsr") else label
+
+    def encoding_of(label: str) -> str:
+        return "bsr" if label.startswith("bsr") else label
+
+    # ties: AUTO_ORDER first, then (for bsr) the smaller block, in AUTO_BSR_BLOCKS order
+    order = {label: i for i, label in enumerate(sizes)}
+    label = min(sizes, key=lambda k: (sizes[k][0], rank[encoding_of(k)], order[k]))
+    name = encoding_of(label)
     return CODECS[name].encode(x, value_dtype, quant, mask=mask, **sizes[label][1])
