@@ -1,18 +1,97 @@
-"""resmoe-convert: Hugging Face MoE checkpoint to .rmoe.
-
-The encoder and architecture adapters land with the converter issue; until then this
-command says so plainly and exits with status 2 without writing anything.
-"""
+"""resmoe-convert: a Hugging Face MoE checkpoint to .rmoe (ResMoE or a baseline)."""
 from __future__ import annotations
 
+import argparse
 import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from ..emit import DELTA_FORMATS
+from ..encoders.budget import DEFAULT_KEEP
+from ..encoders.methods import METHODS, RESIDUALS
+from ..encoders.compress import SCOPES
+from .common import run_cli
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="resmoe-convert",
+        description="Compress the experts of a Hugging Face MoE checkpoint into a .rmoe file.",
+        epilog="Budgets: --keep F stores F of each compressed layer's expert parameters in total, the shared "
+               "barycenter included (ResMoE residuals then keep F - 1/E each); --residual-keep F is the paper's "
+               "convention, each residual keeps F and the barycenter comes on top.")
+    ap.add_argument("src", help="model.safetensors file or checkpoint directory (single file or sharded)")
+    ap.add_argument("out", help="output .rmoe file")
+    ap.add_argument("--config", help="config.json (default: beside SRC)")
+    ap.add_argument("--method", default="resmoe", choices=sorted(METHODS), help="encoder (default resmoe)")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, help=f"total fraction of expert parameters kept, base included "
+                        f"(default {DEFAULT_KEEP})")
+    budget.add_argument("--residual-keep", type=float, help="fraction each residual keeps; the base comes on top")
+    ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
+    ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
+                    help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
+                         "(as the ResMoE reference); matrix: each matrix on its own")
+    ap.add_argument("--rank", type=int, help="fixed SVD rank instead of the budget's")
+    ap.add_argument("--layers", default="all", help="MoE layers to compress: all, top:N, bottom:N or a list such as "
+                    "3,5,8-11 (the others pass through)")
+    ap.add_argument("--value-dtype", choices=("bf16", "fp16", "fp32", "int8"),
+                    help="dtype of stored residual values (default: the source dtype)")
+    ap.add_argument("--delta-format", choices=DELTA_FORMATS, default="auto",
+                    help="residual encoding (auto: the smallest for each matrix)")
+    ap.add_argument("--lossless", action="store_true", help="keep everything; resmoe-restore --original-order "
+                    "then gives the source back bit for bit")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when present)")
+    ap.add_argument("--max-iter", type=int, default=100, help="barycenter iterations at most (default 100)")
+    ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
+    return ap
+
+
+def summary_table(report: dict) -> Table:
+    m = report["method"]
+    budget = f"keep {m['keep']}" if "keep" in m else f"residual-keep {m['residual_keep']}"
+    if m.get("lossless"):
+        budget = "lossless"
+    t = Table(title=f"{report['model']['architecture']} -> {report['output']} ({m['name']}, {budget})")
+    for col in ("layer", "experts", "kept", "stored", "of source", "error mean", "error max", "seconds"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for lay in report["layers"]:
+        src = sum(s["params"] * {"bf16": 2, "fp16": 2, "fp32": 4}[s["dtype"]] for s in lay["matrices"].values())
+        errs = [e for s in lay["matrices"].values() for e in s["rel_error"]]
+        t.add_row(str(lay["index"]), str(lay["num_experts"]), f"{lay['kept'] / lay['params']:.1%}",
+                  f"{lay['bytes'] / 2**20:,.2f} MiB", f"{lay['bytes'] / src:.1%}", f"{sum(errs) / len(errs):.4f}",
+                  f"{max(errs):.4f}", f"{lay['seconds']:.2f}")
+    s = report["summary"]
+    if s["expert_params"]:
+        t.add_section()
+        t.add_row("all", "", f"{s['kept_fraction']:.1%}", f"{s['expert_bytes_stored'] / 2**20:,.2f} MiB",
+                  f"{s['expert_bytes_fraction']:.1%}", f"{s['rel_error_mean']:.4f}", f"{s['rel_error_max']:.4f}",
+                  f"{report['seconds']:.2f}")
+    t.caption = (f"file {s['file_bytes']:,} bytes. kept: expert parameters stored (base included); stored: their "
+                 f"bytes (indices, permutations included); error: ||T W - W_hat|| / ||W|| per expert matrix")
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("resmoe-convert: the converter (architecture adapters and ResMoE encoder) is not in this "
-          "release yet; `python -m resmoe_format.demo OUT.rmoe` writes a synthetic example file.",
-          file=sys.stderr)
-    return 2
+    a = parser().parse_args(argv)
+
+    def body() -> int:
+        from ..convert import ConvertOptions, convert, write_report
+
+        opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
+                              residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
+                              value_dtype=a.value_dtype, delta_format=a.delta_format, lossless=a.lossless,
+                              device=a.device, max_iter=a.max_iter)
+        report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
+        if a.report:
+            write_report(report, a.report)
+        if not a.quiet:
+            Console(file=sys.stdout).print(summary_table(report))
+        return 0
+
+    return run_cli("resmoe-convert", body)
 
 
 if __name__ == "__main__":

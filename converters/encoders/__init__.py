@@ -6,4 +6,4 @@ Pure tensor maths on a torch device; nothing here knows about files. ``METHODS``
 from .methods import METHODS, Encoder, get_encoder
 from .parts import LayerResult, LowRankPart, SparsePart
 
-__all__ = ["METHODS", "Encoder", "get_encoder", "LayerResult", "LowRankPart", "SparsePart"]
+__all__ = ["METHODS", "Encoder", "LayerResult", "LowRankPart", "SparsePart", "get_encoder"]

@@ -30,7 +30,7 @@ class Budget:
                 raise ConversionError(f"{flag} must be in (0, 1], got {v}")
 
     @classmethod
-    def of(cls, keep: float | None, residual_keep: float | None) -> "Budget":
+    def of(cls, keep: float | None, residual_keep: float | None) -> Budget:
         if keep is None and residual_keep is None:
             keep = DEFAULT_KEEP
         return cls(keep, residual_keep)

@@ -2,8 +2,9 @@
 baselines prune, svd and merge, all under the same budget semantics."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,15 +21,15 @@ from .parts import LayerResult, SparsePart
 
 RESIDUALS = ("prune", "svd")
 
-METHODS: dict[str, type["Encoder"]] = {}
+METHODS: dict[str, type[Encoder]] = {}
 
 
-def register(cls: type["Encoder"]) -> type["Encoder"]:
+def register(cls: type[Encoder]) -> type[Encoder]:
     METHODS[cls.name] = cls
     return cls
 
 
-def get_encoder(name: str, options: "EncoderOptions") -> "Encoder":
+def get_encoder(name: str, options: EncoderOptions) -> Encoder:
     """The encoder registered as ``name``."""
     try:
         return METHODS[name](options)
@@ -129,7 +130,7 @@ class Encoder:
 
     def _lossless(self, base, perms, aligned, specs, dtype) -> LayerResult:
         np_dt = by_name(dtype).np
-        new_base, residuals = {}, [dict() for _ in aligned]
+        new_base, residuals = {}, [{} for _ in aligned]
         for m in specs:
             xs = [a[m.name].cpu().numpy().astype(np_dt) for a in aligned]
             guess = base[m.name].cpu().numpy() if base else np.zeros(m.shape, np.float32)

@@ -1,0 +1,134 @@
+"""What an architecture adapter declares: where a model's MoE layers are and how each
+expert's canonical matrices map onto the checkpoint's tensors.
+
+Canonical layout (the encoders rely on it): every per-neuron 2-D matrix has the hidden
+(intermediate) neuron axis first, shape (n, hidden), ``neuron_axis`` 0; a source tensor
+stored the other way round (a ``down_proj`` of shape (hidden, n)) says ``transpose``.
+1-D biases indexed by neuron have ``neuron_axis`` 0, others ``None``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from resmoe_format import MatrixSpec, RmoeFormatError, SourceSpec
+from resmoe_format.container import source_shape
+from resmoe_format.dtypes import SOURCE_DTYPES
+from resmoe_format.schema import LayerSpec
+
+from ..checkpoint import TensorInfo
+from ..errors import ConversionError
+
+
+@dataclass
+class LayerLayout:
+    """One MoE layer of the source model, as the encoder and the writer need it."""
+
+    index: int  # the model's layer number (Switch: encoder block b -> b, decoder block b -> num_layers + b)
+    prefix: str  # module path of the experts, e.g. "model.layers.3.block_sparse_moe.experts"
+    num_experts: int
+    num_neurons: int
+    matrices: list[MatrixSpec]
+    sources: list[SourceSpec]
+
+
+class Adapter:
+    """Base class of the architecture adapters; subclasses implement :meth:`layouts`."""
+
+    #: Hugging Face class names (config ``architectures``) and ``model_type`` values handled.
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: config keys that may hold the number of routed experts (first present wins)
+    experts_keys: ClassVar[tuple[str, ...]] = ("num_local_experts", "num_experts")
+
+    def __init__(self, config: dict, tensors: Mapping[str, TensorInfo]):
+        self.config = config
+        self.tensors = tensors
+
+    # --- to implement ----------------------------------------------------------------
+    def layouts(self) -> list[LayerLayout]:
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        key = next((k for k in self.experts_keys if self.config.get(k) is not None), self.experts_keys[0])
+        e = self.config.get(key)
+        if not isinstance(e, int) or e < 1:
+            raise ConversionError(f"config.json: {key} = {e!r}; this is not a Mixture-of-Experts config")
+        return e
+
+    def moe_layers(self) -> list[LayerLayout]:
+        """Every MoE layer, validated against the checkpoint, sorted by index."""
+        layers = sorted(self.layouts(), key=lambda lay: lay.index)
+        if not layers:
+            raise ConversionError(f"{self.config.get('architectures', ['?'])[0]}: no expert tensors found; this is "
+                                  f"not a Mixture-of-Experts checkpoint")
+        for lay in layers:
+            self.validate(lay)
+        return layers
+
+    def validate(self, lay: LayerLayout) -> None:
+        """Every source tensor exists, in a float dtype, with the shape its assembly gives."""
+        dts = {m.dtype for m in lay.matrices}
+        if len(dts) != 1 or not dts <= set(SOURCE_DTYPES):
+            raise ConversionError(f"layer {lay.index}: expert weights must share one of {', '.join(SOURCE_DTYPES)}, "
+                                  f"got {', '.join(sorted(dts))}")
+        spec = LayerSpec(lay.index, lay.prefix, lay.num_experts, lay.num_neurons, lay.matrices, "barycenter", {},
+                         None, [{} for _ in range(lay.num_experts)], lay.sources)
+        for s in lay.sources:
+            info = self.tensors.get(s.name)
+            if info is None:
+                raise ConversionError(f"layer {lay.index}: tensor {s.name} is missing from the checkpoint")
+            if info.dtype != s.dtype:
+                raise ConversionError(f"tensor {s.name}: dtype {info.dtype}, but the layer's experts are {s.dtype}")
+            try:
+                want = source_shape(spec, s)
+            except RmoeFormatError as e:
+                raise ConversionError(str(e)) from None
+            if tuple(info.shape) != want:
+                raise ConversionError(f"tensor {s.name}: shape {list(info.shape)}, expected {list(want)} "
+                                      f"(shape mismatch between experts of layer {lay.index})")
+
+    def info(self, name: str) -> TensorInfo | None:
+        return self.tensors.get(name)
+
+    def gated_per_expert(self, index: int, prefix: str, gate: str, up: str, down: str,
+                         expert: str = "{k}") -> LayerLayout | None:
+        """A layer whose experts are separate gate/up/down Linear weights (Mixtral, Qwen, ...).
+
+        ``gate``/``up``/``down`` are the module names, ``expert`` how expert k is named.
+        Returns None when the layer has no experts (a dense layer).
+        """
+        first = self.info(f"{prefix}.{expert.format(k=0)}.{gate}.weight")
+        if first is None:
+            return None
+        n, h = first.shape if len(first.shape) == 2 else (0, 0)
+        dt = first.dtype
+        E = self.num_experts
+        extra = self.info(f"{prefix}.{expert.format(k=E)}.{gate}.weight")
+        if extra is not None:
+            raise ConversionError(f"layer {index}: the checkpoint has more experts than config.json's "
+                                  f"expert count {E}")
+        mats = [MatrixSpec("gate", (n, h), dt, 0), MatrixSpec("up", (n, h), dt, 0), MatrixSpec("down", (n, h), dt, 0)]
+        sources = []
+        for k in range(E):
+            e = f"{prefix}.{expert.format(k=k)}"
+            sources += [SourceSpec(f"{e}.{gate}.weight", dt, (n, h), k, ["gate"]),
+                        SourceSpec(f"{e}.{up}.weight", dt, (n, h), k, ["up"]),
+                        SourceSpec(f"{e}.{down}.weight", dt, (h, n), k, ["down"], transpose=True)]
+        return LayerLayout(index, prefix, E, n, mats, sources)
+
+    def num_layers(self, key: str = "num_hidden_layers") -> int:
+        n = self.config.get(key)
+        if not isinstance(n, int) or n < 0:
+            raise ConversionError(f"config.json: {key} = {n!r} is not a layer count")
+        return n
+
+    def require(self, index: int, layout: LayerLayout | None, what: str) -> LayerLayout:
+        """A layer the config says is an MoE layer must have expert tensors."""
+        if layout is None:
+            raise ConversionError(f"layer {index}: config.json makes it an MoE layer but the checkpoint has no "
+                                  f"{what} tensors for it (inconsistent checkpoint)")
+        return layout

@@ -1,0 +1,35 @@
+"""DeepSeek-V2 and DeepSeek-V3: routed experts ``model.layers.L.mlp.experts.K.*_proj``.
+
+The first ``first_k_dense_replace`` layers are dense MLPs and ``mlp.shared_experts`` are
+always computed: both pass through unchanged.
+"""
+from __future__ import annotations
+
+from . import register
+from .base import Adapter, LayerLayout
+
+
+@register("DeepseekV2ForCausalLM")
+class DeepseekV2(Adapter):
+    model_types = ("deepseek_v2",)
+    experts_keys = ("n_routed_experts",)
+
+    def is_sparse(self, i: int) -> bool:
+        first = self.config.get("first_k_dense_replace", 0) or 0
+        freq = self.config.get("moe_layer_freq", 1) or 1
+        return i >= first and i % freq == 0
+
+    def layouts(self) -> list[LayerLayout]:
+        out = []
+        for i in range(self.num_layers()):
+            lay = self.gated_per_expert(i, f"model.layers.{i}.mlp.experts", "gate_proj", "up_proj", "down_proj")
+            if self.is_sparse(i):
+                out.append(self.require(i, lay, "expert"))
+            elif lay is not None:
+                out.append(lay)
+        return out
+
+
+@register("DeepseekV3ForCausalLM")
+class DeepseekV3(DeepseekV2):
+    model_types = ("deepseek_v3",)

@@ -1,0 +1,237 @@
+"""resmoe-convert's engine: a Hugging Face MoE checkpoint in, a .rmoe file out, layer by layer.
+
+Everything that can be checked is checked before the output is created (architecture,
+layer selection, budgets, flags); the output appears atomically only when complete.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from resmoe_format import Writer
+from resmoe_format.codecs import Quant
+from resmoe_format.dtypes import by_name
+
+from .architectures import adapter_for
+from .checkpoint import Checkpoint
+from .disassemble import expert_matrices
+from .emit import ELEMENTWISE, EmitOptions, emit_layer
+from .encoders import get_encoder
+from .encoders.budget import Budget
+from .encoders.methods import EncoderOptions
+from .errors import ConversionError
+from .layers import select_layers
+
+VALUE_DTYPES = ("bf16", "fp16", "fp32", "int8")
+
+
+@dataclass
+class ConvertOptions:
+    """Every flag of resmoe-convert (see ``resmoe-convert --help``)."""
+
+    method: str = "resmoe"
+    keep: float | None = None
+    residual_keep: float | None = None
+    residual: str | None = None  # None: "svd" for --method svd, else "prune"
+    residual_scope: str = "expert"
+    rank: int | None = None
+    layers: str = "all"
+    value_dtype: str | None = None
+    delta_format: str = "auto"
+    lossless: bool = False
+    device: str = "auto"
+    max_iter: int = 100
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConversionError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array of the same element type (bf16 and fp8 via ml_dtypes)."""
+    special = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+               torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+               torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+    t = t.detach().cpu().contiguous()
+    if t.dtype in special:
+        raw, npt = special[t.dtype]
+        return t.view(raw).numpy().view(npt)
+    return t.numpy()
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ConversionError(f"tensor {name} holds {bad} NaN or Inf value(s); refusing to convert")
+
+
+class Plan:
+    """A checked conversion: what to read, which layers to compress, with which encoder."""
+
+    def __init__(self, src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None):
+        o = options
+        self.options = o
+        self.out = Path(out)
+        if o.value_dtype is not None and o.value_dtype not in VALUE_DTYPES:
+            raise ConversionError(f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.value_dtype!r}")
+        residual = o.residual or ("svd" if o.method == "svd" or o.delta_format == "lowrank" else "prune")
+        if o.lossless:
+            if o.keep is not None or o.residual_keep is not None or o.rank is not None:
+                raise ConversionError("--lossless keeps everything: do not combine it with --keep, "
+                                      "--residual-keep or --rank")
+            if o.value_dtype not in (None, "fp32"):
+                raise ConversionError("--lossless stores float32 residuals; --value-dtype does not apply")
+            if o.delta_format not in ELEMENTWISE:
+                raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format "
+                                      f"{o.delta_format} cannot")
+            budget = Budget(residual_keep=1.0)
+        else:
+            budget = Budget.of(o.keep, o.residual_keep)
+        if residual == "prune" and o.delta_format == "lowrank":
+            raise ConversionError("--delta-format lowrank needs --residual svd")
+        if residual == "svd" and o.delta_format not in ("auto", "lowrank", "dense"):
+            raise ConversionError(f"--residual svd stores factors: --delta-format must be auto, lowrank or dense, "
+                                  f"not {o.delta_format}")
+        if o.rank is not None and residual != "svd":
+            raise ConversionError("--rank applies to --residual svd (or --method svd)")
+        if o.max_iter < 1:
+            raise ConversionError("--max-iter must be at least 1")
+        self.encoder = get_encoder(o.method, EncoderOptions(budget, residual, o.residual_scope, o.rank,
+                                                             o.lossless, o.max_iter))
+        self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant() if o.value_dtype == "int8" else None)
+        self.device = resolve_device(o.device)
+        self.ckpt = Checkpoint(src, config)
+        try:
+            if self.out.resolve() in {i.file.resolve() for i in self.ckpt.tensors.values()}:
+                raise ConversionError(f"output {out} would overwrite the input checkpoint")
+            if not self.out.parent.is_dir():
+                raise ConversionError(f"output directory {self.out.parent} does not exist")
+            self.adapter = adapter_for(self.ckpt.config, self.ckpt.tensors)
+            layouts = self.adapter.moe_layers()
+            chosen = set(select_layers(o.layers, [lay.index for lay in layouts]))
+            self.layouts = [lay for lay in layouts if lay.index in chosen]
+            for lay in self.layouts:
+                if lay.num_experts < 2 and o.method in ("resmoe", "merge"):
+                    raise ConversionError(f"layer {lay.index} has {lay.num_experts} expert; {o.method} needs two or more")
+                if not o.lossless:
+                    self.encoder.residual_budget(lay.matrices, lay.num_experts)  # raises if infeasible
+            compressed = {s.name for lay in self.layouts for s in lay.sources}
+            self.passthrough = [n for n in self.ckpt.tensors if n not in compressed]
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def model_info(self) -> dict[str, Any]:
+        dts = sorted({m.dtype for lay in self.layouts for m in lay.matrices})
+        archs = self.ckpt.config.get("architectures") or [self.ckpt.config.get("model_type")]
+        return {"architecture": archs[0], "model_type": self.ckpt.config.get("model_type"),
+                "source_dtype": dts[0] if len(dts) == 1 else ",".join(dts),
+                "adapter": type(self.adapter).__name__, "compressed_layers": [lay.index for lay in self.layouts]}
+
+    def method_info(self) -> dict[str, Any]:
+        from resmoe_format import __version__
+
+        e = self.encoder.options
+        info = {"name": self.options.method, **e.budget.to_json(), "residual": e.residual, "residual_scope": e.scope,
+                "value_dtype": self.options.value_dtype, "delta_format": self.options.delta_format,
+                "lossless": e.lossless, "writer": f"resmoe {__version__}"}
+        if e.rank is not None:
+            info["rank"] = e.rank
+        if self.options.method == "resmoe":
+            info["barycenter"] = {"solver": "exact assignment, alternating", "max_iter": e.max_iter}
+        return info
+
+
+def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = None,
+            config: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Convert ``src`` to ``out``; returns the report (see ``--report``)."""
+    plan = Plan(src, out, options or ConvertOptions(), config)
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
+                              "method": plan.method_info(), "device": str(plan.device), "layers": []}
+    try:
+        with Writer(plan.out, plan.model_info(), plan.method_info()) as w:
+            for rel, data in sorted(plan.ckpt.files().items()):
+                w.add_file(rel, data)
+            for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
+                t = plan.ckpt.get(name)
+                check_finite(name, t)
+                w.add_passthrough(name, to_numpy(t))
+                del t
+            bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
+            for lay in bar:
+                bar.set_postfix_str(f"layer {lay.index}")
+                report["layers"].append(_convert_layer(plan, lay, w))
+                gc.collect()
+    finally:
+        plan.ckpt.close()
+    report["seconds"] = time.perf_counter() - t_start
+    report["summary"] = summarize(report, Path(out).stat().st_size)
+    return report
+
+
+def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    raw = expert_matrices(lay, plan.ckpt.get)
+    experts = []
+    for k, e in enumerate(raw):
+        for m, t in e.items():
+            check_finite(f"layer {lay.index} expert {k} {m}", t)
+        experts.append({m: t.to(plan.device, torch.float32) for m, t in e.items()})
+    del raw
+    dtype = lay.matrices[0].dtype
+    result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
+    layer, stats = emit_layer(lay, result, aligned, dtype, plan.emit)
+    w.add_layer(layer)
+    entry: dict[str, Any] = {"index": lay.index, "prefix": lay.prefix, "num_experts": lay.num_experts,
+                             "num_neurons": lay.num_neurons, "matrices": stats}
+    perm_bytes = sum(int(np.asarray(p).size) * (2 if lay.num_neurons <= 65535 else 4)
+                     for p in (result.permutations or []))
+    entry["permutation_bytes"] = perm_bytes
+    entry["bytes"] = perm_bytes + sum(s["bytes"] for s in stats.values())
+    entry["params"] = sum(s["params"] for s in stats.values())
+    entry["kept"] = sum(s["kept"] for s in stats.values())
+    bary = getattr(plan.encoder, "last_barycenter", None)
+    if bary:
+        entry["barycenter"] = bary
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
+def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
+    layers = report["layers"]
+    errs = [e for lay in layers for s in lay["matrices"].values() for e in s["rel_error"]]
+    params = sum(lay["params"] for lay in layers)
+    src_bytes = sum(s["params"] * by_name(s["dtype"]).itemsize for lay in layers for s in lay["matrices"].values())
+    stored = sum(lay["bytes"] for lay in layers)
+    return {"compressed_layers": len(layers), "expert_params": params,
+            "kept_params": sum(lay["kept"] for lay in layers),
+            "kept_fraction": (sum(lay["kept"] for lay in layers) / params) if params else None,
+            "expert_bytes_source": src_bytes, "expert_bytes_stored": stored,
+            "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
+            "rel_error_mean": float(np.mean(errs)) if errs else None,
+            "rel_error_max": float(np.max(errs)) if errs else None, "file_bytes": file_size}
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+__all__ = ["ConvertOptions", "convert", "Plan", "write_report"]

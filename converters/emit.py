@@ -1,0 +1,122 @@
+"""Turn an encoder's LayerResult into bytes (codecs.Encoded records) and measure what was lost.
+
+The error of every expert matrix is measured on what the file will really restore:
+each record is decoded and combined with the stored base exactly as a reader does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from resmoe_format import MoELayer, codecs
+from resmoe_format.codecs import Encoded, Quant
+from resmoe_format.restore import combine
+
+from .architectures.base import LayerLayout
+from .encoders.parts import LayerResult, LowRankPart, SparsePart
+from .errors import ConversionError
+
+DELTA_FORMATS = ("auto", "csr16", "bitmap", "bsr", "rice", "lowrank", "dense")
+ELEMENTWISE = ("auto", "csr16", "bitmap", "bsr", "rice", "dense")
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    value_dtype: str | None = None  # None: the source dtype
+    delta_format: str = "auto"
+    quant: Quant | None = None
+
+    def __post_init__(self) -> None:
+        if self.delta_format not in DELTA_FORMATS:
+            raise ConversionError(f"--delta-format must be one of {', '.join(DELTA_FORMATS)}, got {self.delta_format!r}")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _sparse(part: SparsePart, fmt: str, vd: str, quant: Quant | None) -> Encoded:
+    x, mask = _np(part.values), part.mask.cpu().numpy()
+    if x.ndim == 1 and fmt == "lowrank":
+        fmt = "dense"
+    if fmt == "lowrank":
+        raise ConversionError("--delta-format lowrank needs --residual svd")
+    if fmt == "bsr":
+        sizes = {k: v for k, v in codecs.predict_sizes(x, vd, quant, mask).items() if k.startswith("bsr")}
+        label = min(sizes, key=lambda k: sizes[k][0])
+        return codecs.encode(x, "bsr", vd, quant, mask=mask, **sizes[label][1])
+    return codecs.encode(x, fmt, vd, quant, mask=mask)
+
+
+def _lowrank(part: LowRankPart, fmt: str, vd: str, quant: Quant | None, leader: Encoded | None = None) -> Encoded:
+    """Encode factors; with ``leader`` (the record whose U this one shares) the very same U
+    arrays are reused, which the writer stores once (spec: shared low-rank factors)."""
+    u, v = _np(part.u), _np(part.v)
+    if leader is not None:
+        enc = codecs.encode(None, "lowrank", vd, quant, u=u, v=v)
+        for p in ("u", "u_scales"):
+            if p in enc.parts:
+                enc.parts[p] = leader.parts[p]
+        return enc
+    if fmt in ("auto", "lowrank") and part.owner:  # others reuse this U: it stays low rank
+        return codecs.encode(None, "lowrank", vd, quant, u=u, v=v)
+    if fmt == "auto":
+        return codecs.encode_auto(None, vd, quant, u=u, v=v)
+    if fmt == "lowrank":
+        return codecs.encode(None, "lowrank", vd, quant, u=u, v=v)
+    if fmt == "dense":
+        return codecs.encode((u.astype(np.float64) @ v.astype(np.float64)).astype(np.float32), "dense", vd, quant)
+    raise ConversionError(f"--residual svd stores factors: --delta-format must be auto, lowrank or dense, not {fmt}")
+
+
+def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
+               dtype: str, options: EmitOptions) -> tuple[MoELayer, dict]:
+    """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error)."""
+    if result.lossless:  # exact residuals: float32, or the source dtype when there is no base (x itself)
+        vd = "fp32" if result.base else dtype
+    else:
+        vd = options.value_dtype or dtype
+    quant = options.quant if vd == "int8" else None
+    fmt = options.delta_format
+    if result.lossless and fmt not in ELEMENTWISE:
+        raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format {fmt} cannot")
+    base = {m: codecs.encode(_np(b), "dense", dtype) for m, b in result.base.items()}
+    base_np = {m: codecs.decode(e) for m, e in base.items()}
+    residuals: list[dict[str, Encoded | None]] = []
+    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "bytes": base[m.name].nbytes if m.name in base else 0,
+                      "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
+             for m in layout.matrices}
+    for k, parts in enumerate(result.residuals):
+        enc: dict[str, Encoded | None] = {}
+        for m in layout.matrices:
+            part = parts.get(m.name)
+            st = stats[m.name]
+            if part is None and m.name not in base:  # nothing kept and no base: store an empty residual
+                zeros = torch.zeros(m.shape)
+                part = SparsePart(zeros, zeros.bool())
+            if part is None:
+                e = None
+            elif isinstance(part, SparsePart):
+                e = _sparse(part, fmt, vd, quant)
+            else:
+                leader = enc.get(part.shared_u) if part.shared_u and fmt != "dense" else None
+                if part.shared_u and fmt != "dense" and (leader is None or leader.encoding != "lowrank"):
+                    raise ConversionError(f"matrix {m.name} shares the U of {part.shared_u}, which is not low rank")
+                e = _lowrank(part, fmt, vd, quant, leader)
+            enc[m.name] = e
+            truth = _np(aligned[k][m.name]).astype(np.float64)
+            got = combine(base_np.get(m.name), codecs.decode(e) if e is not None else None, dtype)
+            diff = truth.reshape(-1) - got.astype(np.float64).reshape(-1)
+            norm = float(np.linalg.norm(truth))
+            st["rel_error"].append(float(np.linalg.norm(diff) / norm) if norm else float(np.linalg.norm(diff)))
+            st["params"] += int(np.prod(m.shape))
+            st["kept"] += part.params if part is not None else 0
+            st["bytes"] += e.nbytes if e is not None else 0
+        residuals.append(enc)
+    for st in stats.values():
+        st["kept"] += st.pop("base_params")
+    layer = MoELayer(layout.index, layout.num_neurons, list(layout.matrices), result.base_kind, base, residuals,
+                     result.permutations, list(layout.sources), layout.prefix)
+    return layer, stats

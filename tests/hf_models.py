@@ -1,0 +1,98 @@
+"""Tiny real-format MoE checkpoints built with transformers (``save_pretrained`` writes the
+hub's tensor names and layout); nothing is downloaded."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "switch", "gpt_oss")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _config(arch: str, layers: int, experts: int):
+    import transformers as T
+
+    small = dict(vocab_size=48, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mixtral":
+        return T.MixtralConfig(**small, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2)
+    if arch == "phimoe":
+        return T.PhimoeConfig(**small, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return T.Qwen2MoeConfig(**small, intermediate_size=24, moe_intermediate_size=12,
+                                shared_expert_intermediate_size=20, num_experts=experts, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return T.Qwen3MoeConfig(**small, intermediate_size=24, moe_intermediate_size=12, num_experts=experts,
+                                num_experts_per_tok=2, head_dim=8)
+    if arch == "olmoe":
+        return T.OlmoeConfig(**small, intermediate_size=24, num_experts=experts, num_experts_per_tok=2)
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        cls = T.DeepseekV2Config if arch == "deepseek_v2" else T.DeepseekV3Config
+        return cls(**small, intermediate_size=24, moe_intermediate_size=12, n_routed_experts=experts,
+                   n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8,
+                   q_lora_rank=None if arch == "deepseek_v2" else 8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                   v_head_dim=8, n_group=1, topk_group=1)
+    if arch == "gpt_oss":
+        return T.GptOssConfig(**small, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2,
+                              head_dim=8, layer_types=["full_attention"] * layers)
+    if arch == "switch":
+        return T.SwitchTransformersConfig(vocab_size=48, d_model=16, d_kv=8, d_ff=24, num_layers=layers,
+                                          num_decoder_layers=layers, num_heads=2, num_experts=experts,
+                                          encoder_sparse_step=2, decoder_sparse_step=2, pad_token_id=0,
+                                          eos_token_id=1, decoder_start_token_id=0)
+    raise ValueError(arch)
+
+
+def _model_class(arch: str):
+    import transformers as T
+
+    return T.SwitchTransformersForConditionalGeneration if arch == "switch" else T.AutoModelForCausalLM
+
+
+def build_checkpoint(arch: str, out_dir: Path, dtype: str = "fp32", seed: int = 0, num_layers: int | None = None,
+                     num_experts: int = 4, shard_size: str | None = None) -> Path:
+    """Save a tiny randomly initialised ``arch`` model in ``dtype``; returns ``out_dir``.
+
+    Switch gets 4 blocks per stack (sparse every other block); DeepSeek's first layer is dense.
+    Every floating weight is perturbed with seeded noise so no tensor is trivially 0 or 1.
+    """
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    layers = num_layers or (4 if arch == "switch" else 2)
+    torch.manual_seed(seed)
+    cfg = _config(arch, layers, num_experts)
+    cls = _model_class(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = model.to(DTYPES[dtype])
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out_dir, **kw)
+    return Path(out_dir)
+
+
+def load_model(path: Path):
+    """The transformers model saved at ``path`` (float32, eval mode)."""
+    import json
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    arch = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    cls = _model_class("switch" if arch == "switch_transformers" else arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(path, dtype=torch.float32).eval()
