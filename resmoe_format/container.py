@@ -18,7 +18,7 @@ from .codecs import Encoded, PART_CATEGORY
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, read_header
 from .stream import StreamingWriter, crc32
-from .schema import (FORMAT_NAME, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
+from .schema import (BASE_VERSION_STR, FORMAT_NAME, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
                      parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
@@ -54,8 +54,13 @@ class Role:
     expert: int | None = None
 
 
-def tensor_roles(schema: Schema) -> dict[str, Role]:
-    """Map every tensor the schema references to its role; a name used twice is an error."""
+#: Parts of a lowrank record that other lowrank records of the same expert may share (2.0).
+SHAREABLE_PARTS = ("u", "u_scales")
+
+
+def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
+    """Map every tensor the schema references to its role; a name used twice is an error,
+    except (``allow_shared``, version 2.0) a shared low-rank ``u`` within one expert (spec 4.8)."""
     roles: dict[str, Role] = {}
 
     def put(name: str, role: Role) -> None:
@@ -76,10 +81,20 @@ def tensor_roles(schema: Schema) -> dict[str, Role]:
         for k, p in enumerate(lay.permutations or []):
             put(p, Role("permutations", lay.index, k))
         for k, res in enumerate(lay.residuals):
+            shared: dict[str, tuple] = {}  # tensor -> (part, value dtype, quant) of its first lowrank use
             for ref in res.values():
-                if ref is not None:
-                    for part, t in ref.tensors.items():
-                        put(t, Role(_category(part, t), lay.index, k))
+                if ref is None:
+                    continue
+                for part, t in ref.tensors.items():
+                    key = (part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None))
+                    if allow_shared and ref.encoding == "lowrank" and part in SHAREABLE_PARTS and t in shared:
+                        if shared[t] != key:
+                            raise RmoeFormatError(f"tensor {t} is shared by low-rank records that differ in part, "
+                                                  f"value dtype or quantization")
+                        continue
+                    put(t, Role(_category(part, t), lay.index, k))
+                    if ref.encoding == "lowrank" and part in SHAREABLE_PARTS:
+                        shared[t] = key
         for ext in lay.extensions.values():
             for t in ext.get("tensors", {}).values():
                 put(t, Role("extensions", lay.index))
@@ -97,8 +112,8 @@ def _category(part: str, tname: str) -> str:
 # schema <-> tensor table consistency (no tensor data touched)
 
 def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
-                        max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> dict[str, Role]:
-    roles = tensor_roles(schema)
+                        max_matrix_elements: int = MAX_MATRIX_ELEMENTS, allow_shared: bool = False) -> dict[str, Role]:
+    roles = tensor_roles(schema, allow_shared)
     missing = [n for n in roles if n not in tensors]
     if missing:
         raise RmoeFormatError(f"schema references tensor {missing[0]} which the file does not hold")
@@ -210,7 +225,8 @@ class Reader:
         except (ValueError, RecursionError) as e:
             raise RmoeFormatError(f"rmoe_schema is not valid JSON: {e}") from None
         self.schema = Schema.from_json(doc)
-        self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements)
+        self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements,
+                                         allow_shared=self.version[0] >= 2)
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         ck = self.schema.checksum["tensor"]
         if crc32(self._view(ck)) != self.schema.checksum["crc32"]:
@@ -412,6 +428,7 @@ class Writer:
         self._files: list[dict[str, str]] = []
         self._passthrough: list[str] = []
         self._layers: list[LayerSpec] = []
+        self._shared = False  # a shared low-rank factor makes the file version 2.0
 
     def add_file(self, path: str, data: bytes) -> None:
         """Embed a source file (config.json, tokenizer.json, ...)."""
@@ -427,17 +444,29 @@ class Writer:
         """Validate and write one compressed MoE layer; its arrays may be freed afterwards.
 
         The whole record is checked (schema rules, part shapes, permutations) before any of
-        its bytes are written, so a refused layer leaves the writer usable.
+        its bytes are written, so a refused layer leaves the writer usable. Within one
+        expert, a ``lowrank`` record whose ``u`` (and ``u_scales``) is the very same array
+        object as another lowrank record's shares it: the array is stored once, as
+        ``rmoe.layers.{i}.experts.{k}.shared.{part}``, and the file becomes version 2.0.
         """
         i = layer.index
         if any(lay.index == i for lay in self._layers):
             raise RmoeFormatError(f"layer {i} written twice")
         pre = f"rmoe.layers.{i}"
         arrays: dict[str, np.ndarray] = {}
+        shared = False
 
-        def ref(prefix: str, enc: Encoded) -> EncodedRef:
+        def ref(prefix: str, enc: Encoded, owners: dict[tuple[str, int], str] | None = None) -> EncodedRef:
+            nonlocal shared
             tensors = {}
             for part, arr in enc.parts.items():
+                if owners is not None and enc.encoding == "lowrank" and part in SHAREABLE_PARTS:
+                    key = (part, id(arr))
+                    if key in owners:
+                        tensors[part] = owners[key]
+                        shared = True
+                        continue
+                    owners[key] = f"{prefix}.{part}"
                 tensors[part] = f"{prefix}.{part}"
                 arrays[tensors[part]] = np.asarray(arr)
             return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
@@ -454,8 +483,11 @@ class Writer:
                                           f"0..{layer.num_neurons - 1}")
                 perms.append(f"{pre}.experts.{k}.permutation")
                 arrays[perms[-1]] = p.astype(pdt)
-        residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e) if e is not None else None) for m, e in r.items()}
-                     for k, r in enumerate(layer.residuals)]
+        residuals = []
+        for k, r in enumerate(layer.residuals):
+            owners: dict[tuple[str, int], str] = {}
+            residuals.append({m: (ref(f"{pre}.experts.{k}.{m}", e, owners) if e is not None else None)
+                              for m, e in r.items()})
         extensions = {}
         for key, val in layer.extensions.items():
             val = dict(val)
@@ -474,9 +506,12 @@ class Writer:
             raise RmoeFormatError(f"tensor {clash[0]} written twice")
         pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
         _check_layer(spec, pseudo, 2**62)
+        if shared:  # the sharing rules of spec 4.8, on this layer alone
+            tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
         for name, arr in arrays.items():
             self._put(name, arr)
         self._layers.append(spec)
+        self._shared |= shared
         return spec
 
     # --- finishing -------------------------------------------------------------------
@@ -490,13 +525,15 @@ class Writer:
             crcs = np.array([self._out.crc(t.name) for t in self._out.layout() if t.name != CHECKSUM_TENSOR],
                             dtype=np.uint32)
             self._out.overwrite(CHECKSUM_TENSOR, crcs)
+            version = VERSION_STR if self._shared else BASE_VERSION_STR
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
-                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
+                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)}, version)
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
-                check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62)
-                return {META_FORMAT: FORMAT_NAME, META_VERSION: VERSION_STR, META_SCHEMA: raw,
+                check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62,
+                                    allow_shared=self._shared)
+                return {META_FORMAT: FORMAT_NAME, META_VERSION: version, META_SCHEMA: raw,
                         META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
 
             self._out.commit(metadata)

@@ -14,8 +14,12 @@ from .codecs import ENCODINGS, Quant
 from .errors import RmoeFormatError
 
 FORMAT_NAME = "rmoe"
-VERSION = (1, 0)
+#: The newest version this library reads and writes. Writers use the lowest version that
+#: expresses a file: 1.0 unless a 2.0 feature (a shared low-rank factor, spec 4.8) is used.
+VERSION = (2, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
+BASE_VERSION_STR = "1.0"
+READ_MAJORS = (1, 2)
 BASE_KINDS = ("barycenter", "mean", "weighted", "none")
 JOINS = ("concat", "interleave")
 PERMUTATION_DTYPES = ("u16", "i32")
@@ -321,7 +325,7 @@ def parse_version(s: Any) -> tuple[int, int]:
             raise ValueError
     except ValueError:
         raise RmoeFormatError(f"rmoe_version {s!r} is not of the form major.minor") from None
-    if major != VERSION[0]:
-        raise RmoeFormatError(f"this file is .rmoe version {s}; this reader understands major version "
-                              f"{VERSION[0]} only (upgrade resmoe to read it)")
+    if major not in READ_MAJORS:
+        raise RmoeFormatError(f"this file is .rmoe version {s}; this reader understands major versions "
+                              f"{' and '.join(map(str, READ_MAJORS))} only (upgrade resmoe to read it)")
     return major, minor

@@ -21,7 +21,7 @@ def demo(tmp_path_factory):
 def test_rmoe_is_a_valid_safetensors_file(demo):
     with safe_open(demo, "numpy") as f:
         meta = f.metadata()
-        assert meta["format"] == "rmoe" and meta["rmoe_version"] == resmoe_format.VERSION_STR
+        assert meta["format"] == "rmoe" and meta["rmoe_version"] == "1.0"
         names = set(f.keys())
     with resmoe_format.open(demo) as r:
         assert names == set(r.tensor_names)
@@ -63,11 +63,18 @@ def test_newer_minor_version_and_unknown_optional_fields_are_accepted(demo, tmp_
         assert r.version == (1, 7)
 
 
-@pytest.mark.parametrize("version", ["2.0", "0.9", "x", "1", "1.0.0"])
+@pytest.mark.parametrize("version", ["3.0", "0.9", "x", "1", "1.0.0"])
 def test_unknown_major_or_malformed_version_is_rejected(demo, tmp_path, version):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with pytest.raises(RmoeFormatError, match="version"):
         resmoe_format.open(p)
+
+
+def test_version_2_reads_a_file_without_shared_factors(demo, tmp_path):
+    p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"))
+    with resmoe_format.open(p) as r:
+        r.verify()
+        assert r.version == (2, 0)
 
 
 def test_plain_safetensors_file_is_rejected_clearly(tmp_path):
