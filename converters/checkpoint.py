@@ -130,7 +130,10 @@ class Checkpoint:
         if info is None:
             raise ConversionError(f"the checkpoint has no tensor {name}")
         try:
-            return self._handles[info.file].get_tensor(name)
+            h = self._handles.get(info.file)
+            if h is None:
+                h = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            return h.get_tensor(name)
         except Exception as e:
             raise ConversionError(f"{info.file.name}: cannot read tensor {name} ({e})") from None
 
@@ -142,6 +145,11 @@ class Checkpoint:
             if p.is_file():
                 out[name] = p.read_bytes()
         return out
+
+    def release(self) -> None:
+        """Unmap the shards (reopened on the next :meth:`get`), so the file pages read so far
+        stop counting against this process: streaming stays at about one layer's memory."""
+        self._handles.clear()
 
     def close(self) -> None:
         self._handles.clear()

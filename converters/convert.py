@@ -175,11 +175,13 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 check_finite(name, t)
                 w.add_passthrough(name, to_numpy(t))
                 del t
+            plan.ckpt.release()
             bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
             for lay in bar:
                 bar.set_postfix_str(f"layer {lay.index}")
                 report["layers"].append(_convert_layer(plan, lay, w))
                 gc.collect()
+                plan.ckpt.release()
     finally:
         plan.ckpt.close()
     report["seconds"] = time.perf_counter() - t_start

@@ -71,6 +71,13 @@ def _lowrank(part: LowRankPart, fmt: str, vd: str, quant: Quant | None, leader: 
     raise ConversionError(f"--residual svd stores factors: --delta-format must be auto, lowrank or dense, not {fmt}")
 
 
+def _own_bytes(e: Encoded, earlier: dict[str, Encoded | None]) -> int:
+    """Bytes this record adds to the file: a U shared with an earlier record is not counted again."""
+    shared = {id(x.parts[p]) for x in earlier.values() if x is not None and x.encoding == "lowrank"
+              for p in ("u", "u_scales") if p in x.parts}
+    return sum(a.nbytes for p, a in e.parts.items() if not (p in ("u", "u_scales") and id(a) in shared))
+
+
 def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
                dtype: str, options: EmitOptions) -> tuple[MoELayer, dict]:
     """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error)."""
@@ -113,7 +120,7 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             st["rel_error"].append(float(np.linalg.norm(diff) / norm) if norm else float(np.linalg.norm(diff)))
             st["params"] += int(np.prod(m.shape))
             st["kept"] += part.params if part is not None else 0
-            st["bytes"] += e.nbytes if e is not None else 0
+            st["bytes"] += _own_bytes(e, {k: v for k, v in enc.items() if k != m.name}) if e is not None else 0
         residuals.append(enc)
     for st in stats.values():
         st["kept"] += st.pop("base_params")
