@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from converters.encoders import barycenter as bc
-from converters.encoders.barycenter import align, assignment, objective, pot_barycenter, wasserstein_barycenter
+from converters.encoders.barycenter import (
+    align,
+    assignment,
+    objective,
+    pot_barycenter,
+    wasserstein_barycenter,
+)
 
 DEVICES = [
     "cpu",

@@ -146,9 +146,9 @@ def test_lossless_residuals_restore_bit_for_bit():
 
 
 def test_method_flag_conflicts():
-    with pytest.raises(ConversionError, match="use --method svd"):
+    with pytest.raises(ConversionError, match="use --method svd for svd"):
         get_encoder("prune", EncoderOptions(Budget.of(0.5, None), "svd"))
-    with pytest.raises(ConversionError, match="use --method prune"):
+    with pytest.raises(ConversionError, match="use --method prune for prune"):
         get_encoder("svd", EncoderOptions(Budget.of(0.5, None), "prune"))
     with pytest.raises(ConversionError, match="not available"):
         get_encoder("svd", EncoderOptions(Budget.of(0.5, None), "svd", lossless=True))

@@ -132,3 +132,24 @@ class Adapter:
             raise ConversionError(f"layer {index}: config.json makes it an MoE layer but the checkpoint has no "
                                   f"{what} tensors for it (inconsistent checkpoint)")
         return layout
+
+
+class PerExpertAdapter(Adapter):
+    """Experts as separate Linear weights in every decoder layer that :meth:`is_sparse` says
+    is an MoE layer: ``{prefix}.{k}.{gate}.weight`` etc. Subclasses set the names."""
+
+    prefix: ClassVar[str] = "model.layers.{i}.mlp.experts"
+    modules: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+
+    def is_sparse(self, i: int) -> bool:
+        return True
+
+    def layouts(self) -> list[LayerLayout]:
+        out = []
+        for i in range(self.num_layers()):
+            lay = self.gated_per_expert(i, self.prefix.format(i=i), *self.modules)
+            if self.is_sparse(i):
+                out.append(self.require(i, lay, "expert"))
+            elif lay is not None:
+                out.append(lay)
+        return out

@@ -6,11 +6,11 @@ always computed: both pass through unchanged.
 from __future__ import annotations
 
 from . import register
-from .base import Adapter, LayerLayout
+from .base import PerExpertAdapter
 
 
 @register("DeepseekV2ForCausalLM")
-class DeepseekV2(Adapter):
+class DeepseekV2(PerExpertAdapter):
     model_types = ("deepseek_v2",)
     experts_keys = ("n_routed_experts",)
 
@@ -18,16 +18,6 @@ class DeepseekV2(Adapter):
         first = self.config.get("first_k_dense_replace", 0) or 0
         freq = self.config.get("moe_layer_freq", 1) or 1
         return i >= first and i % freq == 0
-
-    def layouts(self) -> list[LayerLayout]:
-        out = []
-        for i in range(self.num_layers()):
-            lay = self.gated_per_expert(i, f"model.layers.{i}.mlp.experts", "gate_proj", "up_proj", "down_proj")
-            if self.is_sparse(i):
-                out.append(self.require(i, lay, "expert"))
-            elif lay is not None:
-                out.append(lay)
-        return out
 
 
 @register("DeepseekV3ForCausalLM")

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 from . import register
-from .base import Adapter, LayerLayout
+from .base import PerExpertAdapter
 
 
 @register("MixtralForCausalLM")
-class Mixtral(Adapter):
+class Mixtral(PerExpertAdapter):
     model_types = ("mixtral",)
-
-    def layouts(self) -> list[LayerLayout]:
-        out = []
-        for i in range(self.num_layers()):
-            pre = f"model.layers.{i}.block_sparse_moe.experts"
-            out.append(self.require(i, self.gated_per_expert(i, pre, "w1", "w3", "w2"), "expert"))
-        return out
+    prefix = "model.layers.{i}.block_sparse_moe.experts"
+    modules = ("w1", "w3", "w2")
 
 
 @register("PhimoeForCausalLM")

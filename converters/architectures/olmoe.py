@@ -2,14 +2,9 @@
 from __future__ import annotations
 
 from . import register
-from .base import Adapter, LayerLayout
+from .base import PerExpertAdapter
 
 
 @register("OlmoeForCausalLM")
-class Olmoe(Adapter):
+class Olmoe(PerExpertAdapter):
     model_types = ("olmoe",)
-
-    def layouts(self) -> list[LayerLayout]:
-        return [self.require(i, self.gated_per_expert(i, f"model.layers.{i}.mlp.experts", "gate_proj", "up_proj",
-                                                      "down_proj"), "expert")
-                for i in range(self.num_layers())]

@@ -6,27 +6,17 @@ Qwen2-MoE's ``mlp.shared_expert`` and ``shared_expert_gate`` pass through; layer
 from __future__ import annotations
 
 from . import register
-from .base import Adapter, LayerLayout
+from .base import PerExpertAdapter
 
 
 @register("Qwen2MoeForCausalLM")
-class Qwen2Moe(Adapter):
+class Qwen2Moe(PerExpertAdapter):
     model_types = ("qwen2_moe",)
 
     def is_sparse(self, i: int) -> bool:
         step = self.config.get("decoder_sparse_step", 1) or 0
         return (i not in (self.config.get("mlp_only_layers") or []) and self.num_experts > 0 and step > 0
                 and (i + 1) % step == 0)
-
-    def layouts(self) -> list[LayerLayout]:
-        out = []
-        for i in range(self.num_layers()):
-            lay = self.gated_per_expert(i, f"model.layers.{i}.mlp.experts", "gate_proj", "up_proj", "down_proj")
-            if self.is_sparse(i):
-                out.append(self.require(i, lay, "expert"))
-            elif lay is not None:
-                out.append(lay)
-        return out
 
 
 @register("Qwen3MoeForCausalLM")

@@ -94,8 +94,14 @@ class Encoder:
         self.options = options
         if options.lossless and not self.supports_lossless:
             raise ConversionError(f"--lossless is not available with --method {self.name}")
+        if self.residual_kind and options.residual != self.residual_kind:
+            other = "svd" if self.residual_kind == "prune" else "prune"
+            raise ConversionError(f"--method {self.name} uses --residual {self.residual_kind}; "
+                                  f"use --method {other} for {options.residual}")
 
     supports_lossless: ClassVar[bool] = True
+    #: the only residual compression a baseline allows (None: either)
+    residual_kind: ClassVar[str | None] = None
 
     def base_params(self, specs: list[MatrixSpec]) -> int:
         return params_of(specs) if self.base_kind != "none" else 0
@@ -178,11 +184,7 @@ class Prune(Encoder):
 
     name = "prune"
     base_kind = "none"
-
-    def __init__(self, options: EncoderOptions):
-        super().__init__(options)
-        if options.residual != "prune":
-            raise ConversionError("--method prune prunes; use --method svd for low rank")
+    residual_kind = "prune"
 
 
 @register
@@ -192,11 +194,7 @@ class Svd(Encoder):
     name = "svd"
     base_kind = "none"
     supports_lossless = False
-
-    def __init__(self, options: EncoderOptions):
-        super().__init__(options)
-        if options.residual != "svd":
-            raise ConversionError("--method svd factors each expert; use --method prune for pruning")
+    residual_kind = "svd"
 
 
 @register
