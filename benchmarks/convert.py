@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,26 @@ def write_checkpoint(d: Path, layers: int, hidden: int, inter: int, experts: int
     return write_mixtral_checkpoint(d, layers, hidden, inter, experts, vocab=4096, sharded=True)
 
 
+CHILD = """
+import resource, sys
+from converters.cli.convert import main
+try:
+    rc = main(sys.argv[2:])
+finally:
+    open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+sys.exit(rc)
+"""
+
+
 def run_convert(src: Path, out: Path, flags: list[str]) -> dict:
-    """resmoe-convert in a fresh process: wall seconds and that process's peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """resmoe-convert in a fresh process: wall seconds and that process's own peak RSS."""
+    rep, peak_file = out.with_suffix(".json"), out.with_suffix(".peak")
     t0 = time.perf_counter()
-    rep = out.with_suffix(".json")
-    subprocess.run([sys.executable, "-m", "converters.cli.convert", str(src), str(out), "-q", "--report", str(rep),
+    subprocess.run([sys.executable, "-c", CHILD, str(peak_file), str(src), str(out), "-q", "--report", str(rep),
                     *flags], check=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     report = json.loads(rep.read_text())
-    return {"seconds": seconds, "peak_rss_mib": peak / 1024, "rss_grew": peak > before,
+    return {"seconds": seconds, "peak_rss_mib": int(peak_file.read_text()) / 1024,
             "file_bytes": out.stat().st_size, "rel_error_mean": report["summary"]["rel_error_mean"],
             "expert_bytes_fraction": report["summary"]["expert_bytes_fraction"],
             "layer_seconds": [lay["seconds"] for lay in report["layers"]]}
