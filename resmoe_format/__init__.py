@@ -11,8 +11,10 @@ from . import codecs, restore
 from .codecs import Encoded, Quant
 from .container import MoELayer, Reader, Writer, open
 from .errors import RmoeFormatError
-from .schema import VERSION, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec
+from .schema import (BASE_VERSION_STR, READ_MAJORS, VERSION, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema,
+                     SourceSpec)
 
 __all__ = ["open", "Reader", "Writer", "MoELayer", "RmoeFormatError", "Encoded", "Quant", "EncodedRef",
-           "LayerSpec", "MatrixSpec", "Schema", "SourceSpec", "VERSION", "VERSION_STR", "codecs", "restore"]
+           "LayerSpec", "MatrixSpec", "Schema", "SourceSpec", "VERSION", "VERSION_STR", "BASE_VERSION_STR",
+           "READ_MAJORS", "codecs", "restore"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import functools
 import json
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from .codecs import Encoded, PART_CATEGORY
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, read_header
 from .stream import StreamingWriter, crc32
-from .schema import (BASE_VERSION_STR, FORMAT_NAME, VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
-                     parse_version)
+from .schema import (BASE_VERSION_STR, FORMAT_NAME, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, EncodedRef,
+                     LayerSpec, MatrixSpec, Schema, SourceSpec, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -54,13 +55,19 @@ class Role:
     expert: int | None = None
 
 
-#: Parts of a lowrank record that other lowrank records of the same expert may share (2.0).
+#: Parts of a lowrank residual record that other lowrank records of the same expert may share
+#: (spec 4.8, version 2.0 and later).
 SHAREABLE_PARTS = ("u", "u_scales")
 
 
 def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
-    """Map every tensor the schema references to its role; a name used twice is an error,
-    except (``allow_shared``, version 2.0) a shared low-rank ``u`` within one expert (spec 4.8)."""
+    """Map every tensor the schema references to its role; a name used twice is an error.
+
+    With ``allow_shared`` (files of major version 2 and later) the one exception of spec 4.8
+    holds: the ``u`` (and ``u_scales``) part of a ``lowrank`` residual record may name the
+    same tensor as that part of other lowrank records of the same layer and expert, if they
+    agree in value dtype and quantization and share ``u`` and ``u_scales`` together.
+    """
     roles: dict[str, Role] = {}
 
     def put(name: str, role: Role) -> None:
@@ -81,24 +88,44 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
         for k, p in enumerate(lay.permutations or []):
             put(p, Role("permutations", lay.index, k))
         for k, res in enumerate(lay.residuals):
-            shared: dict[str, tuple] = {}  # tensor -> (part, value dtype, quant) of its first lowrank use
-            for ref in res.values():
+            shared: dict[str, tuple[str, str, str, str]] = {}  # tensor -> (matrix, part, value dtype, quant)
+            partner: dict[tuple[str, str], str] = {}  # (part, tensor) -> the record's other shareable tensor
+            for m, ref in res.items():
                 if ref is None:
                     continue
+                lowrank = allow_shared and ref.encoding == "lowrank"
                 for part, t in ref.tensors.items():
                     key = (part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None))
-                    if allow_shared and ref.encoding == "lowrank" and part in SHAREABLE_PARTS and t in shared:
-                        if shared[t] != key:
-                            raise RmoeFormatError(f"tensor {t} is shared by low-rank records that differ in part, "
-                                                  f"value dtype or quantization")
+                    if lowrank and part in SHAREABLE_PARTS and t in shared:
+                        if shared[t][1:] != key:
+                            raise RmoeFormatError(
+                                f"layer {lay.index} expert {k}: tensor {t} is shared by the low-rank records of "
+                                f"{shared[t][0]} and {m}, which differ in part, value dtype or quantization")
                         continue
                     put(t, Role(_category(part, t), lay.index, k))
-                    if ref.encoding == "lowrank" and part in SHAREABLE_PARTS:
-                        shared[t] = key
+                    if lowrank and part in SHAREABLE_PARTS:
+                        shared[t] = (m, *key)
+                if lowrank and all(p in ref.tensors for p in SHAREABLE_PARTS):
+                    u, us = (ref.tensors[p] for p in SHAREABLE_PARTS)
+                    if partner.setdefault(("u", u), us) != us or partner.setdefault(("u_scales", us), u) != u:
+                        raise RmoeFormatError(
+                            f"layer {lay.index} expert {k} matrix {m}: low-rank records that share u must share "
+                            f"u_scales too, and the reverse (tensors {u}, {us})")
         for ext in lay.extensions.values():
             for t in ext.get("tensors", {}).values():
                 put(t, Role("extensions", lay.index))
     return roles
+
+
+def lowest_version(schema: Schema) -> str:
+    """The lowest version that expresses ``schema`` (spec 1.4): 2.0 when a tensor is referenced by
+    more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    refs = 1 + len(schema.files) + len(schema.passthrough)
+    for lay in schema.layers:
+        refs += sum(len(r.tensors) for r in lay.base.values()) + len(lay.permutations or [])
+        refs += sum(len(r.tensors) for res in lay.residuals for r in res.values() if r is not None)
+        refs += sum(len(e.get("tensors", {})) for e in lay.extensions.values())
+    return SHARED_FACTORS_VERSION_STR if refs > len(tensor_roles(schema, allow_shared=True)) else BASE_VERSION_STR
 
 
 def _category(part: str, tname: str) -> str:
@@ -226,7 +253,7 @@ class Reader:
             raise RmoeFormatError(f"rmoe_schema is not valid JSON: {e}") from None
         self.schema = Schema.from_json(doc)
         self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements,
-                                         allow_shared=self.version[0] >= 2)
+                                         allow_shared=self.version[0] >= SHARED_FACTORS_VERSION[0])
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         ck = self.schema.checksum["tensor"]
         if crc32(self._view(ck)) != self.schema.checksum["crc32"]:
@@ -428,7 +455,8 @@ class Writer:
         self._files: list[dict[str, str]] = []
         self._passthrough: list[str] = []
         self._layers: list[LayerSpec] = []
-        self._shared = False  # a shared low-rank factor makes the file version 2.0
+        #: the part arrays of the layers written so far, while the caller keeps them alive (add_layer)
+        self._earlier: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     def add_file(self, path: str, data: bytes) -> None:
         """Embed a source file (config.json, tokenizer.json, ...)."""
@@ -444,34 +472,57 @@ class Writer:
         """Validate and write one compressed MoE layer; its arrays may be freed afterwards.
 
         The whole record is checked (schema rules, part shapes, permutations) before any of
-        its bytes are written, so a refused layer leaves the writer usable. Within one
-        expert, a ``lowrank`` record whose ``u`` (and ``u_scales``) is the very same array
-        object as another lowrank record's shares it: the array is stored once, as
-        ``rmoe.layers.{i}.experts.{k}.shared.{part}``, and the file becomes version 2.0.
+        its bytes are written, so a refused layer leaves the writer usable.
+
+        **Shared low-rank factors** (spec 4.8). Sharing is asked for by object identity: when
+        the ``u`` array of a ``lowrank`` residual record *is* (``is``, not equal) the ``u``
+        array of other lowrank residual records of the same expert, it is stored once and
+        every record references it; likewise ``u_scales`` (int8 values), which must then be
+        shared by exactly the same records. The tensor is named after the first record that
+        uses it, in the order of ``layer.residuals[k]`` (e.g. ``rmoe.layers.{i}.experts.{k}.gate.u``),
+        and the file is written as version 2.0 (1.0 when nothing is shared). The records must
+        have the same value dtype and quantization, and the shared array must fit each of them
+        (same m and rank). Any other part array of an encoded record that is the same object as
+        another is refused, since the format cannot share it: across experts, across layers
+        (while the arrays of an earlier layer are still alive), in base records, or any part
+        but ``u``/``u_scales``; pass a copy to store an array twice. Equal but distinct arrays
+        are never shared. Permutations and extension tensors are always stored as given.
         """
         i = layer.index
         if any(lay.index == i for lay in self._layers):
             raise RmoeFormatError(f"layer {i} written twice")
         pre = f"rmoe.layers.{i}"
         arrays: dict[str, np.ndarray] = {}
-        shared = False
+        # id(part array) -> (expert or None for the base, matrix, part, encoding, tensor name) of its first use
+        first: dict[int, tuple[int | None, str, str, str, str]] = {}
+        used: list[Any] = []  # the part arrays of this layer, remembered (weakly) once it is written
 
-        def ref(prefix: str, enc: Encoded, owners: dict[tuple[str, int], str] | None = None) -> EncodedRef:
-            nonlocal shared
+        def where(k: int | None, m: str, part: str) -> str:
+            return f"layer {i} {'base' if k is None else f'expert {k}'} matrix {m} part {part}"
+
+        def ref(prefix: str, enc: Encoded, k: int | None, m: str) -> EncodedRef:
             tensors = {}
             for part, arr in enc.parts.items():
-                if owners is not None and enc.encoding == "lowrank" and part in SHAREABLE_PARTS:
-                    key = (part, id(arr))
-                    if key in owners:
-                        tensors[part] = owners[key]
-                        shared = True
-                        continue
-                    owners[key] = f"{prefix}.{part}"
+                if self._earlier.get(id(arr)) is arr:
+                    raise RmoeFormatError(f"{where(k, m, part)}: the same array object was written with an earlier "
+                                          f"layer; tensors are never shared across layers (spec 4.8), pass a copy")
+                if id(arr) in first:
+                    k0, m0, p0, enc0, name0 = first[id(arr)]
+                    if not (k is not None and k == k0 and part == p0 and part in SHAREABLE_PARTS
+                            and enc.encoding == enc0 == "lowrank"):
+                        raise RmoeFormatError(
+                            f"{where(k, m, part)} is the same array object as {where(k0, m0, p0)}: only the u and "
+                            f"u_scales of lowrank residual records of one expert can be shared (spec 4.8); "
+                            f"pass a copy to store it twice")
+                    tensors[part] = name0
+                    continue
                 tensors[part] = f"{prefix}.{part}"
+                first[id(arr)] = (k, m, part, enc.encoding, tensors[part])
                 arrays[tensors[part]] = np.asarray(arr)
+                used.append(arr)
             return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
 
-        base = {m: ref(f"{pre}.base.{m}", e) for m, e in layer.base.items()}
+        base = {m: ref(f"{pre}.base.{m}", e, None, m) for m, e in layer.base.items()}
         perms = None
         if layer.permutations is not None:
             pdt = np.uint16 if layer.num_neurons <= 65535 else np.int32
@@ -483,11 +534,8 @@ class Writer:
                                           f"0..{layer.num_neurons - 1}")
                 perms.append(f"{pre}.experts.{k}.permutation")
                 arrays[perms[-1]] = p.astype(pdt)
-        residuals = []
-        for k, r in enumerate(layer.residuals):
-            owners: dict[tuple[str, int], str] = {}
-            residuals.append({m: (ref(f"{pre}.experts.{k}.{m}", e, owners) if e is not None else None)
-                              for m, e in r.items()})
+        residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None) for m, e in r.items()}
+                     for k, r in enumerate(layer.residuals)]
         extensions = {}
         for key, val in layer.extensions.items():
             val = dict(val)
@@ -504,14 +552,18 @@ class Writer:
         clash = [n for n in arrays if n in self._out.entries]
         if clash:
             raise RmoeFormatError(f"tensor {clash[0]} written twice")
+        # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
+        tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
         pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
         _check_layer(spec, pseudo, 2**62)
-        if shared:  # the sharing rules of spec 4.8, on this layer alone
-            tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
         for name, arr in arrays.items():
             self._put(name, arr)
         self._layers.append(spec)
-        self._shared |= shared
+        for arr in used:
+            try:
+                self._earlier[id(arr)] = arr
+            except TypeError:  # not weakly referenceable (not an ndarray): cannot be tracked
+                pass
         return spec
 
     # --- finishing -------------------------------------------------------------------
@@ -525,14 +577,14 @@ class Writer:
             crcs = np.array([self._out.crc(t.name) for t in self._out.layout() if t.name != CHECKSUM_TENSOR],
                             dtype=np.uint32)
             self._out.overwrite(CHECKSUM_TENSOR, crcs)
-            version = VERSION_STR if self._shared else BASE_VERSION_STR
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
-                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)}, version)
+                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
+            schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
                 check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62,
-                                    allow_shared=self._shared)
+                                    allow_shared=parse_version(version)[0] >= SHARED_FACTORS_VERSION[0])
                 return {META_FORMAT: FORMAT_NAME, META_VERSION: version, META_SCHEMA: raw,
                         META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
 

@@ -14,11 +14,18 @@ from .codecs import ENCODINGS, Quant
 from .errors import RmoeFormatError
 
 FORMAT_NAME = "rmoe"
-#: The newest version this library reads and writes. Writers use the lowest version that
-#: expresses a file: 1.0 unless a 2.0 feature (a shared low-rank factor, spec 4.8) is used.
+#: The newest version this library reads and writes (spec 1.4). The writer writes the lowest
+#: version that expresses a file: ``BASE_VERSION`` unless it shares a low-rank factor (spec 4.8),
+#: which needs ``SHARED_FACTORS_VERSION``.
 VERSION = (2, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
-BASE_VERSION_STR = "1.0"
+#: The version of every file that uses no feature added after 1.0.
+BASE_VERSION = (1, 0)
+BASE_VERSION_STR = f"{BASE_VERSION[0]}.{BASE_VERSION[1]}"
+#: The first version in which a lowrank ``u``/``u_scales`` may be shared by the records of one expert.
+SHARED_FACTORS_VERSION = (2, 0)
+SHARED_FACTORS_VERSION_STR = f"{SHARED_FACTORS_VERSION[0]}.{SHARED_FACTORS_VERSION[1]}"
+#: Major versions this reader understands (any minor version of each).
 READ_MAJORS = (1, 2)
 BASE_KINDS = ("barycenter", "mean", "weighted", "none")
 JOINS = ("concat", "interleave")
@@ -296,12 +303,14 @@ class Schema:
         for i, f in enumerate(files):
             f = _obj(f, f"schema.files[{i}]")
             if not isinstance(f.get("path"), str) or not _safe_relpath(f["path"]):
-                raise RmoeFormatError(f"schema.files[{i}].path: must be a plain relative file name, got {f.get('path')!r}")
+                raise RmoeFormatError(f"schema.files[{i}].path: must be a plain relative file name, "
+                                      f"got {f.get('path')!r}")
             _name(f.get("tensor"), f"schema.files[{i}].tensor")
         passthrough = _req(d, "passthrough", "schema", list, True, [])
         for i, p in enumerate(passthrough):
             _name(p, f"schema.passthrough[{i}]")
-        layers = [LayerSpec.from_json(x, f"schema.layers[{i}]") for i, x in enumerate(_req(d, "layers", "schema", list))]
+        layers = [LayerSpec.from_json(x, f"schema.layers[{i}]")
+                  for i, x in enumerate(_req(d, "layers", "schema", list))]
         idx = [lay.index for lay in layers]
         if len(set(idx)) != len(idx):
             raise RmoeFormatError("schema.layers: layer indices must be unique")

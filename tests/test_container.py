@@ -70,6 +70,22 @@ def test_unknown_major_or_malformed_version_is_rejected(demo, tmp_path, version)
         resmoe_format.open(p)
 
 
+@pytest.mark.parametrize("version", ["0.9", "3.0", "17.2"])
+def test_unknown_major_message_names_the_file_version_and_the_majors_read(demo, tmp_path, version):
+    p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
+    with pytest.raises(RmoeFormatError, match=rf"this file is \.rmoe version {version}; this reader understands "
+                                              r"major versions 1 and 2 only \(upgrade resmoe to read it\)"):
+        resmoe_format.open(p)
+
+
+def test_version_constants():
+    from resmoe_format import schema
+
+    assert resmoe_format.VERSION == schema.VERSION == (2, 0) and resmoe_format.VERSION_STR == "2.0"
+    assert schema.BASE_VERSION_STR == "1.0" and schema.SHARED_FACTORS_VERSION_STR == "2.0"
+    assert schema.READ_MAJORS == (1, 2)
+
+
 def test_version_2_reads_a_file_without_shared_factors(demo, tmp_path):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"))
     with resmoe_format.open(p) as r:

@@ -1,95 +1,446 @@
-"""Version 2.0: one low-rank U shared by several matrices of one expert (spec 4.8)."""
+"""Version 2.0: one low-rank U shared by the matrices of one expert (spec 1.4, 4.8, 7.2, 8)."""
 from __future__ import annotations
 
+import json
+
+import ml_dtypes
 import numpy as np
 import pytest
-from filecraft import rewrite
+from filecraft import rewrite, split
 
 import resmoe_format
-from resmoe_format import MatrixSpec, MoELayer, RmoeFormatError, SourceSpec, Writer, codecs, restore
+from resmoe_format import MatrixSpec, MoELayer, Quant, RmoeFormatError, SourceSpec, Writer, codecs, restore
 from resmoe_format.accounting import account
+from resmoe_format.demo import build
 
 N, H, R = 12, 8, 3
+MATS = ("gate", "up", "down")  # all (N, H): the neuron axis first, as in the design matrix [gate | up | down]
+PER_BLOCK = Quant("per_block", 5, "bf16")
 
 
-def layer(rng, value_dtype="bf16", share=True, share_across_experts=False, experts=2):
-    mats = [MatrixSpec(m, (N, H), "fp32", 0) for m in ("gate", "up", "down")]
-    residuals, first_u = [], None
-    for k in range(experts):
-        u = rng.standard_normal((N, R)).astype(np.float32)
-        recs = {}
-        for m in ("gate", "up", "down"):
-            v = rng.standard_normal((R, H)).astype(np.float32)
-            e = codecs.encode(None, "lowrank", value_dtype, u=u, v=v)
-            if share and "gate" in recs:
-                for p in ("u", "u_scales"):
-                    if p in e.parts:
-                        e.parts[p] = recs["gate"].parts[p]
-            recs[m] = e
-        if share_across_experts:
-            first_u = recs["gate"].parts["u"] if first_u is None else first_u
-            recs["gate"].parts["u"] = first_u
-        residuals.append(recs)
-    sources = [SourceSpec(f"e{k}.{m}", "fp32", (N, H), k, [m]) for k in range(experts) for m in ("gate", "up", "down")]
-    return MoELayer(0, N, mats, "none", {}, residuals, None, sources)
+def encode_expert(rng, value_dtype="bf16", quant=None, share=True, rank=R):
+    """One expert's lowrank records; with ``share`` the same U arrays (u, u_scales) serve every matrix."""
+    u = rng.standard_normal((N, rank)).astype(np.float32)
+    recs = {}
+    for m in MATS:
+        e = codecs.encode(None, "lowrank", value_dtype, quant, u=u, v=rng.standard_normal((rank, H)).astype(np.float32))
+        if share and recs:
+            for p in ("u", "u_scales"):
+                if p in e.parts:
+                    e.parts[p] = recs["gate"].parts[p]
+        recs[m] = e
+    return recs
 
 
-def write(path, lay):
+def layer(rng, value_dtype="bf16", quant=None, share=True, experts=2, index=0, dtype="fp32", base=False):
+    mats = [MatrixSpec(m, (N, H), dtype, 0) for m in MATS]
+    residuals = [encode_expert(rng, value_dtype, quant, share) for _ in range(experts)]
+    sources = [SourceSpec(f"l{index}.e{k}.{m}", dtype, (N, H), k, [m]) for k in range(experts) for m in MATS]
+    if base:
+        b = {m: codecs.encode(None, "lowrank", "bf16", u=rng.standard_normal((N, R)), v=rng.standard_normal((R, H)))
+             for m in MATS}
+        return MoELayer(index, N, mats, "barycenter", b, residuals, [rng.permutation(N) for _ in range(experts)],
+                        sources)
+    return MoELayer(index, N, mats, "none", {}, residuals, None, sources)
+
+
+def write(path, *layers):
     with Writer(path, {"architecture": "t", "source_dtype": "fp32"}) as w:
-        w.add_layer(lay)
+        for lay in layers:
+            w.add_layer(lay)
     return path
 
 
-@pytest.mark.parametrize("vd", ["bf16", "fp32", "int8"])
-def test_shared_u_round_trips_and_is_counted_once(tmp_path, vd):
-    lay = layer(np.random.default_rng(0), vd)
+def stored_u(enc):
+    """U as the file stores it, decoded to fp32 by hand (spec 5.1, 5.8)."""
+    u = enc.parts["u"]
+    if enc.value_dtype != "int8":
+        return u.astype(np.float32)
+    s = enc.parts["u_scales"].astype(np.float32)
+    if enc.quant.scheme == "per_row":
+        return u.astype(np.float32) * s[:, None]
+    per = np.repeat(s, enc.quant.block)[:u.size].reshape(u.shape)
+    return u.astype(np.float32) * per
+
+
+def stored_v(enc):
+    v = enc.parts["v"]
+    if enc.value_dtype != "int8":
+        return v.astype(np.float32)
+    s = enc.parts["v_scales"].astype(np.float32)
+    if enc.quant.scheme == "per_row":
+        return v.astype(np.float32) * s[:, None]
+    return v.astype(np.float32) * np.repeat(s, enc.quant.block)[:v.size].reshape(v.shape)
+
+
+# --- writing and reading ------------------------------------------------------------------
+
+@pytest.mark.parametrize("vd,quant", [("bf16", None), ("fp16", None), ("fp32", None), ("int8", None),
+                                      ("int8", PER_BLOCK)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_shared_u_round_trips_as_u_times_v(tmp_path, vd, quant, dtype):
+    lay = layer(np.random.default_rng(0), vd, quant, dtype=dtype)
     p = write(tmp_path / "s.rmoe", lay)
-    q = write(tmp_path / "n.rmoe", layer(np.random.default_rng(0), vd, share=False))
-    with resmoe_format.open(p) as r, resmoe_format.open(q) as r2:
-        assert r.version == (2, 0) and r2.version == (1, 0)
-        r.verify()
-        refs = r.schema.layers[0].residuals[1]
-        assert refs["gate"].tensors["u"] == refs["up"].tensors["u"] == refs["down"].tensors["u"]
-        for k in range(2):
-            for m in ("gate", "up", "down"):
-                want = codecs.decode(lay.residuals[k][m])
-                np.testing.assert_array_equal(restore.restore_matrix(r, 0, k, m), want)
-                np.testing.assert_array_equal(restore.restore_matrix(r2, 0, k, m), want)
-        a, a2 = account(r), account(r2)
-        assert sum(a.bytes.values()) == p.stat().st_size
-        u_bytes = lay.residuals[0]["gate"].parts["u"].nbytes
-        assert a2.bytes["residual_values"] - a.bytes["residual_values"] == 2 * 2 * u_bytes
-
-
-def test_sharing_across_experts_is_stored_twice_not_shared(tmp_path):
-    p = write(tmp_path / "x.rmoe", layer(np.random.default_rng(1), share=False, share_across_experts=True))
     with resmoe_format.open(p) as r:
+        assert r.version == (2, 0)
+        assert r.header.metadata["rmoe_version"] == "2.0" and r.schema.version == "2.0"
+        r.verify()
+        restored = dict(restore.restore_all(r))
+        for k in range(2):
+            u = stored_u(lay.residuals[k]["gate"]).astype(np.float64)
+            for m in MATS:
+                # spec 6.2: fp32 factors, products summed in binary64, rounded once to binary32; 6.1: then to T
+                want = (u @ stored_v(lay.residuals[k][m]).astype(np.float64)).astype(np.float32)
+                if dtype == "bf16":
+                    want = want.astype(ml_dtypes.bfloat16)
+                np.testing.assert_array_equal(r.residual(0, k, m), (u @ stored_v(lay.residuals[k][m])).astype(
+                    np.float32))
+                got = restore.restore_matrix(r, 0, k, m)
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+                np.testing.assert_array_equal(restored[f"l0.e{k}.{m}"].view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("vd,quant", [("bf16", None), ("int8", None), ("int8", PER_BLOCK)])
+def test_shared_tensor_is_stored_once_under_the_first_records_name(tmp_path, vd, quant):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(1), vd, quant))
+    parts = ("u", "u_scales") if vd == "int8" else ("u",)
+    with resmoe_format.open(p) as r:
+        for k in range(2):
+            refs = r.schema.layers[0].residuals[k]
+            for part in parts:
+                assert {refs[m].tensors[part] for m in MATS} == {f"rmoe.layers.0.experts.{k}.gate.{part}"}
+            assert len({refs[m].tensors["v"] for m in MATS}) == 3
+        names = r.tensor_names
+        assert not any(n.endswith((".up.u", ".down.u", ".up.u_scales", ".down.u_scales")) for n in names)
+        assert sum(n.endswith(".u") for n in names) == 2
+
+
+@pytest.mark.parametrize("vd,quant", [("bf16", None), ("fp32", None), ("int8", None), ("int8", PER_BLOCK)])
+def test_accounting_counts_the_shared_tensor_once(tmp_path, vd, quant):
+    shared = layer(np.random.default_rng(2), vd, quant)
+    p = write(tmp_path / "s.rmoe", shared)
+    q = write(tmp_path / "n.rmoe", layer(np.random.default_rng(2), vd, quant, share=False))
+    with resmoe_format.open(p) as r, resmoe_format.open(q) as r2:
+        a, a2 = account(r), account(r2)
+    assert sum(a.bytes.values()) == a.file_size == p.stat().st_size
+    assert sum(a.layers[0]["bytes"].values()) == a.layers[0]["expert_bytes"] == a.expert_bytes
+    e = shared.residuals
+    u_bytes = sum(e[k]["gate"].parts["u"].nbytes for k in range(2))
+    v_bytes = sum(e[k][m].parts["v"].nbytes for k in range(2) for m in MATS)
+    assert a.bytes["residual_values"] == u_bytes + v_bytes  # each expert's U once, 3 V's
+    scale_bytes = 0
+    if vd == "int8":
+        scale_bytes = sum(e[k]["gate"].parts["u_scales"].nbytes for k in range(2))
+        scale_bytes += sum(e[k][m].parts["v_scales"].nbytes for k in range(2) for m in MATS)
+    assert a.bytes["scales"] == scale_bytes
+    # the unshared file stores every U three times: the difference is exactly two more U's per expert
+    assert a2.bytes["residual_values"] - a.bytes["residual_values"] == 2 * u_bytes
+    assert a.layers[0]["encodings"] == {f"lowrank/{vd}": 6}
+
+
+def test_shared_tensor_checksum_is_checked_lazily_once(tmp_path):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(3)))
+    with resmoe_format.open(p) as r:
+        name = r.schema.layers[0].residuals[1]["gate"].tensors["u"]
+        begin = r.header.data_start + r.header.tensors[name].begin
+    raw = bytearray(p.read_bytes())
+    raw[begin] ^= 0x40
+    bad = tmp_path / "b.rmoe"
+    bad.write_bytes(bytes(raw))
+    with resmoe_format.open(bad) as r:
+        r.residual(0, 0, "up")  # expert 0 does not touch the damaged tensor
+        for m in MATS:  # every record that shares it sees the damage
+            with pytest.raises(RmoeFormatError, match="crc32 mismatch"):
+                r.residual(0, 1, m)
+        with pytest.raises(RmoeFormatError, match="crc32 mismatch"):
+            r.verify()
+    with resmoe_format.open(p) as r:
+        r.residual(0, 1, "gate")
+        assert name in r._verified
+        r.residual(0, 1, "down")  # read again, already verified
+
+
+def test_several_layers_with_base_and_permutations(tmp_path):
+    rng = np.random.default_rng(4)
+    lays = [layer(rng, "bf16", index=i, base=True) for i in range(3)]
+    p = write(tmp_path / "s.rmoe", *lays)
+    with resmoe_format.open(p) as r:
+        assert r.version == (2, 0)
+        r.verify()
+        assert sum(account(r).bytes.values()) == p.stat().st_size
+        for i, lay in enumerate(lays):
+            for k in range(2):
+                for m in MATS:
+                    want = restore.combine(codecs.decode(lay.base[m]), codecs.decode(lay.residuals[k][m]), "fp32")
+                    np.testing.assert_array_equal(restore.restore_matrix(r, i, k, m), want)
+
+
+def test_files_without_sharing_are_written_as_1_0(tmp_path):
+    """Equal but distinct U arrays are not shared: the file stays 1.0, byte for byte what 1.0 writers make."""
+    rng = np.random.default_rng(5)
+    lay = layer(rng, share=False)
+    p = write(tmp_path / "n.rmoe", lay)
+    with resmoe_format.open(p) as r:
+        assert r.version == (1, 0) and r.schema.version == "1.0"
+        r.verify()
+    # copies of one U: equal values, different objects -> stored three times, still 1.0
+    for recs in lay.residuals:
+        for m in ("up", "down"):
+            recs[m].parts["u"] = recs["gate"].parts["u"].copy()
+    p2 = write(tmp_path / "c.rmoe", lay)
+    with resmoe_format.open(p2) as r:
         assert r.version == (1, 0)
+        assert len({r.schema.layers[0].residuals[0][m].tensors["u"] for m in MATS}) == 3
+
+
+def test_demo_file_is_still_1_0(tmp_path):
+    p = build(tmp_path / "demo.rmoe", layers=1, experts=4, hidden=16, inter=24)
+    _, schema, _, meta = split(p)
+    assert meta["rmoe_version"] == "1.0" and schema["version"] == "1.0"
+
+
+def test_higher_minor_of_2_is_accepted(tmp_path):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(6)))
+    q = rewrite(p, tmp_path / "m.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.9"))
+    with resmoe_format.open(q) as r:
+        assert r.version == (2, 9)
         r.verify()
 
 
-def test_shared_tensor_in_a_1_0_file_is_rejected(tmp_path):
-    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(2)))
-    bad = rewrite(p, tmp_path / "b.rmoe", edit_meta=lambda m: m.update(rmoe_version="1.0"))
+# --- the reader's rules (hand-crafted headers) --------------------------------------------
+
+@pytest.mark.parametrize("version", ["1.0", "1.3"])
+def test_shared_tensor_in_a_1_x_file_is_rejected(tmp_path, version):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(7)))
+    bad = rewrite(p, tmp_path / "b.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
+    with pytest.raises(RmoeFormatError,
+                       match="tensor rmoe.layers.0.experts.0.gate.u is referenced twice by the schema"):
+        resmoe_format.open(bad)
+
+
+def _res(s, layer_i=0):
+    return s["layers"][layer_i]["residuals"]
+
+
+def _point(s, dst, src, part="u", dst_part=None):
+    """Make record ``dst`` = (layer, expert, matrix) name the tensor of ``src``'s ``part``."""
+    (dl, dk, dm), (sl, sk, sm) = dst, src
+    _res(s, dl)[dk][dm]["tensors"][dst_part or part] = _res(s, sl)[sk][sm]["tensors"][part]
+
+
+def _adopt(s, name, layer_i=0):
+    """Give a tensor that an edit orphans a role (a layer extension), so the file stays otherwise valid."""
+    ext = s["layers"][layer_i].setdefault("extensions", {}).setdefault("orphans", {"tensors": {}})
+    ext["tensors"][str(len(ext["tensors"]))] = name
+
+
+REJECTED = {
+    # (edit of the schema, expected message)
+    "across experts": (lambda s: _point(s, (0, 1, "gate"), (0, 0, "gate")), "referenced twice"),
+    "across layers": (lambda s: _point(s, (1, 0, "gate"), (0, 0, "gate")), "referenced twice"),
+    "a v part": (lambda s: _point(s, (0, 0, "up"), (0, 0, "gate"), "v"), "referenced twice"),
+    "u as another record's v": (lambda s: _point(s, (0, 0, "up"), (0, 0, "gate"), "u", "v"), "referenced twice"),
+    "different value dtypes": (lambda s: _res(s)[0]["up"].update(value_dtype="fp16"), "differ in part, value dtype"),
+    "a base record": (lambda s: s["layers"][0]["base"]["matrices"]["up"]["tensors"].update(
+        u=s["layers"][0]["base"]["matrices"]["gate"]["tensors"]["u"]), "referenced twice"),
+    "a base record and a residual": (lambda s: s["layers"][0]["base"]["matrices"]["gate"]["tensors"].update(
+        u=_res(s)[0]["gate"]["tensors"]["u"]), "referenced twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_forbidden_sharing_is_rejected_by_the_reader(tmp_path, case):
+    edit, msg = REJECTED[case]
+    rng = np.random.default_rng(8)
+    p = write(tmp_path / "s.rmoe", layer(rng, index=0, base=True), layer(rng, index=1, base=True))
+    bad = rewrite(p, tmp_path / "b.rmoe", edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match=msg):
+        resmoe_format.open(bad)
+
+
+@pytest.mark.parametrize("case", ["u shared, u_scales not", "u_scales shared, u not"])
+def test_int8_u_and_u_scales_are_shared_together(tmp_path, case):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(10), "int8"))
+    other = tmp_path / "o.rmoe"
+    write(other, layer(np.random.default_rng(10), "int8", share=False))
+
+    # take the unshared file and make one pair of records share one part only
+    part = "u" if case.startswith("u shared") else "u_scales"
+    def edit(s):
+        _adopt(s, _res(s)[0]["up"]["tensors"][part])
+        _point(s, (0, 0, "up"), (0, 0, "gate"), part)
+
+    bad = rewrite(other, tmp_path / "b.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"), edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match="must share u_scales too"):
+        resmoe_format.open(bad)
+    with resmoe_format.open(p) as r:
+        r.verify()
+
+
+def test_shared_int8_u_with_different_quant_is_rejected(tmp_path):
+    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(11), "int8"))
+    bad = rewrite(p, tmp_path / "b.rmoe",
+                  edit_schema=lambda s: _res(s)[0]["down"]["quant"].update(scale_dtype="bf16"))
+    with pytest.raises(RmoeFormatError, match="differ in part, value dtype or quantization"):
+        resmoe_format.open(bad)
+
+
+def test_sharing_by_other_encodings_is_rejected_in_2_0(tmp_path):
+    p = build(tmp_path / "demo.rmoe", layers=1, experts=4, hidden=16, inter=24)
+    _, schema, _, _ = split(p)
+    dense = [(k, m) for k, r in enumerate(_res(schema)) for m, rec in r.items() if rec and rec["encoding"] != "lowrank"]
+    (k, m), (k2, m2) = dense[0], dense[1]
+
+    def edit(s):
+        _res(s)[k2][m2]["tensors"]["values"] = _res(s)[k][m]["tensors"]["values"]
+
+    bad = rewrite(p, tmp_path / "b.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"), edit_schema=edit)
     with pytest.raises(RmoeFormatError, match="referenced twice"):
         resmoe_format.open(bad)
 
 
-def _share(schema, src, dst, part="u"):
-    lay = schema["layers"][0]
-    s_exp, s_mat = src
-    d_exp, d_mat = dst
-    lay["residuals"][d_exp][d_mat]["tensors"][part] = lay["residuals"][s_exp][s_mat]["tensors"][part]
+def test_shared_u_must_fit_every_record(tmp_path):
+    """Crafted: 'up' (rank R - 1) names gate's rank-R U; its own U is kept referenced by an extension,
+    so only the shape check can catch it."""
+    rng = np.random.default_rng(12)
+    lay = layer(rng, share=False)
+    lay.residuals[0]["up"] = codecs.encode(None, "lowrank", "bf16", u=rng.standard_normal((N, R - 1)),
+                                           v=rng.standard_normal((R - 1, H)))
+    p = write(tmp_path / "n.rmoe", lay)
+
+    def edit(s):
+        _adopt(s, _res(s)[0]["up"]["tensors"]["u"])
+        _point(s, (0, 0, "up"), (0, 0, "gate"))
+
+    bad = rewrite(p, tmp_path / "b.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"), edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match=r"rmoe.layers.0.experts.0.gate.u: shape \[12, 3\] but the schema "
+                                              r"implies \[12, 2\]"):
+        resmoe_format.open(bad)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda s: _share(s, (0, "gate"), (1, "gate")),  # across experts
-    lambda s: _share(s, (0, "gate"), (0, "up"), part="v"),  # a v part
-    lambda s: s["layers"][0]["residuals"][0]["up"].update(value_dtype="fp16"),  # different value dtypes
-])
-def test_forbidden_sharing_is_rejected(tmp_path, edit):
-    p = write(tmp_path / "s.rmoe", layer(np.random.default_rng(3)))
-    bad = rewrite(p, tmp_path / "b.rmoe", edit_schema=edit)
-    with pytest.raises(RmoeFormatError):
-        with resmoe_format.open(bad) as r:
-            r.verify()
+# --- the writer's rules --------------------------------------------------------------------
+
+def test_writer_rejects_a_u_shared_across_experts(tmp_path):
+    lay = layer(np.random.default_rng(20))
+    lay.residuals[1]["gate"].parts["u"] = lay.residuals[0]["gate"].parts["u"]
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="expert 1 matrix gate part u is the same array object as "
+                                                  "layer 0 expert 0 matrix gate part u"):
+            w.add_layer(lay)
+        w.add_layer(layer(np.random.default_rng(21)))  # the writer is still usable
+    with resmoe_format.open(tmp_path / "w.rmoe") as r:
+        r.verify()
+
+
+def test_writer_rejects_a_u_shared_across_layers(tmp_path):
+    rng = np.random.default_rng(22)
+    first, second = layer(rng, index=0), layer(rng, index=1)
+    second.residuals[0]["up"].parts["u"] = first.residuals[0]["gate"].parts["u"]
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        w.add_layer(first)
+        with pytest.raises(RmoeFormatError, match="earlier layer"):
+            w.add_layer(second)
+        w.add_layer(layer(rng, index=1))
+    with resmoe_format.open(tmp_path / "w.rmoe") as r:
+        assert r.version == (2, 0)
+        r.verify()
+
+
+def test_writer_forgets_arrays_of_earlier_layers_once_freed(tmp_path):
+    rng = np.random.default_rng(23)
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        for i in range(4):
+            w.add_layer(layer(rng, index=i))  # each layer's arrays are dropped after the call
+        assert len(w._earlier) == 0
+
+
+@pytest.mark.parametrize("case", ["v part", "u as v", "base and residual", "two base records"])
+def test_writer_rejects_other_same_object_parts(tmp_path, case):
+    rng = np.random.default_rng(24)
+    if case == "v part":
+        lay = layer(rng)
+        lay.residuals[0]["up"].parts["v"] = lay.residuals[0]["gate"].parts["v"]
+        msg = "expert 0 matrix up part v is the same array object"
+    elif case == "u as v":  # square factors (rank N) make the shapes fit
+        mats = [MatrixSpec(m, (N, N), "fp32", 0) for m in MATS]
+        recs = {m: codecs.encode(None, "lowrank", "fp32", u=rng.standard_normal((N, N)),
+                                 v=rng.standard_normal((N, N))) for m in MATS}
+        recs["gate"].parts["v"] = recs["gate"].parts["u"]
+        lay = MoELayer(0, N, mats, "none", {}, [recs], None, [SourceSpec("x", "fp32", (N, N), 0, ["gate"])])
+        msg = "expert 0 matrix gate part v is the same array object as layer 0 expert 0 matrix gate part u"
+    elif case == "base and residual":
+        lay = layer(rng, base=True)
+        lay.base["gate"].parts["u"] = lay.residuals[0]["gate"].parts["u"]
+        msg = "the same array object"
+    else:
+        lay = layer(rng, base=True)
+        lay.base["up"].parts["u"] = lay.base["gate"].parts["u"]
+        msg = "base matrix up part u is the same array object as layer 0 base matrix gate part u"
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match=msg):
+            w.add_layer(lay)
+
+
+def test_writer_rejects_a_shared_u_of_records_with_different_quant(tmp_path):
+    rng = np.random.default_rng(25)
+    lay = layer(rng, "int8")
+    gate = lay.residuals[0]["gate"]
+    up = codecs.encode(None, "lowrank", "int8", Quant(scale_dtype="bf16"), u=rng.standard_normal((N, R)),
+                       v=rng.standard_normal((R, H)))
+    up.parts["u"], up.parts["u_scales"] = gate.parts["u"], gate.parts["u_scales"]
+    lay.residuals[0]["up"] = up
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="differ in part, value dtype or quantization"):
+            w.add_layer(lay)
+
+
+def test_writer_rejects_a_shared_u_of_records_with_different_value_dtypes(tmp_path):
+    rng = np.random.default_rng(26)
+    lay = layer(rng, "bf16")
+    up = codecs.encode(None, "lowrank", "fp16", u=rng.standard_normal((N, R)), v=rng.standard_normal((R, H)))
+    up.parts["u"] = lay.residuals[0]["gate"].parts["u"]
+    lay.residuals[0]["up"] = up
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="differ in part, value dtype or quantization"):
+            w.add_layer(lay)
+
+
+def test_writer_rejects_a_shared_u_that_does_not_fit_a_record(tmp_path):
+    rng = np.random.default_rng(27)
+    lay = layer(rng)
+    up = codecs.encode(None, "lowrank", "bf16", u=rng.standard_normal((N, R - 1)), v=rng.standard_normal((R - 1, H)))
+    up.parts["u"] = lay.residuals[0]["gate"].parts["u"]  # rank R U in a rank R-1 record
+    lay.residuals[0]["up"] = up
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match=r"rmoe.layers.0.experts.0.gate.u: shape \[12, 3\] but the schema "
+                                                  r"implies \[12, 2\]"):
+            w.add_layer(lay)
+
+
+@pytest.mark.parametrize("part", ["u", "u_scales"])
+def test_writer_rejects_sharing_only_one_of_u_and_u_scales(tmp_path, part):
+    lay = layer(np.random.default_rng(28), "int8", share=False)
+    lay.residuals[1]["down"].parts[part] = lay.residuals[1]["gate"].parts[part]
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="must share u_scales too"):
+            w.add_layer(lay)
+
+
+def test_partial_sharing_within_an_expert(tmp_path):
+    """gate and up share one U, down has its own: still one valid 2.0 file."""
+    rng = np.random.default_rng(29)
+    lay = layer(rng, share=False)
+    for recs in lay.residuals:
+        recs["up"].parts["u"] = recs["gate"].parts["u"]
+    p = write(tmp_path / "p.rmoe", lay)
+    with resmoe_format.open(p) as r:
+        assert r.version == (2, 0)
+        r.verify()
+        refs = r.schema.layers[0].residuals[0]
+        assert refs["gate"].tensors["u"] == refs["up"].tensors["u"] != refs["down"].tensors["u"]
+        for k in range(2):
+            for m in MATS:
+                np.testing.assert_array_equal(r.residual(0, k, m), codecs.decode(lay.residuals[k][m]))
+    _, schema, _, _ = split(p)
+    assert json.dumps(schema).count('"rmoe.layers.0.experts.0.gate.u"') == 2
