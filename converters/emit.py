@@ -80,7 +80,10 @@ def _own_bytes(e: Encoded, earlier: dict[str, Encoded | None]) -> int:
 
 def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
                dtype: str, options: EmitOptions) -> tuple[MoELayer, dict]:
-    """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error)."""
+    """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error).
+
+    Consumes ``result.residuals`` and ``aligned``: each expert's dense tensors are dropped
+    once its records are encoded, so memory holds one expert's work at a time."""
     if result.lossless:  # exact residuals: float32, or the source dtype when there is no base (x itself)
         vd = "fp32" if result.base else dtype
     else:
@@ -122,6 +125,8 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             st["kept"] += part.params if part is not None else 0
             st["bytes"] += _own_bytes(e, {k: v for k, v in enc.items() if k != m.name}) if e is not None else 0
         residuals.append(enc)
+        result.residuals[k] = {}
+        aligned[k] = {}
     for st in stats.values():
         st["kept"] += st.pop("base_params")
     layer = MoELayer(layout.index, layout.num_neurons, list(layout.matrices), result.base_kind, base, residuals,

@@ -95,7 +95,7 @@ def test_svd_keeps_bias_vectors_dense():
 
 def _error(method, experts, residual="prune", **kw):
     enc = get_encoder(method, EncoderOptions(Budget.of(kw.pop("keep", 0.25), None), residual, **kw))
-    res, aligned = enc.encode(experts, SPECS, "fp32")
+    res, aligned = enc.encode([dict(e) for e in experts], SPECS, "fp32")  # encode consumes its input
     errs = []
     for k, a in enumerate(aligned):
         for m in SPECS:
@@ -121,7 +121,7 @@ def test_resmoe_beats_vanilla_pruning_on_upcycled_experts():
 def test_alignment_leaves_each_expert_function_unchanged():
     experts = upcycled(E=3)
     enc = get_encoder("resmoe", EncoderOptions(Budget.of(1.0, None)))
-    res, aligned = enc.encode(experts, SPECS, "fp32")
+    res, aligned = enc.encode([dict(e) for e in experts], SPECS, "fp32")
     x = torch.randn(5, 16)
 
     def mlp(e):

@@ -112,7 +112,9 @@ class Encoder:
 
     def encode(self, experts: list[dict[str, torch.Tensor]], specs: list[MatrixSpec], dtype: str,
                progress: Callable[[str], None] | None = None) -> tuple[LayerResult, list[dict[str, torch.Tensor]]]:
-        """Encode one layer; returns the result and the experts in the order it describes."""
+        """Encode one layer; returns the result and the experts in the order it describes.
+
+        ``experts`` is consumed (its tensors may be released to save memory)."""
         base, perms, aligned = self.base(experts, specs, dtype, progress)
         if self.options.lossless:
             return self._lossless(base, perms, aligned, specs, dtype), aligned
@@ -163,17 +165,21 @@ class ResMoE(Encoder):
 
         neur = neuron_specs(specs)
         designs = torch.stack([design(e, neur) for e in experts])
+        for e in experts:  # the designs hold them now: free the originals (encode consumes its input)
+            for m in neur:
+                del e[m.name]
         res = wasserstein_barycenter(designs, max_iter=self.options.max_iter)
         perms = [np.asarray(p, dtype=np.int64) for p in res.permutations]
-        aligned = []
-        for e, p in zip(experts, perms):
-            idx = torch.from_numpy(p).to(designs.device)
-            aligned.append({m.name: (e[m.name].index_select(0, idx) if m.neuron_axis == 0 else e[m.name])
-                            for m in specs})
         base = split_design(res.barycenter, neur)
         for m in specs:
             if m.neuron_axis != 0:
                 base[m.name] = torch.stack([e[m.name] for e in experts]).mean(0)
+        aligned = []
+        for k, (e, p) in enumerate(zip(experts, perms)):
+            idx = torch.from_numpy(p).to(designs.device)
+            aligned.append({**split_design(designs[k].index_select(0, idx), neur),
+                            **{m.name: e[m.name] for m in specs if m.neuron_axis != 0}})
+        del designs
         self.last_barycenter = {"objective": res.objective, "iterations": res.iterations}
         return {k: round_to(v, dtype) for k, v in base.items()}, perms, aligned
 
