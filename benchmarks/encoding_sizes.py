@@ -88,8 +88,8 @@ def throughput(x: np.ndarray) -> dict:
             continue
         name = "bsr" if label.startswith("bsr") else label
         enc = codecs.encode(x, name, "bf16", **params)
-        out[label] = {"encode_MBps": mb / best_of(lambda: codecs.encode(x, name, "bf16", **params)),
-                      "decode_MBps": mb / best_of(lambda: codecs.decode(enc))}
+        out[label] = {"encode_MBps": mb / best_of(lambda n=name, p=params: codecs.encode(x, n, "bf16", **p)),
+                      "decode_MBps": mb / best_of(lambda e=enc: codecs.decode(e))}
     return out
 
 

@@ -104,11 +104,13 @@ class Checkpoint:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ConversionError(f"{path.name}: not a valid safetensors file ({e})") from None
         self._handles[path] = h
-        size = path.stat().st_size
         names = set(h.keys())
         for name in sorted(names):
-            sl = h.get_slice(name)
-            info = TensorInfo(_dtype_name(sl.get_dtype()), tuple(int(x) for x in sl.get_shape()), path)
+            try:
+                sl = h.get_slice(name)
+                info = TensorInfo(_dtype_name(sl.get_dtype()), tuple(int(x) for x in sl.get_shape()), path)
+            except Exception as e:
+                raise ConversionError(f"{path.name}: cannot read the header entry of tensor {name} ({e})") from None
             if name in self.tensors:
                 raise ConversionError(f"tensor {name} is in both {self.tensors[name].file.name} and {path.name}")
             self.tensors[name] = info
@@ -120,8 +122,6 @@ class Checkpoint:
             extra = sorted(names - expected)
             if extra:
                 raise ConversionError(f"shard {path.name} holds {extra[0]}, which {INDEX} does not list")
-        if size < 8:
-            raise ConversionError(f"{path.name}: truncated")
 
     # ------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:

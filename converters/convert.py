@@ -130,7 +130,8 @@ class Plan:
             self.layouts = [lay for lay in layouts if lay.index in chosen]
             for lay in self.layouts:
                 if lay.num_experts < 2 and o.method in ("resmoe", "merge"):
-                    raise ConversionError(f"layer {lay.index} has {lay.num_experts} expert; {o.method} needs two or more")
+                    raise ConversionError(f"layer {lay.index} has {lay.num_experts} expert; {o.method} needs "
+                                          f"two or more")
                 if not o.lossless:
                     self.encoder.residual_budget(lay.matrices, lay.num_experts)  # raises if infeasible
             compressed = {s.name for lay in self.layouts for s in lay.sources}

@@ -12,6 +12,9 @@ from resmoe_format import SourceSpec
 from .architectures.base import LayerLayout
 from .errors import ConversionError
 
+#: The torch element type of each source dtype name.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def _split(x: torch.Tensor, src: SourceSpec, widths: list[int]) -> list[torch.Tensor]:
     """One expert's slice of a source tensor, cut into its parts (still in source orientation)."""
@@ -20,6 +23,7 @@ def _split(x: torch.Tensor, src: SourceSpec, widths: list[int]) -> list[torch.Te
     ax = src.join_axis
     if src.join == "concat":
         return list(torch.split(x, widths, dim=ax))
+    # interleave: element i of part j sits at position i * len(parts) + j along the join axis
     shape = list(x.shape)
     shape[ax:ax + 1] = [shape[ax] // len(src.parts), len(src.parts)]
     y = x.reshape(shape)
@@ -27,26 +31,35 @@ def _split(x: torch.Tensor, src: SourceSpec, widths: list[int]) -> list[torch.Te
 
 
 def expert_matrices(layout: LayerLayout, get: Callable[[str], torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Per expert, {matrix name: tensor in canonical shape and source dtype} (views where possible)."""
+    """Per expert, {matrix name: tensor in canonical shape and source dtype}.
+
+    The tensors are views of what ``get`` returns (transposed or strided where the source
+    layout differs from the canonical one): no copy is made. Raises :class:`ConversionError`
+    when a source tensor's shape or dtype does not match its :class:`SourceSpec`.
+    """
     E = layout.num_experts
     specs = {m.name: m for m in layout.matrices}
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(E)]
     for src in layout.sources:
+        unknown = [p for p in src.parts if p not in specs]
+        if unknown:
+            raise ConversionError(f"{src.name}: part {unknown[0]} is not a matrix of layer {layout.index}")
         t = get(src.name)
-        experts = range(E) if src.expert == "all" else [src.expert]
-        pieces = [t[k] for k in range(E)] if src.expert == "all" else [t]
-        widths = []
-        for p in src.parts:
-            shape = specs[p].shape
-            shape = tuple(reversed(shape)) if src.transpose else shape
-            widths.append(shape[src.join_axis] if len(src.parts) > 1 else 0)
-        for k, x in zip(experts, pieces):
+        want = layout.source_shape(src)
+        if tuple(t.shape) != want:
+            raise ConversionError(f"{src.name}: shape {list(t.shape)}, expected {list(want)}")
+        if TORCH_DTYPES.get(src.dtype) != t.dtype:
+            raise ConversionError(f"{src.name}: dtype {t.dtype}, expected {src.dtype}")
+        # each part's extent along the join axis, in source orientation
+        widths = [(tuple(reversed(specs[p].shape)) if src.transpose else specs[p].shape)[src.join_axis]
+                  if len(src.parts) > 1 else 0 for p in src.parts]
+        if src.expert == "all":
+            pieces = [(k, t[k]) for k in range(E)]
+        else:
+            pieces = [(src.expert, t)]
+        for k, x in pieces:
             for p, piece in zip(src.parts, _split(x, src, widths)):
-                m = piece.transpose(0, 1) if src.transpose and piece.ndim == 2 else piece
-                if tuple(m.shape) != tuple(specs[p].shape):
-                    raise ConversionError(f"{src.name}: expert {k} {p} has shape {list(m.shape)}, expected "
-                                          f"{list(specs[p].shape)}")
-                out[k][p] = m
+                out[k][p] = piece.transpose(0, 1) if src.transpose and piece.ndim == 2 else piece
     for k, mats in enumerate(out):
         missing = sorted(set(specs) - set(mats))
         if missing:

@@ -30,7 +30,8 @@ class EmitOptions:
 
     def __post_init__(self) -> None:
         if self.delta_format not in DELTA_FORMATS:
-            raise ConversionError(f"--delta-format must be one of {', '.join(DELTA_FORMATS)}, got {self.delta_format!r}")
+            raise ConversionError(f"--delta-format must be one of {', '.join(DELTA_FORMATS)}, "
+                                  f"got {self.delta_format!r}")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -95,7 +96,8 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
     base = {m: codecs.encode(_np(b), "dense", dtype) for m, b in result.base.items()}
     base_np = {m: codecs.decode(e) for m, e in base.items()}
     residuals: list[dict[str, Encoded | None]] = []
-    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "bytes": base[m.name].nbytes if m.name in base else 0,
+    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0,
+                      "bytes": base[m.name].nbytes if m.name in base else 0,
                       "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
              for m in layout.matrices}
     for k, parts in enumerate(result.residuals):

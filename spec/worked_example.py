@@ -82,7 +82,8 @@ def compact_json(doc) -> str:
             return one
         pad = " " * (ind + 2)
         if isinstance(v, dict):
-            return "{\n" + ",\n".join(f"{pad}{json.dumps(k)}: {fmt(x, ind + 2)}" for k, x in v.items()) + "\n" + " " * ind + "}"
+            body = ",\n".join(f"{pad}{json.dumps(k)}: {fmt(x, ind + 2)}" for k, x in v.items())
+            return "{\n" + body + "\n" + " " * ind + "}"
         if isinstance(v, list):
             return "[\n" + ",\n".join(pad + fmt(x, ind + 2) for x in v) + "\n" + " " * ind + "]"
         return one

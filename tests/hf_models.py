@@ -15,11 +15,15 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olm
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _small(layers: int) -> dict:
+    return dict(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def _config(arch: str, layers: int, experts: int):
     import transformers as T
 
-    small = dict(vocab_size=48, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    small = _small(layers)
     if arch == "mixtral":
         return T.MixtralConfig(**small, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2)
     if arch == "phimoe":
@@ -42,7 +46,7 @@ def _config(arch: str, layers: int, experts: int):
         return T.GptOssConfig(**small, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2,
                               head_dim=8, layer_types=["full_attention"] * layers)
     if arch == "switch":
-        return T.SwitchTransformersConfig(vocab_size=48, d_model=16, d_kv=8, d_ff=24, num_layers=layers,
+        return T.SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=layers,
                                           num_decoder_layers=layers, num_heads=2, num_experts=experts,
                                           encoder_sparse_step=2, decoder_sparse_step=2, pad_token_id=0,
                                           eos_token_id=1, decoder_start_token_id=0)
@@ -55,24 +59,16 @@ def _model_class(arch: str):
     return T.SwitchTransformersForConditionalGeneration if arch == "switch" else T.AutoModelForCausalLM
 
 
-def build_checkpoint(arch: str, out_dir: Path, dtype: str = "fp32", seed: int = 0, num_layers: int | None = None,
-                     num_experts: int = 4, shard_size: str | None = None) -> Path:
-    """Save a tiny randomly initialised ``arch`` model in ``dtype``; returns ``out_dir``.
-
-    Switch gets 4 blocks per stack (sparse every other block); DeepSeek's first layer is dense.
-    Every floating weight is perturbed with seeded noise so no tensor is trivially 0 or 1.
-    """
+def _quiet():
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    layers = num_layers or (4 if arch == "switch" else 2)
-    torch.manual_seed(seed)
-    cfg = _config(arch, layers, num_experts)
-    cls = _model_class(arch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+
+
+def _save(model, out_dir: Path, dtype: str, seed: int, shard_size: str | None) -> Path:
+    """Perturb every floating weight with seeded noise (transformers initialises biases and
+    norms to 0 or 1), cast to ``dtype`` and ``save_pretrained``."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -83,14 +79,46 @@ def build_checkpoint(arch: str, out_dir: Path, dtype: str = "fp32", seed: int = 
     return Path(out_dir)
 
 
+def build_checkpoint(arch: str, out_dir: Path, dtype: str = "fp32", seed: int = 0, num_layers: int = 2,
+                     num_experts: int = 4, shard_size: str | None = None, overrides: dict | None = None) -> Path:
+    """Save a tiny randomly initialised ``arch`` model in ``dtype``; returns ``out_dir``.
+
+    ``num_layers`` decoder layers (Switch: blocks per stack, sparse every other block, so the
+    odd blocks of encoder and decoder are MoE layers); DeepSeek's first layer is dense and
+    Qwen2-MoE has a shared expert. ``shard_size`` (e.g. "20KB") gives a sharded checkpoint;
+    ``overrides`` sets config attributes (e.g. ``{"mlp_only_layers": [0]}``). Every floating
+    weight is perturbed with seeded noise so no tensor is trivially 0 or 1.
+    """
+    _quiet()
+    torch.manual_seed(seed)
+    cfg = _config(arch, num_layers, num_experts)
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    cls = _model_class(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+    return _save(model, out_dir, dtype, seed, shard_size)
+
+
+def build_dense_checkpoint(out_dir: Path, dtype: str = "fp32", seed: int = 0, shard_size: str | None = None) -> Path:
+    """A tiny dense ``LlamaForCausalLM`` (no experts), for the not-an-MoE error paths."""
+    import transformers as T
+
+    _quiet()
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(**_small(2), intermediate_size=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = T.LlamaForCausalLM(cfg)
+    return _save(model, out_dir, dtype, seed, shard_size)
+
+
 def load_model(path: Path):
-    """The transformers model saved at ``path`` (float32, eval mode)."""
+    """The transformers model saved at ``path`` (float32, eval mode; Switch or a causal LM)."""
     import json
 
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    _quiet()
     arch = json.loads((Path(path) / "config.json").read_text())["model_type"]
     cls = _model_class("switch" if arch == "switch_transformers" else arch)
     with warnings.catch_warnings():

@@ -258,7 +258,8 @@ def test_shape_mismatch_and_missing_shard(tmp_path, capsys):
     d.mkdir()
     (d / "config.json").write_text((src / "config.json").read_text())
     t = tensors_of(src)
-    t["model.layers.0.block_sparse_moe.experts.1.w1.weight"] = t["model.layers.0.block_sparse_moe.experts.1.w1.weight"][:-1]
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    t[name] = t[name][:-1]
     save_file(t, d / "model.safetensors", metadata={"format": "pt"})
     _fails([str(d)], tmp_path, capsys, "experts.1.w1.weight")
 

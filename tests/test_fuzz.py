@@ -31,7 +31,7 @@ def read_everything(path, verify=True) -> None:
         r.verify()
         for _ in restore.restore_all(r, original_order=True):
             pass
-        r.files
+        assert isinstance(r.files, dict)
 
 
 def must_only_raise_format_errors(path, verify=True) -> bool:

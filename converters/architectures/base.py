@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from resmoe_format import MatrixSpec, RmoeFormatError, SourceSpec
-from resmoe_format.container import source_shape
+from resmoe_format import MatrixSpec, RmoeFormatError, SourceSpec, container
 from resmoe_format.dtypes import SOURCE_DTYPES
 from resmoe_format.schema import LayerSpec
 
@@ -31,6 +30,24 @@ class LayerLayout:
     num_neurons: int
     matrices: list[MatrixSpec]
     sources: list[SourceSpec]
+
+    def spec(self) -> LayerSpec:
+        """A skeleton :class:`LayerSpec` of this layout (no base or residuals), for shape checks."""
+        return LayerSpec(self.index, self.prefix, self.num_experts, self.num_neurons, self.matrices, "barycenter",
+                         {}, None, [{} for _ in range(self.num_experts)], self.sources)
+
+    def source_shape(self, src: SourceSpec) -> tuple[int, ...]:
+        """The shape ``src``'s assembly rule gives (ConversionError if the rule does not fit the matrices)."""
+        try:
+            return container.source_shape(self.spec(), src)
+        except RmoeFormatError as e:
+            raise ConversionError(str(e)) from None
+
+
+def is_expert_tensor(name: str) -> bool:
+    """A routed expert's weight, by the naming every supported family uses (``...experts.*``;
+    Qwen2's ``shared_expert`` and DeepSeek's ``shared_experts`` are not routed experts)."""
+    return ".experts." in name
 
 
 class Adapter:
@@ -62,34 +79,50 @@ class Adapter:
     def moe_layers(self) -> list[LayerLayout]:
         """Every MoE layer, validated against the checkpoint, sorted by index."""
         layers = sorted(self.layouts(), key=lambda lay: lay.index)
-        if not layers:
-            raise ConversionError(f"{self.config.get('architectures', ['?'])[0]}: no expert tensors found; this is "
-                                  f"not a Mixture-of-Experts checkpoint")
+        if not layers and not any(is_expert_tensor(n) for n in self.tensors):
+            raise ConversionError(f"{self.label}: no expert tensors found; this is not a Mixture-of-Experts "
+                                  f"checkpoint")
         for lay in layers:
             self.validate(lay)
+        covered = {s.name for lay in layers for s in lay.sources}
+        stray = sorted(n for n in self.tensors if is_expert_tensor(n) and n not in covered)
+        if stray:
+            more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+            raise ConversionError(f"tensor {stray[0]}{more} looks like an expert weight but no MoE layer that "
+                                  f"config.json describes holds it (inconsistent checkpoint: check its layer and "
+                                  f"expert counts)")
         return layers
+
+    @property
+    def label(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type") or type(self).__name__]
+        return str(archs[0])
 
     def validate(self, lay: LayerLayout) -> None:
         """Every source tensor exists, in a float dtype, with the shape its assembly gives."""
         dts = {m.dtype for m in lay.matrices}
         if len(dts) != 1 or not dts <= set(SOURCE_DTYPES):
+            hint = " (dequantize the checkpoint first)" if not dts <= set(SOURCE_DTYPES) else ""
             raise ConversionError(f"layer {lay.index}: expert weights must share one of {', '.join(SOURCE_DTYPES)}, "
-                                  f"got {', '.join(sorted(dts))}")
-        spec = LayerSpec(lay.index, lay.prefix, lay.num_experts, lay.num_neurons, lay.matrices, "barycenter", {},
-                         None, [{} for _ in range(lay.num_experts)], lay.sources)
+                                  f"got {', '.join(sorted(dts))}{hint}")
+        names = [m.name for m in lay.matrices]
+        if len(set(names)) != len(names):
+            raise ConversionError(f"layer {lay.index}: matrix names {names} are not unique")
         for s in lay.sources:
             info = self.tensors.get(s.name)
             if info is None:
-                raise ConversionError(f"layer {lay.index}: tensor {s.name} is missing from the checkpoint")
+                raise ConversionError(f"layer {lay.index}: tensor {s.name} is missing from the checkpoint "
+                                      f"(inconsistent checkpoint)")
             if info.dtype != s.dtype:
                 raise ConversionError(f"tensor {s.name}: dtype {info.dtype}, but the layer's experts are {s.dtype}")
-            try:
-                want = source_shape(spec, s)
-            except RmoeFormatError as e:
-                raise ConversionError(str(e)) from None
+            want = lay.source_shape(s)
             if tuple(info.shape) != want:
                 raise ConversionError(f"tensor {s.name}: shape {list(info.shape)}, expected {list(want)} "
                                       f"(shape mismatch between experts of layer {lay.index})")
+        given = {p for s in lay.sources for p in s.parts}
+        if set(names) - given:
+            raise ConversionError(f"layer {lay.index}: no source tensor provides matrix "
+                                  f"{sorted(set(names) - given)[0]}")
 
     def info(self, name: str) -> TensorInfo | None:
         return self.tensors.get(name)

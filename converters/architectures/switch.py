@@ -33,10 +33,11 @@ class SwitchTransformers(Adapter):
     def layouts(self) -> list[LayerLayout]:
         out = []
         n_enc = self.num_layers("num_layers")
-        n_dec = self.config.get("num_decoder_layers") or n_enc
+        n_dec = self.config.get("num_decoder_layers")
+        n_dec = n_enc if n_dec is None else self.num_layers("num_decoder_layers")
         for stack, count, ff, step_key, offset in (("encoder", n_enc, 1, "encoder_sparse_step", 0),
                                                     ("decoder", n_dec, 2, "decoder_sparse_step", n_enc)):
-            step = self.config.get(step_key, 1) or 0
+            step = self.config.get(step_key, 3) or 0  # transformers' default is 3
             for b in range(count):
                 lay = self._layer(offset + b, f"{stack}.block.{b}.layer.{ff}.mlp.experts")
                 sparse = step > 0 and (step == 1 or b % step == 1)

@@ -52,8 +52,11 @@ def prune(residual: dict[str, torch.Tensor], specs: list[MatrixSpec], budget: in
             at += n
         return out
     frac = budget / total if total else 0.0
-    return {m.name: _sparse(residual[m.name], top_mask(residual[m.name].abs(), math.floor(frac * residual[m.name].numel())))
-            for m in specs}
+    out = {}
+    for m in specs:
+        r = residual[m.name]
+        out[m.name] = _sparse(r, top_mask(r.abs(), math.floor(frac * r.numel())))
+    return out
 
 
 def _sparse(x: torch.Tensor, mask: torch.Tensor) -> SparsePart | None:
