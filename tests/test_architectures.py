@@ -210,7 +210,7 @@ def _set_index(d, weight_map):
 
 def test_sharded_checkpoint_reads_every_tensor(sharded, checkpoints):
     idx = _index(sharded)["weight_map"]
-    assert len(set(idx.values())) > 2
+    assert len(set(idx.values())) > 1
     single = load_file(checkpoints["mixtral", "bf16"] / "model.safetensors")
     with Checkpoint(sharded) as ck:
         assert sorted(ck.tensors) == sorted(idx) == sorted(single)
@@ -233,8 +233,9 @@ def test_index_and_shard_inconsistencies(sharded, tmp_path, case):
     name, shard = sorted(wm.items())[0]
     other = next(s for s in sorted(set(wm.values())) if s != shard)
     match = {
-        "remapped": f"{name} is listed in model.safetensors.index.json under {other} but the shard does not hold it",
-        "unlisted": f"shard {shard} holds {name}, which model.safetensors.index.json does not list",
+        "remapped": f"(shard {shard} holds {name}, but model.safetensors.index.json lists it under {other}"
+                    f"|{name} is listed in model.safetensors.index.json under {other} but the shard does not hold it)",
+        "unlisted": f"shard {shard} holds {name}, but model.safetensors.index.json does not list it",
         "missing shard": f"shard {shard} listed in model.safetensors.index.json is missing",
         "truncated": f"{shard}: not a valid safetensors file",
         "truncated header": f"{shard}: not a valid safetensors file",

@@ -276,3 +276,23 @@ def test_existing_output_untouched_on_failure(mixtral, tmp_path):
     with pytest.raises(ConversionError):
         convert(mixtral, out, ConvertOptions(keep=0.01), progress=False)
     assert out.read_bytes() == b"previous"
+
+
+def test_readme_example_end_to_end(tmp_path):
+    """README set-up command 1: the built-in example, resmoe-convert with a report, resmoe-inspect."""
+    import os
+    import subprocess
+    import sys
+
+    from converters.cli.inspect import main as inspect_main
+    from converters.example import main as example_main
+
+    assert example_main([str(tmp_path / "tiny"), "--layers", "2"]) == 0
+    out = subprocess.run([sys.executable, "-m", "converters.cli.convert", str(tmp_path / "tiny"),
+                          str(tmp_path / "tiny.rmoe"), "--report", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "MixtralForCausalLM" in out.stdout and "error mean" in out.stdout
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert summary["kept_fraction"] == pytest.approx(0.25) and summary["rel_error_mean"] < 0.2
+    assert inspect_main([str(tmp_path / "tiny.rmoe")]) == 0
