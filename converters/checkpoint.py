@@ -89,7 +89,7 @@ class Checkpoint:
                 path = src / shard
                 if not path.is_file():
                     raise ConversionError(f"shard {shard} listed in {INDEX} is missing from {src}")
-                self._read_shard(path, names)
+                self._read_shard(path, names, weight_map)
             return
         files = sorted(src.glob("*.safetensors"))
         if not files:
@@ -98,7 +98,7 @@ class Checkpoint:
             raise ConversionError(f"{src}: {len(files)} safetensors files but no {INDEX} to say how they fit")
         self._read_shard(src / "model.safetensors" if len(files) > 1 else files[0], None)
 
-    def _read_shard(self, path: Path, expected: set[str] | None) -> None:
+    def _read_shard(self, path: Path, expected: set[str] | None, weight_map: dict | None = None) -> None:
         try:
             h = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error types for bad headers
@@ -115,13 +115,15 @@ class Checkpoint:
                 raise ConversionError(f"tensor {name} is in both {self.tensors[name].file.name} and {path.name}")
             self.tensors[name] = info
         if expected is not None:
+            extra = sorted(names - expected)
+            if extra:
+                elsewhere = (weight_map or {}).get(extra[0])
+                where = f"lists it under {elsewhere}" if elsewhere else "does not list it"
+                raise ConversionError(f"shard {path.name} holds {extra[0]}, but {INDEX} {where}")
             missing = sorted(expected - names)
             if missing:
                 raise ConversionError(f"tensor {missing[0]} is listed in {INDEX} under {path.name} but the shard "
                                       f"does not hold it")
-            extra = sorted(names - expected)
-            if extra:
-                raise ConversionError(f"shard {path.name} holds {extra[0]}, which {INDEX} does not list")
 
     # ------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
