@@ -60,10 +60,10 @@ def timed(fn, quick_s: float = 3.0, runs: int = 3):
     return best, out
 
 
-def one(shape: str, kind: str, e: int, n: int, hidden: int, noise: float, seed: int) -> dict:
+def one(shape: str, kind: str, e: int, n: int, hidden: int, noise: float, seed: int, device: str = "cpu") -> dict:
     d = 3 * hidden
     w = experts(kind, e, n, d, noise, seed)
-    wt = torch.from_numpy(w)
+    wt = torch.from_numpy(w).to(device)
     t_ours, res = timed(lambda: wasserstein_barycenter(wt))
     info: dict = {}
     t_pot, (_, pot_obj) = timed(lambda: pot_barycenter(w, info=info))
@@ -79,9 +79,9 @@ def one(shape: str, kind: str, e: int, n: int, hidden: int, noise: float, seed: 
     return row
 
 
-def run(quick: bool, max_n: int, noise: float) -> dict:
+def run(quick: bool, max_n: int, noise: float, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    wasserstein_barycenter(torch.from_numpy(experts("random", 4, 32, 24, noise, 0)))   # warm-up: imports
+    wasserstein_barycenter(torch.from_numpy(experts("random", 4, 32, 24, noise, 0)).to(device))  # warm-up
     pot_barycenter(experts("random", 2, 8, 6, noise, 0))
     jobs = []
     fine = FINE[:1] if quick else FINE
@@ -95,13 +95,14 @@ def run(quick: bool, max_n: int, noise: float) -> dict:
             jobs.append(("Mixtral-like", kind, 8, n, round(n / 3.5)))
     rows = []
     for i, (shape, kind, e, n, h) in enumerate(jobs):
-        row = one(shape, kind, e, n, h, noise, seed=1000 + i)
+        row = one(shape, kind, e, n, h, noise, seed=1000 + i, device=device)
         rows.append(row)
         print(f"{shape:13s} {kind:9s} E={e:3d} n={n:5d} d={3 * h:5d}  POT {row['pot_s']:8.2f}s  "
               f"ours {row['ours_s']:7.3f}s  x{row['speedup']:5.1f}  obj POT {row['pot_objective']:.6f} "
               f"ours {row['ours_objective']:.6f}  it {row['pot_iterations']}/{row['ours_iterations']}", flush=True)
     return {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"device": device if device == "cpu" else torch.cuda.get_device_name(device),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "numpy": np.__version__, "pot": __import__("ot").__version__,
                     "scipy": __import__("scipy").__version__},
@@ -249,11 +250,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one fine-grained shape, n <= 1024; writes *_quick files")
     ap.add_argument("--max-n", type=int, default=4096, help="largest Mixtral-like n (default 4096)")
     ap.add_argument("--noise", type=float, default=1.0, help="noise scale of the upcycled experts (default 1.0)")
+    ap.add_argument("--device", default="cpu", help="where ours runs: cpu or cuda (POT always runs on the CPU); "
+                    "results for cuda go to *_cuda files")
     args = ap.parse_args()
     max_n = min(args.max_n, 1024) if args.quick else args.max_n
-    res = run(args.quick, max_n, args.noise)
+    res = run(args.quick, max_n, args.noise, args.device)
     print_table(res["rows"])
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("" if args.device == "cpu" else "_cuda")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"barycenter{suffix}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"BARYCENTER{suffix.upper()}.md").write_text(report(res))
