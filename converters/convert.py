@@ -221,6 +221,10 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     entry["bytes"] = perm_bytes + sum(s["bytes"] for s in stats.values())
     entry["params"] = sum(s["params"] for s in stats.values())
     entry["kept"] = sum(s["kept"] for s in stats.values())
+    # the budget in both conventions, as achieved: total kept (base included) and per residual
+    entry["keep"] = entry["kept"] / entry["params"] if entry["params"] else None
+    entry["residual_keep"] = (sum(s["residual_kept"] for s in stats.values()) / entry["params"]
+                              if entry["params"] else None)
     bary = getattr(plan.encoder, "last_barycenter", None)
     if bary:
         entry["barycenter"] = bary
@@ -237,6 +241,9 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
     return {"compressed_layers": len(layers), "expert_params": params,
             "kept_params": sum(lay["kept"] for lay in layers),
             "kept_fraction": (sum(lay["kept"] for lay in layers) / params) if params else None,
+            "keep": (sum(lay["kept"] for lay in layers) / params) if params else None,
+            "residual_keep": (sum(s["residual_kept"] for lay in layers for s in lay["matrices"].values()) / params)
+            if params else None,
             "expert_bytes_source": src_bytes, "expert_bytes_stored": stored,
             "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
             "rel_error_mean": float(np.mean(errs)) if errs else None,

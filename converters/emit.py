@@ -96,7 +96,7 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
     base = {m: codecs.encode(_np(b), "dense", dtype) for m, b in result.base.items()}
     base_np = {m: codecs.decode(e) for m, e in base.items()}
     residuals: list[dict[str, Encoded | None]] = []
-    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0,
+    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
                       "bytes": base[m.name].nbytes if m.name in base else 0,
                       "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
              for m in layout.matrices}
@@ -125,6 +125,7 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             st["rel_error"].append(float(np.linalg.norm(diff) / norm) if norm else float(np.linalg.norm(diff)))
             st["params"] += int(np.prod(m.shape))
             st["kept"] += part.params if part is not None else 0
+            st["residual_kept"] += part.params if part is not None else 0
             st["bytes"] += _own_bytes(e, {k: v for k, v in enc.items() if k != m.name}) if e is not None else 0
         residuals.append(enc)
         result.residuals[k] = {}

@@ -124,6 +124,10 @@ def test_report_matches_what_restores(mixtral, tmp_path):
     gate = lay["matrices"]["gate"]
     assert len(gate["rel_error"]) == lay["num_experts"] and gate["kept"] <= gate["params"]
     assert abs(report["summary"]["kept_fraction"] - 0.5) < 0.01
+    # both budget conventions are reported: 4 experts, keep 0.5 -> each residual keeps 0.5 - 1/4
+    assert report["summary"]["keep"] == pytest.approx(0.5, abs=0.01)
+    assert report["summary"]["residual_keep"] == pytest.approx(0.25, abs=0.01)
+    assert report["method"]["keep"] == 0.5
     with resmoe_format.open(out) as r:
         i = r.schema.layers[0].index
         perm = r.permutation(i, 1)
@@ -296,3 +300,10 @@ def test_readme_example_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
     assert summary["kept_fraction"] == pytest.approx(0.25) and summary["rel_error_mean"] < 0.2
     assert inspect_main([str(tmp_path / "tiny.rmoe")]) == 0
+
+
+def test_residual_keep_is_the_papers_convention(mixtral, tmp_path):
+    rep = convert(mixtral, tmp_path / "m.rmoe", ConvertOptions(residual_keep=0.25), progress=False)
+    assert rep["method"]["residual_keep"] == 0.25
+    assert rep["summary"]["residual_keep"] == pytest.approx(0.25, abs=0.01)
+    assert rep["summary"]["keep"] == pytest.approx(0.25 + 1 / 4, abs=0.01)  # the barycenter on top
