@@ -307,3 +307,11 @@ def test_residual_keep_is_the_papers_convention(mixtral, tmp_path):
     assert rep["method"]["residual_keep"] == 0.25
     assert rep["summary"]["residual_keep"] == pytest.approx(0.25, abs=0.01)
     assert rep["summary"]["keep"] == pytest.approx(0.25 + 1 / 4, abs=0.01)  # the barycenter on top
+
+
+def test_list_layers_writes_nothing(tmp_path, capsys):
+    src = build_checkpoint("switch", tmp_path / "sw", "fp32")
+    assert convert_main([str(src), "--list-layers"]) == 0
+    out = capsys.readouterr().out
+    assert "SwitchTransformersForConditionalGeneration" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["sw"]

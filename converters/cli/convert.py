@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
                "barycenter included (ResMoE residuals then keep F - 1/E each); --residual-keep F is the paper's "
                "convention, each residual keeps F and the barycenter comes on top.")
     ap.add_argument("src", help="model.safetensors file or checkpoint directory (single file or sharded)")
-    ap.add_argument("out", help="output .rmoe file")
+    ap.add_argument("out", nargs="?", help="output .rmoe file")
     ap.add_argument("--config", help="config.json (default: beside SRC)")
     ap.add_argument("--method", default="resmoe", choices=sorted(METHODS), help="encoder (default resmoe)")
     budget = ap.add_mutually_exclusive_group()
@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-iter", type=int, default=100, help="barycenter iterations at most (default 100)")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
+    ap.add_argument("--list-layers", action="store_true", help="print the model's MoE layers (the indices --layers "
+                    "takes) and exit without writing anything")
     return ap
 
 
@@ -74,12 +76,36 @@ def summary_table(report: dict) -> Table:
     return t
 
 
+def list_layers(src: str, config: str | None) -> Table:
+    """The MoE layers of a checkpoint, as --layers numbers them."""
+    from ..architectures import adapter_for
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint(src, config) as ck:
+        layers = adapter_for(ck.config, ck.tensors).moe_layers()
+        arch = (ck.config.get("architectures") or [ck.config.get("model_type")])[0]
+    t = Table(title=f"{arch}: {len(layers)} MoE layers")
+    for col in ("layer", "experts", "neurons", "matrices", "dtype", "prefix"):
+        t.add_column(col)
+    for lay in layers:
+        t.add_row(str(lay.index), str(lay.num_experts), str(lay.num_neurons),
+                  ", ".join(f"{m.name} {'x'.join(map(str, m.shape))}" for m in lay.matrices), lay.matrices[0].dtype,
+                  lay.prefix)
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    ap = parser()
+    a = ap.parse_args(argv)
+    if a.out is None and not a.list_layers:
+        ap.error("the output file OUT is required (or --list-layers)")
 
     def body() -> int:
         from ..convert import ConvertOptions, convert, write_report
 
+        if a.list_layers:
+            Console(file=sys.stdout).print(list_layers(a.src, a.config))
+            return 0
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, delta_format=a.delta_format, lossless=a.lossless,
