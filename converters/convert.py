@@ -86,7 +86,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 class Plan:
     """A checked conversion: what to read, which layers to compress, with which encoder."""
 
-    def __init__(self, src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None):
+    def __init__(self, src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None,
+                 progress: bool = False):
         o = options
         self.options = o
         self.out = Path(out)
@@ -136,9 +137,20 @@ class Plan:
                     self.encoder.residual_budget(lay.matrices, lay.num_experts)  # raises if infeasible
             compressed = {s.name for lay in self.layouts for s in lay.sources}
             self.passthrough = [n for n in self.ckpt.tensors if n not in compressed]
+            self.check_weights(progress)
         except BaseException:
             self.ckpt.close()
             raise
+
+    def check_weights(self, progress: bool = False) -> None:
+        """Refuse NaN or Inf anywhere in the checkpoint before the output is created (one
+        streamed read pass; pages are released as it goes)."""
+        for i, name in enumerate(tqdm(self.ckpt.tensors, desc="checking", unit="tensor", disable=not progress,
+                                      leave=False)):
+            check_finite(name, self.ckpt.get(name))
+            if i % 64 == 63:
+                self.ckpt.release()
+        self.ckpt.release()
 
     def model_info(self) -> dict[str, Any]:
         dts = sorted({m.dtype for lay in self.layouts for m in lay.matrices})
@@ -164,7 +176,7 @@ class Plan:
 def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = None,
             config: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Convert ``src`` to ``out``; returns the report (see ``--report``)."""
-    plan = Plan(src, out, options or ConvertOptions(), config)
+    plan = Plan(src, out, options or ConvertOptions(), config, progress)
     t_start = time.perf_counter()
     report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
                               "method": plan.method_info(), "device": str(plan.device), "layers": []}
@@ -174,7 +186,6 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 w.add_file(rel, data)
             for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
                 t = plan.ckpt.get(name)
-                check_finite(name, t)
                 w.add_passthrough(name, to_numpy(t))
                 del t
             plan.ckpt.release()
@@ -204,9 +215,7 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     t0 = time.perf_counter()
     raw = expert_matrices(lay, plan.ckpt.get)
     experts = []
-    for k, e in enumerate(raw):
-        for m, t in e.items():
-            check_finite(f"layer {lay.index} expert {k} {m}", t)
+    for e in raw:
         experts.append({m: t.to(plan.device, torch.float32) for m, t in e.items()})
     del raw
     dtype = lay.matrices[0].dtype
