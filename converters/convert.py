@@ -78,6 +78,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ConversionError if a floating tensor holds NaN or Inf."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ConversionError(f"tensor {name} holds {bad} NaN or Inf value(s); refusing to convert")
@@ -153,6 +154,7 @@ class Plan:
         self.ckpt.release()
 
     def model_info(self) -> dict[str, Any]:
+        """The schema's ``model`` object: architecture, source dtype, compressed layers."""
         dts = sorted({m.dtype for lay in self.layouts for m in lay.matrices})
         archs = self.ckpt.config.get("architectures") or [self.ckpt.config.get("model_type")]
         return {"architecture": archs[0], "model_type": self.ckpt.config.get("model_type"),
@@ -160,6 +162,7 @@ class Plan:
                 "adapter": type(self.adapter).__name__, "compressed_layers": [lay.index for lay in self.layouts]}
 
     def method_info(self) -> dict[str, Any]:
+        """The schema's ``method`` object (spec 4.13): method, budget, residual, flags."""
         from resmoe_format import __version__
 
         e = self.encoder.options
@@ -242,6 +245,7 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
 
 
 def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
+    """Whole-model totals of a report: parameters and bytes kept, both budget conventions, errors."""
     layers = report["layers"]
     errs = [e for lay in layers for s in lay["matrices"].values() for e in s["rel_error"]]
     params = sum(lay["params"] for lay in layers)
@@ -260,6 +264,7 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write the report as JSON (``--report``)."""
     Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
 

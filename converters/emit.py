@@ -24,6 +24,8 @@ ELEMENTWISE = ("auto", "csr16", "bitmap", "bsr", "rice", "dense")
 
 @dataclass(frozen=True)
 class EmitOptions:
+    """How residuals become bytes: value dtype (None: the source's), encoding, int8 quantization."""
+
     value_dtype: str | None = None  # None: the source dtype
     delta_format: str = "auto"
     quant: Quant | None = None

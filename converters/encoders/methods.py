@@ -39,6 +39,8 @@ def get_encoder(name: str, options: EncoderOptions) -> Encoder:
 
 @dataclass(frozen=True)
 class EncoderOptions:
+    """What an encoder needs from the command line: budget, residual compression and scope."""
+
     budget: Budget
     residual: str = "prune"  # "prune" or "svd" (the CLI defaults it to "svd" for --method svd)
     scope: str = "expert"  # "expert" or "matrix"
