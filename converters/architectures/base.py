@@ -65,6 +65,7 @@ class Adapter:
 
     # --- to implement ----------------------------------------------------------------
     def layouts(self) -> list[LayerLayout]:
+        """Every MoE layer of the checkpoint (validated by :meth:`moe_layers`)."""
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------

@@ -31,6 +31,7 @@ class Budget:
 
     @classmethod
     def of(cls, keep: float | None, residual_keep: float | None) -> Budget:
+        """The budget from the two flags, ``--keep 0.25`` when neither is given."""
         if keep is None and residual_keep is None:
             keep = DEFAULT_KEEP
         return cls(keep, residual_keep)

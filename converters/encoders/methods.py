@@ -25,6 +25,7 @@ METHODS: dict[str, type[Encoder]] = {}
 
 
 def register(cls: type[Encoder]) -> type[Encoder]:
+    """Class decorator: make an encoder available as ``--method cls.name``."""
     METHODS[cls.name] = cls
     return cls
 
@@ -127,10 +128,12 @@ class Encoder:
             residuals.append(self.compress(r, specs, budget))
         return LayerResult(self.base_kind, base, perms, residuals), aligned
 
-    def base(self, experts, specs, dtype, progress):  # -> (base dict, perms | None, aligned experts)
+    def base(self, experts, specs, dtype, progress):
+        """(base matrices rounded to ``dtype``, permutations or None, experts in aligned order)."""
         return {}, None, experts
 
     def compress(self, residual: dict[str, torch.Tensor], specs: list[MatrixSpec], budget: int):
+        """One expert's residual parts under ``budget`` parameters (pruned or low rank)."""
         o = self.options
         if budget <= 0 and o.rank is None:
             return {m.name: None for m in specs}
