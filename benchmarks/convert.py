@@ -23,11 +23,11 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_checkpoint(d: Path, layers: int, hidden: int, inter: int, experts: int) -> int:
-    """A sharded bf16 Mixtral checkpoint written one layer (shard) at a time; returns its bytes."""
+def write_checkpoint(d: Path, layers: int, hidden: int, inter: int, experts: int, style: str = "mixtral") -> int:
+    """A sharded bf16 checkpoint written one layer (shard) at a time; returns its bytes."""
     from converters.example import write_mixtral_checkpoint
 
-    return write_mixtral_checkpoint(d, layers, hidden, inter, experts, vocab=4096, sharded=True)
+    return write_mixtral_checkpoint(d, layers, hidden, inter, experts, vocab=4096, sharded=True, style=style)
 
 
 CHILD = """
@@ -62,14 +62,17 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=1792)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--layers", type=int, nargs="*", default=[2, 4, 8, 16, 32])
+    ap.add_argument("--style", default="mixtral", choices=("mixtral", "qwen3_moe"),
+                    help="checkpoint names/config; results of a non-default style go to convert_<style>.*")
     ap.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="extra resmoe-convert flags")
     a = ap.parse_args()
     counts = [2, 4] if a.quick else a.layers
+    tag = "" if a.style == "mixtral" else f"_{a.style}"
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for n in counts:
             src = Path(tmp) / f"ckpt{n}"
-            size = write_checkpoint(src, n, a.hidden, a.inter, a.experts)
+            size = write_checkpoint(src, n, a.hidden, a.inter, a.experts, a.style)
             r = run_convert(src, Path(tmp) / f"m{n}.rmoe", a.flags)
             one_layer = a.experts * 3 * a.hidden * a.inter * 2
             r.update({"layers": n, "checkpoint_bytes": size, "layer_expert_bytes": one_layer})
@@ -82,9 +85,9 @@ def main() -> None:
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
             "shape": {"hidden": a.hidden, "intermediate": a.inter, "experts": a.experts}, "flags": a.flags}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"convert{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = ["# End-to-end conversion: time and peak RSS", "",
-             f"Synthetic bf16 Mixtral-format checkpoints, one shard per layer: {a.experts} experts, hidden "
+             f"Synthetic bf16 {a.style} checkpoints (hub names), one shard per layer: {a.experts} experts, hidden "
              f"{a.hidden}, intermediate {a.inter} (upcycled: permuted copies of one base plus noise). "
              f"`resmoe-convert SRC OUT {' '.join(a.flags) or '(defaults: --method resmoe --keep 0.25)'}` "
              f"in a fresh process on {meta['machine']}; peak RSS of that process.", "",
@@ -101,8 +104,8 @@ def main() -> None:
               "converter holds one layer at a time (source shards are unmapped and the heap trimmed after each "
               "layer). About 230 MiB of it is the interpreter with torch and scipy loaded; the rest is one layer's "
               "working set (float32 experts, the barycenter's similarity cache, residuals), released between "
-              "layers.", "", "![memory and time](convert.png)"]
-    (RESULTS / "CONVERT.md").write_text("\n".join(lines) + "\n")
+              "layers.", "", f"![memory and time](convert{tag}.png)"]
+    (RESULTS / f"CONVERT{tag.upper()}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +119,7 @@ def main() -> None:
     ax[1].set_xlabel("layers"), ax[1].set_ylabel("seconds"), ax[1].set_xscale("log", base=2)
     ax[1].set_title("conversion time")
     fig.tight_layout()
-    fig.savefig(RESULTS / "convert.png", dpi=120)
+    fig.savefig(RESULTS / f"convert{tag}.png", dpi=120)
 
 
 if __name__ == "__main__":

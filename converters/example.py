@@ -17,16 +17,30 @@ import torch
 from safetensors.torch import save_file
 
 
+#: Checkpoint styles: config and tensor names of a Mixtral (few large experts) or a Qwen3-MoE
+#: (many small, "fine-grained" experts) model.
+STYLES = {
+    "mixtral": {"arch": "MixtralForCausalLM", "model_type": "mixtral", "block": "block_sparse_moe",
+                "names": ("w1", "w3", "w2"), "experts_key": "num_local_experts"},
+    "qwen3_moe": {"arch": "Qwen3MoeForCausalLM", "model_type": "qwen3_moe", "block": "mlp",
+                  "names": ("gate_proj", "up_proj", "down_proj"), "experts_key": "num_experts"},
+}
+
+
 def write_mixtral_checkpoint(d: str | Path, layers: int = 4, hidden: int = 64, inter: int = 192, experts: int = 8,
                              vocab: int = 512, noise: float = 0.2, seed: int = 0, sharded: bool = False,
-                             dtype: torch.dtype = torch.bfloat16) -> int:
-    """Write the checkpoint (one shard per layer when ``sharded``); returns the bytes of weights."""
+                             dtype: torch.dtype = torch.bfloat16, style: str = "mixtral") -> int:
+    """Write the checkpoint (one shard per layer when ``sharded``); returns the bytes of weights.
+
+    ``style="qwen3_moe"`` writes the same kind of model with Qwen3-MoE names and config."""
+    st = STYLES[style]
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     heads = max(1, hidden // 16)
-    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_local_experts": experts,
+    cfg = {"architectures": [st["arch"]], "model_type": st["model_type"], "hidden_size": hidden,
+           "intermediate_size": inter, "moe_intermediate_size": inter, "num_hidden_layers": layers,
+           st["experts_key"]: experts, "decoder_sparse_step": 1, "mlp_only_layers": [],
            "num_experts_per_tok": 2, "num_attention_heads": heads, "num_key_value_heads": heads,
            "head_dim": hidden // heads, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
            "rope_theta": 1e6, "tie_word_embeddings": False, "hidden_act": "silu",
@@ -58,14 +72,18 @@ def write_mixtral_checkpoint(d: str | Path, layers: int = 4, hidden: int = 64, i
             pending[f"{pre}.self_attn.{p}_proj.weight"] = rand(hidden, hidden, scale=hidden ** -0.5)
         pending[f"{pre}.input_layernorm.weight"] = torch.ones(hidden)
         pending[f"{pre}.post_attention_layernorm.weight"] = torch.ones(hidden)
-        pending[f"{pre}.block_sparse_moe.gate.weight"] = rand(experts, hidden, scale=hidden ** -0.5)
+        if style == "qwen3_moe":
+            pending[f"{pre}.self_attn.q_norm.weight"] = torch.ones(hidden // heads)
+            pending[f"{pre}.self_attn.k_norm.weight"] = torch.ones(hidden // heads)
+        pending[f"{pre}.{st['block']}.gate.weight"] = rand(experts, hidden, scale=hidden ** -0.5)
         base = {"w1": rand(inter, hidden, scale=hidden ** -0.5), "w3": rand(inter, hidden, scale=hidden ** -0.5),
                 "w2": rand(inter, hidden, scale=inter ** -0.5)}  # w2 kept neuron-first until stored
         for e in range(experts):
             perm = torch.randperm(inter, generator=g)
             for w, b in base.items():
                 v = b[perm] * (1 + noise * torch.randn(b.shape, generator=g))
-                pending[f"{pre}.block_sparse_moe.experts.{e}.{w}.weight"] = v.T if w == "w2" else v
+                name = dict(zip(("w1", "w3", "w2"), st["names"]))[w]
+                pending[f"{pre}.{st['block']}.experts.{e}.{name}.weight"] = v.T if w == "w2" else v
         if sharded:
             flush(f"model-layer-{i:05d}.safetensors")
     if sharded:
@@ -84,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--intermediate", type=int, default=192)
     ap.add_argument("--sharded", action="store_true", help="one safetensors shard per layer, with an index")
+    ap.add_argument("--style", choices=sorted(STYLES), default="mixtral", help="names and config (default mixtral)")
     a = ap.parse_args(argv)
-    n = write_mixtral_checkpoint(a.outdir, a.layers, a.hidden, a.intermediate, a.experts, sharded=a.sharded)
-    print(f"wrote {a.outdir}: Mixtral-format, {a.layers} layers x {a.experts} experts, {n / 2**20:.2f} MiB of bf16 "
-          f"weights")
+    n = write_mixtral_checkpoint(a.outdir, a.layers, a.hidden, a.intermediate, a.experts, sharded=a.sharded,
+                                 style=a.style)
+    print(f"wrote {a.outdir}: {STYLES[a.style]['arch']}, {a.layers} layers x {a.experts} experts, "
+          f"{n / 2**20:.2f} MiB of bf16 weights")
     return 0
 
 
