@@ -232,6 +232,7 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     entry["permutation_bytes"] = perm_bytes
     entry["bytes"] = perm_bytes + sum(s["bytes"] for s in stats.values())
     entry["params"] = sum(s["params"] for s in stats.values())
+    entry["source_bytes"] = sum(s["params"] * by_name(s["dtype"]).itemsize for s in stats.values())
     entry["kept"] = sum(s["kept"] for s in stats.values())
     # the budget in both conventions, as achieved: total kept (base included) and per residual
     entry["keep"] = entry["kept"] / entry["params"] if entry["params"] else None
@@ -249,14 +250,13 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
     layers = report["layers"]
     errs = [e for lay in layers for s in lay["matrices"].values() for e in s["rel_error"]]
     params = sum(lay["params"] for lay in layers)
-    src_bytes = sum(s["params"] * by_name(s["dtype"]).itemsize for lay in layers for s in lay["matrices"].values())
+    src_bytes = sum(lay["source_bytes"] for lay in layers)
     stored = sum(lay["bytes"] for lay in layers)
-    return {"compressed_layers": len(layers), "expert_params": params,
-            "kept_params": sum(lay["kept"] for lay in layers),
-            "kept_fraction": (sum(lay["kept"] for lay in layers) / params) if params else None,
-            "keep": (sum(lay["kept"] for lay in layers) / params) if params else None,
-            "residual_keep": (sum(s["residual_kept"] for lay in layers for s in lay["matrices"].values()) / params)
-            if params else None,
+    kept = sum(lay["kept"] for lay in layers)
+    keep = kept / params if params else None
+    residual_kept = sum(s["residual_kept"] for lay in layers for s in lay["matrices"].values())
+    return {"compressed_layers": len(layers), "expert_params": params, "kept_params": kept,
+            "kept_fraction": keep, "keep": keep, "residual_keep": residual_kept / params if params else None,
             "expert_bytes_source": src_bytes, "expert_bytes_stored": stored,
             "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
             "rel_error_mean": float(np.mean(errs)) if errs else None,

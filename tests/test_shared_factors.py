@@ -51,26 +51,16 @@ def write(path, *layers):
     return path
 
 
-def stored_u(enc):
-    """U as the file stores it, decoded to fp32 by hand (spec 5.1, 5.8)."""
-    u = enc.parts["u"]
+def stored_factor(enc, part):
+    """Factor ``part`` ("u" or "v") as the file stores it, decoded to fp32 by hand (spec 5.1, 5.8)."""
+    x = enc.parts[part].astype(np.float32)
     if enc.value_dtype != "int8":
-        return u.astype(np.float32)
-    s = enc.parts["u_scales"].astype(np.float32)
+        return x
+    s = enc.parts[f"{part}_scales"].astype(np.float32)
     if enc.quant.scheme == "per_row":
-        return u.astype(np.float32) * s[:, None]
-    per = np.repeat(s, enc.quant.block)[:u.size].reshape(u.shape)
-    return u.astype(np.float32) * per
+        return x * s[:, None]
+    return x * np.repeat(s, enc.quant.block)[:x.size].reshape(x.shape)
 
-
-def stored_v(enc):
-    v = enc.parts["v"]
-    if enc.value_dtype != "int8":
-        return v.astype(np.float32)
-    s = enc.parts["v_scales"].astype(np.float32)
-    if enc.quant.scheme == "per_row":
-        return v.astype(np.float32) * s[:, None]
-    return v.astype(np.float32) * np.repeat(s, enc.quant.block)[:v.size].reshape(v.shape)
 
 
 # --- writing and reading ------------------------------------------------------------------
@@ -87,14 +77,14 @@ def test_shared_u_round_trips_as_u_times_v(tmp_path, vd, quant, dtype):
         r.verify()
         restored = dict(restore.restore_all(r))
         for k in range(2):
-            u = stored_u(lay.residuals[k]["gate"]).astype(np.float64)
+            u = stored_factor(lay.residuals[k]["gate"], "u").astype(np.float64)
             for m in MATS:
+                v = stored_factor(lay.residuals[k][m], "v")
                 # spec 6.2: fp32 factors, products summed in binary64, rounded once to binary32; 6.1: then to T
-                want = (u @ stored_v(lay.residuals[k][m]).astype(np.float64)).astype(np.float32)
+                want = (u @ v.astype(np.float64)).astype(np.float32)
                 if dtype == "bf16":
                     want = want.astype(ml_dtypes.bfloat16)
-                np.testing.assert_array_equal(r.residual(0, k, m), (u @ stored_v(lay.residuals[k][m])).astype(
-                    np.float32))
+                np.testing.assert_array_equal(r.residual(0, k, m), (u @ v).astype(np.float32))
                 got = restore.restore_matrix(r, 0, k, m)
                 assert got.dtype == want.dtype
                 np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))

@@ -60,11 +60,10 @@ def summary_table(report: dict) -> Table:
     for col in ("layer", "experts", "kept", "stored", "of source", "error mean", "error max", "seconds"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for lay in report["layers"]:
-        src = sum(s["params"] * {"bf16": 2, "fp16": 2, "fp32": 4}[s["dtype"]] for s in lay["matrices"].values())
         errs = [e for s in lay["matrices"].values() for e in s["rel_error"]]
-        t.add_row(str(lay["index"]), str(lay["num_experts"]), f"{lay['kept'] / lay['params']:.1%}",
-                  f"{lay['bytes'] / 2**20:,.2f} MiB", f"{lay['bytes'] / src:.1%}", f"{sum(errs) / len(errs):.4f}",
-                  f"{max(errs):.4f}", f"{lay['seconds']:.2f}")
+        t.add_row(str(lay["index"]), str(lay["num_experts"]), f"{lay['keep']:.1%}",
+                  f"{lay['bytes'] / 2**20:,.2f} MiB", f"{lay['bytes'] / lay['source_bytes']:.1%}",
+                  f"{sum(errs) / len(errs):.4f}", f"{max(errs):.4f}", f"{lay['seconds']:.2f}")
     s = report["summary"]
     if s["expert_params"]:
         t.add_section()
