@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from resmoe_format import Writer
 from resmoe_format.codecs import Quant
+from resmoe_format.container import permutation_dtype
 from resmoe_format.dtypes import by_name
 
 from .architectures import adapter_for
@@ -227,8 +228,8 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     w.add_layer(layer)
     entry: dict[str, Any] = {"index": lay.index, "prefix": lay.prefix, "num_experts": lay.num_experts,
                              "num_neurons": lay.num_neurons, "matrices": stats}
-    perm_bytes = sum(int(np.asarray(p).size) * (2 if lay.num_neurons <= 65535 else 4)
-                     for p in (result.permutations or []))
+    itemsize = by_name(permutation_dtype(lay.num_neurons)).itemsize
+    perm_bytes = sum(int(np.asarray(p).size) * itemsize for p in (result.permutations or []))
     entry["permutation_bytes"] = perm_bytes
     entry["bytes"] = perm_bytes + sum(s["bytes"] for s in stats.values())
     entry["params"] = sum(s["params"] for s in stats.values())

@@ -128,6 +128,11 @@ def lowest_version(schema: Schema) -> str:
     return SHARED_FACTORS_VERSION_STR if refs > len(tensor_roles(schema, allow_shared=True)) else BASE_VERSION_STR
 
 
+def permutation_dtype(num_neurons: int) -> str:
+    """The dtype of a layer's permutation tensors (spec 6.4): u16 up to 65535 neurons, else i32."""
+    return "u16" if num_neurons <= 65535 else "i32"
+
+
 def _category(part: str, tname: str) -> str:
     try:
         return {"residual_index": "residual_indices"}.get(PART_CATEGORY[part], PART_CATEGORY[part])
@@ -174,7 +179,7 @@ def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: 
         for ref in refs:
             codecs.check_layout(ref.encoding, m.shape2d, ref.value_dtype, ref.quant, ref.params,
                                 _parts_info(ref, tensors), ref.tensors)
-    pdt = "u16" if lay.num_neurons <= 65535 else "i32"
+    pdt = permutation_dtype(lay.num_neurons)
     for p in lay.permutations or []:
         t = tensors[p]
         if t.dtype != pdt or t.shape != (lay.num_neurons,):
@@ -525,7 +530,7 @@ class Writer:
         base = {m: ref(f"{pre}.base.{m}", e, None, m) for m, e in layer.base.items()}
         perms = None
         if layer.permutations is not None:
-            pdt = np.uint16 if layer.num_neurons <= 65535 else np.int32
+            pdt = dtypes.by_name(permutation_dtype(layer.num_neurons)).np
             perms = []
             for k, p in enumerate(layer.permutations):
                 p = np.asarray(p)
