@@ -185,7 +185,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
                               "method": plan.method_info(), "device": str(plan.device), "layers": []}
     try:
-        with Writer(plan.out, plan.model_info(), plan.method_info()) as w:
+        with Writer(plan.out, report["model"], report["method"]) as w:
             for rel, data in sorted(plan.ckpt.files().items()):
                 w.add_file(rel, data)
             for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
