@@ -1,4 +1,4 @@
-"""The one exception type that reading a .rmoe file may raise."""
+"""Exceptions: RmoeFormatError for reading and writing .rmoe files, RmoeRuntimeError for the torch runtime."""
 
 
 class RmoeFormatError(ValueError):
@@ -6,3 +6,7 @@ class RmoeFormatError(ValueError):
 
     The message names the tensor or field at fault and what is wrong with it.
     """
+
+
+class RmoeRuntimeError(RuntimeError):
+    """The torch runtime cannot build or run a model as asked (architecture, dtype, device, budget)."""

@@ -47,11 +47,16 @@ class LowRank:
         used |= check_quant_parts(parts, names, quant, value_dtype, "v", r, r * n)
         check_no_extra(parts, names, used, self.name)
 
-    def decode(self, enc: Encoded, names) -> np.ndarray:
+    def factors(self, enc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded float32 factors (U, V) of a lowrank record (a runtime multiplies by them)."""
         m, n = enc.shape
         r = enc.params["rank"]
         u = load_values(enc.parts["u"], enc.parts.get("u_scales"), enc.quant, dense_rows(m, r)[1])
         v = load_values(enc.parts["v"], enc.parts.get("v_scales"), enc.quant, dense_rows(r, n)[1])
+        return u, v
+
+    def decode(self, enc: Encoded, names) -> np.ndarray:
+        u, v = self.factors(enc)
         return (u.astype(np.float64) @ v.astype(np.float64)).astype(np.float32)
 
     def predict_nbytes(self, shape, value_dtype, quant, rank: int = 0, **_) -> int:

@@ -1,0 +1,220 @@
+"""Compressed experts modules that take the place of a transformers experts module.
+
+``LazyExperts`` restores an expert (barycenter + residual, in aligned neuron order) the first
+time a token is routed to it and keeps it in a byte-bounded LRU cache shared by all layers.
+
+``FusedExperts`` never builds a dense expert. With the aligned expert e = B + D_e:
+
+    pre_m(x, e) = x @ B_m.T + x @ D_{m,e}.T
+    y(x)        = sum_e w_e h_e @ B_out + sum_e w_e h_e @ D_{out,e}
+
+The barycenter's share of the input products, ``x @ B_m.T``, is the same for every expert a
+token is routed to, so it is computed once per token. The nonlinearity sits between the
+matrices, so ``h_e`` is computed per (token, expert); but the output product is linear in h,
+so ``sum_e w_e h_e`` is formed first and multiplied by ``B_out`` once per token. Both steps
+are exact in real arithmetic (distributivity); in floating point they only reorder sums.
+Permutations are never applied: an MLP computes the same function whatever the order of its
+hidden neurons, as long as its input rows, biases and output rows move together.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..container import Reader
+from ..errors import RmoeRuntimeError
+from ..restore import combine
+from ..schema import LayerSpec
+from .kinds import ExpertKind
+from .residuals import Residual, load_residual
+
+
+def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+
+def expert_nbytes(lay: LayerSpec, dtype: torch.dtype) -> int:
+    """Bytes of one dense expert of ``lay`` held in ``dtype``."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return sum(int(np.prod(m.shape)) for m in lay.matrices) * item
+
+
+class ExpertCache:
+    """An LRU cache of dense experts keyed by (layer, expert), bounded by bytes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[int, int], tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, int], build, size: int) -> dict[str, torch.Tensor]:
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return hit[0]
+        self.misses += 1
+        if size > self.capacity:
+            raise RmoeRuntimeError(f"cache_bytes={self.capacity} is smaller than one expert ({size} bytes)")
+        while self.nbytes + size > self.capacity:
+            _, (_, s) = self.entries.popitem(last=False)
+            self.nbytes -= s
+        mats = build()
+        self.entries[key] = (mats, size)
+        self.nbytes += size
+        return mats
+
+
+class CompressedExperts(nn.Module):
+    """Shared routing logic: group (token, slot) pairs by expert and call ``_run``."""
+
+    def __init__(self, kind: ExpertKind, lay: LayerSpec):
+        super().__init__()
+        self.kind = kind
+        self.layer = lay.index
+        self.num_experts = lay.num_experts
+        names = {m.name for m in lay.matrices}
+        missing = [m for m in kind.inputs + (kind.output,) if m not in names]
+        if missing:
+            raise RmoeRuntimeError(f"layer {lay.index}: the file has no matrices {missing} that "
+                                   f"{type(kind).__name__} experts need (it has {sorted(names)})")
+        self.biased = all(b in names for b in kind.input_biases) and kind.output_bias in names
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        x, index, weights = self.kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
+        out = self._run(x, index, weights)
+        return out.to(hidden_states.dtype)
+
+    def groups(self, index: torch.Tensor):
+        """(expert, token rows, slot columns) for every expert that some token is routed to."""
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()
+        k = index.shape[1]
+        start = 0
+        for e, c in enumerate(counts[:self.num_experts]):
+            if c:
+                pos = order[start:start + c]
+                yield e, pos // k, pos % k
+            start += c
+
+    def _run(self, x, index, weights):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, kind={type(self.kind).__name__}"
+
+
+class LazyExperts(CompressedExperts):
+    """Dense experts restored on first use into a shared LRU cache; the file stays mapped."""
+
+    def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, cache: ExpertCache,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(kind, lay)
+        self.reader, self.lay, self.cache = reader, lay, cache
+        self.dtype, self.device = dtype, device
+        self.expert_bytes = expert_nbytes(lay, dtype)
+        if self.expert_bytes > cache.capacity:
+            raise RmoeRuntimeError(f"cache_bytes={cache.capacity} is smaller than one expert of layer {lay.index} "
+                                   f"({self.expert_bytes} bytes in {dtype})")
+
+    def restore(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's matrices in aligned order: cast(B + D_e) per the spec, then to the runtime dtype."""
+        out = {}
+        for m in self.lay.matrices:
+            w = combine(self.reader.base(self.layer, m.name), self.reader.residual(self.layer, e, m.name), m.dtype)
+            out[m.name] = _torch(w.reshape(m.shape), self.dtype, self.device)
+        self.reader.release()
+        return out
+
+    def _run(self, x, index, weights):
+        kind = self.kind
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=self.dtype, device=x.device)
+        xd = x.to(self.dtype)
+        for e, rows, slots in self.groups(index):
+            w = self.cache.get((self.layer, e), lambda e=e: self.restore(e), self.expert_bytes)
+            xe = xd[rows]
+            pre = [nn.functional.linear(xe, w[m], w[b] if self.biased else None)
+                   for m, b in zip(kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
+            y = kind.activate(pre) @ w[kind.output]
+            if self.biased:
+                y = y + w[kind.output_bias]
+            out.index_add_(0, rows, y * weights[rows, slots, None].to(self.dtype))
+        return out
+
+
+class FusedExperts(CompressedExperts):
+    """Barycenter products shared across the routed experts plus per-expert residual products."""
+
+    def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__(kind, lay)
+        self.dtype = dtype
+        n = lay.num_neurons
+        has_base = lay.base_kind != "none"
+        self.n = n
+        if has_base:
+            self.base_in = _torch(np.concatenate([reader.base(self.layer, m) for m in kind.inputs]), dtype, device)
+            self.base_out = _torch(reader.base(self.layer, kind.output), dtype, device)
+        else:
+            self.base_in = self.base_out = None
+        shared: dict[str, torch.Tensor] = {}
+        self.residuals: list[dict[str, Residual]] = []
+        for e in range(lay.num_experts):
+            recs = {}
+            for m in kind.inputs + (kind.output,):
+                ref = lay.residuals[e][m]
+                if ref is not None:
+                    recs[m] = load_residual(reader, lay, ref, m, m == kind.output, dtype, device, shared)
+            self.residuals.append(recs)
+            reader.release()
+        if self.biased:
+            names = kind.input_biases + (kind.output_bias,)
+            self.biases = {b: torch.stack([_torch(combine(reader.base(self.layer, b) if has_base else None,
+                                                          reader.residual(self.layer, e, b), "fp32"), dtype, device)
+                                           for e in range(lay.num_experts)]) for b in names}
+        if not has_base and any(len(r) < len(kind.inputs) + 1 for r in self.residuals):
+            raise RmoeRuntimeError(f"layer {lay.index}: an expert matrix has neither base nor residual")
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds in memory (barycenter, residual operators, biases)."""
+        total = sum(t.numel() * t.element_size() for t in (self.base_in, self.base_out) if t is not None)
+        total += sum(r.nbytes() for recs in self.residuals for r in recs.values())
+        if self.biased:
+            total += sum(t.numel() * t.element_size() for t in self.biases.values())
+        return total
+
+    def _run(self, x, index, weights):
+        kind, n = self.kind, self.n
+        xd = x.to(self.dtype)
+        T = x.shape[0]
+        shared_in = nn.functional.linear(xd, self.base_in) if self.base_in is not None else None
+        hsum = torch.zeros(T, n, dtype=self.dtype, device=x.device) if self.base_out is not None else None
+        out = torch.zeros(T, x.shape[1], dtype=self.dtype, device=x.device)
+        for e, rows, slots in self.groups(index):
+            recs = self.residuals[e]
+            xe = xd[rows]
+            pre = []
+            for i, m in enumerate(kind.inputs):
+                p = shared_in[rows, i * n:(i + 1) * n] if shared_in is not None else None
+                if m in recs:
+                    r = recs[m].apply_in(xe)
+                    p = r if p is None else p + r
+                if self.biased:
+                    p = p + self.biases[kind.input_biases[i]][e]
+                pre.append(p)
+            hw = kind.activate(pre) * weights[rows, slots, None].to(self.dtype)
+            if hsum is not None:
+                hsum.index_add_(0, rows, hw)
+            y = recs[kind.output].apply_out(hw) if kind.output in recs else None
+            if self.biased:
+                b = self.biases[kind.output_bias][e] * weights[rows, slots, None].to(self.dtype)
+                y = b if y is None else y + b
+            if y is not None:
+                out.index_add_(0, rows, y)
+        if hsum is not None:
+            out = out + hsum @ self.base_out
+        return out

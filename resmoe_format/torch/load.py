@@ -1,0 +1,267 @@
+"""Build a transformers model from a .rmoe file, or patch one, in one of three modes.
+
+- ``materialize``: dense experts restored (original neuron order) into the model's own
+  experts parameters: the restored dense model, run by transformers' own code.
+- ``lazy``: compressed layers become :class:`LazyExperts` (restore on first use, LRU cache).
+- ``fused``: compressed layers become :class:`FusedExperts` (no dense expert is ever built).
+
+The model is built on the meta device from the embedded ``config.json``; only tensors that
+are really needed are allocated, so lazy and fused never hold a dense copy of the experts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import container
+from ..container import Reader
+from ..errors import RmoeRuntimeError
+from ..restore import restore_expert
+from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
+from .kinds import ExpertKind, kind_for
+
+MODES = ("materialize", "lazy", "fused")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_PROBE = "resmoe_probe"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here (RmoeRuntimeError otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise RmoeRuntimeError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RmoeRuntimeError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RmoeRuntimeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise RmoeRuntimeError(f"device {device!r}: the runtime supports cpu and cuda")
+    return dev
+
+
+def resolve_dtype(dtype, reader: Reader) -> torch.dtype:
+    """The runtime dtype: ``dtype`` if given, else the source dtype recorded in the file."""
+    if dtype is None:
+        dtype = reader.model.get("source_dtype", "fp32")
+        if dtype not in DTYPES:
+            dtype = "fp32"  # mixed source dtypes
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise RmoeRuntimeError(f"dtype {dtype!r} is not available; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise RmoeRuntimeError(f"dtype {dtype} is not available; choose float32, bfloat16 or float16")
+    return dtype
+
+
+def _config(reader: Reader):
+    import transformers
+
+    cfg = reader.config()
+    if cfg is None:
+        raise RmoeRuntimeError(f"{reader.path} embeds no config.json: the runtime cannot build its model "
+                               f"(patch_model() an already-built model instead)")
+    model_type = cfg.get("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RmoeRuntimeError(f"transformers cannot build a config for model_type {model_type!r}: {e}") from None
+    arch = reader.model.get("architecture")
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise RmoeRuntimeError(f"transformers {transformers.__version__} has no model class {arch!r}")
+    kind_for(config)  # refuse an architecture the runtime has no experts kind for, before building anything
+    return config, cls
+
+
+class _Names:
+    """Checkpoint tensor names to the model's parameter names, by transformers' own renaming rules."""
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conv = get_model_conversion_mapping(model)
+        self._ren = [c for c in conv if isinstance(c, WeightRenaming)]
+        self._conv = [c for c in conv if isinstance(c, WeightConverter)]
+        self._rename = rename_source_key
+        self._prefix = model.base_model_prefix
+        self.meta = model.state_dict()
+
+    def __call__(self, name: str) -> str:
+        return self._rename(name, self._ren, self._conv, self._prefix, self.meta)[0]
+
+    def module(self, prefix: str) -> str:
+        """The module path of a checkpoint module prefix (e.g. an experts module)."""
+        return self._rename(f"{prefix}.{_PROBE}", self._ren, [], None, None)[0][:-len(_PROBE) - 1]
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _set(model: nn.Module, path: str, value) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if isinstance(value, nn.Module):
+        setattr(owner, leaf, value)
+    elif leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _load_passthrough(model, reader: Reader, names: _Names, dtype: torch.dtype, device: torch.device) -> set[str]:
+    loaded = set()
+    for src in reader.schema.passthrough:
+        key = names(src)
+        if key not in names.meta:
+            raise RmoeRuntimeError(f"tensor {src}: the {type(model).__name__} built from the embedded config has no "
+                                   f"parameter {key!r}")
+        want = names.meta[key]
+        arr = reader.tensor(src)
+        if tuple(arr.shape) != tuple(want.shape):
+            raise RmoeRuntimeError(f"tensor {src}: shape {list(arr.shape)} but the model's {key} is {list(want.shape)}")
+        t = torch.from_numpy(np.array(arr))
+        _set(model, key, t.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype))
+        loaded.add(key)
+    reader.release()
+    return loaded
+
+
+def _finish(model, device: torch.device) -> None:
+    """Tie weights, recompute non-persistent buffers (rotary tables) and check nothing stayed on meta."""
+    model.tie_weights()
+    for mod_name, mod in model.named_modules():
+        metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
+        if metas:
+            for b in metas:
+                mod._buffers[b] = torch.empty_like(mod._buffers[b], device=device)
+            with _quiet():
+                model._init_weights(mod)
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise RmoeRuntimeError(f"the file does not provide {len(left)} tensor(s) the model needs: {left[:5]}")
+
+
+def _materialize(kind: ExpertKind, module: nn.Module, reader: Reader, lay, dtype, device) -> nn.Module:
+    for name in kind.dense_parameters(module):
+        p = module.get_parameter(name)
+        _set(module, name, torch.empty(p.shape, dtype=dtype, device=device))
+    for e in range(lay.num_experts):
+        mats = restore_expert(reader, lay.index, e, original_order=True)
+        kind.write_dense(module, e, {k: torch.from_numpy(v).to(device=device, dtype=dtype) for k, v in mats.items()})
+        reader.release()
+    return module
+
+
+def _compressed_module(kind, reader, lay, mode, dtype, device, cache, original):
+    if mode == "materialize":
+        return _materialize(kind, original, reader, lay, dtype, device)
+    if mode == "lazy":
+        return LazyExperts(kind, reader, lay, cache, dtype, device)
+    return FusedExperts(kind, reader, lay, dtype, device)
+
+
+def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: str, dtype, device,
+                  cache_bytes: int | None) -> None:
+    layers = reader.layers
+    cache = None
+    if mode == "lazy":
+        one = max(expert_nbytes(lay, dtype) for lay in layers) if layers else 0
+        if cache_bytes is None:
+            cache_bytes = one * max((lay.num_experts for lay in layers), default=1)
+        if cache_bytes < one:
+            raise RmoeRuntimeError(f"cache_bytes={cache_bytes} is smaller than one expert ({one} bytes in {dtype})")
+        cache = ExpertCache(cache_bytes)
+    for lay in layers:
+        path = names.module(lay.prefix)
+        try:
+            original = model.get_submodule(path)
+        except AttributeError:
+            raise RmoeRuntimeError(f"layer {lay.index}: the model has no experts module {path!r} "
+                                   f"(checkpoint prefix {lay.prefix})") from None
+        n_model = getattr(original, "num_experts", lay.num_experts)
+        if n_model != lay.num_experts:
+            raise RmoeRuntimeError(f"layer {lay.index}: the model's {path} has {n_model} experts, the file "
+                                   f"{lay.num_experts}")
+        new = _compressed_module(kind, reader, lay, mode, dtype, device, cache, original)
+        if new is not original:
+            _set(model, path, new)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise RmoeRuntimeError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+
+
+def load_model(path: str | os.PathLike, mode: str = "materialize", device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None, cache_bytes: int | None = None,
+               verify_checksums: bool = True):
+    """A transformers model built from the ``.rmoe`` file's embedded config, in eval mode.
+
+    ``mode``: ``materialize`` | ``lazy`` | ``fused`` (module docstring). ``dtype`` defaults to the
+    source dtype. ``cache_bytes`` bounds lazy mode's expert cache (default: one layer's experts).
+    Nothing is downloaded and no remote code runs.
+    """
+    _check_mode(mode)
+    dev = resolve_device(device)
+    reader = container.open(Path(path), verify_checksums)
+    try:
+        dt = resolve_dtype(dtype, reader)
+        config, cls = _config(reader)
+        kind = kind_for(config)
+        with torch.device("meta"), _quiet():
+            model = cls._from_config(config, dtype=dt)
+        names = _Names(model)
+        _load_passthrough(model, reader, names, dt, dev)
+        _patch_layers(model, reader, names, kind, mode, dt, dev, cache_bytes)
+        _finish(model, dev)
+    except BaseException:
+        reader.close()
+        raise
+    if mode == "materialize":
+        reader.close()
+    else:
+        model._resmoe_reader = reader  # lazy reads from it; fused keeps it for provenance
+    return model.eval()
+
+
+def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes: int | None = None,
+                verify_checksums: bool = True):
+    """Swap an already-built transformers model's experts for the ``.rmoe`` file's, in place.
+
+    The model keeps its own non-expert weights, device and dtype (those of its first floating
+    parameter); every compressed layer's experts module is replaced (lazy, fused) or refilled
+    with restored dense experts (materialize). Returns the model.
+    """
+    _check_mode(mode)
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dev = ref.device if ref is not None else torch.device("cpu")
+    dt = ref.dtype if ref is not None else torch.float32
+    reader = container.open(Path(path), verify_checksums)
+    try:
+        kind = kind_for(model.config)
+        arch = reader.model.get("model_type")
+        if arch is not None and arch != model.config.model_type:
+            raise RmoeRuntimeError(f"{path} holds a {arch!r} model, not {model.config.model_type!r}")
+        _patch_layers(model, reader, _Names(model), kind, mode, dt, dev, cache_bytes)
+    except BaseException:
+        reader.close()
+        raise
+    if mode == "materialize":
+        reader.close()
+    else:
+        model._resmoe_reader = reader
+    return model

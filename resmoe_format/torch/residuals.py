@@ -1,0 +1,118 @@
+"""Residuals as torch operators that never build a dense expert (the ``fused`` mode).
+
+A residual D (n, H) of an input matrix contributes ``x @ D.T`` to the pre-activations; the
+residual of the output matrix contributes ``h @ D``. Each record keeps the shape its encoding
+is cheapest to multiply in:
+
+- ``lowrank`` U (n, r), V (r, H): ``x @ V.T @ U.T`` and ``h @ U @ V``; a U shared by an
+  expert's records (format 2.0) is one tensor in memory.
+- sparse encodings (csr16, bitmap, bsr, rice): a torch CSR matrix with int32 indices, stored
+  as D for inputs and as D.T for the output so both products are CSR @ dense.
+- ``dense``: the matrix itself.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import codecs
+from ..container import Reader
+from ..schema import EncodedRef, LayerSpec
+
+SPARSE_ENCODINGS = frozenset({"csr16", "bitmap", "bsr", "rice"})
+
+
+class Residual:
+    """One decoded residual record ready to multiply."""
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def apply_in(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ D.T`` for x (T, H): the record's contribution to pre-activations (T, n)."""
+        raise NotImplementedError
+
+    def apply_out(self, h: torch.Tensor) -> torch.Tensor:
+        """``h @ D`` for h (T, n): the contribution to the output (T, H)."""
+        raise NotImplementedError
+
+
+class DenseResidual(Residual):
+    def __init__(self, d: torch.Tensor):
+        self.d = d
+
+    def nbytes(self) -> int:
+        return self.d.numel() * self.d.element_size()
+
+    def apply_in(self, x):
+        return torch.nn.functional.linear(x, self.d)
+
+    def apply_out(self, h):
+        return h @ self.d
+
+
+class LowRankResidual(Residual):
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, u_shared: bool):
+        self.u, self.v, self.u_shared = u, v, u_shared
+
+    def nbytes(self) -> int:
+        u = 0 if self.u_shared else self.u.numel() * self.u.element_size()
+        return u + self.v.numel() * self.v.element_size()
+
+    def apply_in(self, x):
+        return (x @ self.v.T) @ self.u.T
+
+    def apply_out(self, h):
+        return (h @ self.u) @ self.v
+
+
+class SparseResidual(Residual):
+    """CSR with int32 indices; values float32 (torch's CPU CSR kernels take no bf16/fp16)."""
+
+    def __init__(self, csr: torch.Tensor):
+        self.csr = csr
+
+    @classmethod
+    def from_dense(cls, d: np.ndarray, device: torch.device) -> "SparseResidual":
+        c = torch.from_numpy(np.ascontiguousarray(d)).to_sparse_csr()
+        csr = torch.sparse_csr_tensor(c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32), c.values(),
+                                      size=c.shape, device=device)
+        return cls(csr)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.csr.crow_indices(), self.csr.col_indices(),
+                                                          self.csr.values()))
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.csr @ x.T.to(self.csr.dtype)).T.to(x.dtype)
+
+    apply_in = _mm
+    apply_out = _mm
+
+
+def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, output: bool,
+                  dtype: torch.dtype, device: torch.device, shared: dict[str, torch.Tensor]) -> Residual:
+    """Decode one residual record into the operator its encoding multiplies fastest with."""
+    spec = lay.matrix(matrix)
+    enc = reader.encoded(ref, spec)
+    if ref.encoding == "lowrank":
+        u_np, v_np = codecs.CODECS["lowrank"].factors(enc)
+        key = ref.tensors["u"]
+        u = shared.get(key)
+        if u is None:
+            u = shared[key] = torch.from_numpy(u_np).to(device=device, dtype=dtype)
+        return LowRankResidual(u, torch.from_numpy(v_np).to(device=device, dtype=dtype), shared_u(lay, ref))
+    d = codecs.decode(enc, ref.tensors)
+    if ref.encoding in SPARSE_ENCODINGS:
+        return SparseResidual.from_dense(d.T if output else d, device)
+    return DenseResidual(torch.from_numpy(d).to(device=device, dtype=dtype))
+
+
+def shared_u(lay: LayerSpec, ref: EncodedRef) -> bool:
+    """Whether ``ref``'s U is also another record's U (counted once, on the first record)."""
+    key = ref.tensors["u"]
+    for expert in lay.residuals:
+        for r in expert.values():
+            if r is not None and r.encoding == "lowrank" and r.tensors.get("u") == key:
+                return r is not ref
+    return False
