@@ -5,7 +5,6 @@ layer selection, budgets, flags); the output appears atomically only when comple
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import time
@@ -22,6 +21,7 @@ from resmoe_format import Writer
 from resmoe_format.codecs import Quant
 from resmoe_format.container import permutation_dtype
 from resmoe_format.dtypes import by_name
+from resmoe_format.memory import trim_heap
 
 from .architectures import adapter_for
 from .checkpoint import Checkpoint
@@ -199,20 +199,12 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 report["layers"].append(_convert_layer(plan, lay, w))
                 gc.collect()
                 plan.ckpt.release()
-                _trim_heap()
+                trim_heap()
     finally:
         plan.ckpt.close()
     report["seconds"] = time.perf_counter() - t_start
     report["summary"] = summarize(report, Path(out).stat().st_size)
     return report
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS between layers (glibc), so RSS tracks one layer."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:

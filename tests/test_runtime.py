@@ -61,7 +61,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> N
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch):
-    rmoe, restored = converted(tmp_path_factory, arch)
+    rmoe, restored = converted(tmp_path_factory, arch, residual_keep=0.25)  # sparse residuals in every layer
     want = logits(hf_load(restored), arch)
     assert torch.equal(logits(load_model(rmoe, mode="materialize"), arch), want)
     for mode in LAZY_FUSED:
@@ -71,9 +71,11 @@ def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch):
         assert_close(logits(model, arch), want)
 
 
-@pytest.mark.parametrize("opts", [dict(residual="svd"), dict(residual="svd", residual_scope="matrix"),
-                                  dict(method="prune"), dict(method="svd"), dict(method="merge"),
-                                  dict(value_dtype="int8"), dict(lossless=True), dict(delta_format="bsr"),
+@pytest.mark.parametrize("opts", [dict(residual="svd", residual_keep=0.3),
+                                  dict(residual="svd", residual_scope="matrix", residual_keep=0.3),
+                                  dict(keep=0.5), dict(method="prune"), dict(method="svd"), dict(method="merge"),
+                                  dict(value_dtype="int8", residual_keep=0.3), dict(lossless=True),
+                                  dict(delta_format="bsr", residual_keep=0.3), dict(delta_format="rice", keep=0.4),
                                   dict(residual_keep=0.5, delta_format="csr16")],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
@@ -86,7 +88,7 @@ def test_every_encoding_and_method(tmp_path_factory, arch, opts):
 
 @pytest.mark.parametrize("arch", ["mixtral", "switch"])
 def test_generate_matches_the_dense_model(tmp_path_factory, arch):
-    rmoe, restored = converted(tmp_path_factory, arch)
+    rmoe, restored = converted(tmp_path_factory, arch, residual_keep=0.25)
     ids = inputs("mixtral", batch=2, seq=5)["input_ids"]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = hf_load(restored).generate(ids, **kw)
@@ -225,3 +227,16 @@ def test_config_json_round_trips(tmp_path_factory):
     rmoe, restored = converted(tmp_path_factory, "olmoe")
     cfg = json.loads((restored / "config.json").read_text())
     assert load_model(rmoe, mode="fused").config.model_type == cfg["model_type"]
+
+
+def test_fused_residual_operators_follow_the_encoding(tmp_path_factory):
+    from resmoe_format.torch.residuals import DenseResidual, LowRankResidual, SparseResidual
+
+    def ops(**opts):
+        model = load_model(converted(tmp_path_factory, "mixtral", **opts)[0], mode="fused")
+        lay = next(m for m in model.modules() if isinstance(m, FusedExperts))
+        return {type(op) for ops_ in lay.in_ops for _, _, op in ops_} | {type(op) for op in lay.out_ops}
+
+    assert ops(residual_keep=0.25) == {SparseResidual}
+    assert ops(residual="svd", residual_keep=0.3) == {LowRankResidual}
+    assert ops(lossless=True) <= {DenseResidual, SparseResidual}

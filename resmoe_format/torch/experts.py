@@ -29,7 +29,7 @@ from ..errors import RmoeRuntimeError
 from ..restore import combine
 from ..schema import LayerSpec
 from .kinds import ExpertKind
-from .residuals import Residual, load_residual
+from .residuals import SPARSE_ENCODINGS, Residual, SparseResidual, load_residual
 
 
 def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -153,68 +153,74 @@ class FusedExperts(CompressedExperts):
     def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, dtype: torch.dtype, device: torch.device):
         super().__init__(kind, lay)
         self.dtype = dtype
-        n = lay.num_neurons
+        self.n = n = lay.num_neurons
         has_base = lay.base_kind != "none"
-        self.n = n
         if has_base:
             self.base_in = _torch(np.concatenate([reader.base(self.layer, m) for m in kind.inputs]), dtype, device)
             self.base_out = _torch(reader.base(self.layer, kind.output), dtype, device)
         else:
             self.base_in = self.base_out = None
         shared: dict[str, torch.Tensor] = {}
-        self.residuals: list[dict[str, Residual]] = []
+        # per expert: [(first column, last column, operator)] over the concatenated pre-activations
+        self.in_ops: list[list[tuple[int, int, Residual]]] = []
+        self.out_ops: list[Residual | None] = []
         for e in range(lay.num_experts):
-            recs = {}
-            for m in kind.inputs + (kind.output,):
-                ref = lay.residuals[e][m]
-                if ref is not None:
-                    recs[m] = load_residual(reader, lay, ref, m, m == kind.output, dtype, device, shared)
-            self.residuals.append(recs)
+            refs = [lay.residuals[e][m] for m in kind.inputs]
+            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS for r in refs):
+                # one CSR over all input matrices: one sparse product per expert instead of one per matrix
+                stacked = np.concatenate([reader.residual(self.layer, e, m) for m in kind.inputs])
+                ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device))]
+            else:
+                ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared))
+                       for i, (m, r) in enumerate(zip(kind.inputs, refs)) if r is not None]
+            ref = lay.residuals[e][kind.output]
+            out = None if ref is None else load_residual(reader, lay, ref, kind.output, True, dtype, device, shared)
+            if not has_base and (out is None or sum(b - a for a, b, _ in ops) < len(refs) * n):
+                raise RmoeRuntimeError(f"layer {lay.index}: expert {e} has a matrix with neither base nor residual")
+            self.in_ops.append(ops)
+            self.out_ops.append(out)
             reader.release()
         if self.biased:
-            names = kind.input_biases + (kind.output_bias,)
-            self.biases = {b: torch.stack([_torch(combine(reader.base(self.layer, b) if has_base else None,
-                                                          reader.residual(self.layer, e, b), "fp32"), dtype, device)
-                                           for e in range(lay.num_experts)]) for b in names}
-        if not has_base and any(len(r) < len(kind.inputs) + 1 for r in self.residuals):
-            raise RmoeRuntimeError(f"layer {lay.index}: an expert matrix has neither base nor residual")
+            def bias(name: str, e: int) -> np.ndarray:
+                return combine(reader.base(self.layer, name) if has_base else None,
+                               reader.residual(self.layer, e, name), "fp32").reshape(-1)
+
+            E = range(lay.num_experts)
+            self.bias_in = _torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
+                                  dtype, device)
+            self.bias_out = _torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (barycenter, residual operators, biases)."""
-        total = sum(t.numel() * t.element_size() for t in (self.base_in, self.base_out) if t is not None)
-        total += sum(r.nbytes() for recs in self.residuals for r in recs.values())
-        if self.biased:
-            total += sum(t.numel() * t.element_size() for t in self.biases.values())
-        return total
+        tensors = [self.base_in, self.base_out] + ([self.bias_in, self.bias_out] if self.biased else [])
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        total += sum(op.nbytes() for ops in self.in_ops for _, _, op in ops)
+        return total + sum(op.nbytes() for op in self.out_ops if op is not None)
 
     def _run(self, x, index, weights):
-        kind, n = self.kind, self.n
-        xd = x.to(self.dtype)
-        T = x.shape[0]
+        kind, n, dt = self.kind, self.n, self.dtype
+        xd = x.to(dt)
+        T, width = x.shape[0], len(kind.inputs) * n
         shared_in = nn.functional.linear(xd, self.base_in) if self.base_in is not None else None
-        hsum = torch.zeros(T, n, dtype=self.dtype, device=x.device) if self.base_out is not None else None
-        out = torch.zeros(T, x.shape[1], dtype=self.dtype, device=x.device)
+        hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
+        out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
         for e, rows, slots in self.groups(index):
-            recs = self.residuals[e]
             xe = xd[rows]
-            pre = []
-            for i, m in enumerate(kind.inputs):
-                p = shared_in[rows, i * n:(i + 1) * n] if shared_in is not None else None
-                if m in recs:
-                    r = recs[m].apply_in(xe)
-                    p = r if p is None else p + r
-                if self.biased:
-                    p = p + self.biases[kind.input_biases[i]][e]
-                pre.append(p)
-            hw = kind.activate(pre) * weights[rows, slots, None].to(self.dtype)
+            pre = shared_in[rows] if shared_in is not None else torch.zeros(len(rows), width, dtype=dt,
+                                                                             device=x.device)
+            for a, b, op in self.in_ops[e]:
+                pre[:, a:b] += op.apply_in(xe)
+            if self.biased:
+                pre += self.bias_in[e]
+            w = weights[rows, slots, None].to(dt)
+            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(kind.inputs))]) * w
             if hsum is not None:
                 hsum.index_add_(0, rows, hw)
-            y = recs[kind.output].apply_out(hw) if kind.output in recs else None
+            y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
             if self.biased:
-                b = self.biases[kind.output_bias][e] * weights[rows, slots, None].to(self.dtype)
-                y = b if y is None else y + b
+                y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
             if y is not None:
                 out.index_add_(0, rows, y)
         if hsum is not None:
-            out = out + hsum @ self.base_out
+            out += hsum @ self.base_out
         return out

@@ -22,6 +22,7 @@ from torch import nn
 from .. import container
 from ..container import Reader
 from ..errors import RmoeRuntimeError
+from ..memory import trim_heap
 from ..restore import restore_expert
 from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
 from .kinds import ExpertKind, kind_for
@@ -62,9 +63,18 @@ def resolve_dtype(dtype, reader: Reader) -> torch.dtype:
     return dtype
 
 
-def _config(reader: Reader):
-    import transformers
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise RmoeRuntimeError("the torch runtime needs transformers >= 5: pip install 'resmoe[hf]'") from None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise RmoeRuntimeError(f"the torch runtime needs transformers >= 5, not {transformers.__version__}")
+    return transformers
 
+
+def _config(reader: Reader):
+    transformers = _transformers()
     cfg = reader.config()
     if cfg is None:
         raise RmoeRuntimeError(f"{reader.path} embeds no config.json: the runtime cannot build its model "
@@ -199,6 +209,9 @@ def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: 
         new = _compressed_module(kind, reader, lay, mode, dtype, device, cache, original)
         if new is not original:
             _set(model, path, new)
+        del original
+        reader.release()
+        trim_heap()
 
 
 def _check_mode(mode: str) -> None:
@@ -247,6 +260,7 @@ def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes
     with restored dense experts (materialize). Returns the model.
     """
     _check_mode(mode)
+    _transformers()
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     dev = ref.device if ref is not None else torch.device("cpu")
     dt = ref.dtype if ref is not None else torch.float32

@@ -74,10 +74,11 @@ class SparseResidual(Residual):
 
     @classmethod
     def from_dense(cls, d: np.ndarray, device: torch.device) -> "SparseResidual":
-        c = torch.from_numpy(np.ascontiguousarray(d)).to_sparse_csr()
-        csr = torch.sparse_csr_tensor(c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32), c.values(),
-                                      size=c.shape, device=device)
-        return cls(csr)
+        import scipy.sparse
+
+        c = scipy.sparse.csr_matrix(np.asarray(d, dtype=np.float32))
+        idx = [torch.from_numpy(a.astype(np.int32, copy=False)) for a in (c.indptr, c.indices)]
+        return cls(torch.sparse_csr_tensor(*idx, torch.from_numpy(c.data), size=c.shape, device=device))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.csr.crow_indices(), self.csr.col_indices(),
