@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"runtime{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, RESULTS / f"runtime{suffix}.png")
-    print(table(rows))
+    md = RESULTS / f"RUNTIME{suffix.upper()}.table.md"
+    md.write_text(f"baseline RSS (interpreter, torch, transformers; no model): {baseline / 2**20:.0f} MiB\n\n"
+                  + table(rows) + "\n")
+    print(md.read_text())
     return 0
 
 

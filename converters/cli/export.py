@@ -1,30 +1,58 @@
-"""resmoe-export: a .rmoe file to another runtime's format."""
+"""resmoe-export: a .rmoe file to another runtime's format (and a compressed GGUF back to .rmoe)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..restore_checkpoint import restore_checkpoint
 from .common import run_cli
 
-#: Export targets available in this release.
-TARGETS = ("safetensors",)
+#: ``--to`` targets: what each writes.
+TARGETS = {
+    "gguf": "llama.cpp GGUF with restored experts (--type picks f32, f16, bf16, q8_0, q4_k_m, ...)",
+    "gguf-rmoe": "compressed GGUF keeping barycenters, permutations and residuals (spec/GGUF_RMOE.md)",
+    "onnx": "ONNX for ONNX Runtime (--variant dense or lowrank)",
+    "safetensors": "a plain safetensors checkpoint directory (same as resmoe-restore)",
+    "rmoe": "a compressed GGUF (gguf-rmoe) converted back to .rmoe, exactly",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="resmoe-export", description="Export a .rmoe file.")
-    ap.add_argument("file", help=".rmoe file")
+    ap = argparse.ArgumentParser(prog="resmoe-export", description="Export a .rmoe file to another format.",
+                                 epilog="targets:\n" + "\n".join(f"  {k:12} {v}" for k, v in TARGETS.items()),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file", help=".rmoe file (a compressed .gguf for --to rmoe)")
     ap.add_argument("--to", required=True, help=f"target format: {', '.join(TARGETS)}")
     ap.add_argument("out", help="output path (a directory for safetensors)")
-    ap.add_argument("--original-order", action="store_true", help="undo neuron permutations")
+    ap.add_argument("--type", default="f32", help="GGUF tensor type (default f32)")
+    ap.add_argument("--variant", default="dense", help="ONNX variant: dense or lowrank (default dense)")
+    ap.add_argument("--original-order", action="store_true", help="safetensors: undo neuron permutations")
     a = ap.parse_args(argv)
     if a.to not in TARGETS:
         print(f"resmoe-export: unsupported target {a.to!r}; supported: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
 
     def body() -> int:
-        restore_checkpoint(a.file, a.out, a.original_order)
-        print(f"exported {a.file} -> {a.out} ({a.to})")
+        if a.to == "gguf":
+            from ..exporters.gguf_export import export_gguf
+
+            export_gguf(a.file, a.out, a.type)
+        elif a.to == "gguf-rmoe":
+            from ..exporters.gguf_rmoe import rmoe_to_gguf
+
+            rmoe_to_gguf(a.file, a.out)
+        elif a.to == "rmoe":
+            from ..exporters.gguf_rmoe import gguf_to_rmoe
+
+            gguf_to_rmoe(a.file, a.out)
+        elif a.to == "onnx":
+            from ..exporters.onnx_export import export_onnx
+
+            export_onnx(a.file, a.out, a.variant)
+        else:
+            from ..restore_checkpoint import restore_checkpoint
+
+            restore_checkpoint(a.file, a.out, a.original_order)
+        print(f"exported {a.file} -> {a.out} ({a.to}{', ' + a.type if a.to == 'gguf' else ''})")
         return 0
 
     return run_cli("resmoe-export", body)

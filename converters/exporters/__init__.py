@@ -1,0 +1,1 @@
+"""Exporters: a .rmoe file to other runtimes' formats."""

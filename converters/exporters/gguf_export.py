@@ -1,0 +1,377 @@
+"""``resmoe-export FILE --to gguf OUT.gguf``: restored experts as llama.cpp's stacked expert tensors.
+
+One registered class per architecture (as llama.cpp's ``convert_hf_to_gguf.py`` does) maps the
+embedded ``config.json`` to GGUF hyperparameters and fixes tensor layouts where llama.cpp wants
+them different from transformers. Expert tensors are restored layer by layer from the
+``.rmoe`` file (original neuron order) and written as ``blk.N.ffn_{gate,up,down}_exps``; every
+other tensor is renamed with the ``gguf`` package's own HF-to-GGUF name map.
+
+Types: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` are written by
+the ``gguf`` package's quantizer; the k-quants (``q2_k``, ``q3_k_m``, ``q4_k_m``, ...) are made by
+llama.cpp's own quantizer (``llama_model_quantize`` from llama-cpp-python) from an f32 file.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+
+import resmoe_format
+from resmoe_format import restore
+
+from ..errors import ConversionError
+
+#: Types the gguf package writes itself (GGML type names).
+DIRECT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+                "q5_0": "Q5_0", "q5_1": "Q5_1"}
+#: Types made by llama.cpp's quantizer: name -> llama_ftype constant name.
+LLAMA_TYPES = {"q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+               "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+               "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+               "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+TYPES = tuple(DIRECT_TYPES) + tuple(LLAMA_TYPES)
+
+ARCHS: dict[str, type["GgufArch"]] = {}
+
+
+def register(*model_types: str) -> Callable[[type["GgufArch"]], type["GgufArch"]]:
+    def deco(cls: type[GgufArch]) -> type[GgufArch]:
+        for t in model_types:
+            ARCHS[t] = cls
+        return cls
+    return deco
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConversionError("GGUF export needs the gguf package: pip install 'resmoe[export]'") from None
+    return gguf
+
+
+class GgufArch:
+    """How one transformers architecture becomes a llama.cpp GGUF."""
+
+    arch: ClassVar[str]  # gguf.MODEL_ARCH member name
+    expert_names: ClassVar[tuple[str, str, str]] = ("gate", "up", "down")
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+        gguf = _gguf()
+        self.gguf = gguf
+        self.model_arch = getattr(gguf.MODEL_ARCH, self.arch)
+        self.name_map = gguf.get_tensor_name_map(self.model_arch, self.num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg["num_hidden_layers"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.get("head_dim") or self.cfg["hidden_size"] // self.cfg["num_attention_heads"]
+
+    def rope_theta(self) -> float:
+        rp = self.cfg.get("rope_parameters") or {}
+        return float(rp.get("rope_theta", self.cfg.get("rope_theta", 10000.0)))
+
+    def check(self) -> None:
+        """Refuse configurations llama.cpp would run differently from transformers."""
+        rp = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
+        if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
+            raise ConversionError(f"rope scaling {rp.get('rope_type', rp.get('type'))!r} is not exported to GGUF")
+
+    def metadata(self, w) -> None:
+        c = self.cfg
+        w.add_context_length(c.get("max_position_embeddings", 4096))
+        w.add_embedding_length(c["hidden_size"])
+        w.add_block_count(self.num_layers)
+        w.add_feed_forward_length(c.get("intermediate_size", 0))
+        w.add_head_count(c["num_attention_heads"])
+        w.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
+        w.add_rope_freq_base(self.rope_theta())
+        w.add_rope_dimension_count(self.head_dim)
+        w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+        w.add_expert_count(self.num_experts)
+        w.add_expert_used_count(c["num_experts_per_tok"])
+        w.add_vocab_size(c["vocab_size"])
+
+    @property
+    def num_experts(self) -> int:
+        c = self.cfg
+        return c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"]
+
+    def tensor_name(self, hf: str) -> str | None:
+        return self.name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+    def transform(self, gguf_name: str, a: np.ndarray) -> np.ndarray:
+        return a
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary layout for q/k rows (``convert_hf_to_gguf.LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@register("mixtral")
+class MixtralGguf(GgufArch):
+    """Mixtral is a llama-architecture GGUF with experts (as llama.cpp converts it)."""
+
+    arch = "LLAMA"
+
+    def transform(self, gguf_name, a):
+        if gguf_name.endswith("attn_q.weight"):
+            return _permute_qk(a, self.cfg["num_attention_heads"])
+        if gguf_name.endswith("attn_k.weight"):
+            return _permute_qk(a, self.cfg.get("num_key_value_heads", self.cfg["num_attention_heads"]))
+        return a
+
+
+@register("qwen2_moe")
+class Qwen2MoeGguf(GgufArch):
+    arch = "QWEN2MOE"
+
+    def check(self):
+        super().check()
+        if self.cfg.get("norm_topk_prob", False):
+            raise ConversionError("qwen2_moe with norm_topk_prob=true: llama.cpp's qwen2moe does not renormalise "
+                                  "the top-k weights")
+
+    def metadata(self, w):
+        super().metadata(w)
+        w.add_expert_feed_forward_length(self.cfg["moe_intermediate_size"])
+        w.add_expert_shared_feed_forward_length(self.cfg["shared_expert_intermediate_size"])
+
+
+@register("qwen3_moe")
+class Qwen3MoeGguf(GgufArch):
+    arch = "QWEN3MOE"
+
+    def check(self):
+        super().check()
+        if not self.cfg.get("norm_topk_prob", False):
+            raise ConversionError("qwen3_moe with norm_topk_prob=false: llama.cpp's qwen3moe always renormalises "
+                                  "the top-k weights")
+
+    def metadata(self, w):
+        super().metadata(w)
+        w.add_expert_feed_forward_length(self.cfg["moe_intermediate_size"])
+        w.add_key_length(self.head_dim)
+        w.add_value_length(self.head_dim)
+
+
+@register("olmoe")
+class OlmoeGguf(GgufArch):
+    arch = "OLMOE"
+
+    def check(self):
+        super().check()
+        if self.cfg.get("norm_topk_prob", False):
+            raise ConversionError("olmoe with norm_topk_prob=true: llama.cpp's olmoe does not renormalise the "
+                                  "top-k weights")
+        kv = self.cfg.get("num_key_value_heads", self.cfg["num_attention_heads"])
+        if kv != self.cfg["num_attention_heads"]:
+            raise ConversionError(f"olmoe with {kv} key/value heads for {self.cfg['num_attention_heads']} query heads: "
+                                  "llama.cpp's olmoe normalises k over the full width and needs them equal")
+
+
+def arch_for(config: dict[str, Any]) -> GgufArch:
+    """The GGUF architecture of a config (ConversionError listing the supported ones)."""
+    t = config.get("model_type")
+    if t not in ARCHS:
+        raise ConversionError(f"GGUF export does not support model_type {t!r}; supported: {', '.join(sorted(ARCHS))}")
+    a = ARCHS[t](config)
+    a.check()
+    return a
+
+
+# --- tokenizer ----------------------------------------------------------------------------
+
+def add_tokenizer(w, files: dict[str, bytes], cfg: dict[str, Any], vocab_size: int) -> None:
+    """The embedded tokenizer.json (byte-level BPE) as a gpt2-style vocabulary, else a placeholder."""
+    gguf = _gguf()
+    raw = files.get("tokenizer.json")
+    tok = json.loads(raw.decode("utf-8")) if raw else None
+    if tok is not None and (tok.get("model") or {}).get("type") == "BPE":
+        model = tok["model"]
+        vocab = dict(model["vocab"])
+        for t in tok.get("added_tokens", []):
+            vocab[t["content"]] = t["id"]
+        if len(set(vocab.values())) != len(vocab) or max(vocab.values(), default=-1) >= vocab_size:
+            raise ConversionError(f"tokenizer.json: token ids do not fit the model's vocabulary of {vocab_size}")
+        tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+        types = [gguf.TokenType.UNUSED] * vocab_size
+        special = {t["content"] for t in tok.get("added_tokens", []) if t.get("special")}
+        for s, i in vocab.items():
+            tokens[i] = s
+            types[i] = gguf.TokenType.CONTROL if s in special else gguf.TokenType.NORMAL
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        if merges:
+            w.add_token_merges(merges)
+    else:
+        warnings.warn("no byte-level BPE tokenizer.json embedded: writing a placeholder vocabulary "
+                      f"({vocab_size} tokens); drive the model by token ids", stacklevel=3)
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+        tokens = tokens[:vocab_size] + [f"<unused{i}>" for i in range(max(0, vocab_size - len(tokens)))]
+        types = types[:vocab_size] + [gguf.TokenType.UNUSED] * max(0, vocab_size - len(types))
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores([0.0] * vocab_size)
+        w.add_token_types(types)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("pad_token_id", w.add_pad_token_id)):
+        v = cfg.get(key)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if isinstance(v, int) and 0 <= v < vocab_size:
+            add(v)
+
+
+# --- tensors ------------------------------------------------------------------------------
+
+def _expert_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
+    """Stacked expert tensors of every compressed layer, restored in original neuron order."""
+    for lay in reader.layers:
+        experts = [restore.restore_expert(reader, lay.index, k, original_order=True) for k in range(lay.num_experts)]
+        gate, up, down = arch.expert_names
+        i = lay.index
+        yield f"blk.{i}.ffn_gate_exps.weight", np.stack([e[gate] for e in experts])
+        yield f"blk.{i}.ffn_up_exps.weight", np.stack([e[up] for e in experts])
+        yield f"blk.{i}.ffn_down_exps.weight", np.stack([e[down].T for e in experts])  # (E, hidden, n)
+        del experts
+        reader.release()
+
+
+_PER_EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+def _passthrough_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
+    """Non-expert tensors renamed for llama.cpp; experts of uncompressed layers stacked."""
+    import re
+
+    pat = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+    loose: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    for name in reader.schema.passthrough:
+        m = pat.match(name)
+        if m and m.group(3) in _PER_EXPERT:
+            loose.setdefault((int(m.group(1)), _PER_EXPERT[m.group(3)]), {})[int(m.group(2))] = reader.tensor(name)
+            continue
+        g = arch.tensor_name(name)
+        if g is None:
+            raise ConversionError(f"tensor {name}: no llama.cpp name for it in GGUF architecture "
+                                  f"{arch.arch.lower()}")
+        yield g, arch.transform(g, np.asarray(reader.tensor(name)))
+    for (i, role), by_k in sorted(loose.items()):
+        mats = [by_k[k] for k in sorted(by_k)]
+        yield f"blk.{i}.ffn_{role}_exps.weight", np.stack(mats)
+
+
+def _tensor_type(gguf, name: str, a: np.ndarray, qtype: str):
+    """(array to write, GGML type) for one tensor at ``qtype``: norms, biases, routers stay f32."""
+    t = gguf.GGMLQuantizationType
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    small = a.ndim < 2 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")) or "norm" in name
+    if qtype == "f32" or small:
+        return np.ascontiguousarray(a), t.F32
+    gt = getattr(t, DIRECT_TYPES[qtype])
+    if qtype in ("f16", "bf16"):
+        return gguf.quants.quantize(a, gt), gt
+    block = gguf.GGML_QUANT_SIZES[gt][0]
+    if a.shape[-1] % block:
+        return gguf.quants.quantize(a, t.F16), t.F16  # rows not a whole number of blocks
+    return gguf.quants.quantize(a, gt), gt
+
+
+def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32", progress: bool = False) -> Path:
+    """Write ``src`` (.rmoe) as a llama.cpp GGUF at ``out`` with tensors of type ``qtype``."""
+    qtype = qtype.lower()
+    if qtype not in TYPES:
+        raise ConversionError(f"GGUF type {qtype!r} is not supported; supported: {', '.join(TYPES)}")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ConversionError(f"output directory {out.parent} does not exist")
+    with resmoe_format.open(src) as reader:
+        cfg = reader.config()
+        if cfg is None:
+            raise ConversionError(f"{src} embeds no config.json: GGUF export needs the model's hyperparameters")
+        arch = arch_for(cfg)
+        direct = "f32" if qtype in LLAMA_TYPES else qtype
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            _write(reader, arch, cfg, Path(tmp), direct, qtype, src)
+            if qtype in LLAMA_TYPES:
+                fd, tmq = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".q.tmp", dir=out.parent)
+                os.close(fd)
+                try:
+                    llama_quantize(Path(tmp), Path(tmq), qtype)
+                    os.replace(tmq, out)
+                finally:
+                    Path(tmq).unlink(missing_ok=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _write(reader, arch: GgufArch, cfg: dict, path: Path, direct: str, qtype: str, src) -> None:
+    gguf = _gguf()
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch.model_arch])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(reader.model.get("architecture", "model"))
+    arch.metadata(w)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                     "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[direct])
+    add_tokenizer(w, reader.files, cfg, cfg["vocab_size"])
+    method = reader.schema.method or {}
+    w.add_string("resmoe.source", Path(src).name)
+    w.add_string("resmoe.method", json.dumps(method, sort_keys=True))
+    w.add_string("resmoe.format_version", ".".join(map(str, reader.version)))
+    w.add_string("resmoe.type", qtype)
+    for key in ("name", "keep", "residual_keep", "residual"):
+        if method.get(key) is not None:
+            w.add_string(f"resmoe.method.{key}", str(method[key]))
+    seen: set[str] = set()
+    tensors = []
+    for name, a in list(_passthrough_tensors(reader, arch)) + list(_expert_tensors(reader, arch)):
+        if name in seen:
+            raise ConversionError(f"two source tensors map to GGUF tensor {name}")
+        seen.add(name)
+        data, gt = _tensor_type(gguf, name, a, direct)
+        tensors.append(name)
+        w.add_tensor(name, data, raw_dtype=gt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str) -> None:
+    """Quantize an f32 GGUF with llama.cpp's own quantizer (llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConversionError(f"GGUF type {qtype} needs llama.cpp's quantizer: pip install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ConversionError(f"llama.cpp could not quantize to {qtype} (llama_model_quantize returned {rc})")

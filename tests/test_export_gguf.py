@@ -1,0 +1,181 @@
+"""GGUF export, verified in llama.cpp itself (llama-cpp-python) against the torch runtime.
+
+f32: max |logit difference| / max |logit| below 2e-3 on the same token ids. Quantized types:
+llama.cpp's perplexity on held-out ids stays within a stated band of the f32 file's.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters.convert import ConvertOptions, convert
+from converters.errors import ConversionError
+from converters.exporters.gguf_export import ARCHS, export_gguf
+from hf_models import build_checkpoint
+from resmoe_format.torch import load_model
+
+F32_RTOL = 2e-3
+# llama.cpp perplexity of a quantized file relative to the f32 file's (random-weight model, random ids)
+PPL_BAND = {"f16": 0.002, "bf16": 0.01, "q8_0": 0.01, "q4_0": 0.05, "q4_k_m": 0.05}
+GGUF_ARCHS = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"norm_topk_prob": True},
+              "olmoe": {"num_key_value_heads": 2}}  # llama.cpp: qwen3moe renormalises top-k, olmoe needs MHA
+_files: dict[tuple, Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def rmoe_file(tmp_path_factory, arch: str, big: bool = False) -> Path:
+    """A converted tiny checkpoint; ``big`` makes rows a whole number of 256-blocks (k-quants)."""
+    key = (arch, big)
+    if key not in _files:
+        d = tmp_path_factory.mktemp(f"{arch}_gguf")
+        if big:
+            from converters.example import write_mixtral_checkpoint
+
+            write_mixtral_checkpoint(d, layers=2, hidden=256, inter=512, experts=4, vocab=512, dtype=torch.float32)
+        else:
+            build_checkpoint(arch, d, "fp32", seed=5, overrides=GGUF_ARCHS[arch])
+        out = d.parent / f"{d.name}.rmoe"
+        convert(d, out, ConvertOptions(residual_keep=0.25), progress=False)
+        _files[key] = out
+    return _files[key]
+
+
+def _llama_cpp():
+    """llama-cpp-python; CI sets RESMOE_REQUIRE_LLAMA=1 so a missing install fails instead of skipping."""
+    if os.environ.get("RESMOE_REQUIRE_LLAMA"):
+        import llama_cpp
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp")
+
+
+def llama(path: Path, n_ctx: int = 64):
+    llama_cpp = _llama_cpp()
+    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_threads=2)
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    m = llama(path)
+    m.eval(ids)
+    return np.array(m.scores[:len(ids)], dtype=np.float64)
+
+
+def torch_logits(rmoe: Path, ids: list[int]) -> np.ndarray:
+    model = load_model(rmoe, mode="materialize", dtype="fp32")
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def ids_for(path: Path, n: int = 24, seed: int = 0) -> list[int]:
+    import resmoe_format
+
+    with resmoe_format.open(path) as r:
+        vocab = r.config()["vocab_size"]
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_f32_gguf_gives_the_torch_logits_in_llama_cpp(tmp_path_factory, tmp_path, arch):
+    rmoe = rmoe_file(tmp_path_factory, arch)
+    out = export_gguf(rmoe, tmp_path / "m.gguf", "f32")
+    ids = ids_for(rmoe)
+    want, got = torch_logits(rmoe, ids), llama_logits(out, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < F32_RTOL, f"{arch}: max relative difference {err:.2e}"
+
+
+def perplexity(path: Path, ids: list[int]) -> float:
+    logits = llama_logits(path, ids)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return math.exp(-np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+
+
+def test_quantized_types_stay_within_their_perplexity_band(tmp_path_factory, tmp_path):
+    _llama_cpp()
+    rmoe = rmoe_file(tmp_path_factory, "mixtral", big=True)
+    held_out = ids_for(rmoe, n=60, seed=7)
+    base = perplexity(export_gguf(rmoe, tmp_path / "f32.gguf", "f32"), held_out)
+    sizes = {"f32": (tmp_path / "f32.gguf").stat().st_size}
+    for t, band in PPL_BAND.items():
+        out = export_gguf(rmoe, tmp_path / f"{t}.gguf", t)
+        sizes[t] = out.stat().st_size
+        ppl = perplexity(out, held_out)
+        assert abs(ppl / base - 1) <= band, f"{t}: perplexity {ppl:.3f} vs f32 {base:.3f}"
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+
+
+def test_metadata_carries_provenance_and_stacked_experts(tmp_path_factory, tmp_path):
+    import gguf
+
+    rmoe = rmoe_file(tmp_path_factory, "qwen2_moe")
+    r = gguf.GGUFReader(export_gguf(rmoe, tmp_path / "m.gguf"))
+    keys = {f.name: f for f in r.fields.values()}
+    assert "resmoe.method" in keys and "resmoe.method.residual_keep" in keys
+    names = {t.name: t for t in r.tensors}
+    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_shexp.weight",
+            "blk.0.ffn_gate_inp.weight"} <= set(names)
+    assert list(names["blk.0.ffn_gate_exps.weight"].shape) == [16, 12, 4]  # GGUF order: hidden, n, experts
+
+
+def test_placeholder_vocabulary_warns(tmp_path_factory, tmp_path):
+    rmoe = rmoe_file(tmp_path_factory, "mixtral")
+    with pytest.warns(UserWarning, match="placeholder vocabulary"):
+        export_gguf(rmoe, tmp_path / "m.gguf")
+
+
+def test_embedded_bpe_tokenizer_is_exported(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    d = build_checkpoint("mixtral", tmp_path / "src", "fp32", seed=1, overrides={"vocab_size": 300})
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["the quick brown fox jumps over the lazy dog " * 20, "def main(argv):\n    return 0\n" * 20]
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    rmoe = tmp_path / "m.rmoe"
+    convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
+    out = export_gguf(rmoe, tmp_path / "m.gguf")
+    m = llama(out)
+    s = "the lazy fox jumps"
+    assert m.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s).ids
+
+
+def test_unsupported_architecture_and_type_are_clear_errors(tmp_path):
+    for arch in ("switch", "gpt_oss"):
+        d = build_checkpoint(arch, tmp_path / arch, "fp32")
+        rmoe = tmp_path / f"{arch}.rmoe"
+        convert(d, rmoe, ConvertOptions(), progress=False)
+        with pytest.raises(ConversionError, match="supported: " + ", ".join(sorted(ARCHS))):
+            export_gguf(rmoe, tmp_path / "x.gguf")
+        with pytest.raises(ConversionError, match="GGUF type 'q9_9' is not supported"):
+            export_gguf(rmoe, tmp_path / "x.gguf", "q9_9")
+    d = build_checkpoint("olmoe", tmp_path / "gqa", "fp32")  # 1 key/value head for 2 query heads
+    convert(d, tmp_path / "gqa.rmoe", ConvertOptions(), progress=False)
+    with pytest.raises(ConversionError, match="key/value heads"):
+        export_gguf(tmp_path / "gqa.rmoe", tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_cli_gguf(tmp_path_factory, tmp_path, capsys):
+    from converters.cli.export import main
+
+    rmoe = rmoe_file(tmp_path_factory, "olmoe")
+    assert main([str(rmoe), "--to", "gguf", str(tmp_path / "m.gguf"), "--type", "f16"]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+    assert main([str(rmoe), "--to", "gguf", str(tmp_path / "n.gguf"), "--type", "q7"]) == 2
+    assert "not supported" in capsys.readouterr().err
+    assert not (tmp_path / "n.gguf").exists()
