@@ -40,8 +40,8 @@ def test_console_scripts_are_installed():
 def test_export_rejects_unsupported_target(tmp_path, capsys):
     from converters.cli.export import main
 
-    assert main([str(tmp_path / "x.rmoe"), "--to", "gguf", str(tmp_path / "o")]) == 2
-    assert "supported: safetensors" in capsys.readouterr().err
+    assert main([str(tmp_path / "x.rmoe"), "--to", "tflite", str(tmp_path / "o")]) == 2
+    assert "supported: gguf, gguf-rmoe, onnx, safetensors, rmoe" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
