@@ -179,3 +179,25 @@ def test_cli_gguf(tmp_path_factory, tmp_path, capsys):
     assert main([str(rmoe), "--to", "gguf", str(tmp_path / "n.gguf"), "--type", "q7"]) == 2
     assert "not supported" in capsys.readouterr().err
     assert not (tmp_path / "n.gguf").exists()
+
+
+def test_embedded_llama_style_tokenizer_is_exported(tmp_path):
+    """A BPE with byte fallback and a Metaspace-style normalizer, as Llama/Mistral/Mixtral ship."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    d = build_checkpoint("mixtral", tmp_path / "src", "fp32", seed=2, overrides={"vocab_size": 320})
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    text = ["the quick brown fox jumps over the lazy dog " * 20, "def main(argv):\n    return 0\n" * 20]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", '
+                                             '"eos_token": "</s>", "unk_token": "<unk>"}')
+    rmoe = tmp_path / "m.rmoe"
+    convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
+    m = llama(export_gguf(rmoe, tmp_path / "m.gguf"))
+    for s in ("the lazy fox jumps", "def main(argv): ż"):
+        assert m.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s).ids, s

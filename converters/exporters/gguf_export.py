@@ -195,11 +195,19 @@ def arch_for(config: dict[str, Any]) -> GgufArch:
 # --- tokenizer ----------------------------------------------------------------------------
 
 def add_tokenizer(w, files: dict[str, bytes], cfg: dict[str, Any], vocab_size: int) -> None:
-    """The embedded tokenizer.json (byte-level BPE) as a gpt2-style vocabulary, else a placeholder."""
+    """The embedded tokenizer.json as llama.cpp reads it, else a placeholder vocabulary.
+
+    A BPE with byte fallback (Llama, Mistral, Mixtral) becomes a ``llama`` (SentencePiece-style)
+    vocabulary through the gguf package's ``LlamaHfVocab``; a byte-level BPE (GPT-2 style)
+    becomes a ``gpt2`` vocabulary with its merges.
+    """
     gguf = _gguf()
     raw = files.get("tokenizer.json")
     tok = json.loads(raw.decode("utf-8")) if raw else None
-    if tok is not None and (tok.get("model") or {}).get("type") == "BPE":
+    model = (tok or {}).get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        _add_llama_vocab(w, files, vocab_size)
+    elif model.get("type") == "BPE":
         model = tok["model"]
         vocab = dict(model["vocab"])
         for t in tok.get("added_tokens", []):
@@ -237,6 +245,33 @@ def add_tokenizer(w, files: dict[str, bytes], cfg: dict[str, Any], vocab_size: i
             v = v[0] if v else None
         if isinstance(v, int) and 0 <= v < vocab_size:
             add(v)
+
+
+def _add_llama_vocab(w, files: dict[str, bytes], vocab_size: int) -> None:
+    gguf = _gguf()
+    from gguf.vocab import LlamaHfVocab
+
+    with tempfile.TemporaryDirectory() as d:
+        for rel, data in files.items():
+            if "/" not in rel and rel.startswith(("tokenizer", "special_tokens", "config")):
+                (Path(d) / rel).write_bytes(data)
+        try:
+            vocab = LlamaHfVocab(Path(d))
+        except (FileNotFoundError, TypeError, ValueError, OSError) as e:
+            raise ConversionError(f"embedded tokenizer.json: not a Llama-style BPE tokenizer ({e})") from None
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+    if len(tokens) > vocab_size:
+        raise ConversionError(f"tokenizer.json has {len(tokens)} tokens, more than the model's {vocab_size}")
+    pad = vocab_size - len(tokens)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens + [f"[PAD{i}]".encode() for i in range(pad)])
+    w.add_token_scores(scores + [-1000.0] * pad)
+    w.add_token_types(types + [gguf.TokenType.UNUSED] * pad)
 
 
 # --- tensors ------------------------------------------------------------------------------
