@@ -23,8 +23,11 @@ from resmoe_format.torch import load_model
 F32_RTOL = 2e-3
 # llama.cpp perplexity of a quantized file relative to the f32 file's (random-weight model, random ids)
 PPL_BAND = {"f16": 0.002, "bf16": 0.01, "q8_0": 0.01, "q4_0": 0.05, "q4_k_m": 0.05}
+# llama.cpp: qwen3moe renormalises the top-k weights; olmoe and deepseek2 (MLA) need as many key/value heads
+# as query heads; deepseek2 without q_lora_rank is read only for V2-Lite's 27 layers
 GGUF_ARCHS = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"norm_topk_prob": True},
-              "olmoe": {"num_key_value_heads": 2}}  # llama.cpp: qwen3moe renormalises top-k, olmoe needs MHA
+              "olmoe": {"num_key_value_heads": 2}, "deepseek_v2": {"num_key_value_heads": 2, "q_lora_rank": 8},
+              "deepseek_v3": {"num_key_value_heads": 2}}
 _files: dict[tuple, Path] = {}
 
 
@@ -167,6 +170,10 @@ def test_unsupported_architecture_and_type_are_clear_errors(tmp_path):
     convert(d, tmp_path / "gqa.rmoe", ConvertOptions(), progress=False)
     with pytest.raises(ConversionError, match="key/value heads"):
         export_gguf(tmp_path / "gqa.rmoe", tmp_path / "x.gguf")
+    d = build_checkpoint("deepseek_v2", tmp_path / "lite", "fp32")  # no q_lora_rank, 2 layers
+    convert(d, tmp_path / "lite.rmoe", ConvertOptions(), progress=False)
+    with pytest.raises(ConversionError, match="q_lora_rank"):
+        export_gguf(tmp_path / "lite.rmoe", tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
 
 

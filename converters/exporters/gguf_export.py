@@ -78,6 +78,12 @@ class GgufArch:
     def head_dim(self) -> int:
         return self.cfg.get("head_dim") or self.cfg["hidden_size"] // self.cfg["num_attention_heads"]
 
+    def kv_heads(self) -> int:
+        return self.cfg.get("num_key_value_heads", self.cfg["num_attention_heads"])
+
+    def rope_dimensions(self) -> int:
+        return self.head_dim
+
     def rope_theta(self) -> float:
         rp = self.cfg.get("rope_parameters") or {}
         return float(rp.get("rope_theta", self.cfg.get("rope_theta", 10000.0)))
@@ -95,9 +101,9 @@ class GgufArch:
         w.add_block_count(self.num_layers)
         w.add_feed_forward_length(c.get("intermediate_size", 0))
         w.add_head_count(c["num_attention_heads"])
-        w.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
+        w.add_head_count_kv(self.kv_heads())
         w.add_rope_freq_base(self.rope_theta())
-        w.add_rope_dimension_count(self.head_dim)
+        w.add_rope_dimension_count(self.rope_dimensions())
         w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
         w.add_expert_count(self.num_experts)
         w.add_expert_used_count(c["num_experts_per_tok"])
@@ -110,6 +116,14 @@ class GgufArch:
 
     def tensor_name(self, hf: str) -> str | None:
         return self.name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+    def tensors(self, hf: str, a: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """The GGUF tensors one (non-expert) checkpoint tensor becomes: renamed, and reshaped
+        or split where llama.cpp wants another layout."""
+        g = self.tensor_name(hf)
+        if g is None:
+            raise ConversionError(f"tensor {hf}: no llama.cpp name for it in GGUF architecture {self.arch.lower()}")
+        yield g, self.transform(g, a)
 
     def transform(self, gguf_name: str, a: np.ndarray) -> np.ndarray:
         return a
@@ -180,6 +194,64 @@ class OlmoeGguf(GgufArch):
         if kv != self.cfg["num_attention_heads"]:
             raise ConversionError(f"olmoe with {kv} key/value heads for {self.cfg['num_attention_heads']} query heads: "
                                   "llama.cpp's olmoe normalises k over the full width and needs them equal")
+
+
+@register("deepseek_v2", "deepseek_v3")
+class DeepseekGguf(GgufArch):
+    """llama.cpp's ``deepseek2`` (V2 and V3): multi-head latent attention written as MQA with
+    ``kv_b_proj`` split into ``k_b`` (transposed) and ``v_b``, as ``convert_hf_to_gguf.py`` does."""
+
+    arch = "DEEPSEEK2"
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg["n_routed_experts"]
+
+    def check(self):
+        super().check()
+        if (self.cfg.get("n_group") or 1) > 1:
+            raise ConversionError("deepseek with grouped routing (n_group > 1) is not exported to GGUF yet")
+        if not self.cfg.get("q_lora_rank") and self.num_layers != 27:
+            raise ConversionError("deepseek without q_lora_rank: llama.cpp reads that layout only for "
+                                  "DeepSeek-V2-Lite's 27 layers")
+
+    def metadata(self, w):
+        c = self.cfg
+        super().metadata(w)
+        gguf = self.gguf
+        w.add_leading_dense_block_count(c.get("first_k_dense_replace", 0))
+        if c.get("q_lora_rank"):
+            w.add_q_lora_rank(c["q_lora_rank"])
+        w.add_kv_lora_rank(c["kv_lora_rank"])
+        w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
+        w.add_value_length(c["kv_lora_rank"])
+        w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+        w.add_value_length_mla(c["v_head_dim"])
+        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+        w.add_expert_shared_count(c.get("n_shared_experts") or 0)
+        w.add_expert_weights_scale(float(c.get("routed_scaling_factor", 1.0)))
+        w.add_expert_weights_norm(bool(c.get("norm_topk_prob", False)))
+        sigmoid = c.get("scoring_func", "softmax" if c.get("model_type") == "deepseek_v2" else "sigmoid") == "sigmoid"
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+
+    def kv_heads(self) -> int:
+        return 1  # MLA runs as MQA in llama.cpp
+
+    def rope_dimensions(self) -> int:
+        return self.cfg["qk_rope_head_dim"]
+
+    def tensors(self, hf, a):
+        if hf.endswith("e_score_correction_bias"):
+            hf = hf.replace("e_score_correction_bias", "e_score_correction.bias")
+        if hf.endswith("kv_b_proj.weight"):
+            c = self.cfg
+            nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+            kv_b = a.reshape(c["num_attention_heads"], nope + v, a.shape[-1])
+            yield from super().tensors(hf.replace("kv_b_proj", "k_b_proj"),
+                                       np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+            yield from super().tensors(hf.replace("kv_b_proj", "v_b_proj"), np.ascontiguousarray(kv_b[:, nope:]))
+            return
+        yield from super().tensors(hf, a)
 
 
 def arch_for(config: dict[str, Any]) -> GgufArch:
@@ -303,11 +375,7 @@ def _passthrough_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarr
         if m and m.group(3) in _PER_EXPERT:
             loose.setdefault((int(m.group(1)), _PER_EXPERT[m.group(3)]), {})[int(m.group(2))] = reader.tensor(name)
             continue
-        g = arch.tensor_name(name)
-        if g is None:
-            raise ConversionError(f"tensor {name}: no llama.cpp name for it in GGUF architecture "
-                                  f"{arch.arch.lower()}")
-        yield g, arch.transform(g, np.asarray(reader.tensor(name)))
+        yield from arch.tensors(name, np.asarray(reader.tensor(name)))
     for (i, role), by_k in sorted(loose.items()):
         mats = [by_k[k] for k in sorted(by_k)]
         yield f"blk.{i}.ffn_{role}_exps.weight", np.stack(mats)
