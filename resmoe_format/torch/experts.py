@@ -26,6 +26,7 @@ from torch import nn
 
 from ..container import Reader
 from ..errors import RmoeRuntimeError
+from ..memory import trim_heap
 from ..restore import combine
 from ..schema import LayerSpec
 from .kinds import ExpertKind
@@ -129,6 +130,7 @@ class LazyExperts(CompressedExperts):
             w = combine(self.reader.base(self.layer, m.name), self.reader.residual(self.layer, e, m.name), m.dtype)
             out[m.name] = _torch(w.reshape(m.shape), self.dtype, self.device)
         self.reader.release()
+        trim_heap()  # the decode temporaries are as large as the expert: give them back
         return out
 
     def _run(self, x, index, weights):
