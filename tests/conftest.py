@@ -1,4 +1,7 @@
 import os
+import warnings
+
+import pytest
 
 from hypothesis import HealthCheck, settings
 
@@ -7,3 +10,12 @@ settings.register_profile("default", deadline=None, max_examples=60,
 settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Silence library warnings (transformers, torch's beta sparse CSR) for a whole module:
+    ``pytestmark = pytest.mark.usefixtures("quiet_warnings")``. ``pytest.warns`` still sees them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,7 @@ GGUF_ARCHS = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"norm_topk_prob": Tr
 _files: dict[tuple, Path] = {}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def rmoe_file(tmp_path_factory, arch: str, big: bool = False) -> Path:

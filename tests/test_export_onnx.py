@@ -7,7 +7,6 @@ positions attend to nothing, which each runtime fills differently, so they are n
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,7 @@ SVD = dict(residual="svd", residual_keep=0.3)
 _cache: dict[tuple, Path] = {}
 
 
-@pytest.fixture(autouse=True)
-def _no_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def converted(tmp_path_factory, arch: str, overrides: dict | None = None, num_experts: int = 4, **opts) -> Path:

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import warnings
 import zlib
 from pathlib import Path
 
@@ -46,11 +45,7 @@ CASES = {
 _cache: dict[str, Path] = {}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def checkpoint(tmp_path_factory, arch: str) -> Path:

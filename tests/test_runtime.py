@@ -8,7 +8,6 @@ barycenter products), so their logits agree to 1e-5 of the largest logit.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,7 @@ LAZY_FUSED = ("lazy", "fused")
 _cache: dict[tuple, tuple[Path, Path]] = {}
 
 
-@pytest.fixture(autouse=True)
-def _no_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def converted(tmp_path_factory, arch: str, **opts) -> tuple[Path, Path]:

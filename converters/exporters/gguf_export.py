@@ -61,6 +61,9 @@ class GgufArch:
     """How one transformers architecture becomes a llama.cpp GGUF."""
 
     arch: ClassVar[str]  # gguf.MODEL_ARCH member name
+    #: whether llama.cpp's architecture always (True) or never (False) renormalises the top-k
+    #: routing weights; None where it follows the file's metadata or the config has no such flag
+    renormalises_top_k: ClassVar[bool | None] = None
     expert_names: ClassVar[tuple[str, str, str]] = ("gate", "up", "down")
 
     def __init__(self, config: dict[str, Any]):
@@ -93,6 +96,11 @@ class GgufArch:
         rp = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
         if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
             raise ConversionError(f"rope scaling {rp.get('rope_type', rp.get('type'))!r} is not exported to GGUF")
+        norm = bool(self.cfg.get("norm_topk_prob", False))
+        if self.renormalises_top_k is not None and norm != self.renormalises_top_k:
+            raise ConversionError(f"{self.cfg.get('model_type')} with norm_topk_prob={str(norm).lower()}: llama.cpp's "
+                                  f"{self.arch.lower()} {'always' if self.renormalises_top_k else 'never'} "
+                                  "renormalises the top-k routing weights")
 
     def metadata(self, w) -> None:
         c = self.cfg
@@ -144,7 +152,7 @@ class MixtralGguf(GgufArch):
         if gguf_name.endswith("attn_q.weight"):
             return _permute_qk(a, self.cfg["num_attention_heads"])
         if gguf_name.endswith("attn_k.weight"):
-            return _permute_qk(a, self.cfg.get("num_key_value_heads", self.cfg["num_attention_heads"]))
+            return _permute_qk(a, self.kv_heads())
         return a
 
 
@@ -152,11 +160,7 @@ class MixtralGguf(GgufArch):
 class Qwen2MoeGguf(GgufArch):
     arch = "QWEN2MOE"
 
-    def check(self):
-        super().check()
-        if self.cfg.get("norm_topk_prob", False):
-            raise ConversionError("qwen2_moe with norm_topk_prob=true: llama.cpp's qwen2moe does not renormalise "
-                                  "the top-k weights")
+    renormalises_top_k = False
 
     def metadata(self, w):
         super().metadata(w)
@@ -168,11 +172,7 @@ class Qwen2MoeGguf(GgufArch):
 class Qwen3MoeGguf(GgufArch):
     arch = "QWEN3MOE"
 
-    def check(self):
-        super().check()
-        if not self.cfg.get("norm_topk_prob", False):
-            raise ConversionError("qwen3_moe with norm_topk_prob=false: llama.cpp's qwen3moe always renormalises "
-                                  "the top-k weights")
+    renormalises_top_k = True
 
     def metadata(self, w):
         super().metadata(w)
@@ -185,12 +185,11 @@ class Qwen3MoeGguf(GgufArch):
 class OlmoeGguf(GgufArch):
     arch = "OLMOE"
 
+    renormalises_top_k = False
+
     def check(self):
         super().check()
-        if self.cfg.get("norm_topk_prob", False):
-            raise ConversionError("olmoe with norm_topk_prob=true: llama.cpp's olmoe does not renormalise the "
-                                  "top-k weights")
-        kv = self.cfg.get("num_key_value_heads", self.cfg["num_attention_heads"])
+        kv = self.kv_heads()
         if kv != self.cfg["num_attention_heads"]:
             raise ConversionError(f"olmoe with {kv} key/value heads for {self.cfg['num_attention_heads']} query heads: "
                                   "llama.cpp's olmoe normalises k over the full width and needs them equal")

@@ -109,15 +109,9 @@ def build_model(src: Path, variant: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(src, mode="materialize" if variant == "dense" else "fused", dtype="fp32")
-    reader = getattr(model, "_resmoe_reader", None)  # fused mode keeps the file open
-    try:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, FusedExperts):
-                model.set_submodule(name, LowRankExperts.from_fused(module))
-    finally:
-        if reader is not None:
-            reader.close()
-            del model._resmoe_reader
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedExperts):
+            model.set_submodule(name, LowRankExperts.from_fused(module))
     model.config.use_cache = False
     model.set_experts_implementation("batched_mm")  # experts layers the file does not compress
     return model

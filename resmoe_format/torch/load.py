@@ -214,6 +214,15 @@ def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: 
         trim_heap()
 
 
+def _keep_reader(model, reader: Reader, mode: str):
+    """Lazy mode reads experts from the mapped file later; the other modes are done with it."""
+    if mode == "lazy":
+        model._resmoe_reader = reader
+    else:
+        reader.close()
+    return model
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise RmoeRuntimeError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -244,11 +253,7 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
     except BaseException:
         reader.close()
         raise
-    if mode == "materialize":
-        reader.close()
-    else:
-        model._resmoe_reader = reader  # lazy reads from it; fused keeps it for provenance
-    return model.eval()
+    return _keep_reader(model, reader, mode).eval()
 
 
 def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes: int | None = None,
@@ -274,8 +279,4 @@ def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes
     except BaseException:
         reader.close()
         raise
-    if mode == "materialize":
-        reader.close()
-    else:
-        model._resmoe_reader = reader
-    return model
+    return _keep_reader(model, reader, mode)
