@@ -133,6 +133,24 @@ def test_bf16_runtime(tmp_path_factory):
         assert_close(logits(model, "mixtral").float(), want, rtol=5e-2)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_bf16_checkpoint(tmp_path, arch):
+    """bf16 source weights (ml_dtypes arrays in the reader) in every mode, against from_pretrained in bf16."""
+    d = build_checkpoint(arch, tmp_path / "src", "bf16", seed=4)
+    rmoe = tmp_path / "m.rmoe"
+    convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
+    restored = restore_checkpoint(rmoe, tmp_path / "restored", original_order=True)
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(restored, dtype=torch.bfloat16).eval()
+    want = logits(ref, arch)
+    model = load_model(rmoe, mode="materialize")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert torch.equal(logits(model, arch), want)
+    for mode in LAZY_FUSED:
+        assert_close(logits(load_model(rmoe, mode=mode), arch).float(), want.float(), rtol=5e-2)
+
+
 def test_device_argument_takes_the_cuda_code_path_on_cpu(tmp_path_factory):
     rmoe, _ = converted(tmp_path_factory, "mixtral")
     model = load_model(rmoe, mode="fused", device=torch.device("cpu"))

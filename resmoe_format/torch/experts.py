@@ -30,11 +30,8 @@ from ..memory import trim_heap
 from ..restore import combine
 from ..schema import LayerSpec
 from .kinds import ExpertKind
+from .tensors import to_torch
 from .residuals import SPARSE_ENCODINGS, Residual, SparseResidual, load_residual
-
-
-def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
 
 def expert_nbytes(lay: LayerSpec, dtype: torch.dtype) -> int:
@@ -128,7 +125,7 @@ class LazyExperts(CompressedExperts):
         out = {}
         for m in self.lay.matrices:
             w = combine(self.reader.base(self.layer, m.name), self.reader.residual(self.layer, e, m.name), m.dtype)
-            out[m.name] = _torch(w.reshape(m.shape), self.dtype, self.device)
+            out[m.name] = to_torch(w.reshape(m.shape), self.dtype, self.device)
         self.reader.release()
         trim_heap()  # the decode temporaries are as large as the expert: give them back
         return out
@@ -158,8 +155,8 @@ class FusedExperts(CompressedExperts):
         self.n = n = lay.num_neurons
         has_base = lay.base_kind != "none"
         if has_base:
-            self.base_in = _torch(np.concatenate([reader.base(self.layer, m) for m in kind.inputs]), dtype, device)
-            self.base_out = _torch(reader.base(self.layer, kind.output), dtype, device)
+            self.base_in = to_torch(np.concatenate([reader.base(self.layer, m) for m in kind.inputs]), dtype, device)
+            self.base_out = to_torch(reader.base(self.layer, kind.output), dtype, device)
         else:
             self.base_in = self.base_out = None
         shared: dict[str, torch.Tensor] = {}
@@ -188,9 +185,9 @@ class FusedExperts(CompressedExperts):
                                reader.residual(self.layer, e, name), "fp32").reshape(-1)
 
             E = range(lay.num_experts)
-            self.bias_in = _torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
+            self.bias_in = to_torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
                                   dtype, device)
-            self.bias_out = _torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
+            self.bias_out = to_torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (barycenter, residual operators, biases)."""

@@ -15,7 +15,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +25,7 @@ from ..memory import trim_heap
 from ..restore import restore_expert
 from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
 from .kinds import ExpertKind, kind_for
+from .tensors import to_torch
 
 MODES = ("materialize", "lazy", "fused")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -143,8 +143,7 @@ def _load_passthrough(model, reader: Reader, names: _Names, dtype: torch.dtype, 
         arr = reader.tensor(src)
         if tuple(arr.shape) != tuple(want.shape):
             raise RmoeRuntimeError(f"tensor {src}: shape {list(arr.shape)} but the model's {key} is {list(want.shape)}")
-        t = torch.from_numpy(np.array(arr))
-        _set(model, key, t.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype))
+        _set(model, key, to_torch(arr, dtype if want.is_floating_point() else want.dtype, device, copy=True))
         loaded.add(key)
     reader.release()
     return loaded
@@ -171,7 +170,7 @@ def _materialize(kind: ExpertKind, module: nn.Module, reader: Reader, lay, dtype
         _set(module, name, torch.empty(p.shape, dtype=dtype, device=device))
     for e in range(lay.num_experts):
         mats = restore_expert(reader, lay.index, e, original_order=True)
-        kind.write_dense(module, e, {k: torch.from_numpy(v).to(device=device, dtype=dtype) for k, v in mats.items()})
+        kind.write_dense(module, e, {k: to_torch(v, dtype, device) for k, v in mats.items()})
         reader.release()
     return module
 
