@@ -296,8 +296,9 @@ def add_tokenizer(w, files: dict[str, bytes], cfg: dict[str, Any], vocab_size: i
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_types(types)
-        if merges:
-            w.add_token_merges(merges)
+        # llama.cpp refuses a gpt2 vocabulary without merges and GGUF cannot hold an empty array; a
+        # pure byte-level BPE gets one merge that can never apply (its left side is never a symbol)
+        w.add_token_merges(merges or [f"{tokens[-1]}{tokens[-1]} {tokens[-1]}"])
     else:
         warnings.warn("no byte-level BPE tokenizer.json embedded: writing a placeholder vocabulary "
                       f"({vocab_size} tokens); drive the model by token ids", stacklevel=3)
