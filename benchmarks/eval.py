@@ -4,7 +4,8 @@ For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``)
 
 - converts it with every method (``resmoe``, ``resmoe-svd``, ``prune``, ``svd``, ``merge``) at
   ``--keep`` 0.25 and 0.50 (equal total size) and, for the ResMoE methods, at the paper's
-  ``--residual-keep`` 0.10, 0.25 and 0.50; plus ``resmoe-int8`` (int8 residual values);
+  ``--residual-keep`` 0.10, 0.25 and 0.50; plus ``resmoe-int8`` (int8 residual values and an
+  int8 barycenter, ``--value-dtype int8 --base-dtype int8``);
 - records the mean relative Frobenius error of the restored experts (per layer and overall, as
   measured on the file by the converter), the true on-disk expert bytes (byte accounting), and
   the held-out perplexity per byte of the restored model (torch runtime, float32);
@@ -140,7 +141,8 @@ def evaluate(fixture: Path, windows: int, tmp: Path) -> list[dict]:
         for rk in RESIDUAL_KEEPS:
             rows.append(rmoe_row(name, method, fixture, tmp / "x.rmoe", ids, residual_keep=rk))
     for keep in KEEPS:
-        rows.append(rmoe_row(name, "resmoe-int8", fixture, tmp / "x.rmoe", ids, keep=keep, value_dtype="int8"))
+        rows.append(rmoe_row(name, "resmoe-int8", fixture, tmp / "x.rmoe", ids, keep=keep, value_dtype="int8",
+                             base_dtype="int8"))
     f32 = export_gguf(lossless, tmp / f"{name}_f32.gguf", "f32")
     rows.append({"fixture": name, "method": "f32", "keep": None, "residual_keep": None,
                  "expert_bytes": expert_bytes_gguf(f32), "bits_per_expert_weight": 8 * expert_bytes_gguf(f32) / weights,

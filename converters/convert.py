@@ -48,6 +48,7 @@ class ConvertOptions:
     rank: int | None = None
     layers: str = "all"
     value_dtype: str | None = None
+    base_dtype: str | None = None  # None: the source dtype
     delta_format: str = "auto"
     lossless: bool = False
     device: str = "auto"
@@ -95,6 +96,10 @@ class Plan:
         self.out = Path(out)
         if o.value_dtype is not None and o.value_dtype not in VALUE_DTYPES:
             raise ConversionError(f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.value_dtype!r}")
+        if o.base_dtype is not None and o.base_dtype not in VALUE_DTYPES:
+            raise ConversionError(f"--base-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.base_dtype!r}")
+        if o.base_dtype is not None and o.method != "resmoe":
+            raise ConversionError("--base-dtype sets the dtype of the barycenter: it applies to --method resmoe")
         residual = o.residual or ("svd" if o.method == "svd" or o.delta_format == "lowrank" else "prune")
         if o.lossless:
             if o.keep is not None or o.residual_keep is not None or o.rank is not None:
@@ -102,6 +107,9 @@ class Plan:
                                       "--residual-keep or --rank")
             if o.value_dtype not in (None, "fp32"):
                 raise ConversionError("--lossless stores float32 residuals; --value-dtype does not apply")
+            if o.base_dtype is not None:
+                raise ConversionError("--lossless keeps the barycenter in the source dtype; --base-dtype does not "
+                                      "apply")
             if o.delta_format not in ELEMENTWISE:
                 raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format "
                                       f"{o.delta_format} cannot")
@@ -119,7 +127,7 @@ class Plan:
             raise ConversionError("--max-iter must be at least 1")
         self.encoder = get_encoder(o.method, EncoderOptions(budget, residual, o.residual_scope, o.rank,
                                                              o.lossless, o.max_iter))
-        self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant() if o.value_dtype == "int8" else None)
+        self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
         self.device = resolve_device(o.device)
         self.ckpt = Checkpoint(src, config)
         try:
@@ -168,7 +176,8 @@ class Plan:
 
         e = self.encoder.options
         info = {"name": self.options.method, **e.budget.to_json(), "residual": e.residual, "residual_scope": e.scope,
-                "value_dtype": self.options.value_dtype, "delta_format": self.options.delta_format,
+                "value_dtype": self.options.value_dtype, "base_dtype": self.options.base_dtype,
+                "delta_format": self.options.delta_format,
                 "lossless": e.lossless, "writer": f"resmoe {__version__}"}
         if e.rank is not None:
             info["rank"] = e.rank

@@ -24,11 +24,13 @@ ELEMENTWISE = ("auto", "csr16", "bitmap", "bsr", "rice", "dense")
 
 @dataclass(frozen=True)
 class EmitOptions:
-    """How residuals become bytes: value dtype (None: the source's), encoding, int8 quantization."""
+    """How records become bytes: residual value dtype and barycenter dtype (None: the source's),
+    residual encoding, and the int8 quantization used where a dtype is int8."""
 
     value_dtype: str | None = None  # None: the source dtype
     delta_format: str = "auto"
     quant: Quant | None = None
+    base_dtype: str | None = None  # None: the source dtype
 
     def __post_init__(self) -> None:
         if self.delta_format not in DELTA_FORMATS:
@@ -92,11 +94,14 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
     else:
         vd = options.value_dtype or dtype
     quant = options.quant if vd == "int8" else None
+    bd = options.base_dtype or dtype
     fmt = options.delta_format
     if result.lossless and fmt not in ELEMENTWISE:
         raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format {fmt} cannot")
-    base = {m: codecs.encode(_np(b), "dense", dtype) for m, b in result.base.items()}
+    base = {m: codecs.encode(_np(b), "dense", bd, options.quant if bd == "int8" else None)
+            for m, b in result.base.items()}
     base_np = {m: codecs.decode(e) for m, e in base.items()}
+    rounded_base = bd != dtype  # the stored barycenter differs from the one the residuals were taken from
     residuals: list[dict[str, Encoded | None]] = []
     stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
                       "bytes": base[m.name].nbytes if m.name in base else 0,
@@ -113,6 +118,10 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             if part is None:
                 e = None
             elif isinstance(part, SparsePart):
+                if rounded_base and m.name in base_np:  # kept entries: exact against the stored barycenter
+                    exact = _np(aligned[k][m.name]).reshape(base_np[m.name].shape) - base_np[m.name]
+                    mask = part.mask.cpu()
+                    part = SparsePart(torch.from_numpy(exact).reshape(part.values.shape) * mask, mask)
                 e = _sparse(part, fmt, vd, quant)
             else:
                 leader = enc.get(part.shared_u) if part.shared_u and fmt != "dense" else None

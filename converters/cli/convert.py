@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
                     "3,5,8-11 (the others pass through)")
     ap.add_argument("--value-dtype", choices=("bf16", "fp16", "fp32", "int8"),
                     help="dtype of stored residual values (default: the source dtype)")
+    ap.add_argument("--base-dtype", choices=("bf16", "fp16", "fp32", "int8"),
+                    help="dtype of the stored barycenter (default: the source dtype; int8 with per-row scales)")
     ap.add_argument("--delta-format", choices=DELTA_FORMATS, default="auto",
                     help="residual encoding (auto: the smallest for each matrix)")
     ap.add_argument("--lossless", action="store_true", help="keep everything; resmoe-restore --original-order "
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
-                              value_dtype=a.value_dtype, delta_format=a.delta_format, lossless=a.lossless,
+                              value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
+                              lossless=a.lossless,
                               device=a.device, max_iter=a.max_iter)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
