@@ -3,8 +3,9 @@
 For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``):
 
 - converts it with every method (``resmoe``, ``resmoe-svd``, ``prune``, ``svd``, ``merge``) at
-  ``--keep`` 0.25 and 0.50 (equal total size) and, for the ResMoE methods, at the paper's
-  ``--residual-keep`` 0.10, 0.25 and 0.50; plus ``resmoe-int8`` (int8 residual values and an
+  ``--keep`` 0.25 and 0.50 (equal total size) and, for all but merge (which stores no
+  residual), at the paper's ``--residual-keep`` 0.10, 0.25 and 0.50 (for prune and svd, whose
+  residual is the expert itself, that equals ``--keep``); plus ``resmoe-int8`` (int8 residual values and an
   int8 barycenter, ``--value-dtype int8 --base-dtype int8``);
 - records the mean relative Frobenius error of the restored experts (per layer and overall, as
   measured on the file by the converter), the true on-disk expert bytes (byte accounting), and
@@ -137,7 +138,7 @@ def evaluate(fixture: Path, windows: int, tmp: Path) -> list[dict]:
     for method in METHODS:
         for keep in KEEPS:
             rows.append(rmoe_row(name, method, fixture, tmp / "x.rmoe", ids, keep=keep))
-    for method in ("resmoe", "resmoe-svd"):
+    for method in ("resmoe", "resmoe-svd", "prune", "svd"):  # merge stores no residual: no such budget
         for rk in RESIDUAL_KEEPS:
             rows.append(rmoe_row(name, method, fixture, tmp / "x.rmoe", ids, residual_keep=rk))
     for keep in KEEPS:
@@ -217,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=64, help=f"held-out windows of {SEQ} bytes")
     ap.add_argument("--fixture", default=None, help="one fixture (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild eval.json, EVAL.md and the plots from "
+                    "the per-fixture results/eval_<NAME>.json without evaluating")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     fixtures = sorted(p for p in FIXTURES.iterdir() if (p / "train.json").exists())
     if a.fixture:
         fixtures = [p for p in fixtures if p.name == a.fixture]
+    if a.report_only:
+        fixtures = []
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for fx in fixtures:
