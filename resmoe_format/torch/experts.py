@@ -27,7 +27,7 @@ from torch import nn
 from ..container import Reader
 from ..errors import RmoeRuntimeError
 from ..memory import trim_heap
-from ..restore import combine
+from ..restore import combine, restore_expert
 from ..schema import LayerSpec
 from .kinds import ExpertKind
 from .tensors import to_torch
@@ -116,16 +116,10 @@ class LazyExperts(CompressedExperts):
         self.reader, self.lay, self.cache = reader, lay, cache
         self.dtype, self.device = dtype, device
         self.expert_bytes = expert_nbytes(lay, dtype)
-        if self.expert_bytes > cache.capacity:
-            raise RmoeRuntimeError(f"cache_bytes={cache.capacity} is smaller than one expert of layer {lay.index} "
-                                   f"({self.expert_bytes} bytes in {dtype})")
 
     def restore(self, e: int) -> dict[str, torch.Tensor]:
         """Expert e's matrices in aligned order: cast(B + D_e) per the spec, then to the runtime dtype."""
-        out = {}
-        for m in self.lay.matrices:
-            w = combine(self.reader.base(self.layer, m.name), self.reader.residual(self.layer, e, m.name), m.dtype)
-            out[m.name] = to_torch(w.reshape(m.shape), self.dtype, self.device)
+        out = {m: to_torch(w, self.dtype, self.device) for m, w in restore_expert(self.reader, self.layer, e).items()}
         self.reader.release()
         trim_heap()  # the decode temporaries are as large as the expert: give them back
         return out
