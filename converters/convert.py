@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from resmoe_format import Writer
+from resmoe_format import Writer, publish
 from resmoe_format.codecs import Quant
 from resmoe_format.container import permutation_dtype
 from resmoe_format.dtypes import by_name
+from resmoe_format.errors import RmoeRuntimeError
 from resmoe_format.memory import trim_heap
+from resmoe_format.torch import tensors
 
 from .architectures import adapter_for
 from .checkpoint import Checkpoint
@@ -29,7 +32,7 @@ from .disassemble import expert_matrices
 from .emit import ELEMENTWISE, EmitOptions, emit_layer
 from .encoders import get_encoder
 from .encoders.budget import Budget
-from .encoders.methods import EncoderOptions
+from .encoders.methods import DEFAULT_MAX_ITER, EncoderOptions
 from .errors import ConversionError
 from .layers import select_layers
 
@@ -52,19 +55,15 @@ class ConvertOptions:
     delta_format: str = "auto"
     lossless: bool = False
     device: str = "auto"
-    max_iter: int = 100
+    max_iter: int | None = None  # None: DEFAULT_MAX_ITER (resmoe's barycenter iterations)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConversionError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    """``--device``: :func:`resmoe_format.torch.tensors.resolve_device` as a ConversionError."""
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConversionError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+        return tensors.resolve_device(name)
+    except RmoeRuntimeError as e:
+        raise ConversionError(f"--device: {e}") from None
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -84,6 +83,27 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ConversionError(f"tensor {name} holds {bad} NaN or Inf value(s); refusing to convert")
+
+
+def check_method_flags(o: ConvertOptions) -> None:
+    """Refuse flags the chosen method ignores (merge stores no residual; only resmoe has a
+    barycenter) and ``--rank`` together with a budget, which it would override."""
+    if o.max_iter is not None:
+        if o.method != "resmoe":
+            raise ConversionError(f"--max-iter bounds resmoe's barycenter iterations; --method {o.method} has none")
+        if o.max_iter < 1:
+            raise ConversionError(f"--max-iter must be at least 1, got {o.max_iter}")
+    if o.rank is not None and (o.keep is not None or o.residual_keep is not None):
+        raise ConversionError("--rank fixes the SVD rank of every residual: give it or a budget (--keep, "
+                              "--residual-keep), not both")
+    if o.method == "merge" and not o.lossless:
+        given = [flag for flag, on in (("--residual svd", o.residual == "svd"),
+                                       (f"--residual-scope {o.residual_scope}", o.residual_scope != "expert"),
+                                       ("--rank", o.rank is not None), ("--value-dtype", o.value_dtype is not None),
+                                       (f"--delta-format {o.delta_format}", o.delta_format != "auto")) if on]
+        if given:
+            raise ConversionError(f"--method merge stores the experts' average and no residual: {given[0]} does "
+                                  f"not apply")
 
 
 class Plan:
@@ -123,10 +143,10 @@ class Plan:
                                   f"not {o.delta_format}")
         if o.rank is not None and residual != "svd":
             raise ConversionError("--rank applies to --residual svd (or --method svd)")
-        if o.max_iter < 1:
-            raise ConversionError("--max-iter must be at least 1")
+        check_method_flags(o)
         self.encoder = get_encoder(o.method, EncoderOptions(budget, residual, o.residual_scope, o.rank,
-                                                             o.lossless, o.max_iter))
+                                                             o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
+                                                             else o.max_iter))
         self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
         self.device = resolve_device(o.device)
         self.ckpt = Checkpoint(src, config)
@@ -143,8 +163,13 @@ class Plan:
                 if lay.num_experts < 2 and o.method in ("resmoe", "merge"):
                     raise ConversionError(f"layer {lay.index} has {lay.num_experts} expert; {o.method} needs "
                                           f"two or more")
-                if not o.lossless:
-                    self.encoder.residual_budget(lay.matrices, lay.num_experts)  # raises if infeasible
+                self.encoder.check_layer(lay.matrices, lay.num_experts)  # budget and --rank fit these shapes
+            if o.method == "merge" and o.keep is not None and not o.lossless:
+                experts = sorted({lay.num_experts for lay in self.layouts})
+                if any(abs(o.keep - 1 / e) > 1e-9 for e in experts):
+                    shares = ", ".join(f"1/{e} = {1 / e:.1%}" for e in experts)
+                    warnings.warn(f"--method merge stores the experts' average only ({shares} of the expert "
+                                  f"parameters), whatever --keep says (--keep {o.keep} only bounds it)", stacklevel=2)
             compressed = {s.name for lay in self.layouts for s in lay.sources}
             self.passthrough = [n for n in self.ckpt.tensors if n not in compressed]
             self.check_weights(progress)
@@ -213,6 +238,11 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
         plan.ckpt.close()
     report["seconds"] = time.perf_counter() - t_start
     report["summary"] = summarize(report, Path(out).stat().st_size)
+    frac = report["summary"]["expert_bytes_fraction"]
+    if frac is not None and frac > 1 and not plan.options.lossless:
+        flag = "--rank" if plan.options.rank is not None else plan.encoder.options.budget.flag().split()[0]
+        warnings.warn(f"the compressed experts take {frac:.1%} of their source size (indices and permutations "
+                      f"included): nothing is saved; lower {flag} or use a smaller --value-dtype", stacklevel=2)
     return report
 
 
@@ -266,8 +296,8 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
-    """Write the report as JSON (``--report``)."""
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    """Write the report as JSON (``--report``), atomically."""
+    publish.write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())
 
 
 __all__ = ["ConvertOptions", "convert", "Plan", "write_report"]

@@ -10,3 +10,7 @@ class RmoeFormatError(ValueError):
 
 class RmoeRuntimeError(RuntimeError):
     """The torch runtime cannot build or run a model as asked (architecture, dtype, device, budget)."""
+
+
+class GgufRmoeError(RmoeFormatError):
+    """A compressed GGUF (spec/GGUF_RMOE.md) cannot be read, rebuilt or written."""

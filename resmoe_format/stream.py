@@ -2,7 +2,7 @@
 
 Tensors are appended to temporary spill files (one per element size, so that every
 tensor ends up naturally aligned) beside the target. ``commit`` writes the header and
-copies the spills into a temporary file, fsyncs it and renames it over the target; a
+copies the spills into a file published atomically (:mod:`resmoe_format.publish`); a
 failure at any point leaves the target path untouched.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import RmoeFormatError
+from .publish import atomic_open
 from .safetensors_header import TensorEntry, encode_header
 
 _CLASSES = (8, 4, 2, 1)
@@ -98,22 +99,13 @@ class StreamingWriter:
             entries = self.layout()
             meta = metadata(entries) if callable(metadata) else metadata
             head = encode_header(meta, entries)
-            fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".{self.path.name}.partial-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(head)
-                    for c in _CLASSES:
-                        sp = self._spills[c]
-                        sp.flush()
-                        sp.seek(0)
-                        _copy(sp, out, self._pos[c])
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            _fsync_dir(self._dir)
+            with atomic_open(self.path) as out:
+                out.write(head)
+                for c in _CLASSES:
+                    sp = self._spills[c]
+                    sp.flush()
+                    sp.seek(0)
+                    _copy(sp, out, self._pos[c])
         finally:
             self.abort()
 
@@ -132,15 +124,3 @@ def _copy(src, dst, n: int, chunk: int = 1 << 24) -> None:
         dst.write(b)
         n -= len(b)
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -272,7 +272,7 @@ def test_shape_mismatch_and_missing_shard(tmp_path, capsys):
 def test_cuda_flag_without_gpu(mixtral, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    _fails([str(mixtral), "--device", "cuda"], tmp_path, capsys, "no CUDA device")
+    _fails([str(mixtral), "--device", "cuda"], tmp_path, capsys, "no CUDA GPU")
 
 
 def test_existing_output_untouched_on_failure(mixtral, tmp_path):

@@ -1,6 +1,6 @@
 """Compressed GGUF (spec/GGUF_RMOE.md): .rmoe -> GGUF -> .rmoe is byte-identical, the GGUF is
 readable by gguf.GGUFReader with the schema and name table in its metadata, and damaged or foreign
-files fail with ConversionError, leaving nothing at the output path."""
+files fail with GgufRmoeError, leaving nothing at the output path."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +19,9 @@ import pytest
 
 import resmoe_format
 from converters.convert import ConvertOptions, convert
-from converters.errors import ConversionError
-from converters.exporters.gguf_rmoe import (GGML_TYPE, K_HEADER, K_META_KEYS, gguf_names, gguf_shape, gguf_to_rmoe,
-                                            rmoe_to_gguf)
+from resmoe_format.errors import GgufRmoeError
+from resmoe_format.gguf_rmoe import (GGML_TYPE, K_HEADER, K_META_KEYS, gguf_names, gguf_shape, gguf_to_rmoe,
+                                    rmoe_to_gguf)
 from filecraft import rewrite
 from hf_models import build_checkpoint
 from resmoe_format import dtypes
@@ -216,7 +216,7 @@ def small_gguf(tmp_path_factory, tmp_path) -> tuple[Path, Path]:
 
 
 def refused(src: Path, out: Path, match: str = "") -> str:
-    with pytest.raises(ConversionError, match=match) as e:
+    with pytest.raises(GgufRmoeError, match=match) as e:
         gguf_to_rmoe(src, out)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(src))
@@ -281,7 +281,7 @@ def test_random_byte_flips_give_an_error_or_the_exact_file(small_gguf, tmp_path)
         bad.write_bytes(raw[:pos] + bytes([raw[pos] ^ (1 << rng.randrange(8))]) + raw[pos + 1:])
         try:
             gguf_to_rmoe(bad, out)
-        except ConversionError as e:
+        except GgufRmoeError as e:
             assert "\n" not in str(e) and not out.exists()
             errors += 1
         else:
@@ -317,10 +317,10 @@ def test_corrupt_rmoe_is_refused_and_nothing_is_written(tmp_path_factory, tmp_pa
     bad.write_bytes(bytes(raw))
     out = tmp_path / "out.gguf"
     out.write_bytes(b"previous")
-    with pytest.raises(ConversionError, match="crc32 mismatch"):
+    with pytest.raises(GgufRmoeError, match="crc32 mismatch"):
         rmoe_to_gguf(bad, out)
     assert out.read_bytes() == b"previous" and leftovers(tmp_path) == []
-    with pytest.raises(ConversionError, match="not 'rmoe'|safetensors|header"):
+    with pytest.raises(GgufRmoeError, match="not 'rmoe'|safetensors|header"):
         rmoe_to_gguf(rmoe_to_gguf(src, tmp_path / "g.gguf"), tmp_path / "again.gguf")
 
 
@@ -328,7 +328,7 @@ def test_missing_output_directory(tmp_path_factory, tmp_path):
     src = rmoe_case(tmp_path_factory, "mixtral-default")
     g = rmoe_to_gguf(src, tmp_path / "ok.gguf")
     for fn, arg in ((rmoe_to_gguf, src), (gguf_to_rmoe, g)):
-        with pytest.raises(ConversionError, match="output directory .* does not exist"):
+        with pytest.raises(GgufRmoeError, match="output directory .* does not exist"):
             fn(arg, tmp_path / "nope" / "x.out")
     assert not (tmp_path / "nope").exists()
 

@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Budgets: --keep F stores F of each compressed layer's expert parameters in total, the shared "
                "barycenter included (ResMoE residuals then keep F - 1/E each); --residual-keep F is the paper's "
                "convention, each residual keeps F and the barycenter comes on top.")
-    ap.add_argument("src", help="model.safetensors file or checkpoint directory (single file or sharded)")
+    ap.add_argument("src", nargs="?", help="model.safetensors file or checkpoint directory (single file or sharded)")
     ap.add_argument("out", nargs="?", help="output .rmoe file")
     ap.add_argument("--config", help="config.json (default: beside SRC)")
     ap.add_argument("--method", default="resmoe", choices=sorted(METHODS), help="encoder (default resmoe)")
@@ -45,11 +45,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lossless", action="store_true", help="keep everything; resmoe-restore --original-order "
                     "then gives the source back bit for bit")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when present)")
-    ap.add_argument("--max-iter", type=int, default=100, help="barycenter iterations at most (default 100)")
+    ap.add_argument("--max-iter", type=int, help="resmoe: barycenter iterations at most (default 100)")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
     ap.add_argument("--list-layers", action="store_true", help="print the model's MoE layers (the indices --layers "
                     "takes) and exit without writing anything")
+    ap.add_argument("--list-architectures", action="store_true", help="print the supported architectures (convert, "
+                    "runtime, GGUF and ONNX export) and exit; needs no SRC")
     return ap
 
 
@@ -95,18 +97,47 @@ def list_layers(src: str, config: str | None) -> Table:
     return t
 
 
+def architectures_table() -> Table:
+    """One row per architecture record: what converts, runs in the torch runtime and exports."""
+    from resmoe_format.architectures import FAMILIES
+    from resmoe_format.torch.kinds import KINDS
+
+    from ..architectures import ADAPTERS
+    from ..exporters.gguf_export import ARCHS as GGUF
+    from ..exporters.onnx_export import SUPPORTED as ONNX
+
+    t = Table(title="Supported architectures (one record each: resmoe_format/architectures.py)")
+    for col in ("architecture", "model_type", "convert", "runtime", "gguf", "onnx"):
+        t.add_column(col, no_wrap=col == "architecture")
+    for f in FAMILIES.values():
+        types = f.model_types
+        gguf = f.gguf if all(m in GGUF for m in types) else f"no: {f.gguf_reason or 'no exporter class'}"
+        onnx = "yes" if all(m in ONNX for m in types) else f"no: {f.onnx_reason or 'not supported'}"
+        t.add_row("\n".join(f.architectures), ", ".join(types), "yes" if f.name in ADAPTERS else "no",
+                  "yes" if f.kind in KINDS else "no", gguf, onnx)
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     a = ap.parse_args(argv)
+    if a.list_architectures:
+        out = Console(file=sys.stdout)
+        out.width = max(out.width, 132)  # the class names stay whole on an 80-column terminal
+        return run_cli("resmoe-convert", lambda: out.print(architectures_table()) or 0)
+    if a.src is None:
+        ap.error("the following arguments are required: src")
     if a.out is None and not a.list_layers:
         ap.error("the output file OUT is required (or --list-layers)")
 
     def body() -> int:
         from ..convert import ConvertOptions, convert, write_report
+        from ..paths import check_paths, checkpoint_inputs
 
         if a.list_layers:
             Console(file=sys.stdout).print(list_layers(a.src, a.config))
             return 0
+        check_paths(checkpoint_inputs(a.src, a.config), files=[a.out, a.report])
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,

@@ -26,22 +26,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--type", default="f32", help="GGUF tensor type (default f32)")
     ap.add_argument("--variant", default="dense", help="ONNX variant: dense or lowrank (default dense)")
     ap.add_argument("--original-order", action="store_true", help="safetensors: undo neuron permutations")
+    ap.add_argument("--force", action="store_true", help="safetensors: write into a non-empty directory")
     a = ap.parse_args(argv)
     if a.to not in TARGETS:
         print(f"resmoe-export: unsupported target {a.to!r}; supported: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
+    for flag, dest, target in (("--type", "type", "gguf"), ("--variant", "variant", "onnx"),
+                               ("--original-order", "original_order", "safetensors"),
+                               ("--force", "force", "safetensors")):
+        if getattr(a, dest) != ap.get_default(dest) and a.to != target:  # a flag the target would ignore
+            print(f"resmoe-export: error: {flag} applies to --to {target}, not --to {a.to}", file=sys.stderr)
+            return 2
 
     def body() -> int:
+        from ..paths import check_paths
+
+        if a.to == "safetensors":
+            check_paths([a.file], dirs=[a.out], force=a.force)
+        else:
+            check_paths([a.file], files=[a.out, a.out + ".data" if a.to == "onnx" else None])
         if a.to == "gguf":
             from ..exporters.gguf_export import export_gguf
 
             export_gguf(a.file, a.out, a.type)
         elif a.to == "gguf-rmoe":
-            from ..exporters.gguf_rmoe import rmoe_to_gguf
+            from resmoe_format.gguf_rmoe import rmoe_to_gguf
 
             rmoe_to_gguf(a.file, a.out)
         elif a.to == "rmoe":
-            from ..exporters.gguf_rmoe import gguf_to_rmoe
+            from resmoe_format.gguf_rmoe import gguf_to_rmoe
 
             gguf_to_rmoe(a.file, a.out)
         elif a.to == "onnx":
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from ..restore_checkpoint import restore_checkpoint
 
-            restore_checkpoint(a.file, a.out, a.original_order)
+            restore_checkpoint(a.file, a.out, a.original_order, force=a.force)
         print(f"exported {a.file} -> {a.out} ({a.to}{', ' + a.type if a.to == 'gguf' else ''})")
         return 0
 

@@ -27,6 +27,12 @@ LABELS = {
 }
 
 
+#: The last line of the table output, per ``verified`` (also a member of the JSON output).
+VERIFIED = {"none": "checksums: NOT verified (--no-verify); a damaged file may print as fine",
+            "checksums": "checksums: every tensor's CRC-32 is valid",
+            "records": "verify: every tensor checksum and record is valid"}
+
+
 def render(acc: Accounting, model: dict, console: Console, per_layer: bool = False, caption: str = "") -> None:
     t = Table(title=f"{model.get('architecture', '?')}: {acc.file_size:,} bytes on disk", caption=caption or None)
     t.add_column("part")
@@ -63,25 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help=".rmoe file")
     ap.add_argument("--json", action="store_true", help="print the accounting as JSON")
     ap.add_argument("--layers", action="store_true", help="also show a per-layer table")
-    ap.add_argument("--verify", action="store_true", help="read and check every tensor first")
+    check = ap.add_mutually_exclusive_group()
+    check.add_argument("--verify", action="store_true", help="also decode and check every layer record")
+    check.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of every tensor; the output "
+                       "then says the checksums were not verified")
     a = ap.parse_args(argv)
+    verified = "none" if a.no_verify else "records" if a.verify else "checksums"
 
     def body() -> int:
         with resmoe_format.open(a.file) as r:
-            if a.verify:
-                r.verify()
+            if not a.no_verify:
+                r.verify(records=a.verify)
             acc = account(r)
             if a.json:
                 doc = {"file": a.file, "version": ".".join(map(str, r.version)), "model": r.model,
-                       "method": r.schema.method, **acc.to_json()}
+                       "method": r.schema.method, "verified": verified, **acc.to_json()}
                 json.dump(doc, sys.stdout, indent=2)
                 print()
             else:
                 caption = (f".rmoe {'.'.join(map(str, r.version))}, method {r.schema.method.get('name', '?')}, "
                            f"source dtype {r.model.get('source_dtype', '?')}")
                 render(acc, r.model, Console(), a.layers, caption)
-                if a.verify:
-                    print("verify: every tensor checksum and record is valid")
+                print(VERIFIED[verified])
         return 0
 
     return run_cli("resmoe-inspect", body)

@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--original-order", action="store_true",
                     help="undo the neuron permutations (a lossless file then restores bit for bit)")
     ap.add_argument("--no-verify", action="store_true", help="skip tensor checksum verification")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR (its files of the same "
+                    "names are replaced; none may be the input)")
     a = ap.parse_args(argv)
 
     def body() -> int:
-        out = restore_checkpoint(a.file, a.outdir, a.original_order, not a.no_verify)
+        out = restore_checkpoint(a.file, a.outdir, a.original_order, not a.no_verify, a.force)
         print(f"restored {a.file} -> {out}")
         return 0
 

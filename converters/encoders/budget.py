@@ -48,5 +48,9 @@ class Budget:
                 f"(1/{num_experts} = {1 / num_experts:.4g}); raise --keep or use --residual-keep")
         return max(0, math.floor((total - base_params) / num_experts + 1e-9))
 
+    def flag(self) -> str:
+        """The budget as its command-line flag, e.g. ``--keep 0.25``."""
+        return f"--keep {self.keep:g}" if self.keep is not None else f"--residual-keep {self.residual_keep:g}"
+
     def to_json(self) -> dict:
         return {"keep": self.keep} if self.keep is not None else {"residual_keep": self.residual_keep}

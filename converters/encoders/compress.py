@@ -12,6 +12,7 @@ import math
 import torch
 
 from resmoe_format import MatrixSpec
+from resmoe_format.codecs.lowrank import split_svd
 
 from .parts import LowRankPart, SparsePart
 
@@ -66,11 +67,33 @@ def _sparse(x: torch.Tensor, mask: torch.Tensor) -> SparsePart | None:
 
 
 def svd_factors(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD ``x ~= u @ v`` with sqrt(sigma) on both sides (float64 maths on x's device)."""
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    rank = max(0, min(rank, s.numel()))
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+    """Truncated SVD ``x ~= u @ v`` with sqrt(sigma) on both sides (float64 maths on x's device;
+    the truncation is :func:`resmoe_format.codecs.lowrank.split_svd`)."""
+    u, v = split_svd(*torch.linalg.svd(x.double(), full_matrices=False), rank)
+    return u.float(), v.float()
+
+
+def shares_u(specs: list[MatrixSpec], scope: str) -> bool:
+    """Whether :func:`svd` stores one U for the expert: expert scope and 2-D matrices of one height."""
+    return scope == "expert" and len({m.shape[0] for m in specs if len(m.shape) == 2}) == 1
+
+
+def rank_limit(specs: list[MatrixSpec], scope: str) -> int:
+    """The largest rank :func:`svd` can store for every 2-D matrix of ``specs``: with a shared U
+    (n, r) and one V (r, width) per matrix, min(n, every width); otherwise the smallest min(rows, cols)."""
+    mats = [m for m in specs if len(m.shape) == 2]
+    if not mats:
+        return 0
+    if shares_u(specs, scope):
+        return min(mats[0].shape[0], *(m.shape[1] for m in mats))
+    return min(min(m.shape) for m in mats)
+
+
+def shared_rank(specs: list[MatrixSpec], budget: int) -> int:
+    """The rank a budget of ``budget`` parameters buys with one shared U (biases kept first)."""
+    mats = [m for m in specs if len(m.shape) == 2]
+    left = budget - sum(m.shape[0] for m in specs if len(m.shape) == 1)
+    return max(0, left) // (mats[0].shape[0] + sum(m.shape[1] for m in mats)) if mats else 0
 
 
 def svd(residual: dict[str, torch.Tensor], specs: list[MatrixSpec], budget: int, scope: str,
@@ -94,11 +117,10 @@ def svd(residual: dict[str, torch.Tensor], specs: list[MatrixSpec], budget: int,
         budget = 0
     if not mats:
         return out
-    rows = {m.shape[0] for m in mats}
-    if scope == "expert" and len(rows) == 1:
-        n = rows.pop()
+    if shares_u(specs, scope):
         widths = [m.shape[1] for m in mats]
-        r = rank if rank is not None else budget // (n + sum(widths))
+        # a budget near 1 can buy more rank than a V of the narrowest matrix holds: clamp (Encoder.check_layer warns)
+        r = rank if rank is not None else min(shared_rank(mats, budget), rank_limit(mats, scope))
         if r <= 0:
             out.update({m.name: None for m in mats})
             return out

@@ -2,6 +2,7 @@
 baselines prune, svd and merge, all under the same budget semantics."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +21,8 @@ from .budget import Budget
 from .parts import LayerResult, SparsePart
 
 RESIDUALS = ("prune", "svd")
+#: resmoe's barycenter iterations at most, unless --max-iter says otherwise
+DEFAULT_MAX_ITER = 100
 
 METHODS: dict[str, type[Encoder]] = {}
 
@@ -47,7 +50,7 @@ class EncoderOptions:
     scope: str = "expert"  # "expert" or "matrix"
     rank: int | None = None
     lossless: bool = False
-    max_iter: int = 100
+    max_iter: int = DEFAULT_MAX_ITER
 
     def __post_init__(self) -> None:
         if self.residual not in RESIDUALS:
@@ -112,6 +115,31 @@ class Encoder:
     def residual_budget(self, specs: list[MatrixSpec], num_experts: int) -> int:
         """Parameters each residual may keep (raises if the budget cannot hold the base)."""
         return self.options.budget.residual_params(params_of(specs), num_experts, self.base_params(specs))
+
+    def check_layer(self, specs: list[MatrixSpec], num_experts: int) -> None:
+        """Refuse, before any work, a budget or ``--rank`` this layer's shapes cannot honour; warn
+        when the budget buys more SVD rank than the file can store."""
+        o = self.options
+        if o.lossless:
+            return
+        budget = self.residual_budget(specs, num_experts)  # raises if the base does not fit
+        params = params_of(specs)
+        total = (self.base_params(specs) + num_experts * budget) / (num_experts * params)
+        if total >= 1:
+            exact = "; for an exact file use --lossless" if self.supports_lossless else ""
+            raise ConversionError(f"{o.budget.flag()} keeps {total:.1%} of the expert parameters with {num_experts} "
+                                  f"experts: nothing is saved (the file would be at least as large as the source); "
+                                  f"lower it{exact}")
+        if o.residual != "svd":
+            return
+        limit = compress.rank_limit(specs, o.scope)
+        if o.rank is not None and o.rank > limit:
+            raise ConversionError(f"--rank {o.rank}: must be between 1 and {limit} for these experts (matrices "
+                                  f"{', '.join(f'{m.name} {m.shape}' for m in specs)}, --residual-scope {o.scope})")
+        want = compress.shared_rank(specs, budget) if compress.shares_u(specs, o.scope) else 0
+        if o.rank is None and want > limit:
+            warnings.warn(f"{o.budget.flag()} buys SVD rank {want}, but one shared U stores rank {limit} at most: "
+                          f"residuals keep rank {limit}, less than the budget", stacklevel=2)
 
     def encode(self, experts: list[dict[str, torch.Tensor]], specs: list[MatrixSpec], dtype: str,
                progress: Callable[[str], None] | None = None) -> tuple[LayerResult, list[dict[str, torch.Tensor]]]:

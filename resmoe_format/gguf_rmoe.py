@@ -4,29 +4,25 @@
 passthrough tensors, embedded files, the checksum table) as a GGUF tensor holding the same bytes,
 and the ``__metadata__`` plus a tensor name table as ``resmoe.*`` keys. ``gguf_to_rmoe`` rebuilds
 the ``.rmoe`` file byte for byte, or fails. The file is for runtimes that implement ResMoE
-restoration; stock llama.cpp refuses it (``general.architecture`` is ``resmoe``).
+restoration; stock llama.cpp refuses it (``general.architecture`` is ``resmoe``). Needs the
+``gguf`` package (imported when used); every failure is a :class:`GgufRmoeError`.
 """
 from __future__ import annotations
 
 import io
 import mmap
-import os
 import struct
-import tempfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import resmoe_format
-from resmoe_format import dtypes
-from resmoe_format.container import META_FORMAT, META_SCHEMA, META_SCHEMA_CRC, META_VERSION
-from resmoe_format.errors import RmoeFormatError
-from resmoe_format.safetensors_header import TensorEntry, encode_header, read_header
-from resmoe_format.schema import FORMAT_NAME
-
-from ..errors import ConversionError
+from . import container, dtypes
+from .container import META_FORMAT, META_SCHEMA, META_SCHEMA_CRC, META_VERSION
+from .errors import GgufRmoeError, RmoeFormatError
+from .publish import atomic_path, user_path
+from .safetensors_header import TensorEntry, encode_header, read_header
+from .schema import FORMAT_NAME
 
 #: Version of this mapping (spec/GGUF_RMOE.md), independent of the .rmoe version it carries.
 FORMAT_VERSION = "1.0"
@@ -109,38 +105,15 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ConversionError("compressed GGUF needs the gguf package: pip install 'resmoe[export]'") from None
+        raise GgufRmoeError("compressed GGUF needs the gguf package: pip install 'resmoe[export]'") from None
     return gguf
 
 
 def _check_out(out: Path) -> None:
     if not out.parent.is_dir():
-        raise ConversionError(f"output directory {out.parent} does not exist")
+        raise GgufRmoeError(f"output directory {out.parent} does not exist")
     if out.is_dir():
-        raise ConversionError(f"output path {out} is a directory")
-
-
-@contextmanager
-def _atomic(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out``, fsynced and renamed over ``out`` if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        raise GgufRmoeError(f"output path {out} is a directory")
 
 
 def _canonical_metadata(version: str, schema: str, schema_crc: str, extra: dict[str, str]) -> dict[str, str]:
@@ -162,19 +135,21 @@ def rmoe_to_gguf(src: str | Path, out: str | Path) -> Path:
     _check_out(out)
     gguf = _gguf()
     try:
-        with resmoe_format.open(src) as r:
+        with container.open(src) as r:
             with open(src, "rb") as f:
                 f.seek(8)
                 raw_header = f.read(r.header.header_len)
                 size, crc = _file_crc(f)
             if size != r.file_size:
                 raise RmoeFormatError("the file changed while being read")
-            with _atomic(out) as tmp:
+            with atomic_path(out) as tmp:
                 _write_gguf(gguf, r, raw_header, size, crc, tmp)
+    except GgufRmoeError:
+        raise
     except RmoeFormatError as e:
-        raise ConversionError(f"{src}: {e}") from None
+        raise GgufRmoeError(f"{src}: {e}") from None
     except UnicodeEncodeError as e:
-        raise ConversionError(f"{src}: a name or metadata string is not valid Unicode ({e.reason})") from None
+        raise GgufRmoeError(f"{src}: a name or metadata string is not valid Unicode ({e.reason})") from None
     return out
 
 
@@ -234,33 +209,34 @@ def gguf_to_rmoe(src: str | Path, out: str | Path) -> Path:
 
     The result is byte-identical to the ``.rmoe`` file the GGUF was made from: its size and
     CRC-32 are recorded in the GGUF and checked, and the result must open as a ``.rmoe`` file.
-    Any problem raises ConversionError with a one-line message; nothing is left at ``out``.
+    Any problem raises GgufRmoeError with a one-line message; nothing is left at ``out``.
     """
     src, out = Path(src), Path(out)
     _check_out(out)
     gguf = _gguf()
     try:
         _gguf_to_rmoe(gguf, src, out)
-    except ConversionError as e:
-        raise ConversionError(f"{src}: {e}") from None
+    except GgufRmoeError as e:
+        raise GgufRmoeError(f"{src}: {e}") from None
     except OSError as e:
-        raise ConversionError(f"{src}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")) from None
+        where = f": {user_path(e.filename)}" if e.filename else ""
+        raise GgufRmoeError(f"{src}: {e.strerror or e}{where}") from None
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, ArithmeticError, RecursionError) as e:
-        raise ConversionError(f"{src}: malformed compressed GGUF ({type(e).__name__}: {e})") from None
+        raise GgufRmoeError(f"{src}: malformed compressed GGUF ({type(e).__name__}: {e})") from None
     return out
 
 
 def _gguf_to_rmoe(gguf, src: Path, out: Path) -> None:
     size = src.stat().st_size
     if size < 24:
-        raise ConversionError(f"file is {size} bytes: too short for a GGUF header (not a GGUF file?)")
+        raise GgufRmoeError(f"file is {size} bytes: too short for a GGUF header (not a GGUF file?)")
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         _check_framing(mm)
     reader = _open_reader(gguf, src)
     doc = _read_doc(gguf, reader)
     rows = _check_tensors(reader, doc)
     head = _rmoe_header(doc, rows)
-    with _atomic(out) as tmp:
+    with atomic_path(out) as tmp:
         _write_rmoe(reader, head, rows, doc.crc, tmp)
 
 
@@ -268,7 +244,7 @@ def _open_reader(gguf, src: Path):
     try:
         return gguf.GGUFReader(src)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, ArithmeticError, RecursionError) as e:
-        raise ConversionError(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise GgufRmoeError(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 class _Scan:
@@ -286,7 +262,7 @@ class _Scan:
 
     def take(self, n: int, what: str) -> int:
         if n > len(self.buf) - self.pos:
-            raise ConversionError(f"{what} at byte {self.pos} runs past the end of the {len(self.buf)}-byte file "
+            raise GgufRmoeError(f"{what} at byte {self.pos} runs past the end of the {len(self.buf)}-byte file "
                                   "(truncated?)")
         self.pos += n
         return self.pos - n
@@ -310,11 +286,11 @@ class _Scan:
                 self.take(n * self.SCALAR[sub], what)
                 return
             if n > (len(self.buf) - self.pos) // 8:  # a string or array element takes 8 bytes at least
-                raise ConversionError(f"{what}: array of {n} elements runs past the end of the file (truncated?)")
+                raise GgufRmoeError(f"{what}: array of {n} elements runs past the end of the file (truncated?)")
             for _ in range(n):
                 self.value(sub, what)
         else:
-            raise ConversionError(f"{what}: unknown GGUF value type {t}")
+            raise GgufRmoeError(f"{what}: unknown GGUF value type {t}")
 
 
 def _check_framing(buf) -> None:
@@ -323,14 +299,14 @@ def _check_framing(buf) -> None:
 
     s = _Scan(buf)
     if bytes(buf[:4]) != b"GGUF":
-        raise ConversionError("not a GGUF file (no GGUF magic)")
+        raise GgufRmoeError("not a GGUF file (no GGUF magic)")
     s.take(4, "magic")
     version = s.num("<I", "GGUF version")
     if version != GGUF_VERSION:
-        raise ConversionError(f"GGUF version {version}; a compressed GGUF is GGUF version {GGUF_VERSION}")
+        raise GgufRmoeError(f"GGUF version {version}; a compressed GGUF is GGUF version {GGUF_VERSION}")
     n_tensors, n_kv = s.num("<Q", "tensor count"), s.num("<Q", "metadata count")
     if n_kv > (len(buf) - s.pos) // 13 or n_tensors > (len(buf) - s.pos) // 24:
-        raise ConversionError(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in the file "
+        raise GgufRmoeError(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in the file "
                               "(truncated or corrupt header)")
     for i in range(n_kv):
         key = s.string(f"metadata key {i}")
@@ -344,22 +320,22 @@ def _check_framing(buf) -> None:
         name = s.string(f"tensor info {i}").decode("utf-8", "replace")
         nd = s.num("<I", f"tensor {name}")
         if nd > MAX_GGUF_DIMS:
-            raise ConversionError(f"tensor {name}: {nd} dimensions (GGUF tensors have at most {MAX_GGUF_DIMS})")
+            raise GgufRmoeError(f"tensor {name}: {nd} dimensions (GGUF tensors have at most {MAX_GGUF_DIMS})")
         dims = struct.unpack_from(f"<{nd}Q", buf, s.take(8 * nd, f"tensor {name}"))
         infos.append((name, dims, s.num("<I", f"tensor {name}"), s.num("<Q", f"tensor {name}")))
     if s.alignment == 0 or s.alignment & (s.alignment - 1):
-        raise ConversionError(f"general.alignment {s.alignment} is not a power of two")
+        raise GgufRmoeError(f"general.alignment {s.alignment} is not a power of two")
     start = -(-s.pos // s.alignment) * s.alignment
     for name, dims, t, off in infos:
         try:
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
         except (ValueError, KeyError):
-            raise ConversionError(f"tensor {name}: unknown GGML type {t}") from None
+            raise GgufRmoeError(f"tensor {name}: unknown GGML type {t}") from None
         n = 1
         for d in dims:
             n *= d
         if start + off + n * size // block > len(buf):
-            raise ConversionError(f"tensor {name}: data runs past the end of the {len(buf)}-byte file (truncated?)")
+            raise GgufRmoeError(f"tensor {name}: data runs past the end of the {len(buf)}-byte file (truncated?)")
 
 
 def _field(gguf, reader, key: str, vtype, sub=None, required: bool = True) -> Any:
@@ -368,16 +344,16 @@ def _field(gguf, reader, key: str, vtype, sub=None, required: bool = True) -> An
     f = reader.fields.get(key)
     if f is None:
         if required:
-            raise ConversionError(f"metadata key {key} is missing")
+            raise GgufRmoeError(f"metadata key {key} is missing")
         return [] if vtype == V.ARRAY else None
     want = [vtype] + ([sub] if sub is not None else [])
     if f.types != want and not (vtype == V.ARRAY and f.types == [V.ARRAY]):  # an empty array has no element type
         got = "/".join(t.name for t in f.types)
-        raise ConversionError(f"metadata key {key} is {got}, expected {'/'.join(t.name for t in want)}")
+        raise GgufRmoeError(f"metadata key {key} is {got}, expected {'/'.join(t.name for t in want)}")
     try:
         return f.contents()
     except UnicodeDecodeError:
-        raise ConversionError(f"metadata key {key} is not valid UTF-8") from None
+        raise GgufRmoeError(f"metadata key {key} is not valid UTF-8") from None
 
 
 @dataclass
@@ -398,7 +374,7 @@ def _read_doc(gguf, reader) -> _Doc:
     arch = _field(gguf, reader, "general.architecture", V.STRING, required=False)
     if arch != ARCHITECTURE or K_FORMAT_VERSION not in reader.fields:
         what = f"general.architecture is {arch!r}" if arch != ARCHITECTURE else f"{K_FORMAT_VERSION} is missing"
-        raise ConversionError(f"not a resmoe compressed GGUF ({what}); expected general.architecture "
+        raise GgufRmoeError(f"not a resmoe compressed GGUF ({what}); expected general.architecture "
                               f"{ARCHITECTURE!r} and resmoe.* keys")
     _check_version(_field(gguf, reader, K_FORMAT_VERSION, V.STRING))
 
@@ -407,11 +383,11 @@ def _read_doc(gguf, reader) -> _Doc:
 
     keys, values = arr(K_META_KEYS, V.STRING, False), arr(K_META_VALUES, V.STRING, False)
     if len(keys) != len(values) or len(set(keys)) != len(keys) or set(keys) & set(_STANDARD_META):
-        raise ConversionError(f"{K_META_KEYS} and {K_META_VALUES} must pair unique keys other than "
+        raise GgufRmoeError(f"{K_META_KEYS} and {K_META_VALUES} must pair unique keys other than "
                               f"{', '.join(_STANDARD_META)} with values")
     version, schema, schema_crc = (_field(gguf, reader, k, V.STRING) for k in (K_RMOE_VERSION, K_SCHEMA, K_SCHEMA_CRC))
     if not (schema_crc.isascii() and schema_crc.isdigit()) or int(schema_crc) != zlib.crc32(schema.encode("utf-8")):
-        raise ConversionError(f"{K_SCHEMA} does not match {K_SCHEMA_CRC} (corrupt metadata)")
+        raise GgufRmoeError(f"{K_SCHEMA} does not match {K_SCHEMA_CRC} (corrupt metadata)")
     meta = _canonical_metadata(version, schema, schema_crc, dict(zip(keys, values)))
     return _Doc(meta, arr(K_NAMES, V.STRING), arr(K_GGUF_NAMES, V.STRING), arr(K_DTYPES, V.STRING),
                 arr(K_NDIMS, V.UINT32), arr(K_DIMS, V.UINT64, False),
@@ -422,9 +398,9 @@ def _read_doc(gguf, reader) -> _Doc:
 def _check_version(v: str) -> None:
     major, _, minor = v.partition(".")
     if not (major.isdigit() and minor.isdigit() and major.isascii() and minor.isascii()):
-        raise ConversionError(f"{K_FORMAT_VERSION} {v!r} is not of the form major.minor")
+        raise GgufRmoeError(f"{K_FORMAT_VERSION} {v!r} is not of the form major.minor")
     if int(major) != READ_MAJOR:
-        raise ConversionError(f"this is compressed GGUF version {v}; this reader reads major version {READ_MAJOR} "
+        raise GgufRmoeError(f"this is compressed GGUF version {v}; this reader reads major version {READ_MAJOR} "
                               "only (upgrade resmoe to read it)")
 
 
@@ -434,34 +410,34 @@ def _check_tensors(reader, doc: _Doc) -> list[tuple[_Row, int]]:
     lens = {K_NAMES: doc.names, K_GGUF_NAMES: doc.gguf_names, K_DTYPES: doc.dtypes, K_NDIMS: doc.n_dims}
     for key, val in lens.items():
         if len(val) != n:
-            raise ConversionError(f"{key} has {len(val)} entries for {n} tensors")
+            raise GgufRmoeError(f"{key} has {len(val)} entries for {n} tensors")
     if sum(doc.n_dims) != len(doc.dims):
-        raise ConversionError(f"{K_DIMS} has {len(doc.dims)} entries, {K_NDIMS} adds up to {sum(doc.n_dims)}")
+        raise GgufRmoeError(f"{K_DIMS} has {len(doc.dims)} entries, {K_NDIMS} adds up to {sum(doc.n_dims)}")
     if len(set(doc.names)) != n:
-        raise ConversionError(f"{K_NAMES} names a .rmoe tensor twice")
+        raise GgufRmoeError(f"{K_NAMES} names a .rmoe tensor twice")
     out, k, pos, align = [], 0, 0, int(reader.alignment)
     for i, t in enumerate(reader.tensors):
         nd = doc.n_dims[i]
         if nd > 8:
-            raise ConversionError(f"tensor {doc.names[i]}: {nd} dimensions (a .rmoe tensor has at most 8)")
+            raise GgufRmoeError(f"tensor {doc.names[i]}: {nd} dimensions (a .rmoe tensor has at most 8)")
         row = _Row(doc.gguf_names[i], doc.names[i], doc.dtypes[i], tuple(doc.dims[k:k + nd]))
         k += nd
         where = f"tensor {row.name}" + (f" (GGUF tensor {t.name})" if t.name != row.name else "")
         if t.name != row.gguf_name:
-            raise ConversionError(f"GGUF tensor {i} is {t.name!r}, {K_GGUF_NAMES} says {row.gguf_name!r}")
+            raise GgufRmoeError(f"GGUF tensor {i} is {t.name!r}, {K_GGUF_NAMES} says {row.gguf_name!r}")
         if row.dtype not in GGML_TYPE:
-            raise ConversionError(f"{where}: unknown .rmoe dtype {row.dtype!r}")
+            raise GgufRmoeError(f"{where}: unknown .rmoe dtype {row.dtype!r}")
         want_type, want_dims = GGML_TYPE[row.dtype], list(reversed(gguf_shape(row.shape)))
         if t.tensor_type.name != want_type or [int(d) for d in t.shape] != want_dims:
-            raise ConversionError(f"{where}: GGUF holds {t.tensor_type.name} {[int(d) for d in t.shape]}, the "
+            raise GgufRmoeError(f"{where}: GGUF holds {t.tensor_type.name} {[int(d) for d in t.shape]}, the "
                                   f"table's {row.dtype} {list(row.shape)} needs {want_type} {want_dims}")
         if t.data_offset != reader.data_offset + pos or int(t.n_bytes) != row.nbytes:
-            raise ConversionError(f"{where}: data at file offset {t.data_offset}, expected "
+            raise GgufRmoeError(f"{where}: data at file offset {t.data_offset}, expected "
                                   f"{reader.data_offset + pos} (tensors must follow each other in table order)")
         pos += -(-row.nbytes // align) * align
         out.append((row, t.data_offset))
     if reader.data_offset + pos != len(reader.data):
-        raise ConversionError(f"the file is {len(reader.data)} bytes but its tensors and their padding end at byte "
+        raise GgufRmoeError(f"the file is {len(reader.data)} bytes but its tensors and their padding end at byte "
                               f"{reader.data_offset + pos} (truncated or trailing bytes)")
     return out
 
@@ -480,11 +456,11 @@ def _rmoe_header(doc: _Doc, rows: list[tuple[_Row, int]]) -> bytes:
             head = struct.pack("<Q", len(raw)) + raw
             h = read_header(io.BytesIO(head), len(head) + pos)
             if h.metadata != doc.meta or {t.name: t for t in h.tensors.values()} != {t.name: t for t in entries}:
-                raise ConversionError(f"{K_HEADER} disagrees with the tensor table or the metadata keys")
+                raise GgufRmoeError(f"{K_HEADER} disagrees with the tensor table or the metadata keys")
     except RmoeFormatError as e:
-        raise ConversionError(f"the .rmoe header cannot be rebuilt: {e}") from None
+        raise GgufRmoeError(f"the .rmoe header cannot be rebuilt: {e}") from None
     if len(head) + pos != doc.size:
-        raise ConversionError(f"the .rmoe file would be {len(head) + pos} bytes, {K_SIZE} says {doc.size}")
+        raise GgufRmoeError(f"the .rmoe file would be {len(head) + pos} bytes, {K_SIZE} says {doc.size}")
     return head
 
 
@@ -498,9 +474,9 @@ def _write_rmoe(reader, head: bytes, rows: list[tuple[_Row, int]], want_crc: int
                 f.write(chunk)
                 crc = zlib.crc32(chunk, crc)
     if crc != want_crc:
-        raise ConversionError(f"the rebuilt .rmoe file has CRC-32 {crc}, {K_CRC} says {want_crc} "
+        raise GgufRmoeError(f"the rebuilt .rmoe file has CRC-32 {crc}, {K_CRC} says {want_crc} "
                               "(corrupt tensor data or metadata)")
     try:
-        resmoe_format.open(path).close()
+        container.open(path).close()
     except RmoeFormatError as e:
-        raise ConversionError(f"the rebuilt .rmoe file is not valid: {e}") from None
+        raise GgufRmoeError(f"the rebuilt .rmoe file is not valid: {e}") from None
