@@ -17,10 +17,10 @@ import numpy as np
 from . import codecs, dtypes
 from .codecs import Encoded, PART_CATEGORY
 from .errors import RmoeFormatError
-from .safetensors_header import Header, TensorEntry, read_header
+from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
 from .schema import (BASE_VERSION_STR, FORMAT_NAME, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, EncodedRef,
-                     LayerSpec, MatrixSpec, Schema, SourceSpec, parse_version)
+                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -252,11 +252,7 @@ class Reader:
         want = meta.get(META_SCHEMA_CRC)
         if want is None or not want.isdigit() or int(want) != crc32(raw.encode("utf-8")):
             raise RmoeFormatError("__metadata__.rmoe_schema does not match rmoe_schema_crc32 (corrupt header)")
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise RmoeFormatError(f"rmoe_schema is not valid JSON: {e}") from None
-        self.schema = Schema.from_json(doc)
+        self.schema = Schema.from_json(parse_json(raw, "rmoe_schema"))
         self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements,
                                          allow_shared=self.version[0] >= SHARED_FACTORS_VERSION[0])
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -290,8 +286,8 @@ class Reader:
         return a
 
     @_guard
-    def verify(self) -> None:
-        """Read every tensor, check its checksum, and decode every layer record.
+    def verify(self, records: bool = True) -> None:
+        """Read every tensor, check its checksum, and (``records``) decode every layer record.
 
         Pages are released as it goes, so resident memory stays near one layer.
         """
@@ -306,7 +302,7 @@ class Reader:
                     self.release()
                     touched = 0
             self.release()
-            for lay in self.schema.layers:
+            for lay in self.schema.layers if records else ():
                 for m in lay.matrices:
                     if lay.base_kind != "none":
                         self.base(lay.index, m.name)
@@ -460,17 +456,21 @@ class Writer:
         self._files: list[dict[str, str]] = []
         self._passthrough: list[str] = []
         self._layers: list[LayerSpec] = []
+        self._paths: dict[str, str] = {}  # embedded file paths claimed so far (spec 4.4)
+        self._outputs: dict[str, str] = {}  # restored tensor name -> what restores it (spec 4.9)
         #: the part arrays of the layers written so far, while the caller keeps them alive (add_layer)
         self._earlier: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     def add_file(self, path: str, data: bytes) -> None:
-        """Embed a source file (config.json, tokenizer.json, ...)."""
+        """Embed a source file (config.json, tokenizer.json, ...) under a portable relative path (spec 4.4)."""
+        claim_file_path(self._paths, path, "embedded file")
         self._files.append({"path": path, "tensor": self._put(f"rmoe.files.{path}", np.frombuffer(data, np.uint8))})
 
     def add_passthrough(self, name: str, array: np.ndarray) -> None:
         """Store a source tensor unchanged under its own name."""
         if name.startswith(RESERVED_PREFIX):
             raise RmoeFormatError(f"passthrough tensor {name}: names starting with {RESERVED_PREFIX!r} are reserved")
+        claim_output(self._outputs, name, "a passthrough tensor")
         self._passthrough.append(self._put(name, array))
 
     def add_layer(self, layer: MoELayer) -> LayerSpec:
@@ -557,6 +557,9 @@ class Writer:
         clash = [n for n in arrays if n in self._out.entries]
         if clash:
             raise RmoeFormatError(f"tensor {clash[0]} written twice")
+        outputs = dict(self._outputs)
+        for s in spec.sources:
+            claim_output(outputs, s.name, f"layer {i}")
         # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
         tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
         pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
@@ -564,6 +567,7 @@ class Writer:
         for name, arr in arrays.items():
             self._put(name, arr)
         self._layers.append(spec)
+        self._outputs = outputs
         for arr in used:
             try:
                 self._earlier[id(arr)] = arr

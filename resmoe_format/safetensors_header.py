@@ -49,13 +49,30 @@ class Header:
         return 8 + self.header_len
 
 
-def _no_dupes(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise RmoeFormatError(f"header: key {k!r} appears twice")
-        d[k] = v
-    return d
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Parse strict JSON (RFC 8259): no ``NaN``/``Infinity``, no object with two members of one name.
+
+    Any problem is an :class:`RmoeFormatError` whose message starts with ``what``.
+    """
+    def no_dupes(pairs):
+        d = {}
+        for k, v in pairs:
+            if k in d:
+                raise RmoeFormatError(f"{what}: key {k!r} appears twice in one object")
+            d[k] = v
+        return d
+
+    def no_constant(name: str):
+        raise RmoeFormatError(f"{what}: {name} is not valid JSON")
+
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=no_dupes, parse_constant=no_constant)
+    except RmoeFormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RmoeFormatError(f"{what} is not valid UTF-8 JSON: {e}") from None
 
 
 def read_header(f: BinaryIO, file_size: int) -> Header:
@@ -71,12 +88,7 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
     raw = f.read(n)
     if len(raw) != n:
         raise RmoeFormatError("header: short read (file truncated?)")
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes)
-    except RmoeFormatError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RmoeFormatError(f"header is not valid UTF-8 JSON: {e}") from None
+    doc = parse_json(raw, "header")
     if not isinstance(doc, dict):
         raise RmoeFormatError("header must be a JSON object")
     meta = doc.pop("__metadata__", {})

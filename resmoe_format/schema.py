@@ -6,6 +6,7 @@ table happen in :mod:`resmoe_format.container`.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,11 +301,10 @@ class Schema:
         _name(cks.get("tensor"), "schema.checksum.tensor")
         _req(cks, "crc32", "schema.checksum", int)
         files = _req(d, "files", "schema", list, True, [])
+        paths: dict[str, str] = {}
         for i, f in enumerate(files):
             f = _obj(f, f"schema.files[{i}]")
-            if not isinstance(f.get("path"), str) or not _safe_relpath(f["path"]):
-                raise RmoeFormatError(f"schema.files[{i}].path: must be a plain relative file name, "
-                                      f"got {f.get('path')!r}")
+            claim_file_path(paths, f.get("path"), f"schema.files[{i}].path")
             _name(f.get("tensor"), f"schema.files[{i}].tensor")
         passthrough = _req(d, "passthrough", "schema", list, True, [])
         for i, p in enumerate(passthrough):
@@ -314,13 +314,65 @@ class Schema:
         idx = [lay.index for lay in layers]
         if len(set(idx)) != len(idx):
             raise RmoeFormatError("schema.layers: layer indices must be unique")
+        outputs = {p: "a passthrough tensor" for p in passthrough}  # repeats there are caught as tensor roles
+        for lay in layers:
+            for s in lay.sources:
+                claim_output(outputs, s.name, f"layer {lay.index}")
         return cls(model, method, [dict(f) for f in files], list(passthrough), layers, dict(cks),
                    d.get("version", VERSION_STR))
 
 
-def _safe_relpath(p: str) -> bool:
-    parts = p.replace("\\", "/").split("/")
-    return bool(p) and not p.startswith("/") and all(x not in ("", ".", "..") for x in parts) and "\x00" not in p
+def claim_output(claimed: dict[str, str], name: str, by: str) -> None:
+    """Record that ``by`` restores the tensor ``name``; a name restored twice is an error (spec 4.9)."""
+    if name in claimed:
+        raise RmoeFormatError(f"{by} restores tensor {name!r}, which {claimed[name]} restores too: "
+                              f"every restored tensor name must be unique")
+    claimed[name] = by
+
+
+#: Device names Windows reserves in every directory, with any extension ("NUL.txt").
+_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", "conin$", "conout$"}
+                             | {f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"})
+#: Characters no path component may hold: the separators and drive colon of other systems, the
+#: characters Windows forbids, and control characters (NUL included).
+_PATH_FORBIDDEN = frozenset('\\:*?"<>|') | frozenset(map(chr, range(32)))
+#: The restored checkpoint's weights (6.6): an embedded file may not take their place.
+RESERVED_FILE_PATHS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _path_problem(p: str) -> str | None:
+    bad = sorted(set(p) & _PATH_FORBIDDEN)
+    if bad:
+        return f"it contains {bad[0]!r}"
+    for c in p.split("/"):
+        if c in ("", ".", ".."):
+            return "it is empty, absolute, or has an empty, '.' or '..' component"
+        if c[-1] in ". ":
+            return f"component {c!r} ends with a dot or a space"
+        if c.partition(".")[0].rstrip(" ").casefold() in _WINDOWS_DEVICES:
+            return f"component {c!r} is a device name on Windows"
+    if p.casefold() in RESERVED_FILE_PATHS:
+        return "the restored checkpoint's weights take that name"
+    return None
+
+
+def claim_file_path(claimed: dict[str, str], path: Any, where: str) -> None:
+    """Check an embedded file's path (spec 4.4) and that it clashes with none claimed so far; record it.
+
+    ``claimed`` maps the case-folded paths of files, and of the directories they lie in, to
+    ``"file"`` or ``"dir"``.
+    """
+    why = _path_problem(path) if isinstance(path, str) else "it is not a string"
+    if why:
+        raise RmoeFormatError(f"{where}: {path!r} is not a portable relative file path: {why}")
+    key = unicodedata.normalize("NFC", path).casefold()
+    parts = key.split("/")
+    dirs = ["/".join(parts[:i]) for i in range(1, len(parts))]
+    if key in claimed or any(claimed.get(x) == "file" for x in dirs):
+        raise RmoeFormatError(f"{where}: {path!r} clashes with another embedded file: paths must differ in more "
+                              f"than case, and no file may be the directory of another")
+    claimed[key] = "file"
+    claimed.update((x, "dir") for x in dirs)
 
 
 def parse_version(s: Any) -> tuple[int, int]:

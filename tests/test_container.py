@@ -103,7 +103,7 @@ def test_plain_safetensors_file_is_rejected_clearly(tmp_path):
 
 def test_corrupt_tensor_data_fails_its_checksum_unless_skipped(demo, tmp_path):
     with resmoe_format.open(demo) as r:
-        t = r.header.tensors["rmoe.layers.1.base.w2.values"]
+        t = r.header.tensors["rmoe.layers.1.base.down.values"]
 
     def flip(d):
         d[t.begin + 3] ^= 0x10
@@ -111,10 +111,10 @@ def test_corrupt_tensor_data_fails_its_checksum_unless_skipped(demo, tmp_path):
 
     p = rewrite(demo, tmp_path / "c.rmoe", edit_data=flip)
     with resmoe_format.open(p) as r:  # layout is fine, so it opens
-        with pytest.raises(RmoeFormatError, match=r"rmoe.layers.1.base.w2.values: crc32 mismatch"):
-            r.base(1, "w2")
+        with pytest.raises(RmoeFormatError, match=r"rmoe.layers.1.base.down.values: crc32 mismatch"):
+            r.base(1, "down")
     with resmoe_format.open(p, verify_checksums=False) as r:
-        r.base(1, "w2")  # skipping verification reads the (corrupt) bytes
+        r.base(1, "down")  # skipping verification reads the (corrupt) bytes
 
 
 def test_schema_edit_without_crc_update_is_caught(demo, tmp_path):
@@ -129,7 +129,7 @@ def test_inconsistent_layout_is_rejected_before_reading_data(demo, tmp_path):
         s["layers"][0]["matrices"][0]["shape"] = [48, 31]
 
     p = rewrite(demo, tmp_path / "l.rmoe", edit_schema=shrink)
-    with pytest.raises(RmoeFormatError, match=r"base.w1.values: shape \[48, 32\] but the schema implies \[48, 31\]"):
+    with pytest.raises(RmoeFormatError, match=r"base.gate.values: shape \[48, 32\] but the schema implies \[48, 31\]"):
         resmoe_format.open(p)
 
 
@@ -274,3 +274,137 @@ def test_extension_tensors_have_a_role_and_are_counted(tmp_path):
         np.testing.assert_array_equal(r.tensor(ext["tensors"]["ce"]), ce)
         acc = account(r)
     assert acc.bytes["extensions"] == ce.nbytes and sum(acc.bytes.values()) == acc.file_size
+
+
+# --- strict JSON, unique restored names, portable embedded paths (spec 2.3, 3, 4.4, 4.9) ----------------
+
+def _with_raw_schema(demo, dst, text: str):
+    """``demo`` with ``rmoe_schema`` replaced by ``text`` verbatim (CRC fixed)."""
+    import zlib
+
+    from filecraft import join, split
+
+    head, _, data, meta = split(demo)
+    meta = dict(meta, rmoe_schema=text, rmoe_schema_crc32=str(zlib.crc32(text.encode()) & 0xFFFFFFFF))
+    dst.write_bytes(join(head, None, data, meta))
+    return dst
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_in_the_header(demo, tmp_path, constant):
+    def edit_head(h):
+        h[next(iter(h))]["note"] = float(constant.replace("Infinity", "inf"))  # an ignored member (2.1)
+
+    p = rewrite(demo, tmp_path / "h.rmoe", edit_head=edit_head)
+    assert b": " + constant.encode() in p.read_bytes()
+    with pytest.raises(RmoeFormatError, match=rf"header: {constant} is not valid JSON"):
+        resmoe_format.open(p)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_in_the_schema(demo, tmp_path, constant):
+    p = rewrite(demo, tmp_path / "s.rmoe", edit_schema=lambda s: s["method"].update(
+        note=float(constant.replace("Infinity", "inf"))))  # an informative member
+    with pytest.raises(RmoeFormatError, match=rf"rmoe_schema: {constant} is not valid JSON"):
+        resmoe_format.open(p)
+
+
+def test_a_member_twice_in_one_schema_object_is_rejected(demo, tmp_path):
+    from filecraft import split
+
+    raw = split(demo)[3]["rmoe_schema"]
+    assert raw.startswith("{") and '"layers":[' in raw
+    # an empty "layers" first: a reader keeping the first occurrence would restore no layer at all
+    p = _with_raw_schema(demo, tmp_path / "d.rmoe", '{"layers":[],' + raw[1:])
+    with pytest.raises(RmoeFormatError, match="rmoe_schema: key 'layers' appears twice"):
+        resmoe_format.open(p)
+
+
+def test_a_source_named_like_a_passthrough_tensor_is_rejected_at_open(demo, tmp_path):
+    def edit(s):
+        s["layers"][1]["sources"][0]["name"] = s["passthrough"][0]
+
+    p = rewrite(demo, tmp_path / "pt.rmoe", edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match=r"layer 1 restores tensor '.+', which a passthrough tensor restores too"):
+        resmoe_format.open(p)
+
+
+def test_two_sources_of_one_name_are_rejected_at_open(demo, tmp_path):
+    def edit(s):
+        s["layers"][1]["sources"][3]["name"] = s["layers"][0]["sources"][3]["name"]
+
+    p = rewrite(demo, tmp_path / "two.rmoe", edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match=r"layer 1 restores tensor '.+', which layer 0 restores too"):
+        resmoe_format.open(p)
+
+
+def test_writer_refuses_a_restored_name_twice_and_stays_usable(tmp_path):
+    from resmoe_format import MatrixSpec, MoELayer, SourceSpec, codecs
+
+    def layer(index, name):
+        return MoELayer(index, 3, [MatrixSpec("w", (3, 4), "fp32", 0)], "none", {},
+                        [{"w": codecs.encode(np.ones((3, 4)), "dense", "fp32")}], None,
+                        [SourceSpec(name, "fp32", (3, 4), 0, ["w"])])
+
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        w.add_passthrough("pt", np.ones(3, np.float32))
+        with pytest.raises(RmoeFormatError, match="layer 0 restores tensor 'pt', which a passthrough tensor"):
+            w.add_layer(layer(0, "pt"))
+        w.add_layer(layer(0, "w0"))
+        with pytest.raises(RmoeFormatError, match="a passthrough tensor restores tensor 'w0', which layer 0"):
+            w.add_passthrough("w0", np.ones(3, np.float32))
+        with pytest.raises(RmoeFormatError, match="layer 1 restores tensor 'w0', which layer 0"):
+            w.add_layer(layer(1, "w0"))
+    with resmoe_format.open(tmp_path / "w.rmoe") as r:
+        r.verify()
+        assert [s.name for lay in r.layers for s in lay.sources] == ["w0"] and r.schema.passthrough == ["pt"]
+
+
+UNPORTABLE_PATHS = ["sub\\dir/x.json", "..\\x.json", "C:/x.json", "C:x.json", "/etc/passwd", "../x.json", "a/../b",
+                    "a//b", "a/./b", "a/", "", "nul", "NUL.json", "Com1.txt", "lpt\u00b9", "tok/aux .json",
+                    "conin$", "x\x00y", "x\ny", "a.", "a /b", "x:stream", 'a"b', "a|b", "a?b", "a*b", "<a>",
+                    "model.safetensors", "Model.SafeTensors.index.json"]
+
+
+@pytest.mark.parametrize("path", UNPORTABLE_PATHS)
+def test_an_unportable_embedded_path_is_rejected_at_open(demo, tmp_path, path):
+    p = rewrite(demo, tmp_path / "p.rmoe", edit_schema=lambda s: s["files"][0].update(path=path))
+    with pytest.raises(RmoeFormatError, match=r"schema.files\[0\].path: .* is not a portable relative file path"):
+        resmoe_format.open(p)
+
+
+@pytest.mark.parametrize("path", UNPORTABLE_PATHS)
+def test_writer_refuses_an_unportable_embedded_path(tmp_path, path):
+    target = tmp_path / "w.rmoe"
+    with Writer(target, {"architecture": "t"}) as w:
+        with pytest.raises(RmoeFormatError, match="embedded file: .* is not a portable relative file path"):
+            w.add_file(path, b"{}")
+    with resmoe_format.open(target) as r:
+        assert r.files == {}
+
+
+@pytest.mark.parametrize("paths", [["a.json", "A.JSON"], ["tok", "tok/x.json"], ["Tok/x.json", "tok"],
+                                   ["e\u0301.json", "\u00e9.json"], ["x.json", "x.json"]])
+def test_clashing_embedded_paths_are_rejected(tmp_path, demo, paths):
+    with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
+        w.add_file(paths[0], b"1")
+        with pytest.raises(RmoeFormatError, match="clashes with another embedded file"):
+            w.add_file(paths[1], b"2")
+
+    def edit(s):
+        s["files"].append(dict(s["files"][0], path=paths[1]))
+        s["files"][0]["path"] = paths[0]
+
+    p = rewrite(demo, tmp_path / "c.rmoe", edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match=r"schema.files\[1\].path: .* clashes with another embedded file"):
+        resmoe_format.open(p)
+
+
+def test_portable_embedded_paths_are_kept(tmp_path):
+    paths = ["config.json", "tokenizer/sub/vocab.json", "console.json", "com10.txt", "nul_x", "a.b.c", "\u017c.json",
+             "sub/model.safetensors", ".hidden"]
+    with Writer(tmp_path / "ok.rmoe", {"architecture": "t"}) as w:
+        for i, p in enumerate(paths):
+            w.add_file(p, str(i).encode())
+    with resmoe_format.open(tmp_path / "ok.rmoe") as r:
+        assert r.files == {p: str(i).encode() for i, p in enumerate(paths)}

@@ -16,6 +16,7 @@ import torch
 from converters.convert import ConvertOptions, convert
 from converters.errors import ConversionError
 from converters.exporters.gguf_export import ARCHS, export_gguf
+from converters.exporters.llama_eval import run_llama
 from hf_models import build_checkpoint
 from resmoe_format.torch import load_model
 
@@ -59,15 +60,15 @@ def _llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
-def llama(path: Path, n_ctx: int = 64):
-    llama_cpp = _llama_cpp()
-    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_threads=2)
+def llama_tokens(path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's tokens of each text (no BOS, specials as text), from a child process (llama_eval)."""
+    _llama_cpp()
+    return run_llama(path, texts=texts, n_threads=2).tokens
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    m = llama(path)
-    m.eval(ids)
-    return np.array(m.scores[:len(ids)], dtype=np.float64)
+    _llama_cpp()
+    return run_llama(path, [ids], n_ctx=64, n_threads=2).logits[0].astype(np.float64)
 
 
 def torch_logits(rmoe: Path, ids: list[int]) -> np.ndarray:
@@ -147,9 +148,8 @@ def test_embedded_bpe_tokenizer_is_exported(tmp_path):
     rmoe = tmp_path / "m.rmoe"
     convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
     out = export_gguf(rmoe, tmp_path / "m.gguf")
-    m = llama(out)
     s = "the lazy fox jumps"
-    assert m.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s).ids
+    assert llama_tokens(out, [s]) == [tok.encode(s).ids]
 
 
 def test_unsupported_architecture_and_type_are_clear_errors(tmp_path):
@@ -200,6 +200,31 @@ def test_embedded_llama_style_tokenizer_is_exported(tmp_path):
                                              '"eos_token": "</s>", "unk_token": "<unk>"}')
     rmoe = tmp_path / "m.rmoe"
     convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
-    m = llama(export_gguf(rmoe, tmp_path / "m.gguf"))
-    for s in ("the lazy fox jumps", "def main(argv): ż"):
-        assert m.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s).ids, s
+    texts = ["the lazy fox jumps", "def main(argv): ż"]
+    assert llama_tokens(export_gguf(rmoe, tmp_path / "m.gguf"), texts) == [tok.encode(s).ids for s in texts]
+
+
+def test_a_crash_in_llama_cpp_is_a_failure_with_its_cause():
+    """llama.cpp runs in a child process: a segfault there is a LlamaRunError naming the signal, with the
+    child's last output (faulthandler's stack), and this process carries on."""
+    import sys
+
+    from converters.exporters.llama_eval import LlamaRunError, run_child
+
+    crash = ("import ctypes, faulthandler; faulthandler.enable(); print('loading m.gguf', flush=True); "
+             "ctypes.string_at(0)")
+    with pytest.raises(LlamaRunError, match=r"(?s)llama.cpp crashed with SIGSEGV on m.gguf:\n.*loading m.gguf"
+                                            r".*Segmentation fault"):
+        run_child([sys.executable, "-c", crash], "on m.gguf")
+    with pytest.raises(LlamaRunError, match=r"(?s)failed \(exit status 3\) on m.gguf:\nbad file"):
+        run_child([sys.executable, "-c", "import sys; print('bad file'); sys.exit(3)"], "on m.gguf")
+    run_child([sys.executable, "-c", "pass"], "on m.gguf")
+
+
+def test_llama_cpp_failure_on_a_bad_file_is_reported(tmp_path):
+    from converters.exporters.llama_eval import LlamaRunError
+
+    _llama_cpp()
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(LlamaRunError, match=r"failed \(exit status 1\) on bad.gguf:\n(?s:.*)Error"):
+        run_llama(tmp_path / "bad.gguf", [[1, 2, 3]])

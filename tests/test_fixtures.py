@@ -62,10 +62,9 @@ def test_resmoe_beats_pruning_on_the_upcycled_fixture(tmp_path):
 
 def test_fixture_exports_to_gguf_with_its_byte_tokenizer(tmp_path):
     from converters.exporters.gguf_export import export_gguf
-    from test_export_gguf import llama
+    from test_export_gguf import llama_tokens
 
     rmoe = tmp_path / "q.rmoe"
     convert(FIXTURES / "qwen3_moe_fine", rmoe, ConvertOptions(residual_keep=0.25), progress=False)
-    m = llama(export_gguf(rmoe, tmp_path / "q.gguf", "q8_0"))
     text = "import os\n\ndef main():  # ż\n"
-    assert m.tokenize(text.encode(), add_bos=False, special=False) == list(text.encode())
+    assert llama_tokens(export_gguf(rmoe, tmp_path / "q.gguf", "q8_0"), [text]) == [list(text.encode())]

@@ -86,7 +86,8 @@ def _set(doc, path, value):
 
 
 def _hostile_values(v, rng):
-    return rng.choice([None, -1, 0, 1, 2**31, 2**64, 3.5, "x", "", [], {}, [1, 2], True,
+    return rng.choice([None, -1, 0, 1, 2**31, 2**64, 3.5, "x", "", [], {}, [1, 2], True, float("nan"), float("-inf"),
+                       "..", "a\\b", "C:x", "nul.json", "model.safetensors",
                        (v + 1) if isinstance(v, int) and not isinstance(v, bool) else "bsr",
                        (v - 1) if isinstance(v, int) and not isinstance(v, bool) else [[]]])
 
@@ -117,7 +118,8 @@ def test_header_edits(small, tmp_path):
         name = rng.choice(names)
         field = rng.choice(["dtype", "shape", "data_offsets"])
         h[name][field] = rng.choice([None, "F64", "Q4", [], [0], [1, 2, 3], [2**63, 2**63], [-1, 4],
-                                     [0, len(data)], "BF16", [len(data), len(data)], [3.0, 4.0]])
+                                     [0, len(data)], "BF16", [len(data), len(data)], [3.0, 4.0],
+                                     float("nan"), [float("inf"), 4]])
         if rng.random() < 0.3:
             del h[rng.choice(names)]
         p = tmp_path / f"h{i}.rmoe"

@@ -1,6 +1,12 @@
 """Source assembly rules and the float32 restoration arithmetic."""
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+from builders import write_lossless_file
 
 from resmoe_format import LayerSpec, MatrixSpec, RmoeFormatError, SourceSpec
 from resmoe_format.container import source_shape
@@ -79,3 +85,92 @@ def test_combine_is_one_float32_add_then_round_to_nearest_even():
     assert combine(None, d, "fp32") is not None and np.signbit(combine(None, d, "fp32")[2])
     with pytest.raises(RmoeFormatError):
         combine(None, None, "fp32")
+
+
+# --- the spec's own examples and rules, against the reference ---------------------------------------
+
+SPEC = Path(__file__).resolve().parent.parent / "spec" / "FORMAT.md"
+
+
+def _spec_gpt_oss_example(E: int, H: int, I: int) -> tuple[str, list[dict], list[dict]]:  # noqa: E741
+    """(prefix, matrices, sources) of spec 6.5's GPT-OSS example with E, H, I filled in."""
+    text = SPEC.read_text()
+    sec = text[text.index("Example (GPT-OSS"):text.index("### 6.6")]
+    blocks = re.findall(r"```text\n(.*?)```", sec, re.S)
+    sizes = {"E": E, "H": H, "I": I, "2I": 2 * I}
+
+    def numbers(m: re.Match) -> str:
+        return "[" + ", ".join(str(sizes[x.strip()]) for x in m.group(1).split(",")) + "]"
+
+    docs = []
+    for block in blocks:
+        block = re.sub(r"\[((?:\s*(?:E|H|I|2I)\s*,?)+)\]", numbers, block)
+        dec, pos, objs = json.JSONDecoder(), 0, []
+        block = block.strip()
+        while pos < len(block):
+            obj, pos = dec.raw_decode(block, pos)
+            objs.append(obj)
+            while pos < len(block) and block[pos] in " \n:":
+                pos += 1
+        docs.append(objs)
+    (_, prefix, *matrices), sources = docs
+    return prefix, matrices, sources
+
+
+def test_spec_gpt_oss_example_is_what_the_converter_writes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    import resmoe_format
+    from converters.convert import ConvertOptions, convert
+
+    E, H, I, pre = 4, 8, 12, "model.layers.0.mlp.experts"  # noqa: E741
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"gate_up_proj": (E, H, 2 * I), "down_proj": (E, I, H), "gate_up_proj_bias": (E, 2 * I),
+              "down_proj_bias": (E, H)}
+    save_file({f"{pre}.{k}": torch.randn(*v, generator=gen).bfloat16() for k, v in shapes.items()},
+              src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+                                                 "num_hidden_layers": 1, "num_local_experts": E, "hidden_size": H,
+                                                 "intermediate_size": I}))
+    convert(src, tmp_path / "g.rmoe", ConvertOptions(method="prune"), progress=False)
+    with resmoe_format.open(tmp_path / "g.rmoe") as r:
+        lay = r.layers[0]
+        prefix, matrices, sources = _spec_gpt_oss_example(E, H, I)
+        assert lay.prefix == prefix
+        assert [m.to_json() for m in lay.matrices] == matrices
+        assert [s.to_json() for s in lay.sources] == sources
+
+
+def test_restore_refuses_a_file_that_restores_one_name_twice(tmp_path):
+    from converters.restore_checkpoint import restore_checkpoint
+    from filecraft import rewrite
+
+    src = tmp_path / "a.rmoe"
+    write_lossless_file(src, layers=1)
+
+    def edit(s):
+        s["layers"][0]["sources"][0]["name"] = s["passthrough"][0]
+
+    bad = rewrite(src, tmp_path / "bad.rmoe", edit_schema=edit)
+    with pytest.raises(RmoeFormatError, match="restores tensor 'model.embed_tokens.weight', which a passthrough"):
+        restore_checkpoint(bad, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_embedded_files_are_restored_inside_the_output_directory(tmp_path):
+    from converters.restore_checkpoint import restore_checkpoint
+
+    import resmoe_format
+
+    files = {"config.json": b"{}", "tokenizer/sub/vocab.json": b"[1]", "tok/merges.txt": b"a b"}
+    with resmoe_format.Writer(tmp_path / "f.rmoe", {"architecture": "t"}) as w:
+        for p, data in files.items():
+            w.add_file(p, data)
+        w.add_passthrough("x", np.ones(2, np.float32))
+    out = restore_checkpoint(tmp_path / "f.rmoe", tmp_path / "out").resolve()
+    written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert written == {**files, "model.safetensors": written["model.safetensors"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.rmoe", "out"]  # nothing written elsewhere
