@@ -8,12 +8,10 @@ from collections.abc import Callable
 import torch
 
 from resmoe_format import SourceSpec
+from resmoe_format.torch.tensors import TORCH_DTYPES
 
 from .architectures.base import LayerLayout
 from .errors import ConversionError
-
-#: The torch element type of each source dtype name.
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _split(x: torch.Tensor, src: SourceSpec, widths: list[int]) -> list[torch.Tensor]:

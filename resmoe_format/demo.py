@@ -4,7 +4,10 @@ worked example. No model, no download.
 The experts are built the way upcycled MoEs look: one base expert, its hidden neurons
 shuffled per expert, plus a sparse or low-rank perturbation. The file stores that base
 as the barycenter, the shuffles as permutations and the perturbations as residuals, in
-a different encoding per expert so that every encoding appears.
+a different encoding per expert so that every encoding appears. It is a Mixtral model laid
+out as its architecture record says (spec 4.14: matrices gate, up, down with the neuron axis
+first, prefix the experts module), so ``resmoe_format.torch.load_model`` runs it and
+``resmoe-export --to gguf`` exports it.
 
     python -m resmoe_format.demo demo.rmoe
 """
@@ -17,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import codecs
+from .architectures import MIXTRAL
 from .codecs import Quant
 from .container import MoELayer, Writer
-from .schema import MatrixSpec, SourceSpec
-
-MIXTRAL_MATRICES = (("w1", 0), ("w3", 0), ("w2", 1))  # (name, neuron axis); w2 is (hidden, inter)
+from .schema import LayerSpec, MatrixSpec
 
 
 def _mixtral_config(layers: int, experts: int, hidden: int, inter: int, vocab: int) -> dict:
@@ -43,7 +45,7 @@ def build(path: str | Path, layers: int = 2, experts: int = 8, hidden: int = 64,
     """Write the demo file; returns its path."""
     rng = np.random.default_rng(seed)
     cfg = _mixtral_config(layers, experts, hidden, inter, vocab)
-    model = {"architecture": "MixtralForCausalLM", "adapter": "demo", "source_dtype": "bf16"}
+    model = {"architecture": "MixtralForCausalLM", "model_type": "mixtral", "adapter": "demo", "source_dtype": "bf16"}
     method = {"name": "demo", "note": "synthetic experts: permuted base + sparse/low-rank residual"}
     with Writer(path, model, method) as w:
         w.add_file("config.json", json.dumps(cfg, indent=2).encode())
@@ -67,15 +69,15 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 
 def _layer(rng, i: int, experts: int, hidden: int, inter: int, density: float) -> MoELayer:
-    shapes = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
-    mats = [MatrixSpec(n, shapes[n], "bf16", ax) for n, ax in MIXTRAL_MATRICES]
+    shapes = dict.fromkeys(MIXTRAL.matrices, (inter, hidden))  # canonical: neuron axis first
+    mats = [MatrixSpec(n, shapes[n], "bf16", 0) for n in MIXTRAL.matrices]
     base = {n: _bf16(rng.standard_normal(shapes[n]) * 0.05).astype(np.float32) for n in shapes}
     residuals, perms = [], []
     for k in range(experts):
         enc, vd, q, params = PLAN[k % len(PLAN)]
         perms.append(rng.permutation(inter))
         res = {}
-        for n, _ in MIXTRAL_MATRICES:
+        for n in MIXTRAL.matrices:
             if enc == "lowrank":
                 m, c = shapes[n]
                 r = params["rank"]
@@ -86,11 +88,11 @@ def _layer(rng, i: int, experts: int, hidden: int, inter: int, density: float) -
                 d[rng.random(shapes[n]) >= density] = 0
                 res[n] = codecs.encode(d, enc, vd, q, **params)
         residuals.append(res)
-    sources = [SourceSpec(f"model.layers.{i}.block_sparse_moe.experts.{k}.{n}.weight", "bf16", shapes[n], k, [n])
-               for k in range(experts) for n, _ in MIXTRAL_MATRICES]
+    prefix = MIXTRAL.prefixes[0].format(i=i)
+    skeleton = LayerSpec(i, prefix, experts, inter, mats, "barycenter", {}, None, [{} for _ in range(experts)], [])
+    sources = MIXTRAL.source_specs(prefix, skeleton)  # w1, w3 as stored; w2 (hidden, inter) transposed
     base_enc = {n: codecs.encode(base[n], "dense", "bf16") for n in shapes}
-    return MoELayer(i, inter, mats, "barycenter", base_enc, residuals, perms, sources,
-                    prefix=f"model.layers.{i}.block_sparse_moe")
+    return MoELayer(i, inter, mats, "barycenter", base_enc, residuals, perms, sources, prefix=prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

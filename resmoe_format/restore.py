@@ -58,22 +58,25 @@ def restore_expert(reader: Reader, layer: int, expert: int, original_order: bool
     return {m.name: restore_matrix(reader, layer, expert, m.name, original_order) for m in lay.matrices}
 
 
+def assemble_expert(rule, mats: dict[str, np.ndarray]) -> np.ndarray:
+    """One expert's piece of a tensor (spec 6.5 steps 1-2); ``rule`` is a :class:`SourceSpec` or any
+    object with its ``parts``, ``transpose``, ``join`` and ``join_axis``."""
+    parts = [mats[p].T if rule.transpose else mats[p] for p in rule.parts]
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0])
+    if rule.join == "concat":
+        return np.concatenate(parts, axis=rule.join_axis)
+    stacked = np.stack(parts, axis=rule.join_axis + 1)  # interleave: a0 b0 a1 b1 ...
+    shape = list(parts[0].shape)
+    shape[rule.join_axis] *= len(parts)
+    return stacked.reshape(shape)
+
+
 def assemble(lay: LayerSpec, src: SourceSpec, experts: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Build one source tensor from restored expert matrices per its assembly rule."""
-    def one(mats: dict[str, np.ndarray]) -> np.ndarray:
-        parts = [mats[p].T if src.transpose else mats[p] for p in src.parts]
-        if len(parts) == 1:
-            return np.ascontiguousarray(parts[0])
-        if src.join == "concat":
-            return np.concatenate(parts, axis=src.join_axis)
-        stacked = np.stack(parts, axis=src.join_axis + 1)  # interleave: a0 b0 a1 b1 ...
-        shape = list(parts[0].shape)
-        shape[src.join_axis] *= len(parts)
-        return stacked.reshape(shape)
-
     if src.expert == "all":
-        return np.stack([one(e) for e in experts])
-    return one(experts[src.expert])
+        return np.stack([assemble_expert(src, e) for e in experts])
+    return assemble_expert(src, experts[src.expert])
 
 
 def restore_layer(reader: Reader, layer: int, original_order: bool = False) -> Iterator[tuple[str, np.ndarray]]:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
+from resmoe_format.torch.tensors import TORCH_DTYPES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "switch", "gpt_oss")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 
 
 def _small(layers: int) -> dict:

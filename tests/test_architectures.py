@@ -314,3 +314,152 @@ def test_single_file_config_and_side_files(tmp_path, checkpoints):
     save_file({}, empty / "model.safetensors")
     with pytest.raises(ConversionError, match="holds no tensors"):
         Checkpoint(empty)
+
+
+# --- the architecture records and the registries keyed to them ---------------------------------
+
+def test_every_registry_is_keyed_to_the_records():
+    """One record per family: the converter, the runtime and both exporters agree with it."""
+    import gguf
+
+    from converters.architectures import ADAPTERS, REGISTRY
+    from converters.exporters.gguf_export import ARCHS as GGUF_ARCHS
+    from converters.exporters.onnx_export import SUPPORTED as ONNX_SUPPORTED
+    from resmoe_format.architectures import BY_ARCHITECTURE, BY_MODEL_TYPE, FAMILIES
+    from resmoe_format.torch.kinds import KINDS
+
+    assert len(FAMILIES) == 9 and set(ADAPTERS) == set(FAMILIES)
+    assert set(REGISTRY) == set(BY_ARCHITECTURE) == set(SUPPORTED)
+    built = {"switch_transformers" if a == "switch" else a for a in ARCHS}  # the test builders cover every record
+    assert built == set(BY_MODEL_TYPE)
+    for f in FAMILIES.values():
+        assert all(REGISTRY[a].family is f for a in f.architectures)
+        assert f.kind in KINDS, f.name
+        names = set(f.matrices) | set(f.biases)
+        for rules in (f.source, f.module_layout):  # every matrix stored exactly once, nothing else
+            parts = [p for r in rules for p in r.parts]
+            assert sorted(parts) == sorted(names), (f.name, parts)
+        if f.gguf is None:
+            assert f.gguf_reason and not set(f.model_types) & set(GGUF_ARCHS), f.name
+        else:
+            assert not f.gguf_reason and all(GGUF_ARCHS[t].arch == f.gguf.upper() for t in f.model_types)
+            assert gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf.upper())] == f.gguf
+        assert f.onnx == (set(f.model_types) <= set(ONNX_SUPPORTED)) and bool(f.onnx_reason) != f.onnx, f.name
+    assert set(GGUF_ARCHS) <= set(BY_MODEL_TYPE) and set(ONNX_SUPPORTED) <= set(BY_MODEL_TYPE)
+
+
+def test_converted_layers_follow_the_layout_rules(checkpoints):
+    """What the adapters write passes the records' layout check (spec 4.14); a renamed or
+    transposed matrix, or a module prefix, does not."""
+    from resmoe_format.architectures import MIXTRAL, check_layers, family_for
+
+    for (arch, dtype), path in checkpoints.items():
+        with Checkpoint(path) as ck:
+            fam = family_for(ck.config)
+            assert fam is not None and type(adapter_for(ck.config, ck.tensors)).family is fam
+            check_layers(fam, [lay.spec() for lay in adapter_for(ck.config, ck.tensors).moe_layers()])
+    with Checkpoint(checkpoints["mixtral", "fp32"]) as ck:
+        lay = adapter_for(ck.config, ck.tensors).moe_layers()[0].spec()
+    n, h = lay.matrices[0].shape
+    renamed = dataclasses.replace(lay, matrices=[dataclasses.replace(m, name=w) for m, w in
+                                                 zip(lay.matrices, ("w1", "w3", "w2"))])
+    assert "has matrices w1, w2, w3; Mixtral needs matrices gate, up, down" in MIXTRAL.layout_problem(renamed)
+    flipped = dataclasses.replace(lay, matrices=lay.matrices[:2] + [MatrixSpec("down", (h, n), "fp32", 1)])
+    assert "down [16, 24] axis 1" in MIXTRAL.layout_problem(flipped)
+    moved = dataclasses.replace(lay, prefix="model.layers.0.block_sparse_moe")
+    assert "prefix 'model.layers.0.block_sparse_moe' is not Mixtral's experts module" in MIXTRAL.layout_problem(moved)
+    with pytest.raises(ValueError, match="spec/FORMAT.md 4.14"):
+        check_layers(MIXTRAL, [moved], ValueError)
+
+
+def test_list_architectures(capsys):
+    from converters.cli.convert import main
+    from resmoe_format.architectures import FAMILIES
+
+    assert main(["--list-architectures"]) == 0  # no SRC needed
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 6}
+    for f in FAMILIES.values():
+        row = rows[f.architectures[0]]
+        assert f.model_types[0] in row and row.count(" yes ") >= 2, row
+        assert (f.gguf or "no:") in row and ("yes" if f.onnx else "no:") in row.split("│")[6], row
+        for reason in (f.gguf_reason, f.onnx_reason):  # wrapped over several lines
+            assert all(word in out for word in reason.split())
+    assert "llama" in rows["MixtralForCausalLM"] and "deepseek2" in rows["DeepseekV3ForCausalLM"]
+    with pytest.raises(SystemExit) as e:  # without the flag SRC stays required
+        main([])
+    assert e.value.code == 2 and "the following arguments are required: src" in capsys.readouterr().err
+
+
+def test_demo_file_runs_in_the_runtime_and_exports_to_gguf(tmp_path):
+    """``python -m resmoe_format.demo`` writes a Mixtral laid out as spec 4.14 says."""
+    import warnings
+
+    from converters.exporters.gguf_export import export_gguf
+    from converters.restore_checkpoint import restore_checkpoint
+    from hf_models import load_model as hf_load
+    from resmoe_format.demo import main as demo_main
+    from resmoe_format.torch import load_model
+
+    path = tmp_path / "demo.rmoe"
+    assert demo_main([str(path), "--layers", "2", "--experts", "8", "--hidden", "32", "--intermediate", "48"]) == 0
+    ids = torch.tensor([[1, 5, 9, 200, 3, 7, 42, 0]])
+    restore_checkpoint(path, tmp_path / "restored", original_order=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = hf_load(tmp_path / "restored")(ids).logits
+        dense = load_model(path, mode="materialize", dtype="fp32")(ids).logits
+        fused = load_model(path, mode="fused", dtype="fp32")(ids).logits
+    assert torch.equal(dense, ref)  # materialize is the restored checkpoint that transformers loads
+    scale = ref.abs().max()
+    # fused skips the rounding of restored experts to the bf16 source dtype (measured 6e-4)
+    assert (fused - ref).abs().max() / scale < 2e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the demo embeds no tokenizer: placeholder vocabulary
+        out = export_gguf(path, tmp_path / "demo.gguf", "f32")
+    import gguf
+
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in gguf.GGUFReader(out).tensors}
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (32, 48, 8)  # GGUF lists dimensions innermost first
+    assert shapes["blk.1.ffn_down_exps.weight"] == (48, 32, 8)
+
+
+def test_a_file_off_the_layout_rules_is_a_clear_error(tmp_path):
+    """The old demo's names (w1, w3, w2): the runtime and the GGUF exporter say what the rule is."""
+    from filecraft import rewrite
+
+    from converters.exporters.gguf_export import export_gguf
+    from resmoe_format.demo import build
+    from resmoe_format.errors import RmoeRuntimeError
+    from resmoe_format.torch import load_model
+
+    names = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def rename(s):
+        for lay in s["layers"]:
+            for m in lay["matrices"]:
+                m["name"] = names[m["name"]]
+            lay["base"]["matrices"] = {names[k]: v for k, v in lay["base"]["matrices"].items()}
+            lay["residuals"] = [{names[k]: v for k, v in r.items()} for r in lay["residuals"]]
+            for src in lay["sources"]:
+                src["parts"] = [names[p] for p in src["parts"]]
+
+    path = rewrite(build(tmp_path / "d.rmoe", layers=1, experts=4, hidden=16, inter=24), tmp_path / "w.rmoe",
+                   edit_schema=rename)
+    want = r"layer 0 has matrices w1, w2, w3; Mixtral needs matrices gate, up, down .*4\.14"
+    with pytest.raises(RmoeRuntimeError, match=want):
+        load_model(path, mode="fused")
+    with pytest.raises(ConversionError, match=want):
+        export_gguf(path, tmp_path / "w.gguf")
+    assert not (tmp_path / "w.gguf").exists()
+
+
+def test_the_spec_lists_the_records():
+    """spec/FORMAT.md 4.14's table is the records' (regenerate it with spec_table() when a family changes)."""
+    from pathlib import Path
+
+    from resmoe_format.architectures import spec_table
+
+    spec = (Path(__file__).parent.parent / "spec" / "FORMAT.md").read_text()
+    section = spec[spec.index("### 4.14"):spec.index("## 5.")]
+    assert spec_table() in section

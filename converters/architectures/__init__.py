@@ -1,32 +1,36 @@
-"""Architecture adapters, one registered class per Hugging Face architecture, in the style of
+"""Architecture adapters: the converter's side of the architecture records
+(:mod:`resmoe_format.architectures`), one registered class per family, in the style of
 llama.cpp's ``convert_hf_to_gguf.py``::
 
-    @register("MixtralForCausalLM")
-    class Mixtral(Adapter): ...
+    @register(MIXTRAL)
+    class Mixtral(PerExpertAdapter): ...
 
-:func:`adapter_for` picks the adapter from ``config.json`` (``architectures``, else
-``model_type``).
+The record says where the experts are and how the checkpoint stores them; the adapter adds
+which layers are MoE layers for a given config. :func:`adapter_for` picks the adapter from
+``config.json`` (``architectures``, else ``model_type``).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from resmoe_format.architectures import Family, family_for
+
 from ..checkpoint import TensorInfo
 from ..errors import ConversionError, UnsupportedArchitecture
 from .base import Adapter, LayerLayout, is_expert_tensor
 
+#: Hugging Face architecture name -> adapter class
 REGISTRY: dict[str, type[Adapter]] = {}
-BY_MODEL_TYPE: dict[str, type[Adapter]] = {}
+#: family name (``Family.name``) -> adapter class
+ADAPTERS: dict[str, type[Adapter]] = {}
 
 
-def register(*architectures: str):
-    """Class decorator: handle these Hugging Face architecture names."""
+def register(fam: Family):
+    """Class decorator: the adapter of this architecture record."""
     def deco(cls: type[Adapter]) -> type[Adapter]:
-        cls.architectures = tuple(architectures)
-        for a in architectures:
-            REGISTRY[a] = cls
-        for t in cls.model_types:
-            BY_MODEL_TYPE[t] = cls
+        cls.family = fam
+        ADAPTERS[fam.name] = cls
+        REGISTRY.update(dict.fromkeys(fam.architectures, cls))
         return cls
     return deco
 
@@ -49,7 +53,8 @@ def adapter_for(config: dict, tensors: Mapping[str, TensorInfo]) -> Adapter:
     archs = config.get("architectures")
     name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
-    cls = REGISTRY.get(name) if name else BY_MODEL_TYPE.get(model_type)
+    fam = family_for(config)
+    cls = ADAPTERS.get(fam.name) if fam is not None else None
     label = name or model_type or "(config.json names no architecture)"
     if not any(is_expert_tensor(t) for t in tensors):
         raise ConversionError(f"{label} is not a Mixture-of-Experts checkpoint (it holds no expert tensors); "
@@ -59,4 +64,4 @@ def adapter_for(config: dict, tensors: Mapping[str, TensorInfo]) -> Adapter:
     return cls(config, tensors)
 
 
-__all__ = ["Adapter", "LayerLayout", "REGISTRY", "SUPPORTED", "adapter_for", "register"]
+__all__ = ["Adapter", "LayerLayout", "ADAPTERS", "REGISTRY", "SUPPORTED", "adapter_for", "register"]

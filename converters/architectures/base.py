@@ -1,10 +1,10 @@
-"""What an architecture adapter declares: where a model's MoE layers are and how each
-expert's canonical matrices map onto the checkpoint's tensors.
+"""What an architecture adapter declares: where a model's MoE layers are; how each expert's
+canonical matrices map onto the checkpoint's tensors comes from its architecture record.
 
-Canonical layout (the encoders rely on it): every per-neuron 2-D matrix has the hidden
-(intermediate) neuron axis first, shape (n, hidden), ``neuron_axis`` 0; a source tensor
-stored the other way round (a ``down_proj`` of shape (hidden, n)) says ``transpose``.
-1-D biases indexed by neuron have ``neuron_axis`` 0, others ``None``.
+Canonical layout (spec 4.14; the encoders, the runtime and the exporters rely on it): every
+per-neuron 2-D matrix has the hidden (intermediate) neuron axis first, shape (n, hidden),
+``neuron_axis`` 0; a source tensor stored the other way round (a ``down_proj`` of shape
+(hidden, n)) says ``transpose``. 1-D biases indexed by neuron have ``neuron_axis`` 0, others ``None``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from resmoe_format import MatrixSpec, RmoeFormatError, SourceSpec, container
+from resmoe_format.architectures import Family
 from resmoe_format.dtypes import SOURCE_DTYPES
 from resmoe_format.schema import LayerSpec
 
@@ -53,11 +54,8 @@ def is_expert_tensor(name: str) -> bool:
 class Adapter:
     """Base class of the architecture adapters; subclasses implement :meth:`layouts`."""
 
-    #: Hugging Face class names (config ``architectures``) and ``model_type`` values handled.
-    architectures: ClassVar[tuple[str, ...]] = ()
-    model_types: ClassVar[tuple[str, ...]] = ()
-    #: config keys that may hold the number of routed experts (first present wins)
-    experts_keys: ClassVar[tuple[str, ...]] = ("num_local_experts", "num_experts")
+    #: the architecture record (set by ``register``)
+    family: ClassVar[Family]
 
     def __init__(self, config: dict, tensors: Mapping[str, TensorInfo]):
         self.config = config
@@ -71,10 +69,10 @@ class Adapter:
     # --- shared ----------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
-        key = next((k for k in self.experts_keys if self.config.get(k) is not None), self.experts_keys[0])
-        e = self.config.get(key)
+        e = self.family.num_experts(self.config)
         if not isinstance(e, int) or e < 1:
-            raise ConversionError(f"config.json: {key} = {e!r}; this is not a Mixture-of-Experts config")
+            keys = " / ".join(self.family.experts_keys)
+            raise ConversionError(f"config.json: {keys} = {e!r}; this is not a Mixture-of-Experts config")
         return e
 
     def moe_layers(self) -> list[LayerLayout]:
@@ -128,31 +126,31 @@ class Adapter:
     def info(self, name: str) -> TensorInfo | None:
         return self.tensors.get(name)
 
-    def gated_per_expert(self, index: int, prefix: str, gate: str, up: str, down: str,
-                         expert: str = "{k}") -> LayerLayout | None:
-        """A layer whose experts are separate gate/up/down Linear weights (Mixtral, Qwen, ...).
-
-        ``gate``/``up``/``down`` are the module names, ``expert`` how expert k is named.
-        Returns None when the layer has no experts (a dense layer).
-        """
-        first = self.info(f"{prefix}.{expert.format(k=0)}.{gate}.weight")
+    def per_expert(self, index: int, prefix: str) -> LayerLayout | None:
+        """A layer whose experts are separate Linear weights under ``prefix`` (Mixtral, Qwen, Switch,
+        ...), named as the record's source rules say. None when the layer has no experts (a dense layer)."""
+        rule = self.family.source[0]
+        first = self.info(rule.tensor(prefix, 0))
         if first is None:
             return None
         n, h = first.shape if len(first.shape) == 2 else (0, 0)
-        dt = first.dtype
+        if rule.transpose:
+            n, h = h, n
         E = self.num_experts
-        extra = self.info(f"{prefix}.{expert.format(k=E)}.{gate}.weight")
-        if extra is not None:
+        if self.info(rule.tensor(prefix, E)) is not None:
             raise ConversionError(f"layer {index}: the checkpoint has more experts than config.json's "
                                   f"expert count {E}")
-        mats = [MatrixSpec("gate", (n, h), dt, 0), MatrixSpec("up", (n, h), dt, 0), MatrixSpec("down", (n, h), dt, 0)]
-        sources = []
-        for k in range(E):
-            e = f"{prefix}.{expert.format(k=k)}"
-            sources += [SourceSpec(f"{e}.{gate}.weight", dt, (n, h), k, ["gate"]),
-                        SourceSpec(f"{e}.{up}.weight", dt, (n, h), k, ["up"]),
-                        SourceSpec(f"{e}.{down}.weight", dt, (h, n), k, ["down"], transpose=True)]
-        return LayerLayout(index, prefix, E, n, mats, sources)
+        mats = [MatrixSpec(m, (n, h), first.dtype, 0) for m in self.family.matrices]
+        return self.layout(index, prefix, E, n, mats)
+
+    def layout(self, index: int, prefix: str, num_experts: int, n: int, mats: list[MatrixSpec]) -> LayerLayout:
+        """The layer with its sources as the record's rules give them."""
+        lay = LayerLayout(index, prefix, num_experts, n, mats, [])
+        try:
+            lay.sources = self.family.source_specs(prefix, lay.spec())
+        except RmoeFormatError as e:
+            raise ConversionError(str(e)) from None
+        return lay
 
     def num_layers(self, key: str = "num_hidden_layers") -> int:
         n = self.config.get(key)
@@ -169,11 +167,8 @@ class Adapter:
 
 
 class PerExpertAdapter(Adapter):
-    """Experts as separate Linear weights in every decoder layer that :meth:`is_sparse` says
-    is an MoE layer: ``{prefix}.{k}.{gate}.weight`` etc. Subclasses set the names."""
-
-    prefix: ClassVar[str] = "model.layers.{i}.mlp.experts"
-    modules: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    """Experts as separate Linear weights (the record's rules) in every decoder layer that
+    :meth:`is_sparse` says is an MoE layer."""
 
     def is_sparse(self, i: int) -> bool:
         return True
@@ -181,7 +176,7 @@ class PerExpertAdapter(Adapter):
     def layouts(self) -> list[LayerLayout]:
         out = []
         for i in range(self.num_layers()):
-            lay = self.gated_per_expert(i, self.prefix.format(i=i), *self.modules)
+            lay = self.per_expert(i, self.family.prefixes[0].format(i=i))
             if self.is_sparse(i):
                 out.append(self.require(i, lay, "expert"))
             elif lay is not None:

@@ -5,21 +5,20 @@ always computed: both pass through unchanged.
 """
 from __future__ import annotations
 
+from resmoe_format.architectures import DEEPSEEK_V2, DEEPSEEK_V3
+
 from . import register
 from .base import PerExpertAdapter
 
 
-@register("DeepseekV2ForCausalLM")
+@register(DEEPSEEK_V2)
 class DeepseekV2(PerExpertAdapter):
-    model_types = ("deepseek_v2",)
-    experts_keys = ("n_routed_experts",)
-
     def is_sparse(self, i: int) -> bool:
         first = self.config.get("first_k_dense_replace", 0) or 0
         freq = self.config.get("moe_layer_freq", 1) or 1
         return i >= first and i % freq == 0
 
 
-@register("DeepseekV3ForCausalLM")
+@register(DEEPSEEK_V3)
 class DeepseekV3(DeepseekV2):
-    model_types = ("deepseek_v3",)
+    pass

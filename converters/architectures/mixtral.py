@@ -1,17 +1,17 @@
-"""Mixtral and Phi-MoE: ``model.layers.L.block_sparse_moe.experts.K.{w1,w3,w2}.weight``."""
+"""Mixtral and Phi-MoE: ``model.layers.L.block_sparse_moe.experts.K.{w1,w3,w2}.weight`` (the records)."""
 from __future__ import annotations
+
+from resmoe_format.architectures import MIXTRAL, PHIMOE
 
 from . import register
 from .base import PerExpertAdapter
 
 
-@register("MixtralForCausalLM")
+@register(MIXTRAL)
 class Mixtral(PerExpertAdapter):
-    model_types = ("mixtral",)
-    prefix = "model.layers.{i}.block_sparse_moe.experts"
-    modules = ("w1", "w3", "w2")
+    pass
 
 
-@register("PhimoeForCausalLM")
-class PhiMoE(Mixtral):
-    model_types = ("phimoe",)
+@register(PHIMOE)
+class PhiMoE(PerExpertAdapter):
+    pass

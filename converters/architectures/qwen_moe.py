@@ -5,20 +5,20 @@ Qwen2-MoE's ``mlp.shared_expert`` and ``shared_expert_gate`` pass through; layer
 """
 from __future__ import annotations
 
+from resmoe_format.architectures import QWEN2_MOE, QWEN3_MOE
+
 from . import register
 from .base import PerExpertAdapter
 
 
-@register("Qwen2MoeForCausalLM")
+@register(QWEN2_MOE)
 class Qwen2Moe(PerExpertAdapter):
-    model_types = ("qwen2_moe",)
-
     def is_sparse(self, i: int) -> bool:
         step = self.config.get("decoder_sparse_step", 1) or 0
         return (i not in (self.config.get("mlp_only_layers") or []) and self.num_experts > 0 and step > 0
                 and (i + 1) % step == 0)
 
 
-@register("Qwen3MoeForCausalLM")
+@register(QWEN3_MOE)
 class Qwen3Moe(Qwen2Moe):
-    model_types = ("qwen3_moe",)
+    pass

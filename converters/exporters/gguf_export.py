@@ -24,6 +24,9 @@ import numpy as np
 
 import resmoe_format
 from resmoe_format import restore
+from resmoe_format.architectures import (BY_MODEL_TYPE, DEEPSEEK_V2, DEEPSEEK_V3, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE,
+                                         Family, check_layers)
+from resmoe_format.publish import atomic_path, scratch_path
 
 from ..errors import ConversionError
 
@@ -38,13 +41,20 @@ LLAMA_TYPES = {"q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_s": "LLAMA_FTYPE_MOSTLY_
                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 TYPES = tuple(DIRECT_TYPES) + tuple(LLAMA_TYPES)
 
+#: transformers model_type -> exporter class
 ARCHS: dict[str, type["GgufArch"]] = {}
 
 
-def register(*model_types: str) -> Callable[[type["GgufArch"]], type["GgufArch"]]:
+def register(*families: Family) -> Callable[[type["GgufArch"]], type["GgufArch"]]:
+    """Class decorator: the GGUF exporter of these architecture records (their ``gguf`` names one
+    llama.cpp architecture)."""
     def deco(cls: type[GgufArch]) -> type[GgufArch]:
-        for t in model_types:
-            ARCHS[t] = cls
+        archs = {f.gguf for f in families}
+        if len(archs) != 1 or None in archs:
+            raise ValueError(f"{cls.__name__}: records {[f.name for f in families]} name GGUF architectures {archs}")
+        cls.arch = archs.pop().upper()
+        for f in families:
+            ARCHS.update(dict.fromkeys(f.model_types, cls))
         return cls
     return deco
 
@@ -60,14 +70,14 @@ def _gguf():
 class GgufArch:
     """How one transformers architecture becomes a llama.cpp GGUF."""
 
-    arch: ClassVar[str]  # gguf.MODEL_ARCH member name
+    arch: ClassVar[str]  # gguf.MODEL_ARCH member name: the record's ``gguf``, upper case (set by register)
     #: whether llama.cpp's architecture always (True) or never (False) renormalises the top-k
     #: routing weights; None where it follows the file's metadata or the config has no such flag
     renormalises_top_k: ClassVar[bool | None] = None
-    expert_names: ClassVar[tuple[str, str, str]] = ("gate", "up", "down")
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
+        self.family = BY_MODEL_TYPE[config["model_type"]]
         gguf = _gguf()
         self.gguf = gguf
         self.model_arch = getattr(gguf.MODEL_ARCH, self.arch)
@@ -119,8 +129,7 @@ class GgufArch:
 
     @property
     def num_experts(self) -> int:
-        c = self.cfg
-        return c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"]
+        return self.family.num_experts(self.cfg)
 
     def tensor_name(self, hf: str) -> str | None:
         return self.name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -142,11 +151,9 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@register("mixtral")
+@register(MIXTRAL)
 class MixtralGguf(GgufArch):
     """Mixtral is a llama-architecture GGUF with experts (as llama.cpp converts it)."""
-
-    arch = "LLAMA"
 
     def transform(self, gguf_name, a):
         if gguf_name.endswith("attn_q.weight"):
@@ -156,10 +163,8 @@ class MixtralGguf(GgufArch):
         return a
 
 
-@register("qwen2_moe")
+@register(QWEN2_MOE)
 class Qwen2MoeGguf(GgufArch):
-    arch = "QWEN2MOE"
-
     renormalises_top_k = False
 
     def metadata(self, w):
@@ -168,10 +173,8 @@ class Qwen2MoeGguf(GgufArch):
         w.add_expert_shared_feed_forward_length(self.cfg["shared_expert_intermediate_size"])
 
 
-@register("qwen3_moe")
+@register(QWEN3_MOE)
 class Qwen3MoeGguf(GgufArch):
-    arch = "QWEN3MOE"
-
     renormalises_top_k = True
 
     def metadata(self, w):
@@ -181,10 +184,8 @@ class Qwen3MoeGguf(GgufArch):
         w.add_value_length(self.head_dim)
 
 
-@register("olmoe")
+@register(OLMOE)
 class OlmoeGguf(GgufArch):
-    arch = "OLMOE"
-
     renormalises_top_k = False
 
     def check(self):
@@ -195,16 +196,10 @@ class OlmoeGguf(GgufArch):
                                   "llama.cpp's olmoe normalises k over the full width and needs them equal")
 
 
-@register("deepseek_v2", "deepseek_v3")
+@register(DEEPSEEK_V2, DEEPSEEK_V3)
 class DeepseekGguf(GgufArch):
     """llama.cpp's ``deepseek2`` (V2 and V3): multi-head latent attention written as MQA with
     ``kv_b_proj`` split into ``k_b`` (transposed) and ``v_b``, as ``convert_hf_to_gguf.py`` does."""
-
-    arch = "DEEPSEEK2"
-
-    @property
-    def num_experts(self) -> int:
-        return self.cfg["n_routed_experts"]
 
     def check(self):
         super().check()
@@ -253,13 +248,18 @@ class DeepseekGguf(GgufArch):
         yield from super().tensors(hf, a)
 
 
-def arch_for(config: dict[str, Any]) -> GgufArch:
-    """The GGUF architecture of a config (ConversionError listing the supported ones)."""
+def arch_for(config: dict[str, Any], layers=()) -> GgufArch:
+    """The GGUF architecture of a config (ConversionError listing the supported ones, with the
+    record's reason), once ``layers`` (the file's) are known to follow its layout rules."""
     t = config.get("model_type")
     if t not in ARCHS:
-        raise ConversionError(f"GGUF export does not support model_type {t!r}; supported: {', '.join(sorted(ARCHS))}")
+        fam = BY_MODEL_TYPE.get(t) if isinstance(t, str) else None
+        why = f" ({fam.gguf_reason})" if fam is not None and fam.gguf_reason else ""
+        raise ConversionError(f"GGUF export does not support model_type {t!r}{why}; "
+                              f"supported: {', '.join(sorted(ARCHS))}")
     a = ARCHS[t](config)
     a.check()
+    check_layers(a.family, layers, ConversionError)
     return a
 
 
@@ -352,7 +352,7 @@ def _expert_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
     """Stacked expert tensors of every compressed layer, restored in original neuron order."""
     for lay in reader.layers:
         experts = [restore.restore_expert(reader, lay.index, k, original_order=True) for k in range(lay.num_experts)]
-        gate, up, down = arch.expert_names
+        gate, up, down = arch.family.matrices
         i = lay.index
         yield f"blk.{i}.ffn_gate_exps.weight", np.stack([e[gate] for e in experts])
         yield f"blk.{i}.ffn_up_exps.weight", np.stack([e[up] for e in experts])
@@ -361,19 +361,15 @@ def _expert_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
         reader.release()
 
 
-_PER_EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-
-
 def _passthrough_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
-    """Non-expert tensors renamed for llama.cpp; experts of uncompressed layers stacked."""
-    import re
-
-    pat = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+    """Non-expert tensors renamed for llama.cpp; experts of uncompressed layers stacked as stored
+    (the record's per-expert tensors: down as (hidden, n), which is llama.cpp's layout)."""
     loose: dict[tuple[int, str], dict[int, np.ndarray]] = {}
     for name in reader.schema.passthrough:
-        m = pat.match(name)
-        if m and m.group(3) in _PER_EXPERT:
-            loose.setdefault((int(m.group(1)), _PER_EXPERT[m.group(3)]), {})[int(m.group(2))] = reader.tensor(name)
+        m = arch.family.match_expert_tensor(name)
+        if m is not None:
+            i, k, rule = m
+            loose.setdefault((i, rule.parts[0]), {})[k] = reader.tensor(name)
             continue
         yield from arch.tensors(name, np.asarray(reader.tensor(name)))
     for (i, role), by_k in sorted(loose.items()):
@@ -411,24 +407,15 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f3
         cfg = reader.config()
         if cfg is None:
             raise ConversionError(f"{src} embeds no config.json: GGUF export needs the model's hyperparameters")
-        arch = arch_for(cfg)
+        arch = arch_for(cfg, reader.layers)
         direct = "f32" if qtype in LLAMA_TYPES else qtype
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            _write(reader, arch, cfg, Path(tmp), direct, qtype, src)
+        with atomic_path(out) as final:
             if qtype in LLAMA_TYPES:
-                fd, tmq = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".q.tmp", dir=out.parent)
-                os.close(fd)
-                try:
-                    llama_quantize(Path(tmp), Path(tmq), qtype)
-                    os.replace(tmq, out)
-                finally:
-                    Path(tmq).unlink(missing_ok=True)
+                with scratch_path(out) as tmp:  # f32 GGUF for llama.cpp's quantizer
+                    _write(reader, arch, cfg, tmp, direct, qtype, src)
+                    llama_quantize(tmp, final, qtype)
             else:
-                os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                _write(reader, arch, cfg, final, direct, qtype, src)
     return out
 
 

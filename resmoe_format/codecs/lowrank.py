@@ -66,10 +66,16 @@ class LowRank:
                 + scales_nbytes(value_dtype, quant, rank, rank * n))
 
 
+def split_svd(u, s, vh, rank: int):
+    """The factors of an SVD ``u @ diag(s) @ vh`` truncated to ``rank`` (clamped to [0, len(s)]), with
+    sqrt(sigma) on both sides. Works on numpy arrays and torch tensors alike (the converter's
+    :func:`converters.encoders.compress.svd_factors` runs it on torch's SVD)."""
+    rank = max(0, min(rank, s.shape[0]))
+    root = s[:rank] ** 0.5
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
 def svd_factors(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncated SVD ``x ~= u @ v`` with sqrt(sigma) split between the factors."""
-    x64 = np.asarray(x, dtype=np.float64)
-    uu, s, vt = np.linalg.svd(x64, full_matrices=False)
-    rank = max(0, min(rank, s.size))
-    root = np.sqrt(s[:rank])
-    return (uu[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+    """Truncated SVD ``x ~= u @ v`` with sqrt(sigma) split between the factors (float64 maths)."""
+    u, v = split_svd(*np.linalg.svd(np.asarray(x, dtype=np.float64), full_matrices=False), rank)
+    return u.astype(np.float32), v.astype(np.float32)

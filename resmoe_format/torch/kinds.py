@@ -1,9 +1,9 @@
 """What one expert computes, per family of transformers experts modules.
 
-Each kind names the canonical matrices (spec: neuron axis first, shape (n, hidden)) that
-multiply the input (``inputs``) and the one the activations multiply (``output``), the
-nonlinearity between them, how the transformers experts module passes its routing, and how
-dense experts are written into that module's own parameters (``materialize``).
+Each kind is named by the architecture records (:mod:`resmoe_format.architectures`): a record
+gives the canonical matrices (spec 4.14: neuron axis first, shape (n, hidden)), the inputs
+first and the output last, its optional biases, and how transformers' experts module holds
+them; the kind adds the nonlinearity between them and how the module passes its routing.
 
 For a token x routed to expert e with weight w, every kind computes
 
@@ -15,44 +15,55 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..architectures import BY_MODEL_TYPE, Family
 from ..errors import RmoeRuntimeError
+from ..restore import assemble_expert
+from .tensors import to_torch
 
+#: kind name (``Family.kind``) -> class
 KINDS: dict[str, type["ExpertKind"]] = {}
 
 
-def register(*model_types: str) -> Callable[[type["ExpertKind"]], type["ExpertKind"]]:
-    """Class decorator: the kind serves these transformers ``model_type`` values."""
+def register(name: str) -> Callable[[type["ExpertKind"]], type["ExpertKind"]]:
+    """Class decorator: the kind that architecture records name ``name``."""
     def deco(cls: type[ExpertKind]) -> type[ExpertKind]:
-        for t in model_types:
-            KINDS[t] = cls
-        cls.model_types = model_types
+        KINDS[name] = cls
+        cls.name = name
         return cls
     return deco
 
 
+def supported_model_types() -> list[str]:
+    """The transformers model types the runtime builds (their record's kind is registered)."""
+    return sorted(t for t, f in BY_MODEL_TYPE.items() if f.kind in KINDS)
+
+
 def kind_for(config) -> "ExpertKind":
     """The expert kind of a transformers config (RmoeRuntimeError listing the supported ones)."""
-    cls = KINDS.get(getattr(config, "model_type", None))
-    if cls is None:
-        raise RmoeRuntimeError(f"the runtime cannot build model_type {getattr(config, 'model_type', None)!r}; "
-                               f"supported: {', '.join(sorted(KINDS))}")
-    return cls(config)
+    t = getattr(config, "model_type", None)
+    fam = BY_MODEL_TYPE.get(t) if isinstance(t, str) else None
+    if fam is None or fam.kind not in KINDS:
+        raise RmoeRuntimeError(f"the runtime cannot build model_type {t!r}; "
+                               f"supported: {', '.join(supported_model_types())}")
+    return KINDS[fam.kind](config, fam)
 
 
 class ExpertKind:
-    """One family of experts modules (subclasses register the model types they serve)."""
+    """One family of experts modules (subclasses register under the name records use)."""
 
-    model_types: ClassVar[tuple[str, ...]] = ()
-    inputs: ClassVar[tuple[str, ...]]
-    output: ClassVar[str]
-    input_biases: ClassVar[tuple[str, ...]] = ()  # one per input, in the same order, or none
-    output_bias: ClassVar[str | None] = None
+    name: ClassVar[str] = ""
 
-    def __init__(self, config):
+    def __init__(self, config, family: Family):
         self.config = config
+        self.family = family
+        self.inputs: tuple[str, ...] = family.matrices[:-1]
+        self.output: str = family.matrices[-1]
+        self.input_biases: tuple[str, ...] = family.biases[:-1]  # one per input, in the same order, or none
+        self.output_bias: str | None = family.biases[-1] if family.biases else None
 
     @property
     def matrices(self) -> tuple[str, ...]:
@@ -69,9 +80,18 @@ class ExpertKind:
         """
         return hidden, index, weights
 
-    def write_dense(self, module: nn.Module, expert: int, mats: dict[str, torch.Tensor]) -> None:
-        """Copy one expert's canonical matrices into the transformers experts module."""
-        raise NotImplementedError
+    def write_dense(self, module: nn.Module, expert: int, mats: dict[str, np.ndarray], dtype: torch.dtype,
+                    device: torch.device | str) -> None:
+        """Copy one expert's restored canonical matrices into the transformers experts module, laid
+        out as the record's ``module_layout`` says (rules for absent matrices are skipped)."""
+        for rule in self.family.module_layout:
+            if not set(rule.parts) <= set(mats):
+                continue
+            piece = to_torch(assemble_expert(rule, mats), dtype, device)
+            if rule.per_expert:
+                module.get_parameter(rule.name.format(k=expert)).data.copy_(piece)
+            else:
+                module.get_parameter(rule.name).data[expert] = piece
 
     def dense_parameters(self, module: nn.Module) -> list[str]:
         """Names of the experts module's parameters that ``write_dense`` fills."""
@@ -84,37 +104,25 @@ def _act(name: str):
     return ACT2FN[name]
 
 
-@register("mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+@register("swiglu")
 class SwiGLU(ExpertKind):
-    """``act(x gate^T) * (x up^T) @ down``; stacked ``gate_up_proj`` (E, 2n, H), ``down_proj`` (E, H, n)."""
+    """``act(x gate^T) * (x up^T) @ down``."""
 
-    inputs = ("gate", "up")
-    output = "down"
-
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family):
+        super().__init__(config, family)
         self.act = _act(config.hidden_act)
 
     def activate(self, pre):
         return self.act(pre[0]) * pre[1]
 
-    def write_dense(self, module, expert, mats):
-        n = mats["gate"].shape[0]
-        module.gate_up_proj.data[expert, :n] = mats["gate"]
-        module.gate_up_proj.data[expert, n:] = mats["up"]
-        module.down_proj.data[expert] = mats["down"].T
 
-
-@register("switch_transformers")
+@register("switch")
 class SwitchFFN(ExpertKind):
-    """``act(x wi^T) @ wo``; one ``expert_k`` module each with ``wi`` and ``wo`` Linear layers, top-1
-    routing passed as a one-hot mask (T, 1, E) that is all zeros for a token over capacity."""
+    """``act(x wi^T) @ wo``; top-1 routing passed as a one-hot mask (T, 1, E) that is all zeros for a
+    token over capacity."""
 
-    inputs = ("wi",)
-    output = "wo"
-
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family):
+        super().__init__(config, family)
         self.act = _act(config.dense_act_fn)
 
     def activate(self, pre):
@@ -126,23 +134,13 @@ class SwitchFFN(ExpertKind):
                                                                                             dtype=torch.long))
         return hidden, chosen.long().unsqueeze(1), weights.reshape(-1, 1)
 
-    def write_dense(self, module, expert, mats):
-        e = module[f"expert_{expert}"]
-        e.wi.weight.data.copy_(mats["wi"])
-        e.wo.weight.data.copy_(mats["wo"].T)
 
-
-@register("gpt_oss")
+@register("gpt_oss_glu")
 class GptOssGLU(ExpertKind):
-    """GPT-OSS's clamped GLU with biases; gate and up interleaved in ``gate_up_proj`` (E, H, 2n)."""
+    """GPT-OSS's clamped GLU with biases."""
 
-    inputs = ("gate", "up")
-    output = "down"
-    input_biases = ("gate_bias", "up_bias")
-    output_bias = "down_bias"
-
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family):
+        super().__init__(config, family)
         self.alpha = config.swiglu_alpha
         self.limit = config.swiglu_limit
 
@@ -150,12 +148,3 @@ class GptOssGLU(ExpertKind):
         gate = pre[0].clamp(min=None, max=self.limit)
         up = pre[1].clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
-    def write_dense(self, module, expert, mats):
-        module.gate_up_proj.data[expert, :, 0::2] = mats["gate"].T
-        module.gate_up_proj.data[expert, :, 1::2] = mats["up"].T
-        module.down_proj.data[expert] = mats["down"]
-        if "gate_bias" in mats:
-            module.gate_up_proj_bias.data[expert, 0::2] = mats["gate_bias"]
-            module.gate_up_proj_bias.data[expert, 1::2] = mats["up_bias"]
-            module.down_proj_bias.data[expert] = mats["down_bias"]
