@@ -1,9 +1,10 @@
 """Container benchmark: streaming writes keep memory at about one layer, reads are mmapped.
 
 For synthetic files of 2 to 32 MoE layers (8 experts, hidden 512, intermediate 1408,
-bf16 residuals at 25% density, bitmap-encoded), each phase runs in a fresh process and
-reports its peak RSS: writing, opening, verifying every checksum, and restoring every
-tensor layer by layer. Results go to benchmarks/results/container.{json,md}.
+bf16 residuals at 25% density, bitmap-encoded), each phase runs three times, each in a fresh
+process, and reports the median seconds and peak RSS with their range: writing, opening,
+verifying every checksum, and restoring every tensor layer by layer. Results go to
+benchmarks/results/container.{json,md}.
 
     python benchmarks/container.py [--quick]
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import RUNS, collect, markdown, spread
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = dict(experts=8, hidden=512, inter=1408, density=0.25)
@@ -72,20 +74,26 @@ def _phase(phase: str, path: str, layers: int) -> dict:
 
 
 def run(layers_list: list[int]) -> dict:
+    prov = collect(("numpy",))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # baseline: the interpreter with numpy + resmoe_format imported and nothing done
-        base = _child("open-none", "", 0)
+        base = spread([_child("open-none", "", 0)["peak_rss_mib"] for _ in range(RUNS)])
         for L in layers_list:
             path = str(Path(tmp) / f"b{L}.rmoe")
             row = {"layers": L}
             for phase in ("write", "open", "verify", "restore"):
-                row[phase] = _child(phase, path, L)
-                print(f"layers={L:3d} {phase:8s} {row[phase]}", flush=True)
+                runs = []
+                for _ in range(RUNS):
+                    if phase == "write" and os.path.exists(path):
+                        os.unlink(path)
+                    runs.append(_child(phase, path, L))
+                row[phase] = {**runs[-1], "seconds": spread([r["seconds"] for r in runs]),
+                              "peak_rss_mib": spread([r["peak_rss_mib"] for r in runs])}
+                print(f"layers={L:3d} {phase:8s} {row[phase]['seconds']['median']:.3f} s", flush=True)
             os.unlink(path)
             rows.append(row)
-    return {"shape": SHAPE, "import_baseline_rss_mib": base["peak_rss_mib"], "rows": rows,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}}
+    return {"provenance": prov, "shape": SHAPE, "import_baseline_rss_mib": base, "rows": rows}
 
 
 def _child(phase: str, path: str, layers: int) -> dict:
@@ -111,39 +119,45 @@ def report(res: dict) -> str:
         "# Container: streaming write, mmap read",
         "",
         f"Synthetic layers: {s['experts']} experts, hidden {s['hidden']}, intermediate {s['inter']}, bf16 "
-        f"residuals at density {s['density']} (bitmap). Each phase in a fresh process; peak RSS from "
-        f"getrusage. Interpreter + numpy + resmoe_format alone: {res['import_baseline_rss_mib']:.0f} MiB. "
-        f"Machine: {res['machine']['cpus']} CPUs, {res['machine']['platform']}.",
+        f"residuals at density {s['density']} (bitmap). Each phase {RUNS} times, each in a fresh process; peak "
+        "RSS from getrusage; seconds and peak RSS are the median of the runs (seconds with their range). "
+        f"Interpreter + numpy + resmoe_format alone: {res['import_baseline_rss_mib']['median']:.0f} MiB.",
         "",
         "| layers | file MiB | write s | write peak RSS MiB | open ms | verify s (GB/s) | verify peak RSS MiB | "
         "restore s | restore peak RSS MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def sec(x: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+        return f"{scale * x['median']:{fmt}} ({scale * x['min']:{fmt}}-{scale * x['max']:{fmt}})"
+
     for r in res["rows"]:
         mib = r["write"]["file_bytes"] / 2**20
         v = r["verify"]["seconds"]
-        lines.append(f"| {r['layers']} | {mib:.1f} | {r['write']['seconds']:.2f} | {r['write']['peak_rss_mib']:.0f} | "
-                     f"{1000 * r['open']['seconds']:.1f} | {v:.2f} ({r['write']['file_bytes'] / v / 1e9:.2f}) | "
-                     f"{r['verify']['peak_rss_mib']:.0f} | {r['restore']['seconds']:.2f} | "
-                     f"{r['restore']['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['layers']} | {mib:.1f} | {sec(r['write']['seconds'])} | "
+                     f"{r['write']['peak_rss_mib']['median']:.0f} | {sec(r['open']['seconds'], 1000, '.1f')} | "
+                     f"{sec(v)} ({r['write']['file_bytes'] / v['median'] / 1e9:.2f}) | "
+                     f"{r['verify']['peak_rss_mib']['median']:.0f} | {sec(r['restore']['seconds'])} | "
+                     f"{r['restore']['peak_rss_mib']['median']:.0f} |")
     first, last = res["rows"][0], res["rows"][-1]
-    grow = last["write"]["peak_rss_mib"] - first["write"]["peak_rss_mib"]
+    grow = last["write"]["peak_rss_mib"]["median"] - first["write"]["peak_rss_mib"]["median"]
     lines += ["", f"Write peak RSS grows by {grow:.0f} MiB from {first['layers']} to {last['layers']} layers while "
               f"the file grows by {(last['write']['file_bytes'] - first['write']['file_bytes']) / 2**20:.0f} MiB: "
               "the writer holds one layer, the rest is on disk. Verify and restore read through the mmap and "
               "release the file pages they touched after each layer (and every 64 MiB of checksummed "
-              "data), so their RSS also stays near one layer's worth."]
+              "data), so their RSS also stays near one layer's worth.", "", markdown(res["provenance"])]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 and 4 layers only")
+    ap.add_argument("--quick", action="store_true", help="2 and 4 layers only; writes *_quick files")
     a = ap.parse_args()
     res = run([2, 4] if a.quick else [2, 8, 32])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "container.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / "CONTAINER.md").write_text(report(res))
+    suffix = "_quick" if a.quick else ""
+    (RESULTS / f"container{suffix}.json").write_text(json.dumps(res, indent=2))
+    (RESULTS / f"CONTAINER{suffix.upper()}.md").write_text(report(res))
     print(report(res))
     return 0
 

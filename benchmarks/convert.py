@@ -2,9 +2,11 @@
 
 Writes synthetic Mixtral-format checkpoints (hub tensor names, one safetensors shard per
 layer plus model.safetensors.index.json, bf16, upcycled experts: one base with neurons
-permuted per expert plus noise) of 2 to 32 layers, converts each with resmoe-convert in
-a fresh process, and records wall time and that process's peak RSS. Streaming means the
-peak stays about flat as layers are added. Results: benchmarks/results/convert.{json,md,png}.
+permuted per expert plus noise) of 2 to 32 layers, converts each three times with
+resmoe-convert, each in a fresh process, and records the median wall time and peak RSS of
+that process (with their ranges), next to the peak RSS of a process that only imports the
+converter. Streaming means the peak stays about flat as layers are added. Results:
+benchmarks/results/convert.{json,md,png}.
 
     python benchmarks/convert.py [--quick] [--hidden 512 --inter 1792 --experts 8]
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import RUNS, collect, markdown, spread
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,11 +43,25 @@ finally:
     open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 sys.exit(rc)
 """
+# the same process with the converter's module imports done (torch among them) and nothing converted
+BASELINE = """
+import resource, sys
+import converters.cli.convert, converters.convert
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def baseline_rss_mib(tmp: Path) -> float:
+    """Peak RSS of a fresh interpreter that imports the converter (with torch) and converts nothing."""
+    f = tmp / "baseline.peak"
+    subprocess.run([sys.executable, "-c", BASELINE, str(f)], check=True)
+    return int(f.read_text()) / 1024
 
 
 def run_convert(src: Path, out: Path, flags: list[str]) -> dict:
     """resmoe-convert in a fresh process: wall seconds and that process's own peak RSS."""
     rep, peak_file = out.with_suffix(".json"), out.with_suffix(".peak")
+    out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", CHILD, str(peak_file), str(src), str(out), "-q", "--report", str(rep),
                     *flags], check=True)
@@ -55,9 +73,87 @@ def run_convert(src: Path, out: Path, flags: list[str]) -> dict:
             "layer_seconds": [lay["seconds"] for lay in report["layers"]]}
 
 
+def run_rows(a: argparse.Namespace, counts: list[int], tmp: Path) -> list[dict]:
+    """Per layer count: one checkpoint, RUNS conversions; medians and ranges of time and peak RSS."""
+    rows = []
+    for n in counts:
+        src = tmp / f"ckpt{n}"
+        size = write_checkpoint(src, n, a.hidden, a.inter, a.experts, a.style)
+        runs = [run_convert(src, tmp / f"m{n}.rmoe", a.flags) for _ in range(RUNS)]
+        one_layer = a.experts * 3 * a.hidden * a.inter * 2
+        r = {k: runs[-1][k] for k in ("file_bytes", "rel_error_mean", "expert_bytes_fraction", "layer_seconds")}
+        r.update({"layers": n, "checkpoint_bytes": size, "layer_expert_bytes": one_layer,
+                  "seconds": spread([x["seconds"] for x in runs]),
+                  "peak_rss_mib": spread([x["peak_rss_mib"] for x in runs])})
+        rows.append(r)
+        print(f"{n:3d} layers: {size / 2**20:8.1f} MiB in, {r['file_bytes'] / 2**20:8.1f} MiB out, "
+              f"{r['seconds']['median']:7.1f} s, peak RSS {r['peak_rss_mib']['median']:7.1f} MiB", flush=True)
+        shutil.rmtree(src)
+    return rows
+
+
+def readme_sentence(rows: list[dict], style: str, prov: dict) -> str:
+    """The README's figures for one style: peak RSS range and seconds per layer."""
+    peak = [r["peak_rss_mib"]["median"] for r in rows]
+    per_layer = [r["seconds"]["median"] / r["layers"] for r in rows]
+    return (f"peak RSS {min(peak):.0f}-{max(peak):.0f} MiB from {rows[0]['layers']} to {rows[-1]['layers']} layers "
+            f"({rows[0]['checkpoint_bytes'] / 2**20:.0f} to {rows[-1]['checkpoint_bytes'] / 2**20:.0f} MiB of "
+            f"{style} checkpoint), {min(per_layer):.1f}-{max(per_layer):.1f} s per layer on "
+            f"{prov['cpus_usable']} CPU cores (median of {RUNS} runs)")
+
+
+def report(res: dict, tag: str) -> str:
+    """CONVERT.md, entirely from ``res``."""
+    shape, rows, prov, base = res["shape"], res["rows"], res["provenance"], res["baseline_rss_mib"]
+    flags = " ".join(res["flags"]) or "(defaults: --method resmoe --keep 0.25)"
+    lines = ["# End-to-end conversion: time and peak RSS", "",
+             f"Synthetic bf16 {res['style']} checkpoints (hub names), one shard per layer: {shape['experts']} experts, "
+             f"hidden {shape['hidden']}, intermediate {shape['intermediate']} (upcycled: permuted copies of one base "
+             f"plus noise). `resmoe-convert SRC OUT {flags}`, {RUNS} runs per checkpoint, each in a fresh process; "
+             "seconds and peak RSS (getrusage of that process) are the median of the runs, with their range.", "",
+             f"In the README: {res['readme']}", "",
+             "| layers | checkpoint MiB | .rmoe MiB | expert bytes kept | rel. error | seconds (range) | s/layer "
+             "| peak RSS MiB (range) | x one layer's bf16 experts |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, m = r["seconds"], r["peak_rss_mib"]
+        lines.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**20:.1f} | {r['file_bytes'] / 2**20:.1f} | "
+                     f"{r['expert_bytes_fraction']:.1%} | {r['rel_error_mean']:.4f} | "
+                     f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {t['median'] / r['layers']:.2f} | "
+                     f"{m['median']:.0f} ({m['min']:.0f}-{m['max']:.0f}) | "
+                     f"{m['median'] * 2**20 / r['layer_expert_bytes']:.1f} |")
+    peak = [r["peak_rss_mib"]["median"] for r in rows]
+    lines += ["", f"Peak RSS stays between {min(peak):.0f} and {max(peak):.0f} MiB while the checkpoint grows from "
+              f"{rows[0]['checkpoint_bytes'] / 2**20:.0f} to {rows[-1]['checkpoint_bytes'] / 2**20:.0f} MiB. A fresh "
+              "process that only imports the converter's modules (torch among them) peaks at "
+              f"{base:.0f} MiB; the rest, "
+              f"{min(peak) - base:.0f} to {max(peak) - base:.0f} MiB, is what converting adds.", "",
+              f"![memory and time](convert{tag}.png)", "", markdown(prov)]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["layers"] for r in rows]
+    ax[0].plot(xs, [r["peak_rss_mib"]["median"] for r in rows], "o-", label="peak RSS")
+    ax[0].plot(xs, [r["checkpoint_bytes"] / 2**20 for r in rows], "s--", label="checkpoint size")
+    ax[0].set_xlabel("layers"), ax[0].set_ylabel("MiB"), ax[0].set_xscale("log", base=2), ax[0].legend()
+    ax[0].set_title("memory stays flat while the input grows")
+    t = [r["seconds"] for r in rows]
+    ax[1].errorbar(xs, [x["median"] for x in t], yerr=[[x["median"] - x["min"] for x in t],
+                                                       [x["max"] - x["median"] for x in t]], fmt="o-", capsize=3)
+    ax[1].set_xlabel("layers"), ax[1].set_ylabel("seconds (median, range)"), ax[1].set_xscale("log", base=2)
+    ax[1].set_title("conversion time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 and 4 layers only")
+    ap.add_argument("--quick", action="store_true", help="2 and 4 layers only; writes *_quick files")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--inter", type=int, default=1792)
     ap.add_argument("--experts", type=int, default=8)
@@ -67,59 +163,18 @@ def main() -> None:
     ap.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="extra resmoe-convert flags")
     a = ap.parse_args()
     counts = [2, 4] if a.quick else a.layers
-    tag = "" if a.style == "mixtral" else f"_{a.style}"
-    rows = []
+    tag = ("" if a.style == "mixtral" else f"_{a.style}") + ("_quick" if a.quick else "")
+    prov = collect(("torch", "numpy", "scipy", "safetensors"))
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        for n in counts:
-            src = Path(tmp) / f"ckpt{n}"
-            size = write_checkpoint(src, n, a.hidden, a.inter, a.experts, a.style)
-            r = run_convert(src, Path(tmp) / f"m{n}.rmoe", a.flags)
-            one_layer = a.experts * 3 * a.hidden * a.inter * 2
-            r.update({"layers": n, "checkpoint_bytes": size, "layer_expert_bytes": one_layer})
-            rows.append(r)
-            print(f"{n:3d} layers: {size / 2**20:8.1f} MiB in, {r['file_bytes'] / 2**20:8.1f} MiB out, "
-                  f"{r['seconds']:7.1f} s, peak RSS {r['peak_rss_mib']:7.1f} MiB "
-                  f"({r['peak_rss_mib'] * 2**20 / one_layer:.1f} x one layer's bf16 experts)", flush=True)
-            import shutil
-            shutil.rmtree(src)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
-            "shape": {"hidden": a.hidden, "intermediate": a.inter, "experts": a.experts}, "flags": a.flags}
+        base = baseline_rss_mib(Path(tmp))
+        rows = run_rows(a, counts, Path(tmp))
+    res = {"provenance": prov, "style": a.style, "flags": a.flags, "baseline_rss_mib": base,
+           "shape": {"hidden": a.hidden, "intermediate": a.inter, "experts": a.experts}, "rows": rows,
+           "readme": readme_sentence(rows, a.style, prov)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"convert{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# End-to-end conversion: time and peak RSS", "",
-             f"Synthetic bf16 {a.style} checkpoints (hub names), one shard per layer: {a.experts} experts, hidden "
-             f"{a.hidden}, intermediate {a.inter} (upcycled: permuted copies of one base plus noise). "
-             f"`resmoe-convert SRC OUT {' '.join(a.flags) or '(defaults: --method resmoe --keep 0.25)'}` "
-             f"in a fresh process on {meta['machine']}; peak RSS of that process.", "",
-             "| layers | checkpoint MiB | .rmoe MiB | expert bytes kept | rel. error | seconds | s/layer "
-             "| peak RSS MiB | x one layer's experts |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**20:.1f} | {r['file_bytes'] / 2**20:.1f} | "
-                     f"{r['expert_bytes_fraction']:.1%} | {r['rel_error_mean']:.4f} | {r['seconds']:.1f} | "
-                     f"{r['seconds'] / r['layers']:.2f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['peak_rss_mib'] * 2**20 / r['layer_expert_bytes']:.1f} |")
-    lo, hi = min(r["peak_rss_mib"] for r in rows), max(r["peak_rss_mib"] for r in rows)
-    lines += ["", f"Peak RSS stays between {lo:.0f} and {hi:.0f} MiB while the checkpoint grows from "
-              f"{rows[0]['checkpoint_bytes'] / 2**20:.0f} to {rows[-1]['checkpoint_bytes'] / 2**20:.0f} MiB: the "
-              "converter holds one layer at a time (source shards are unmapped and the heap trimmed after each "
-              "layer). About 230 MiB of it is the interpreter with torch and scipy loaded; the rest is one layer's "
-              "working set (float32 experts, the barycenter's similarity cache, residuals), released between "
-              "layers.", "", f"![memory and time](convert{tag}.png)"]
-    (RESULTS / f"CONVERT{tag.upper()}.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [r["layers"] for r in rows]
-    ax[0].plot(xs, [r["peak_rss_mib"] for r in rows], "o-", label="peak RSS")
-    ax[0].plot(xs, [r["checkpoint_bytes"] / 2**20 for r in rows], "s--", label="checkpoint size")
-    ax[0].set_xlabel("layers"), ax[0].set_ylabel("MiB"), ax[0].set_xscale("log", base=2), ax[0].legend()
-    ax[0].set_title("memory stays flat while the input grows")
-    ax[1].plot(xs, [r["seconds"] for r in rows], "o-")
-    ax[1].set_xlabel("layers"), ax[1].set_ylabel("seconds"), ax[1].set_xscale("log", base=2)
-    ax[1].set_title("conversion time")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"convert{tag}.png", dpi=120)
+    (RESULTS / f"convert{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"CONVERT{tag.upper()}.md").write_text(report(res, tag))
+    plot(rows, RESULTS / f"convert{tag}.png")
 
 
 if __name__ == "__main__":

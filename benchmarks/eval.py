@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -67,18 +68,35 @@ def torch_ppl(model, ids: np.ndarray) -> float:
 
 
 def llama_ppl(path: Path, ids: np.ndarray) -> float:
-    import llama_cpp
+    """Held-out perplexity in llama.cpp, each window from an empty context, all in one child process
+    (``converters.exporters.llama_eval``: a crash there raises LlamaRunError instead of ending this run)."""
+    from converters.exporters.llama_eval import run_llama
 
-    m = llama_cpp.Llama(str(path), logits_all=True, n_ctx=SEQ + 8, n_batch=SEQ + 8, verbose=False)
-    nll, n = 0.0, 0
-    for i in range(0, ids.size - 1, SEQ):
-        window = ids[i:i + SEQ + 1]
-        m.reset()
-        m.eval(window[:-1].tolist())
-        logits = np.array(m.scores[:len(window) - 1])
-        nll += nll_from_logits(logits, window[1:])
-        n += len(window) - 1
-    return math.exp(nll / n)
+    windows = [ids[i:i + SEQ + 1] for i in range(0, ids.size - 1, SEQ)]
+    logits = run_llama(path, [w[:-1].tolist() for w in windows], n_ctx=SEQ + 8).logits
+    nll = sum(nll_from_logits(z, w[1:]) for z, w in zip(logits, windows))
+    return math.exp(nll / sum(len(w) - 1 for w in windows))
+
+
+#: llama.cpp evaluations that failed in this run, with their cause; main() lists them and exits with status 1.
+LLAMA_FAILURES: list[str] = []
+
+
+def llama_row(fixture: str, qtype: str, path: Path, ids: np.ndarray, weights: int) -> dict | None:
+    """The row of one GGUF file, or None (recorded in LLAMA_FAILURES) if llama.cpp failed or crashed on it."""
+    from converters.exporters.llama_eval import LlamaRunError
+
+    eb = expert_bytes_gguf(path)
+    try:
+        ppl = llama_ppl(path, ids)
+    except LlamaRunError as e:
+        LLAMA_FAILURES.append(f"{fixture} {qtype}: {e}")
+        print(f"{fixture}: llama.cpp {qtype}: FAILED: {e}", file=sys.stderr, flush=True)
+        return None
+    row = {"fixture": fixture, "method": qtype, "keep": None, "residual_keep": None, "expert_bytes": eb,
+           "bits_per_expert_weight": 8 * eb / weights, "ppl": ppl}
+    print(f"{fixture}: llama.cpp {qtype}: {row['bits_per_expert_weight']:.2f} bits/weight, ppl {ppl:.4f}", flush=True)
+    return row
 
 
 def expert_bytes_rmoe(path: Path) -> tuple[int, int]:
@@ -144,27 +162,63 @@ def evaluate(fixture: Path, windows: int, tmp: Path) -> list[dict]:
     for keep in KEEPS:
         rows.append(rmoe_row(name, "resmoe-int8", fixture, tmp / "x.rmoe", ids, keep=keep, value_dtype="int8",
                              base_dtype="int8"))
-    f32 = export_gguf(lossless, tmp / f"{name}_f32.gguf", "f32")
-    rows.append({"fixture": name, "method": "f32", "keep": None, "residual_keep": None,
-                 "expert_bytes": expert_bytes_gguf(f32), "bits_per_expert_weight": 8 * expert_bytes_gguf(f32) / weights,
-                 "ppl": llama_ppl(f32, ids)})
-    for t in LLAMA_TYPES:
-        g = export_gguf(lossless, tmp / f"{name}_{t}.gguf", t)
-        eb = expert_bytes_gguf(g)
-        rows.append({"fixture": name, "method": t, "keep": None, "residual_keep": None, "expert_bytes": eb,
-                     "bits_per_expert_weight": 8 * eb / weights, "ppl": llama_ppl(g, ids)})
-        print(f"{name}: llama.cpp {t}: {rows[-1]['bits_per_expert_weight']:.2f} bits/weight, "
-              f"ppl {rows[-1]['ppl']:.4f}", flush=True)
+    for t in ("f32",) + LLAMA_TYPES:
+        row = llama_row(name, t, export_gguf(lossless, tmp / f"{name}_{t}.gguf", t), ids, weights)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def summary(rows: list[dict], fixture: str) -> str | None:
+    """The README's sentence for one fixture: ResMoE against pruning at --keep 0.25, the best sparse
+    method at up to 5 bits per expert weight, int8 ResMoE, and llama.cpp's q4_k_m and q2_k."""
+    rs = [r for r in rows if r["fixture"] == fixture]
+
+    def get(method: str, keep=None) -> dict | None:
+        return next((r for r in rs if r["method"] == method and r.get("keep") == keep
+                     and (keep is not None or r.get("residual_keep") is None)), None)
+
+    orig, res, pr = get("original"), get("resmoe", 0.25), get("prune", 0.25)
+    if not (orig and res and pr):
+        return None
+    ppl = "lower than" if res["ppl"] < pr["ppl"] else "higher than"
+    out = (f"`{fixture}`: at `--keep 0.25` ResMoE's error is {res['rel_error']:.3f} against vanilla pruning's "
+           f"{pr['rel_error']:.3f}, and its perplexity {res['ppl']:.2f} is {ppl} pruning's {pr['ppl']:.2f} "
+           f"(original {orig['ppl']:.2f})")
+    sparse = [r for r in rs if r["method"] in METHODS or r["method"] == "resmoe-int8"]
+    small = [r for r in sparse if r["bits_per_expert_weight"] <= 5]
+    if small:
+        b = min(small, key=lambda r: r["ppl"])
+        budget = f"keep {b['keep']:g}" if b.get("keep") is not None else f"residual-keep {b['residual_keep']:g}"
+        out += (f"; the best sparse format at up to 5 bits per expert weight is {b['method']} at {budget} "
+                f"({b['ppl']:.2f} at {b['bits_per_expert_weight']:.1f} bits)")
+    i8 = get("resmoe-int8", 0.25)
+    if i8:
+        out += (f"; int8 values and barycenter (`resmoe-int8`) bring ResMoE at `--keep 0.25` to "
+                f"{i8['bits_per_expert_weight']:.1f} bits at perplexity {i8['ppl']:.2f}")
+    q = [r for t in ("q4_k_m", "q2_k") if (r := get(t))]
+    if q:
+        out += "; llama.cpp " + " and ".join(f"{r['method']} gives {r['ppl']:.3f} at "
+                                             f"{r['bits_per_expert_weight']:.1f} bits" for r in q)
+    return out + "."
+
+
+def markdown(rows: list[dict], prov: dict, sources: dict) -> str:
+    """EVAL.md, entirely from the rows and how they were made."""
+    from provenance import markdown as how
+
+    wins = {p.get("windows") for p in sources.values() if isinstance(p, dict) and "windows" in p}
+    windows = (f"{wins.pop()} x {SEQ} bytes" if len(wins) == 1 and len(sources) == sum(
+        "windows" in p for p in sources.values()) else f"`--windows` x {SEQ} bytes (64 windows by default; "
+        "the count is not recorded for every fixture)")
     out = ["# Evaluation on the trained fixtures (`benchmarks/eval.py`)", "",
-           f"Held-out text: the first {meta['windows']} x {SEQ} bytes of `benchmarks/fixtures/heldout.txt` "
+           f"Held-out text: the first {windows} of `benchmarks/fixtures/heldout.txt` "
            "(standard-library files never seen in training); perplexity per byte (uniform: 256). "
            "Relative error: mean relative Frobenius error of the restored expert matrices, measured on the "
            "file. Expert bytes: true on-disk bytes of the expert weights (byte accounting for .rmoe, the "
-           "`ffn_*_exps` tensors for GGUF).", ""]
+           "`ffn_*_exps` tensors for GGUF). No timings.", "", "## Summary (quoted in the README)", ""]
+    out += [f"- {line}" for fx in sorted({r["fixture"] for r in rows}) if (line := summary(rows, fx))]
+    out.append("")
     for fx in sorted({r["fixture"] for r in rows}):
         rs = [r for r in rows if r["fixture"] == fx]
         out += [f"## {fx}", "", "| method | keep | residual keep | relative error | expert MiB | bits / expert weight "
@@ -185,33 +239,156 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 out.append(f"| {r['method']} | {budget} | " + " | ".join(f"{e:.4f}" for e in r["rel_error_per_layer"])
                            + f" | {r['rel_error']:.4f} |")
         out += ["", f"![perplexity against bits per expert weight](eval_{fx}.png)", ""]
+    out += [how(prov).replace("## How this was made", "## How this report was made"), "## Where the rows come from", ""]
+    for name, p in sources.items():
+        if "command" in p:
+            dirty = " (uncommitted changes)" if p.get("git_dirty") else ""
+            out.append(f"- `{name}`: `{p['command']}` at commit `{p['git_commit']}`{dirty}, {p['date_utc']}, "
+                       f"{p['cpu']}, torch threads {p['torch_threads']}; "
+                       + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v))
+        else:
+            out.append(f"- `{name}`: written before provenance was recorded (last committed in "
+                       f"`{p.get('last_commit')}`); rerun `python benchmarks/eval.py` to record it.")
     return "\n".join(out) + "\n"
 
 
+# one colour and marker per method family (tab10 colours)
+STYLE = {"resmoe": ("tab:blue", "o"), "resmoe-svd": ("tab:orange", "s"), "resmoe-int8": ("tab:cyan", "D"),
+         "prune": ("tab:red", "v"), "svd": ("tab:purple", "^"), "merge": ("tab:brown", "X"),
+         "llama.cpp": ("tab:green", "P")}
+X_RANGE = (1.5, 9.0)  # bits per expert weight shown at least; wider where points lie outside
+
+
+def plot_points(rows: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
+    """Per method family, the distinct (bits, ppl, label) points: a budget that gives the same file as
+    another (prune/svd keep = residual-keep, merge at any keep) appears once, with both names."""
+    series: dict[str, dict[tuple[float, float], list[str]]] = {}
+    for r in rows:
+        m = r["method"]
+        if m in ("original", "f32"):
+            continue
+        fam = "llama.cpp" if m in LLAMA_TYPES else m
+        if fam == "llama.cpp":
+            label = m
+        elif r.get("keep") is not None:
+            label = f"keep {r['keep']:g}"
+        else:
+            label = f"rk {r['residual_keep']:g}"
+        key = (round(r["bits_per_expert_weight"], 6), round(r["ppl"], 6))
+        names = series.setdefault(fam, {}).setdefault(key, [])
+        if label not in names:
+            names.append(label)
+    return {fam: sorted((b, p, " = ".join(n)) for (b, p), n in pts.items()) for fam, pts in series.items()}
+
+
+def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: float = 7) -> None:
+    """Label each (x, y, text, colour) next to its point, choosing for each the first of a few offsets
+    whose box overlaps no earlier label and no marker (greedy, in display points)."""
+    fig = ax.figure
+    scale = 72.0 / fig.dpi                              # display pixels to points
+    xy = [ax.transData.transform((x, y)) * scale for x, y, _, _ in points]
+    markers = [(px - 5, py - 5, px + 5, py + 5) for px, py in xy]
+    placed: list[tuple[float, float, float, float]] = []
+    offsets = [(5, 4), (5, -12), (-5, 4), (-5, -12), (5, 13), (5, -21), (-5, 13), (-5, -21)]
+
+    def free(box) -> bool:
+        return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in placed + markers)
+
+    for (x, y, text, color), (px, py) in zip(points, xy):
+        w, h = 0.55 * fontsize * len(text), fontsize
+        choice = offsets[0]
+        for dx, dy in offsets:
+            x0 = px + dx if dx > 0 else px + dx - w
+            if free((x0, py + dy, x0 + w, py + dy + h)):
+                choice = (dx, dy)
+                break
+        dx, dy = choice
+        x0 = px + dx if dx > 0 else px + dx - w
+        placed.append((x0, py + dy, x0 + w, py + dy + h))
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=color,
+                    ha="left" if dx > 0 else "right", va="bottom")
+
+
 def plot(rows: list[dict], fixture: str, path: Path) -> None:
+    """Perplexity against bits per expert weight: one colour and marker per method, every point
+    labelled, linear axes over the compressed range; the uncompressed rows as notes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rs = [r for r in rows if r["fixture"] == fixture]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[str, list[dict]] = {}
-    for r in rs:
-        label = r["method"] if r["method"] not in LLAMA_TYPES + ("f32",) else "llama.cpp"
-        label += " (residual-keep)" if r.get("residual_keep") is not None else ""
-        groups.setdefault(label, []).append(r)
-    for label, g in groups.items():
-        g = sorted(g, key=lambda r: r["bits_per_expert_weight"])
-        ax.plot([r["bits_per_expert_weight"] for r in g], [r["ppl"] for r in g], "o-" if len(g) > 1 else "o",
-                label=label)
+    series = plot_points(rs)
+    ref = {r["method"]: r for r in rs if r["method"] in ("original", "f32")}
+    base = ref["original"]["ppl"] if "original" in ref else min(p for pts in series.values() for _, p, _ in pts)
+    bits = [b for pts in series.values() for b, _, _ in pts]
+    x0, x1 = min(X_RANGE[0], min(bits) - 0.3), max(X_RANGE[1], max(bits) + 0.6)
+    # linear y over the useful range (points within 2x the original's perplexity); worse ones are listed
+    y1 = 1.04 * max(p for pts in series.values() for _, p, _ in pts if p <= 2 * base)
+    y0 = base - 0.06 * (y1 - base)
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    notes = []
+    if "original" in ref:
+        o = ref["original"]
+        ax.axhline(o["ppl"], color="grey", lw=0.8, ls="--")
+        notes.append(f"original ({o['bits_per_expert_weight']:.0f} bits per expert weight): ppl {o['ppl']:.3f} "
+                     "(dashed line)")
+    if "f32" in ref:
+        notes.append(f"llama.cpp f32 ({ref['f32']['bits_per_expert_weight']:.0f} bits): ppl {ref['f32']['ppl']:.3f}")
+    off_top, labels = [], []
+    for fam, pts in series.items():
+        color, marker = STYLE.get(fam, ("black", "*"))
+        inside = [(b, p, lab) for b, p, lab in pts if p <= y1]
+        ax.plot([b for b, _, _ in inside], [p for _, p, _ in inside], ls="-" if len(inside) > 1 else "none",
+                lw=1, color=color, marker=marker, ms=7, label=fam, alpha=0.9)
+        labels += [(b, p, lab, color) for b, p, lab in inside]
+        for b, p, lab in pts:
+            if p > y1:
+                off_top.append((b, p, lab, fam, color, marker))
+                ax.plot([b], [y1], marker=marker, color=color, ms=7, clip_on=False, mfc="none")
+    _place_labels(ax, labels)
+    if off_top:
+        notes.append("off scale (open markers on the top edge):")
+        notes += [f"  {fam} {lab}: ppl {p:.1f} at {b:.1f} bits" for b, p, lab, fam, _, _ in sorted(off_top)]
+    if notes:
+        ax.text(0.01, 0.975, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="top", color="dimgrey",
+                bbox=dict(boxstyle="round", fc="white", ec="lightgrey", alpha=0.9))
     ax.set_xlabel("bits per expert weight (on disk)")
-    ax.set_ylabel("held-out perplexity per byte")
-    ax.set_yscale("log")
-    ax.set_title(fixture)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("held-out perplexity per byte (lower is better)")
+    ax.set_title(f"{fixture}: perplexity against size (rk = residual-keep)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# what a full run imports -> what provides it (pyproject extras, or a package)
+NEEDS = {"matplotlib": "bench", "transformers": "hf", "gguf": "export", "llama_cpp": "llama-cpp-python"}
+
+
+def missing_requirements(report_only: bool) -> str | None:
+    """One line naming the missing modules and the pip install that provides them, or None."""
+    import importlib.util
+
+    need = ["matplotlib"] if report_only else list(NEEDS)
+    miss = [m for m in need if importlib.util.find_spec(m) is None]
+    if not miss:
+        return None
+    extras = sorted({NEEDS[m] for m in miss if m != "llama_cpp"})
+    cmd = "pip install" + (f' -e ".[{",".join(extras)}]"' if extras else "") + (
+        " llama-cpp-python" if "llama_cpp" in miss else "")
+    return f"benchmarks/eval.py needs {', '.join(miss)}: run `{cmd}` first"
+
+
+def read_results(path: Path) -> tuple[list[dict], dict | None]:
+    """(rows, provenance) of a per-fixture results file; files written before provenance was recorded
+    are a bare list of rows."""
+    data = json.loads(path.read_text())
+    return (data, None) if isinstance(data, list) else (data["rows"], data["provenance"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild eval.json, EVAL.md and the plots from "
                     "the per-fixture results/eval_<NAME>.json without evaluating")
     a = ap.parse_args(argv)
+    problem = missing_requirements(a.report_only)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    from provenance import collect, last_commit
+
+    prov = collect(("torch", "transformers", "numpy", "gguf", "llama_cpp"), seq=SEQ, timing_runs=None,
+                   **({} if a.report_only else {"windows": a.windows}))
     warnings.simplefilter("ignore")
     fixtures = sorted(p for p in FIXTURES.iterdir() if (p / "train.json").exists())
     if a.fixture:
@@ -231,15 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for fx in fixtures:
             part = evaluate(fx, a.windows, Path(tmp))
-            (RESULTS / f"eval_{fx.name}.json").write_text(json.dumps(part, indent=1) + "\n")
+            (RESULTS / f"eval_{fx.name}.json").write_text(
+                json.dumps({"provenance": prov, "rows": part}, indent=1) + "\n")
     # eval.json, EVAL.md and the plots cover every fixture evaluated so far (one file per fixture)
-    rows = [r for f in sorted(RESULTS.glob("eval_*.json")) for r in json.loads(f.read_text())]
-    meta = {"windows": a.windows, "seq": SEQ, "torch_threads": torch.get_num_threads()}
-    (RESULTS / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "EVAL.md").write_text(markdown(rows, meta))
+    rows, sources = [], {}
+    for f in sorted(RESULTS.glob("eval_*.json")):
+        part, fprov = read_results(f)
+        rows += part
+        sources[f.name] = fprov or {"provenance": "not recorded", "last_commit": last_commit(f)}
+    readme = [line for fx in sorted({r["fixture"] for r in rows}) if (line := summary(rows, fx))]
+    (RESULTS / "eval.json").write_text(json.dumps({"provenance": prov, "sources": sources, "readme": readme,
+                                                   "rows": rows}, indent=1) + "\n")
+    (RESULTS / "EVAL.md").write_text(markdown(rows, prov, sources))
     for fx in {r["fixture"] for r in rows}:
         plot(rows, fx, RESULTS / f"eval_{fx}.png")
     print((RESULTS / "EVAL.md").read_text())
+    if LLAMA_FAILURES:
+        print("llama.cpp failed on (no row written for these):\n" + "\n".join(LLAMA_FAILURES), file=sys.stderr)
+        return 1
     return 0
 
 

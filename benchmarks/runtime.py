@@ -1,16 +1,18 @@
 """Torch runtime benchmark: memory and tokens per second per mode against the dense model.
 
 Writes a synthetic upcycled Mixtral-format checkpoint (hub names, float32), converts it with
-resmoe-convert at several budgets, and for each (file, mode) starts a fresh process that
-loads the model with ``resmoe_format.torch.load_model`` and records:
+resmoe-convert at several budgets, and for each (file, mode) starts three fresh processes, one
+after the other, that each load the model with ``resmoe_format.torch.load_model`` and record:
 
 - resident memory (RSS) after load, and the peak while loading;
 - the peak while running (VmHWM reset after load through /proc/self/clear_refs);
 - prefill tokens/s (batch 1 and 8, 128 tokens) and decode tokens/s (batch 1 and 8, 32 steps
-  with the KV cache), on the CPU with torch's default thread count.
+  with the KV cache), on the CPU with torch's default thread count;
+- in fused mode, the bytes it holds per kind (barycenters, CSR values and indices, ...).
 
-The dense baseline is the source checkpoint loaded with transformers' ``from_pretrained``.
-Results: benchmarks/results/runtime.{json,md,png}.
+Every figure is the median of the three processes; the runs are kept. The dense baseline is
+the source checkpoint loaded with transformers' ``from_pretrained`` (its experts
+implementation is recorded). Results: benchmarks/results/runtime.{json,md,png}, all generated.
 
     python benchmarks/runtime.py [--quick] [--hidden 1024 --inter 3584 --layers 4]
 """
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import RUNS, collect, markdown, spread, within_noise
 
 RESULTS = Path(__file__).parent / "results"
 PREFILL = 128
@@ -43,6 +46,33 @@ def _rss() -> tuple[int, int]:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def fused_bytes(model) -> dict:
+    """Bytes a fused model holds, per kind: non-expert parameters, barycenters, CSR parts, other residuals."""
+    from resmoe_format.torch.experts import CompressedExperts, FusedExperts
+    from resmoe_format.torch.residuals import SparseResidual
+
+    out = {"non_expert": 0, "barycenters": 0, "csr_values": 0, "csr_col_indices": 0, "csr_row_pointers": 0,
+           "other_residuals": 0, "csr_entries": 0}
+    inside = set()
+    for mod in model.modules():
+        if isinstance(mod, CompressedExperts):
+            inside.update(id(p) for p in mod.parameters())
+        if not isinstance(mod, FusedExperts):
+            continue
+        out["barycenters"] += sum(t.numel() * t.element_size() for t in (mod.base_in, mod.base_out) if t is not None)
+        for op in [op for ops in mod.in_ops for _, _, op in ops] + [op for op in mod.out_ops if op is not None]:
+            if isinstance(op, SparseResidual):
+                v, c, r = op.csr.values(), op.csr.col_indices(), op.csr.crow_indices()
+                out["csr_values"] += v.numel() * v.element_size()
+                out["csr_col_indices"] += c.numel() * c.element_size()
+                out["csr_row_pointers"] += r.numel() * r.element_size()
+                out["csr_entries"] += v.numel()
+            else:
+                out["other_residuals"] += op.nbytes()
+    out["non_expert"] = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    return out
 
 
 def child(kind: str, path: str, mode: str, vocab: int, out: str) -> None:
@@ -73,7 +103,10 @@ def child(kind: str, path: str, mode: str, vocab: int, out: str) -> None:
     load_s = time.perf_counter() - t0
     rss_load, peak_load = _rss()
     _reset_peak()
-    res = {"load_s": load_s, "rss_after_load": rss_load, "peak_load": peak_load}
+    res = {"load_s": load_s, "rss_after_load": rss_load, "peak_load": peak_load,
+           "experts_implementation": getattr(model.config, "_experts_implementation", None)}
+    if mode == "fused":
+        res["fused_bytes"] = fused_bytes(model)
     with torch.inference_mode():
         for batch in (1, 8):
             ids = torch.randint(3, vocab, (batch, PREFILL))
@@ -92,20 +125,31 @@ def child(kind: str, path: str, mode: str, vocab: int, out: str) -> None:
     Path(out).write_text(json.dumps(res))
 
 
-def run_child(kind: str, path: Path, mode: str, vocab: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, __file__, "--child", kind, str(path), mode, str(vocab), f.name], check=True)
-        return json.loads(Path(f.name).read_text())
+def run_child(kind: str, path: Path, mode: str, vocab: int, runs: int = RUNS) -> dict:
+    """``runs`` fresh processes: every numeric figure as its median, with all runs under ``"runs"``."""
+    results = []
+    for _ in range(runs):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, __file__, "--child", kind, str(path), mode, str(vocab), f.name],
+                           check=True)
+            results.append(json.loads(Path(f.name).read_text()))
+    out = dict(results[-1])
+    for k, v in results[-1].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in results)
+            out[f"{k}_spread"] = spread([r[k] for r in results])
+    return out
 
 
-def expert_bytes(path: Path) -> int:
-    """On-disk bytes of the compressed experts (everything but passthrough tensors and files)."""
+def file_bytes(path: Path) -> dict:
+    """Byte accounting of a .rmoe file: expert bytes and the categories fused mode re-encodes."""
     import resmoe_format
     from resmoe_format.accounting import account
 
     with resmoe_format.open(path) as r:
         acc = account(r)
-    return acc.expert_bytes
+    return {"expert_bytes": acc.expert_bytes, **{f"file_{c}": acc.bytes[c] for c in
+                                                 ("barycenters", "residual_values", "residual_indices", "scales")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         a.hidden, a.inter, a.layers = 128, 448, 2
     import torch
 
+    prov = collect(("torch", "transformers", "numpy", "scipy"))
     from converters.convert import ConvertOptions, convert
     from converters.example import write_mixtral_checkpoint
 
@@ -142,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = run_child("baseline", src, "none", a.vocab)["rss"]
         rows.append({"variant": "dense", "mode": "dense", "file_bytes": dense_bytes, "expert_bytes": expert_dense,
                      **run_child("dense", src, "dense", a.vocab)})
+        prov["dense_experts_implementation"] = rows[-1]["experts_implementation"]
         print(rows[-1], flush=True)
         for name, opts in variants.items():
             f = Path(tmp) / f"{len(rows)}.rmoe"
@@ -150,31 +196,119 @@ def main(argv: list[str] | None = None) -> int:
             for mode in (("materialize", "lazy", everything, "fused") if name == "resmoe keep 0.25" else ("fused",)):
                 label = "lazy, cache = all experts" if mode == everything else mode
                 rows.append({"variant": name, "mode": label, "file_bytes": f.stat().st_size,
-                             "expert_bytes": expert_bytes(f), **run_child("rmoe", f, mode, a.vocab)})
+                             **file_bytes(f), **run_child("rmoe", f, mode, a.vocab)})
                 print(rows[-1], flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "hidden": a.hidden, "inter": a.inter, "layers": a.layers,
-            "experts": a.experts, "top_k": 2, "vocab": a.vocab, "dtype": "fp32", "prefill_tokens": PREFILL,
-            "decode_steps": DECODE, "baseline_rss": baseline}
+    meta = {"hidden": a.hidden, "inter": a.inter, "layers": a.layers, "experts": a.experts, "top_k": 2,
+            "vocab": a.vocab, "dtype": "fp32", "prefill_tokens": PREFILL, "decode_steps": DECODE,
+            "baseline_rss": baseline, "dense_bytes": dense_bytes, "expert_dense_bytes": expert_dense}
     suffix = "_quick" if a.quick else ""
+    res = {"provenance": prov, "meta": meta, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"runtime{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"runtime{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(rows, RESULTS / f"runtime{suffix}.png")
-    md = RESULTS / f"RUNTIME{suffix.upper()}.table.md"
-    md.write_text(f"baseline RSS (interpreter, torch, transformers; no model): {baseline / 2**20:.0f} MiB\n\n"
-                  + table(rows) + "\n")
-    print(md.read_text())
+    (RESULTS / f"RUNTIME{suffix.upper()}.md").write_text(report(res, f"runtime{suffix}.png"))
+    print((RESULTS / f"RUNTIME{suffix.upper()}.md").read_text())
     return 0
 
 
+MIB = 2 ** 20
+
+
+def _rng(r: dict, key: str, fmt: str = ".1f") -> str:
+    s = r[f"{key}_spread"]
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
 def table(rows: list[dict]) -> str:
-    mib = 2 ** 20
     head = ("| variant | mode | expert MiB on disk | RSS after load MiB | peak running MiB | prefill b1 tok/s | "
-            "prefill b8 | decode b1 tok/s | decode b8 |\n|---|---|---|---|---|---|---|---|---|\n")
+            "prefill b8 | decode b1 tok/s (range) | decode b8 (range) |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(
-        f"| {r['variant']} | {r['mode']} | {r['expert_bytes'] / mib:.0f} | {r['rss_after_load'] / mib:.0f} | "
-        f"{r['peak_run'] / mib:.0f} | {r['prefill_b1']:.0f} | {r['prefill_b8']:.0f} | {r['decode_b1']:.1f} | "
-        f"{r['decode_b8']:.1f} |" for r in rows)
+        f"| {r['variant']} | {r['mode']} | {r['expert_bytes'] / MIB:.0f} | {r['rss_after_load'] / MIB:.0f} | "
+        f"{r['peak_run'] / MIB:.0f} | {r['prefill_b1']:.0f} | {r['prefill_b8']:.0f} | {_rng(r, 'decode_b1')} | "
+        f"{_rng(r, 'decode_b8')} |" for r in rows)
+
+
+def _versus(r: dict, dense: dict, key: str) -> str:
+    """'Nx dense (a against b tokens/s)' with 'within noise' when the runs' ranges overlap."""
+    ratio = r[key] / dense[key]
+    noise = within_noise(r[f"{key}_spread"], dense[f"{key}_spread"])
+    word = "within noise of" if noise else ("faster than" if ratio > 1 else "slower than")
+    return f"{r[key]:.1f} against {dense[key]:.1f} tokens/s, {ratio:.2f}x, {word} dense"
+
+
+def report(res: dict, png: str) -> str:
+    """RUNTIME.md, entirely from the measurements in ``res``."""
+    m, rows, prov = res["meta"], res["rows"], res["provenance"]
+    dense = rows[0]
+    base = m["baseline_rss"]
+    e = m["experts"]
+    find = {(r["variant"], r["mode"]): r for r in rows}
+    lines = [
+        "# Torch runtime: memory and speed per mode (`benchmarks/runtime.py`)", "",
+        f"Model: synthetic upcycled Mixtral (hub tensor names, float32): hidden {m['hidden']}, intermediate "
+        f"{m['inter']}, {e} experts, top-{m['top_k']}, {m['layers']} layers, vocabulary {m['vocab']}; "
+        f"{m['dense_bytes'] / MIB:.0f} MiB of weights, {m['expert_dense_bytes'] / MIB:.0f} MiB of them experts. "
+        f"Converted with `resmoe-convert` at three budgets; every mode runs in float32 on the CPU. Dense baseline: "
+        f"the source checkpoint loaded with transformers' `from_pretrained` (experts implementation "
+        f"`{dense.get('experts_implementation')}`). Each row is the median of {RUNS} fresh processes (decode with "
+        f"the range of the runs). Prefill: {m['prefill_tokens']} tokens per sequence; decode: {m['decode_steps']} "
+        "steps with the KV cache; tokens/s count all sequences of the batch. Memory is VmRSS after load and VmHWM "
+        f"while running (reset after load). The interpreter with torch and transformers imported, and no model, "
+        f"is {base / MIB:.0f} MiB.", "",
+        table(rows), "",
+        f"(`--keep 0.25` stores 25% of the expert parameters in total: the barycenter is 1/{e}, so each residual "
+        f"keeps {0.25 - 1 / e:.1%}. `--residual-keep 0.25` is the paper's convention: residuals keep 25% and the "
+        f"barycenter comes on top, {0.25 + 1 / e:.1%} in total.)", "",
+        f"![memory and decode speed per mode]({png})", "",
+        "## Target: fused decode at batch 1 at least as fast as dense when residuals keep <= 25%", "",
+    ]
+    for variant in ("resmoe keep 0.25", "resmoe residual-keep 0.25", "resmoe-svd keep 0.25"):
+        r = find.get((variant, "fused"))
+        if r:
+            lines.append(f"- `{variant}`, fused: {_versus(r, dense, 'decode_b1')}.")
+    lines += ["", "At batch 8, fused against dense: " + "; ".join(
+        f"`{v}` {_versus(r, dense, 'decode_b8')}" for (v, mode), r in find.items() if mode == "fused") + ". Fused "
+        "computes the barycenter products of all tokens routed to a layer as one matmul.", ""]
+    f = find.get(("resmoe keep 0.25", "fused"))
+    if f and f.get("fused_bytes"):
+        b = f["fused_bytes"]
+        expert_mem = b["barycenters"] + b["csr_values"] + b["csr_col_indices"] + b["csr_row_pointers"] \
+            + b["other_residuals"]
+        idx_mem = b["csr_col_indices"] + b["csr_row_pointers"]
+        per_entry_file_idx = 8 * f["file_residual_indices"] / b["csr_entries"]
+        per_entry_file_val = 8 * f["file_residual_values"] / b["csr_entries"]
+        lines += [
+            "## Memory in fused mode (`resmoe keep 0.25`)", "",
+            f"- Held above the interpreter after load: {(f['rss_after_load'] - base) / MIB:.0f} MiB; counted "
+            f"tensors: {b['non_expert'] / MIB:.0f} MiB of non-expert weights, {b['barycenters'] / MIB:.0f} MiB of "
+            f"barycenters, {(b['csr_values'] + idx_mem) / MIB:.0f} MiB of CSR residuals "
+            f"({b['csr_entries'] / 1e6:.1f} M entries: {b['csr_values'] / MIB:.0f} MiB values, "
+            f"{b['csr_col_indices'] / MIB:.0f} MiB column indices, "
+            f"{b['csr_row_pointers'] / MIB:.1f} MiB row pointers), {b['other_residuals'] / MIB:.0f} MiB other "
+            f"residuals; the remaining {(f['rss_after_load'] - base - b['non_expert'] - expert_mem) / MIB:.0f} MiB "
+            "is heap and mapped pages not attributed to a tensor.",
+            f"- Experts in memory: {expert_mem / MIB:.0f} MiB against {f['expert_bytes'] / MIB:.0f} MiB in the file "
+            f"({expert_mem / f['expert_bytes']:.2f}x). Per CSR entry the file stores "
+            f"{per_entry_file_val:.1f} bits of value and {per_entry_file_idx:.1f} bits of index; memory holds "
+            f"{8 * b['csr_values'] / b['csr_entries']:.0f} bits of value and "
+            f"{8 * idx_mem / b['csr_entries']:.1f} bits of index (int32). Of the "
+            f"{(b['csr_values'] + idx_mem - f['file_residual_values'] - f['file_residual_indices']) / MIB:.0f} MiB "
+            f"the CSR adds over the file, {(idx_mem - f['file_residual_indices']) / MIB:.0f} MiB are indices and "
+            f"{(b['csr_values'] - f['file_residual_values']) / MIB:.0f} MiB values.", ""]
+    lines += ["## Memory per mode, above the interpreter", ""]
+    for r in rows:
+        lines.append(f"- {r['variant']}, {r['mode']}: {(r['rss_after_load'] - base) / MIB:.0f} MiB after load, "
+                     f"{(r['peak_run'] - base) / MIB:.0f} MiB peak while running.")
+    lazy, lazy_all = find.get(("resmoe keep 0.25", "lazy")), find.get(("resmoe keep 0.25", "lazy, cache = all experts"))
+    if lazy and lazy_all:
+        lines += ["", "## Lazy", "",
+                  f"With the default cache (one layer's experts, {m['layers']} layers, top-{m['top_k']} of {e}), "
+                  f"decode at batch 1 runs at {_versus(lazy, dense, 'decode_b1')}: the cache holds one layer's "
+                  "experts, so most lookups restore an expert (barycenter + residual). With a cache that holds every "
+                  f"expert: {_versus(lazy_all, dense, 'decode_b1')}. Routing here is random; on a trained model "
+                  "that repeats experts from token to token the hit rate is higher."]
+    lines += ["", markdown(prov)]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -36,8 +36,10 @@ __all__ = [
     "BarycenterResult",
     "align",
     "assignment",
+    "aligned_objective",
     "objective",
     "pot_barycenter",
+    "pot_free_support",
     "wasserstein_barycenter",
 ]
 
@@ -313,17 +315,23 @@ def wasserstein_barycenter(
     )
 
 
-def pot_barycenter(
+def aligned_objective(barycenter, designs) -> float:
+    """:func:`objective` with every expert aligned exactly (optimal assignment) to ``barycenter``."""
+    xt = torch.from_numpy(np.ascontiguousarray(barycenter, dtype=np.float64))
+    wt = torch.from_numpy(np.ascontiguousarray(designs, dtype=np.float64))
+    return objective(xt, wt, [align(xt, wt[k]) for k in range(wt.shape[0])])
+
+
+def pot_free_support(
     designs: np.ndarray, init_expert: int = 0, max_iter: int = 100, info: dict | None = None
-) -> tuple[np.ndarray, float]:
-    """The reference: POT's ``free_support_barycenter`` as ResMoE calls it, and its objective.
+) -> np.ndarray:
+    """POT's ``free_support_barycenter`` as ResMoE calls it, alone (what a benchmark should time).
 
     ``ot.lp.free_support_barycenter`` with each expert a uniform measure, ``X_init =
     designs[init_expert]``, uniform ``b``, ``numItermax=max_iter`` and the default ``stopThr``,
-    in the dtype given. The objective is ours, with every expert aligned exactly (optimal
-    assignment, as ``ot.emd`` would give) to POT's barycenter. ``info``, when given, receives
-    ``iterations`` and ``emd_not_converged`` (how many of POT's ``ot.emd`` calls stopped at
-    their own ``numItermax`` before optimality, with a warning). For tests and benchmarks only.
+    in the dtype given. ``info``, when given, receives ``iterations`` and ``emd_not_converged``
+    (how many of POT's ``ot.emd`` calls stopped at their own ``numItermax`` before optimality,
+    with a warning). For tests and benchmarks only.
     """
     import warnings
 
@@ -348,8 +356,12 @@ def pot_barycenter(
     if info is not None:
         info["iterations"] = len(log["displacement_square_norms"])
         info["emd_not_converged"] = sum("numItermax" in str(c.message) for c in caught)
-    x = np.asarray(x)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
-    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))
-    perms = [align(xt, wt[k]) for k in range(e)]
-    return x, objective(xt, wt, perms)
+    return np.asarray(x)
+
+
+def pot_barycenter(
+    designs: np.ndarray, init_expert: int = 0, max_iter: int = 100, info: dict | None = None
+) -> tuple[np.ndarray, float]:
+    """The reference: :func:`pot_free_support` and its :func:`aligned_objective` (ours, exact)."""
+    x = pot_free_support(designs, init_expert, max_iter, info)
+    return x, aligned_objective(x, designs)
