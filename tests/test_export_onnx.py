@@ -1,12 +1,16 @@
 """resmoe-export --to onnx: the dense and lowrank graphs run in ONNX Runtime and give the torch
-runtime's logits (materialize for dense, fused for lowrank) with dynamic batch and sequence.
+runtime's logits (materialize for dense, fused for lowrank) with dynamic batch and sequence, on
+fp32 and bf16 sources, for every method and residual scope.
 
-Tolerance: float32 everywhere, but ONNX Runtime fuses and reorders sums: max |diff| over the
-non-padded positions within 2e-3 of the largest logit (measured: about 3e-7). Padded query
-positions attend to nothing, which each runtime fills differently, so they are not compared.
+The lowrank graph multiplies by the weights fused does (spec 6.7: B + U V, not rounded to the
+source dtype), so it is compared with fused; the dense graph holds the restored weights. Both in
+float32: ONNX Runtime fuses and reorders sums, and the logits over the non-padded positions agree
+to RTOL of the largest logit. Padded query positions attend to nothing, which each runtime fills
+differently, so they are not compared.
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +26,37 @@ from resmoe_format.torch import load_model
 
 ort = pytest.importorskip("onnxruntime")
 
-RTOL = 2e-3
+RTOL = 1e-5
 ONNX_ARCHS = [a for a in ARCHS if a != "switch"]
 SVD = dict(residual="svd", residual_keep=0.3)
+DTYPES = ("fp32", "bf16")
 _cache: dict[tuple, Path] = {}
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "frozen_gc")
 
 
-def converted(tmp_path_factory, arch: str, overrides: dict | None = None, num_experts: int = 4, **opts) -> Path:
-    """``arch`` converted with ``opts`` (a .rmoe file); built once per session."""
-    key = (arch, tuple(sorted((overrides or {}).items())), num_experts, tuple(sorted(opts.items())))
+@pytest.fixture(scope="module")
+def frozen_gc():
+    """The converter runs gc.collect() after every layer, which scans every object of this process
+    (transformers, torch, the exporter): leave the objects of this point out of it."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def converted(tmp_path_factory, arch: str, dtype: str = "fp32", overrides: dict | None = None, num_experts: int = 4,
+              num_layers: int = 1, **opts) -> Path:
+    """``arch`` in ``dtype`` converted with ``opts`` (a .rmoe file); built once per session. One MoE layer
+    (tracing costs about 2.5 s a layer): ``num_layers`` decoder layers, two for DeepSeek (the first is dense)
+    and Switch (every other block is sparse)."""
+    key = (arch, dtype, tuple(sorted((overrides or {}).items())), num_experts, num_layers, tuple(sorted(opts.items())))
     if key not in _cache:
-        d = tmp_path_factory.mktemp(f"{arch}_src")
+        d = tmp_path_factory.mktemp(f"{arch}_{dtype}_src")
         if arch.startswith("deepseek"):  # released DeepSeek configs have as many key/value heads as heads
             overrides = {"num_key_value_heads": 2, **(overrides or {})}
-        build_checkpoint(arch, d, "fp32", seed=3, num_experts=num_experts, overrides=overrides)
+        layers = max(num_layers, 2) if arch.startswith("deepseek") or arch == "switch" else num_layers
+        build_checkpoint(arch, d, dtype, seed=3, num_layers=layers, num_experts=num_experts, overrides=overrides)
         out = d.parent / f"{d.name}.rmoe"
         convert(d, out, ConvertOptions(**opts), progress=False)
         _cache[key] = out
@@ -83,27 +101,63 @@ def assert_only(directory: Path, *names: str) -> None:
     assert sorted(p.name for p in directory.iterdir()) == sorted(names)
 
 
-@pytest.mark.parametrize("arch", ONNX_ARCHS)
-def test_dense_export_matches_the_runtime(tmp_path_factory, tmp_path, arch):
-    rmoe = converted(tmp_path_factory, arch, residual_keep=0.25)
-    out = export_onnx(rmoe, tmp_path / "model.onnx")
+#: every method and residual scope with int8 values; the svd ones also export as the lowrank graph
+METHODS = {"resmoe": dict(residual_keep=0.25), "resmoe-matrix": dict(residual_keep=0.25, residual_scope="matrix"),
+           "resmoe-int8": dict(value_dtype="int8", residual_keep=0.3), "prune": dict(method="prune"),
+           "prune-matrix": dict(method="prune", residual_scope="matrix"), "merge": dict(method="merge"),
+           "lossless": dict(lossless=True), "resmoe-svd": SVD,
+           "resmoe-svd-matrix-int8": dict(SVD, residual_scope="matrix", value_dtype="int8"),
+           "svd": dict(method="svd"), "svd-matrix": dict(method="svd", residual_scope="matrix")}
+_DENSE_METHODS = list(METHODS)[:7] + ["svd"]
+
+
+def _dense_cases():
+    """The dense graph runs the restored weights whatever the method and source dtype: by default each
+    architecture once, methods in turn, dtypes alternating (every architecture, method and dtype
+    appears); slow, each architecture in its other dtype with the methods shifted by half, so that the
+    two sets hold every architecture and every method in both dtypes."""
+    n = len(_DENSE_METHODS)
+    for i, arch in enumerate(ONNX_ARCHS):
+        for shift, slow in ((0, False), (n // 2, True)):
+            method = _DENSE_METHODS[(i + shift) % n]
+            dtype = DTYPES[(i + slow) % 2]
+            yield pytest.param(arch, method, dtype, marks=pytest.mark.slow if slow else (),
+                               id=f"{arch}-{method}-{dtype}")
+
+
+_DENSE = list(_dense_cases())
+
+
+@pytest.mark.parametrize("arch,method,dtype", _DENSE)
+def test_dense_export_matches_the_runtime(tmp_path_factory, tmp_path, arch, method, dtype):
+    import onnx
+
+    rmoe = converted(tmp_path_factory, arch, dtype, **METHODS[method])
+    external = arch == "qwen3_moe"  # its cases store their weights externally, at opset 18
+    out = export_onnx(rmoe, tmp_path / "model.onnx", external_data=external, opset=18 if external else None)
     assert out == tmp_path / "model.onnx"
-    assert_only(tmp_path, "model.onnx")
+    assert_only(tmp_path, "model.onnx", *(["model.onnx.data"] if external else []))
+    if external:
+        model = onnx.load(out, load_external_data=False)
+        places = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}
+        assert places == {"model.onnx.data"}
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
     assert_matches(out, rmoe, "materialize")
 
 
-# Mixtral with expert-scope factors: test_lowrank_graph_keeps_factors_and_is_smaller. Fast: biases, a U per
-# matrix, no barycenter (--method svd); slow: the same code under other architectures and int8 factors.
-_LOWRANK = [("gpt_oss", SVD), ("mixtral", dict(SVD, residual_scope="matrix")), ("mixtral", dict(method="svd"))]
-_LOWRANK += [pytest.param(*case, marks=pytest.mark.slow) for case in
-             [("gpt_oss", dict(SVD, residual_scope="matrix")), ("mixtral", dict(SVD, value_dtype="int8"))]
-             + [(a, SVD) for a in ONNX_ARCHS if a not in ("gpt_oss", "mixtral")]]
+#: every low-rank method and scope (resmoe's matrix scope with int8 factors), biases (gpt_oss), in fp32 and
+#: bf16 (and Mixtral's expert-scope factors in test_lowrank_graph_keeps_factors_and_is_smaller); slow: the
+#: other architectures
+_LOWRANK = [("gpt_oss", "resmoe-svd"), ("mixtral", "resmoe-svd-matrix-int8"), ("mixtral", "svd"),
+            ("gpt_oss", "svd-matrix")]
+_LOWRANK_CASES = [pytest.param(a, m, d, id=f"{a}-{m}-{d}") for d in DTYPES for a, m in _LOWRANK]
+_LOWRANK_CASES += [pytest.param(a, "resmoe-svd", d, marks=pytest.mark.slow, id=f"{a}-resmoe-svd-{d}")
+                   for d in DTYPES for a in ONNX_ARCHS if a not in ("gpt_oss", "mixtral")]
 
 
-@pytest.mark.parametrize("arch,opts", _LOWRANK, ids=lambda x: x if isinstance(x, str) else
-                         ",".join(f"{k}={v}" for k, v in x.items()))
-def test_lowrank_export_matches_the_fused_runtime(tmp_path_factory, tmp_path, arch, opts):
-    rmoe = converted(tmp_path_factory, arch, **opts)
+@pytest.mark.parametrize("arch,method,dtype", _LOWRANK_CASES)
+def test_lowrank_export_matches_the_fused_runtime(tmp_path_factory, tmp_path, arch, method, dtype):
+    rmoe = converted(tmp_path_factory, arch, dtype, **METHODS[method])
     out = export_onnx(rmoe, tmp_path / "model.onnx", "lowrank")
     assert_only(tmp_path, "model.onnx")
     assert_matches(out, rmoe, "fused")
@@ -112,8 +166,9 @@ def test_lowrank_export_matches_the_fused_runtime(tmp_path_factory, tmp_path, ar
 def test_lowrank_graph_keeps_factors_and_is_smaller(tmp_path_factory, tmp_path):
     import onnx
 
-    # experts large enough for rank-r factors plus one barycenter to undercut dense experts
-    rmoe = converted(tmp_path_factory, "mixtral", overrides={"intermediate_size": 256}, num_experts=8, **SVD)
+    # experts large enough for rank-r factors plus one barycenter to undercut dense experts; two MoE layers
+    rmoe = converted(tmp_path_factory, "mixtral", overrides={"intermediate_size": 256}, num_experts=8, num_layers=2,
+                     **SVD)
     dense = export_onnx(rmoe, tmp_path / "dense.onnx")
     low = export_onnx(rmoe, tmp_path / "low.onnx", "lowrank")
     # the graph's debug metadata (about 2 kB a node) weighs more than this model's weights: compare both
@@ -132,22 +187,9 @@ def test_expert_scope_factors_share_one_u(tmp_path_factory):
     fused = next(m for m in model.modules() if isinstance(m, FusedExperts))
     low = LowRankExperts.from_fused(fused)
     assert low.u_out is None and low.u_in.shape[1] == 1
-    matrix = load_model(converted(tmp_path_factory, "mixtral", **SVD, residual_scope="matrix"), mode="fused")
+    matrix = load_model(converted(tmp_path_factory, "mixtral", **METHODS["resmoe-svd-matrix-int8"]), mode="fused")
     low = LowRankExperts.from_fused(next(m for m in matrix.modules() if isinstance(m, FusedExperts)))
     assert low.u_out is not None and low.u_in.shape[1] == 2
-
-
-def test_external_data_and_opset(tmp_path_factory, tmp_path):
-    import onnx
-
-    rmoe = converted(tmp_path_factory, "qwen3_moe", residual_keep=0.25)
-    out = export_onnx(rmoe, tmp_path / "ext.onnx", external_data=True, opset=18)
-    assert_only(tmp_path, "ext.onnx", "ext.onnx.data")
-    model = onnx.load(out, load_external_data=False)
-    places = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}
-    assert places == {"ext.onnx.data"}
-    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
-    assert_matches(out, rmoe, "materialize")
 
 
 # --- bad input: a clear ConversionError and nothing at the output path ------------------------

@@ -1,38 +1,63 @@
 """The torch runtime: load_model / patch_model in materialize, lazy and fused modes.
 
 Reference: the restored dense model, i.e. ``resmoe-restore --original-order`` loaded with
-transformers' ``from_pretrained``. Tolerances (float32 weights and activations):
-materialize is bit-identical; lazy and fused reorder sums (aligned neuron order, the shared
-barycenter products), so their logits agree to 1e-5 of the largest logit.
+transformers' ``from_pretrained``; materialize is bit-identical to it. Lazy and fused compute in
+float32 here and reorder sums (aligned neuron order, the shared barycenter products), so their
+logits agree with it to RTOL = 1e-5 of the largest logit, on fp32 and bf16 sources alike, with
+one exception (spec 6.7): fused multiplies by B + U V for low-rank residuals, the restored weight
+before its rounding to the source dtype T. Then every weight it uses is within half an ulp of T
+of the restored weight (|error| <= u_T |W|, u_T the unit roundoff: 2^-8 for bf16, 2^-11 for
+fp16), which :func:`check_fused_weights` checks element by element, and its logits agree to RTOL
+with those of the dense model built from the unrounded weights.
 """
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 
+import resmoe_format
 from converters.convert import ConvertOptions, convert
 from converters.restore_checkpoint import restore_checkpoint
 from hf_models import ARCHS, build_checkpoint, load_model as hf_load
+from resmoe_format.dtypes import by_name
 from resmoe_format.errors import RmoeRuntimeError
+from resmoe_format.restore import combine, restore_expert, unpermute
 from resmoe_format.torch import ExpertCache, FusedExperts, LazyExperts, load_model, patch_model
+from resmoe_format.torch import load as runtime_load
 
 RTOL = 1e-5
+#: fp32 arithmetic in the products that rebuild fused's weights, relative to a matrix's largest weight
+WEIGHT_SLACK = 2.0 ** -16
 LAZY_FUSED = ("lazy", "fused")
+DTYPES = ("fp32", "bf16")
 _cache: dict[tuple, tuple[Path, Path]] = {}
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "frozen_gc")
 
 
-def converted(tmp_path_factory, arch: str, **opts) -> tuple[Path, Path]:
-    """(file.rmoe, restored dense checkpoint dir) for ``arch`` converted with ``opts``; built once per session."""
-    key = (arch, tuple(sorted(opts.items())))
+@pytest.fixture(scope="module")
+def frozen_gc():
+    """The converter runs gc.collect() after every layer; in a process holding transformers and torch
+    that scans every object (about 0.6 s a call): leave the objects of this point out of it."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def converted(tmp_path_factory, arch: str, dtype: str = "fp32", seed: int = 3, **opts) -> tuple[Path, Path]:
+    """(file.rmoe, restored dense checkpoint dir) for ``arch`` in ``dtype`` converted with ``opts``; built
+    once per session."""
+    key = (arch, dtype, seed, tuple(sorted(opts.items())))
     if key not in _cache:
-        d = tmp_path_factory.mktemp(f"{arch}_src")
-        build_checkpoint(arch, d, "fp32", seed=3)
+        d = tmp_path_factory.mktemp(f"{arch}_{dtype}_src")
+        build_checkpoint(arch, d, dtype, seed=seed)
         out = d.parent / f"{d.name}.rmoe"
         convert(d, out, ConvertOptions(**opts), progress=False)
         _cache[key] = out, restore_checkpoint(out, d.parent / f"{d.name}_restored", original_order=True)
@@ -54,41 +79,113 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> N
     assert err <= rtol, f"max relative difference {err:.2e} > {rtol:.0e}"
 
 
+def lowrank(reader, layer: int, expert: int, matrix) -> bool:
+    """Whether fused multiplies by this matrix unrounded (spec 6.7): a 2-D matrix with a lowrank residual."""
+    ref = reader.layer(layer).residuals[expert].get(matrix.name)
+    return ref is not None and ref.encoding == "lowrank" and len(matrix.shape) == 2
+
+
+def fused_reference(reader, layer: int, expert: int, original_order: bool = False) -> dict[str, np.ndarray]:
+    """Spec 6.7: the weights fused multiplies by, from the file alone: the restored W (6.1), except
+    A = B + D (6.1 step 3, not rounded to the source dtype) where the residual is low rank."""
+    lay = reader.layer(layer)
+    mats = restore_expert(reader, layer, expert, original_order)
+    for m in lay.matrices:
+        if lowrank(reader, layer, expert, m):
+            a = combine(reader.base(layer, m.name), reader.residual(layer, expert, m.name), "fp32").reshape(m.shape)
+            if original_order and lay.permutations is not None and m.neuron_axis is not None:
+                a = unpermute(a, reader.permutation(layer, expert), m.neuron_axis)
+            mats[m.name] = a
+    return mats
+
+
+def check_fused_weights(model, rmoe: Path) -> None:
+    """Every weight fused multiplies by is the restored one (to fp32 arithmetic), or within half an ulp of
+    the source dtype of it for low-rank residuals (spec 6.7)."""
+    layers = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    assert layers
+    with resmoe_format.open(rmoe) as r:
+        for layer in layers:
+            lay = r.layer(layer.layer)
+            for e in range(lay.num_experts):
+                restored = restore_expert(r, lay.index, e)
+                got = layer.weights(e)
+                for m in lay.matrices:
+                    w = restored[m.name].astype(np.float32)
+                    f = got[m.name].numpy().reshape(w.shape)
+                    half_ulp = 0.0
+                    if lowrank(r, lay.index, e, m):
+                        fin = ml_dtypes.finfo(by_name(m.dtype).np)
+                        half_ulp = fin.eps / 2 * np.abs(w) + fin.smallest_subnormal / 2
+                    bad = np.abs(f - w) > half_ulp + WEIGHT_SLACK * np.abs(w).max()
+                    assert not bad.any(), (f"layer {lay.index} expert {e} {m.name}: {int(bad.sum())} weights off, "
+                                           f"max {np.abs(f - w).max():.2e}")
+
+
+def unrounded_dense(monkeypatch, rmoe: Path):
+    """The dense (materialize) model built from :func:`fused_reference`'s weights."""
+    with monkeypatch.context() as mp:
+        mp.setattr(runtime_load, "restore_expert", fused_reference)
+        return load_model(rmoe, mode="materialize", dtype="fp32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch):
-    rmoe, restored = converted(tmp_path_factory, arch, residual_keep=0.25)  # sparse residuals in every layer
+def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch, dtype):
+    rmoe, restored = converted(tmp_path_factory, arch, dtype, residual_keep=0.25)  # sparse residuals in every layer
     want = logits(hf_load(restored), arch)
-    assert torch.equal(logits(load_model(rmoe, mode="materialize"), arch), want)
+    assert torch.equal(logits(load_model(rmoe, mode="materialize", dtype="fp32"), arch), want)
     for mode in LAZY_FUSED:
-        model = load_model(rmoe, mode=mode)
+        model = load_model(rmoe, mode=mode, dtype="fp32")
         cls = LazyExperts if mode == "lazy" else FusedExperts
         assert any(isinstance(m, cls) for m in model.modules())
         assert_close(logits(model, arch), want)
 
 
-@pytest.mark.parametrize("opts", [dict(residual="svd", residual_keep=0.3),
-                                  dict(residual="svd", residual_scope="matrix", residual_keep=0.3),
-                                  dict(keep=0.5), dict(method="prune"), dict(method="svd"), dict(method="merge"),
-                                  dict(value_dtype="int8", residual_keep=0.3), dict(lossless=True),
-                                  dict(delta_format="bsr", residual_keep=0.3), dict(delta_format="rice", keep=0.4),
-                                  dict(residual_keep=0.5, delta_format="csr16")],
-                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
-def test_every_encoding_and_method(tmp_path_factory, arch, opts):
-    rmoe, restored = converted(tmp_path_factory, arch, **opts)
-    want = logits(hf_load(restored), arch)
-    for mode in LAZY_FUSED:
-        assert_close(logits(load_model(rmoe, mode=mode), arch), want)
+#: every method and residual scope, int8 residuals and barycenters, every residual encoding
+CASES = {"resmoe": dict(residual_keep=0.25), "resmoe-matrix": dict(residual_keep=0.25, residual_scope="matrix"),
+         "resmoe-svd": dict(residual="svd", residual_keep=0.3),
+         "resmoe-svd-matrix": dict(residual="svd", residual_scope="matrix", residual_keep=0.3),
+         "resmoe-int8": dict(value_dtype="int8", residual_keep=0.3),
+         "resmoe-svd-matrix-int8": dict(residual="svd", residual_scope="matrix", value_dtype="int8",
+                                        residual_keep=0.3),
+         "resmoe-int8-base": dict(base_dtype="int8", residual_keep=0.3),
+         "resmoe-svd-int8-base": dict(residual="svd", base_dtype="int8", residual_keep=0.3),
+         "prune": dict(method="prune"), "prune-matrix": dict(method="prune", residual_scope="matrix"),
+         "svd": dict(method="svd"), "svd-matrix": dict(method="svd", residual_scope="matrix"),
+         "merge": dict(method="merge"), "lossless": dict(lossless=True),
+         "bsr": dict(delta_format="bsr", residual_keep=0.3), "rice": dict(delta_format="rice", keep=0.4),
+         "csr16": dict(residual_keep=0.5, delta_format="csr16"),
+         "svd-dense": dict(residual="svd", delta_format="dense", residual_keep=0.3)}
+#: by default Mixtral and GPT-OSS (biases, interleaved gate/up), and fp16 where its rounding matters (u_T = 2^-11)
+FAST_ARCHS = ("mixtral", "gpt_oss")
+_FP16 = [("mixtral", c, "fp16") for c in ("resmoe-svd-matrix", "resmoe-int8", "svd")]
 
 
+@pytest.mark.parametrize("arch,case,dtype", [(a, c, d) for d in DTYPES for a in FAST_ARCHS for c in CASES] + _FP16
+                         + [pytest.param(a, c, d, marks=pytest.mark.slow) for d in DTYPES for a in ARCHS
+                            if a not in FAST_ARCHS for c in CASES])
+def test_every_method_and_encoding(tmp_path_factory, monkeypatch, arch, case, dtype):
+    rmoe, _ = converted(tmp_path_factory, arch, dtype, **CASES[case])
+    want = logits(load_model(rmoe, mode="materialize", dtype="fp32"), arch)
+    assert_close(logits(load_model(rmoe, mode="lazy", dtype="fp32"), arch), want)
+    fused = load_model(rmoe, mode="fused", dtype="fp32")
+    check_fused_weights(fused, rmoe)
+    with resmoe_format.open(rmoe) as r:
+        exact = dtype == "fp32" or not any(lowrank(r, lay.index, e, m) for lay in r.layers
+                                           for e in range(lay.num_experts) for m in lay.matrices)
+    assert_close(logits(fused, arch), want if exact else logits(unrounded_dense(monkeypatch, rmoe), arch))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ["mixtral", "switch"])
-def test_generate_matches_the_dense_model(tmp_path_factory, arch):
-    rmoe, restored = converted(tmp_path_factory, arch, residual_keep=0.25)
+def test_generate_matches_the_dense_model(tmp_path_factory, arch, dtype):
+    rmoe, restored = converted(tmp_path_factory, arch, dtype, residual_keep=0.25)
     ids = inputs("mixtral", batch=2, seq=5)["input_ids"]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = hf_load(restored).generate(ids, **kw)
     for mode in ("materialize",) + LAZY_FUSED:
-        assert torch.equal(load_model(rmoe, mode=mode).generate(ids, **kw), want), mode
+        assert torch.equal(load_model(rmoe, mode=mode, dtype="fp32").generate(ids, **kw), want), mode
 
 
 def test_fused_holds_barycenter_and_residuals_not_dense_experts(tmp_path_factory):
@@ -102,17 +199,20 @@ def test_fused_holds_barycenter_and_residuals_not_dense_experts(tmp_path_factory
     assert not any(n.endswith("gate_up_proj") for n, _ in model.named_parameters())
 
 
-def test_lazy_cache_is_bounded_and_evicts(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "mixtral")
-    one = next(m for m in load_model(rmoe, mode="lazy").modules() if isinstance(m, LazyExperts)).expert_bytes
-    model = load_model(rmoe, mode="lazy", cache_bytes=one)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lazy_cache_is_bounded_and_evicts(tmp_path_factory, dtype):
+    rmoe, restored = converted(tmp_path_factory, "mixtral", dtype, residual_keep=0.25)
+    one = next(m for m in load_model(rmoe, mode="lazy", dtype="fp32").modules()
+               if isinstance(m, LazyExperts)).expert_bytes
+    model = load_model(rmoe, mode="lazy", cache_bytes=one, dtype="fp32")
     assert_close(logits(model, "mixtral"), logits(hf_load(restored), "mixtral"))
     cache: ExpertCache = next(m for m in model.modules() if isinstance(m, LazyExperts)).cache
     assert cache.nbytes <= one and len(cache.entries) == 1 and cache.misses > 1
 
 
-def test_patch_model_swaps_experts_in_place(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "qwen3_moe")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_patch_model_swaps_experts_in_place(tmp_path_factory, dtype):
+    rmoe, restored = converted(tmp_path_factory, "qwen3_moe", dtype, residual_keep=0.25)
     want = logits(hf_load(restored), "qwen3_moe")
     for mode in ("materialize",) + LAZY_FUSED:
         model = hf_load(restored)
@@ -124,8 +224,8 @@ def test_patch_model_swaps_experts_in_place(tmp_path_factory):
         assert_close(logits(model, "qwen3_moe"), want)
 
 
-def test_bf16_runtime(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "mixtral")
+def test_bf16_compute_on_an_fp32_source(tmp_path_factory):
+    rmoe, restored = converted(tmp_path_factory, "mixtral", residual_keep=0.25)
     want = logits(hf_load(restored), "mixtral")
     for mode in ("materialize",) + LAZY_FUSED:
         model = load_model(rmoe, mode=mode, dtype="bf16")
@@ -134,12 +234,10 @@ def test_bf16_runtime(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
-def test_bf16_checkpoint(tmp_path, arch):
-    """bf16 source weights (ml_dtypes arrays in the reader) in every mode, against from_pretrained in bf16."""
-    d = build_checkpoint(arch, tmp_path / "src", "bf16", seed=4)
-    rmoe = tmp_path / "m.rmoe"
-    convert(d, rmoe, ConvertOptions(residual_keep=0.25), progress=False)
-    restored = restore_checkpoint(rmoe, tmp_path / "restored", original_order=True)
+def test_bf16_checkpoint_runs_in_bf16_by_default(tmp_path_factory, arch):
+    """bf16 source weights (ml_dtypes arrays in the reader) in every mode, against from_pretrained in bf16.
+    bf16 arithmetic can flip a router's choice (GPT-OSS's seed-3 model does, from_pretrained included): seed 4."""
+    rmoe, restored = converted(tmp_path_factory, arch, "bf16", seed=4, residual_keep=0.25)
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(restored, dtype=torch.bfloat16).eval()
@@ -152,17 +250,18 @@ def test_bf16_checkpoint(tmp_path, arch):
 
 
 def test_device_argument_takes_the_cuda_code_path_on_cpu(tmp_path_factory):
-    rmoe, _ = converted(tmp_path_factory, "mixtral")
+    rmoe, _ = converted(tmp_path_factory, "mixtral", residual_keep=0.25)
     model = load_model(rmoe, mode="fused", device=torch.device("cpu"))
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "mixtral")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda(tmp_path_factory, dtype):
+    rmoe, restored = converted(tmp_path_factory, "mixtral", dtype, residual_keep=0.25)
     want = logits(hf_load(restored), "mixtral")
     for mode in ("materialize",) + LAZY_FUSED:
-        model = load_model(rmoe, mode=mode, device="cuda")
+        model = load_model(rmoe, mode=mode, device="cuda", dtype="fp32")
         with torch.no_grad():
             got = model(**{k: v.cuda() for k, v in inputs("mixtral").items()}).logits.cpu()
         assert_close(got, want, rtol=1e-3)
@@ -171,7 +270,7 @@ def test_cuda(tmp_path_factory):
 # --- bad input ------------------------------------------------------------------------------
 
 def test_bad_arguments_are_clear_errors(tmp_path_factory):
-    rmoe, _ = converted(tmp_path_factory, "mixtral")
+    rmoe, _ = converted(tmp_path_factory, "mixtral", residual_keep=0.25)
     with pytest.raises(RmoeRuntimeError, match="mode 'dense'"):
         load_model(rmoe, mode="dense")
     with pytest.raises(RmoeRuntimeError, match="dtype 'fp8' is not available"):
@@ -213,8 +312,8 @@ def test_a_file_without_config(tmp_path):
 
 
 def test_patch_refuses_another_model_type(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "mixtral")
-    other, _ = converted(tmp_path_factory, "qwen3_moe")
+    rmoe, restored = converted(tmp_path_factory, "mixtral", residual_keep=0.25)
+    other, _ = converted(tmp_path_factory, "qwen3_moe", residual_keep=0.25)
     with pytest.raises(RmoeRuntimeError, match="holds a 'qwen3_moe' model"):
         patch_model(hf_load(restored), other)
 
@@ -222,7 +321,7 @@ def test_patch_refuses_another_model_type(tmp_path_factory):
 def test_corrupt_file_is_a_format_error(tmp_path_factory, tmp_path):
     from resmoe_format import RmoeFormatError
 
-    rmoe, _ = converted(tmp_path_factory, "mixtral")
+    rmoe, _ = converted(tmp_path_factory, "mixtral", residual_keep=0.25)
     bad = tmp_path / "bad.rmoe"
     bad.write_bytes(rmoe.read_bytes()[:-100])
     with pytest.raises(RmoeFormatError):
@@ -237,7 +336,7 @@ def _tiny_llama():
 
 
 def test_config_json_round_trips(tmp_path_factory):
-    rmoe, restored = converted(tmp_path_factory, "olmoe")
+    rmoe, restored = converted(tmp_path_factory, "olmoe", residual_keep=0.25)
     cfg = json.loads((restored / "config.json").read_text())
     assert load_model(rmoe, mode="fused").config.model_type == cfg["model_type"]
 

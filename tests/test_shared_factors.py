@@ -198,6 +198,36 @@ def test_higher_minor_of_2_is_accepted(tmp_path):
         r.verify()
 
 
+@pytest.mark.parametrize("vd,quant", [("bf16", None), ("int8", None), ("int8", PER_BLOCK)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("share,base", [(True, False), (False, False), (True, True)])
+def test_fused_runtime_pairs_each_v_with_its_u(tmp_path, vd, quant, dtype, share, base):
+    """The fused runtime holds a shared U once and multiplies by every record's own U V (+ B): spec 6.7's
+    unrounded weights A, within half an ulp of the source dtype of the restored ones."""
+    from types import SimpleNamespace
+
+    torch = pytest.importorskip("torch")
+    from resmoe_format.torch import FusedExperts
+    from resmoe_format.torch.kinds import kind_for
+
+    p = write(tmp_path / "f.rmoe", layer(np.random.default_rng(30), vd, quant, share=share, dtype=dtype, base=base))
+    kind = kind_for(SimpleNamespace(model_type="mixtral", hidden_act="silu"))  # gate, up -> down, as MATS
+    half_ulp = 2.0 ** -8 if dtype == "bf16" else 0.0
+    with resmoe_format.open(p) as r:
+        fused = FusedExperts(kind, r, r.layer(0), torch.float32, torch.device("cpu"))
+        for k in range(2):
+            us = {id(op.u) for _, _, op in fused.in_ops[k]} | {id(fused.out_ops[k].u)}
+            assert len(us) == (1 if share else 3)
+            got = fused.weights(k)
+            for m in MATS:
+                f = got[m].numpy()
+                a = restore.combine(r.base(0, m), r.residual(0, k, m), "fp32")  # 6.1 step 3, not rounded
+                slack = 2.0 ** -16 * np.abs(a).max()  # binary32 products
+                np.testing.assert_allclose(f, a, rtol=0, atol=slack)
+                w = restore.restore_matrix(r, 0, k, m).astype(np.float32)
+                assert (np.abs(f - w) <= half_ulp * np.abs(w) + slack).all()
+
+
 # --- the reader's rules (hand-crafted headers) --------------------------------------------
 
 @pytest.mark.parametrize("version", ["1.0", "1.3"])

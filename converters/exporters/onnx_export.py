@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -28,13 +25,15 @@ import torch
 from torch import nn
 
 from resmoe_format import container
+from resmoe_format.architectures import BY_MODEL_TYPE
 from resmoe_format.errors import RmoeRuntimeError
+from resmoe_format.publish import publish, scratch_dir
 
 from ..errors import ConversionError
 
 VARIANTS = ("dense", "lowrank")
-#: transformers model types whose models export (Switch Transformers is encoder-decoder: refused).
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "gpt_oss", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+#: transformers model types whose models export: the architecture records with ``onnx`` set.
+SUPPORTED = tuple(sorted(t for t, f in BY_MODEL_TYPE.items() if f.onnx))
 #: (batch, sequence) of the tracing example: torch.export specialises dimensions of size 1.
 EXAMPLE_SHAPE = (2, 8)
 
@@ -72,8 +71,9 @@ def check_file(src: Path, variant: str) -> str:
     with container.open(src, verify_checksums=False) as r:  # load_model verifies them
         model_type = (r.config() or {}).get("model_type") or r.model.get("model_type")
         if model_type not in SUPPORTED:
+            fam = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
             raise ConversionError(f"ONNX export supports model types {', '.join(SUPPORTED)}; not {model_type!r}"
-                                  + (" (an encoder-decoder model)" if model_type == "switch_transformers" else ""))
+                                  + (f" ({fam.onnx_reason})" if fam is not None and fam.onnx_reason else ""))
         _check_config(model_type, r.config() or {})
         if variant == "lowrank":
             _check_lowrank(r.layers)
@@ -120,7 +120,8 @@ def build_model(src: Path, variant: str) -> nn.Module:
 class LowRankExperts(nn.Module):
     """A compressed layer as export-friendly tensor code: no data-dependent control flow.
 
-    For the S = T * k (token, slot) pairs, with expert e = B + U_e V_e per matrix:
+    For the S = T * k (token, slot) pairs, with expert e = B + U_e V_e per matrix (the weights of
+    :class:`FusedExperts`, not rounded to the source dtype: spec 6.7):
     ``pre = x @ B_in.T + (x @ V_in,e.T) @ U_e.T (+ bias_e)``, ``h = activate(pre) * w`` and
     ``y = sum_slots h @ B_out + (h @ U_out,e) @ V_out,e (+ w bias_e)``. The barycenter input product
     is computed once per token and the output one once per token on the weighted sum of h (exact
@@ -296,21 +297,18 @@ def _apply_rotary_real(xq, xk, freqs):
 def _save(program, out: Path, external_data: bool | None) -> None:
     """Save into a temporary folder beside ``out`` under the final names (the .onnx records its
     data file's name), then move the data file and the model into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with scratch_dir(out) as tmp:
         program.save(tmp / out.name, external_data=external_data)
         data = tmp / f"{out.name}.data"
         moved = data.exists()
         if moved:
-            os.replace(data, out.parent / data.name)
+            publish(data, out.parent / data.name)
         try:
-            os.replace(tmp / out.name, out)
+            publish(tmp / out.name, out)
         except BaseException:
             if moved:
                 (out.parent / data.name).unlink(missing_ok=True)
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["export_onnx", "LowRankExperts", "SUPPORTED", "VARIANTS"]

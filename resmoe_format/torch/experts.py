@@ -15,6 +15,11 @@ so ``sum_e w_e h_e`` is formed first and multiplied by ``B_out`` once per token.
 are exact in real arithmetic (distributivity); in floating point they only reorder sums.
 Permutations are never applied: an MLP computes the same function whatever the order of its
 hidden neurons, as long as its input rows, biases and output rows move together.
+
+Which weights (spec 6.7): with element-wise residuals the restored ones, final rounding to the
+source dtype included (B is held as round_T(B), D as round_T(B + D) - round_T(B) on its stored
+entries); with low-rank residuals B + U V, the restored weight before that rounding (at most half
+an ulp of the source dtype from it; for fp32 sources the two are equal).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from ..restore import combine, restore_expert
 from ..schema import LayerSpec
 from .kinds import ExpertKind
 from .tensors import to_torch
-from .residuals import SPARSE_ENCODINGS, Residual, SparseResidual, load_residual
+from .residuals import SPARSE_ENCODINGS, Residual, SparseResidual, load_residual, rounded_residual
 
 
 def expert_nbytes(lay: LayerSpec, dtype: torch.dtype) -> int:
@@ -145,12 +150,18 @@ class FusedExperts(CompressedExperts):
 
     def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, dtype: torch.dtype, device: torch.device):
         super().__init__(kind, lay)
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
         self.n = n = lay.num_neurons
+        self.hidden = lay.matrix(kind.output).shape[-1]
         has_base = lay.base_kind != "none"
+        # B' = round_T(B) is the barycenter held, so that B' + D' of element-wise residuals is the restored
+        # weight (residuals.rounded_residual); a matrix with low-rank residuals keeps B (B + U V unrounded)
+        base = {m: reader.base(self.layer, m) for m in kind.inputs + (kind.output,)} if has_base else {}
+        held = {m: b if any(r.get(m) is not None and r[m].encoding == "lowrank" for r in lay.residuals)
+                else combine(b, None, lay.matrix(m).dtype).astype(np.float32) for m, b in base.items()}
         if has_base:
-            self.base_in = to_torch(np.concatenate([reader.base(self.layer, m) for m in kind.inputs]), dtype, device)
-            self.base_out = to_torch(reader.base(self.layer, kind.output), dtype, device)
+            self.base_in = to_torch(np.concatenate([held[m] for m in kind.inputs]), dtype, device)
+            self.base_out = to_torch(held[kind.output], dtype, device)
         else:
             self.base_in = self.base_out = None
         shared: dict[str, torch.Tensor] = {}
@@ -161,13 +172,16 @@ class FusedExperts(CompressedExperts):
             refs = [lay.residuals[e][m] for m in kind.inputs]
             if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS for r in refs):
                 # one CSR over all input matrices: one sparse product per expert instead of one per matrix
-                stacked = np.concatenate([reader.residual(self.layer, e, m) for m in kind.inputs])
+                stacked = np.concatenate([rounded_residual(reader.residual(self.layer, e, m), base.get(m), held.get(m),
+                                                           lay.matrix(m).dtype) for m in kind.inputs])
                 ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device))]
             else:
-                ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared))
+                ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared,
+                                                          base.get(m), held.get(m)))
                        for i, (m, r) in enumerate(zip(kind.inputs, refs)) if r is not None]
             ref = lay.residuals[e][kind.output]
-            out = None if ref is None else load_residual(reader, lay, ref, kind.output, True, dtype, device, shared)
+            out = None if ref is None else load_residual(reader, lay, ref, kind.output, True, dtype, device, shared,
+                                                         base.get(kind.output), held.get(kind.output))
             if not has_base and (out is None or sum(b - a for a, b, _ in ops) < len(refs) * n):
                 raise RmoeRuntimeError(f"layer {lay.index}: expert {e} has a matrix with neither base nor residual")
             self.in_ops.append(ops)
@@ -176,12 +190,28 @@ class FusedExperts(CompressedExperts):
         if self.biased:
             def bias(name: str, e: int) -> np.ndarray:
                 return combine(reader.base(self.layer, name) if has_base else None,
-                               reader.residual(self.layer, e, name), "fp32").reshape(-1)
+                               reader.residual(self.layer, e, name), lay.matrix(name).dtype).reshape(-1)
 
             E = range(lay.num_experts)
             self.bias_in = to_torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
                                   dtype, device)
             self.bias_out = to_torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
+
+    def weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s matrices (canonical shapes, aligned order) as this layer multiplies by them
+        (spec 6.7): its own products applied to identity matrices, for checks."""
+        kind, n, M = self.kind, self.n, len(self.kind.inputs)
+        eye = torch.eye(self.hidden, dtype=self.dtype, device=self.device)
+        pre = self.base_in.T.clone() if self.base_in is not None else eye.new_zeros(self.hidden, M * n)
+        for a, b, op in self.in_ops[e]:
+            pre[:, a:b] += op.apply_in(eye)
+        out = self.base_out.clone() if self.base_out is not None else eye.new_zeros(n, self.hidden)
+        if self.out_ops[e] is not None:
+            out += self.out_ops[e].apply_out(torch.eye(n, dtype=self.dtype, device=self.device))
+        mats = {m: pre[:, i * n:(i + 1) * n].T for i, m in enumerate(kind.inputs)} | {kind.output: out}
+        if self.biased:
+            mats |= dict(zip(kind.input_biases, self.bias_in[e].reshape(M, n))) | {kind.output_bias: self.bias_out[e]}
+        return mats
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (barycenter, residual operators, biases)."""

@@ -19,33 +19,18 @@ import torch
 from torch import nn
 
 from .. import container
+from ..architectures import check_layers
 from ..container import Reader
 from ..errors import RmoeRuntimeError
 from ..memory import trim_heap
 from ..restore import restore_expert
 from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
 from .kinds import ExpertKind, kind_for
-from .tensors import to_torch
+from .tensors import DTYPE_NAMES as DTYPES
+from .tensors import resolve_device, to_torch
 
 MODES = ("materialize", "lazy", "fused")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _PROBE = "resmoe_probe"
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here (RmoeRuntimeError otherwise)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise RmoeRuntimeError(f"device {device!r} is not a torch device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RmoeRuntimeError(f"device {device!r} asked for, but no CUDA GPU is available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RmoeRuntimeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise RmoeRuntimeError(f"device {device!r}: the runtime supports cpu and cuda")
-    return dev
 
 
 def resolve_dtype(dtype, reader: Reader) -> torch.dtype:
@@ -169,8 +154,7 @@ def _materialize(kind: ExpertKind, module: nn.Module, reader: Reader, lay, dtype
         p = module.get_parameter(name)
         _set(module, name, torch.empty(p.shape, dtype=dtype, device=device))
     for e in range(lay.num_experts):
-        mats = restore_expert(reader, lay.index, e, original_order=True)
-        kind.write_dense(module, e, {k: to_torch(v, dtype, device) for k, v in mats.items()})
+        kind.write_dense(module, e, restore_expert(reader, lay.index, e, original_order=True), dtype, device)
         reader.release()
     return module
 
@@ -186,6 +170,7 @@ def _compressed_module(kind, reader, lay, mode, dtype, device, cache, original):
 def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: str, dtype, device,
                   cache_bytes: int | None) -> None:
     layers = reader.layers
+    check_layers(kind.family, layers, RmoeRuntimeError)
     cache = None
     if mode == "lazy":
         one = max(expert_nbytes(lay, dtype) for lay in layers) if layers else 0
@@ -232,9 +217,10 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
                verify_checksums: bool = True):
     """A transformers model built from the ``.rmoe`` file's embedded config, in eval mode.
 
-    ``mode``: ``materialize`` | ``lazy`` | ``fused`` (module docstring). ``dtype`` defaults to the
-    source dtype. ``cache_bytes`` bounds lazy mode's expert cache (default: one layer's experts).
-    Nothing is downloaded and no remote code runs.
+    ``mode``: ``materialize`` | ``lazy`` | ``fused`` (module docstring). ``device``: ``cpu``,
+    ``cuda[:N]`` or ``auto`` (CUDA when present). ``dtype`` defaults to the source dtype.
+    ``cache_bytes`` bounds lazy mode's expert cache (default: one layer's experts). Nothing is
+    downloaded and no remote code runs.
     """
     _check_mode(mode)
     dev = resolve_device(device)

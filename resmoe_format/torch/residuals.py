@@ -9,6 +9,12 @@ is cheapest to multiply in:
 - sparse encodings (csr16, bitmap, bsr, rice): a torch CSR matrix with int32 indices, stored
   as D for inputs and as D.T for the output so both products are CSR @ dense.
 - ``dense``: the matrix itself.
+
+Element-wise records (sparse, dense) are multiplied by the restored weights exactly, the final
+rounding to the source dtype included (spec 6.7): :func:`rounded_residual` replaces D by
+D' = round_T(B + D) - B' on D's stored entries, where B' = round_T(B) is the barycenter the
+layer holds. A low-rank record is a dense matrix U V: rounding B + U V would mean building it,
+so ``lowrank`` records are multiplied by B + U V, the restored weight before its final rounding.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch
 
 from .. import codecs
 from ..container import Reader
+from ..restore import combine
 from ..schema import EncodedRef, LayerSpec
 
 SPARSE_ENCODINGS = frozenset({"csr16", "bitmap", "bsr", "rice"})
@@ -91,9 +98,22 @@ class SparseResidual(Residual):
     apply_out = _mm
 
 
+def rounded_residual(d: np.ndarray, base: np.ndarray | None, held: np.ndarray | None, dtype: str) -> np.ndarray:
+    """D' (float32) with ``held + D'`` equal to the restored weight round_T(base + d) (spec 6.1) on
+    ``d``'s non-zero entries and 0 elsewhere; ``held`` is the barycenter the runtime multiplies by
+    (round_T(base) for element-wise records), ``base`` the decoded one (None: no base)."""
+    nz = np.nonzero(d)
+    w = combine(None if base is None else base[nz], d[nz], dtype).astype(np.float32)
+    out = np.zeros(d.shape, np.float32)
+    out[nz] = w if held is None else w - held[nz]
+    return out
+
+
 def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, output: bool,
-                  dtype: torch.dtype, device: torch.device, shared: dict[str, torch.Tensor]) -> Residual:
-    """Decode one residual record into the operator its encoding multiplies fastest with."""
+                  dtype: torch.dtype, device: torch.device, shared: dict[str, torch.Tensor],
+                  base: np.ndarray | None = None, held: np.ndarray | None = None) -> Residual:
+    """Decode one residual record into the operator its encoding multiplies fastest with; element-wise
+    records as :func:`rounded_residual` of ``base`` (decoded) and ``held`` (the barycenter multiplied by)."""
     spec = lay.matrix(matrix)
     enc = reader.encoded(ref, spec)
     if ref.encoding == "lowrank":
@@ -103,7 +123,7 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
         if u is None:
             u = shared[key] = torch.from_numpy(u_np).to(device=device, dtype=dtype)
         return LowRankResidual(u, torch.from_numpy(v_np).to(device=device, dtype=dtype), shared_u(lay, ref))
-    d = codecs.decode(enc, ref.tensors)
+    d = rounded_residual(codecs.decode(enc, ref.tensors), base, held, spec.dtype)
     if ref.encoding in SPARSE_ENCODINGS:
         return SparseResidual.from_dense(d.T if output else d, device)
     return DenseResidual(torch.from_numpy(d).to(device=device, dtype=dtype))
