@@ -10,7 +10,6 @@ differently, so they are not compared.
 """
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +32,8 @@ DTYPES = ("fp32", "bf16")
 _cache: dict[tuple, Path] = {}
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings", "frozen_gc")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
-
-@pytest.fixture(scope="module")
-def frozen_gc():
-    """The converter runs gc.collect() after every layer, which scans every object of this process
-    (transformers, torch, the exporter): leave the objects of this point out of it."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 def converted(tmp_path_factory, arch: str, dtype: str = "fp32", overrides: dict | None = None, num_experts: int = 4,

@@ -12,7 +12,6 @@ with those of the dense model built from the unrounded weights.
 """
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
@@ -39,16 +38,8 @@ DTYPES = ("fp32", "bf16")
 _cache: dict[tuple, tuple[Path, Path]] = {}
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings", "frozen_gc")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
-
-@pytest.fixture(scope="module")
-def frozen_gc():
-    """The converter runs gc.collect() after every layer; in a process holding transformers and torch
-    that scans every object (about 0.6 s a call): leave the objects of this point out of it."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 def converted(tmp_path_factory, arch: str, dtype: str = "fp32", seed: int = 3, **opts) -> tuple[Path, Path]:
