@@ -47,6 +47,10 @@ def test_budget_semantics():
     assert Budget.of(None, None).keep == 0.25
     with pytest.raises(ConversionError, match="below what the shared base"):
         Budget.of(0.1, None).residual_params(P, 8, P)
+    with pytest.raises(ConversionError, match=r"^the default --keep 0.25 is below"):  # the user gave no --keep
+        Budget.of(None, None).residual_params(P, 2, P)
+    with pytest.raises(ConversionError, match=r"^--keep 0.25 is below"):
+        Budget.of(0.25, None).residual_params(P, 2, P)
     assert Budget.of(0.125, None).residual_params(P, 8, P) == 0  # exactly the barycenter
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(ConversionError, match=r"\(0, 1\]"):

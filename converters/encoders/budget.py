@@ -8,7 +8,7 @@ each residual keeps F of P and the base comes on top.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConversionError
 
@@ -21,6 +21,7 @@ class Budget:
 
     keep: float | None = None
     residual_keep: float | None = None
+    implicit: bool = field(default=False, compare=False)  # the default --keep, not given by the user
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.residual_keep is None):
@@ -33,7 +34,7 @@ class Budget:
     def of(cls, keep: float | None, residual_keep: float | None) -> Budget:
         """The budget from the two flags, ``--keep 0.25`` when neither is given."""
         if keep is None and residual_keep is None:
-            keep = DEFAULT_KEEP
+            return cls(DEFAULT_KEEP, None, implicit=True)
         return cls(keep, residual_keep)
 
     def residual_params(self, params: int, num_experts: int, base_params: int) -> int:
@@ -44,7 +45,7 @@ class Budget:
         total = self.keep * num_experts * params
         if base_params > total * (1 + 1e-9):
             raise ConversionError(
-                f"--keep {self.keep} is below what the shared base alone costs with {num_experts} experts "
+                f"{'the default ' if self.implicit else ''}--keep {self.keep} is below what the shared base alone costs with {num_experts} experts "
                 f"(1/{num_experts} = {1 / num_experts:.4g}); raise --keep or use --residual-keep")
         return max(0, math.floor((total - base_params) / num_experts + 1e-9))
 
