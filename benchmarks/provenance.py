@@ -49,7 +49,8 @@ def cpu_model() -> str:
 
 def collect(packages: Iterable[str] = ("numpy",), **extra: Any) -> dict:
     """Command line, git commit and dirtiness, CPU, threads, load, library versions, and ``extra``."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # the results of an earlier script of the same session are outputs, not code: they do not make the run dirty
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     versions = {}
     for name in packages:
         try:
