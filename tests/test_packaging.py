@@ -1,6 +1,7 @@
 """Package boundaries: resmoe_format needs neither converters nor torch to read a file."""
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_reading_needs_no_torch_and_no_converters(tmp_path):
@@ -57,3 +58,11 @@ def test_spec_worked_example_matches_spec(tmp_path):
          "--check", str(root / "spec" / "FORMAT.md")],
         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_readme_figures_are_the_results_files_figures():
+    """Every figure block in README.md is what benchmarks/readme_figures.py copies from benchmarks/results."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "readme_figures.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
