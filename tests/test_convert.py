@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,13 @@ def test_resmoe_error_far_below_vanilla_pruning(tmp_path):
     upcycle(src)
     reports = {}
     for method in ("resmoe", "prune", "svd", "merge"):
-        reports[method] = convert(src, tmp_path / f"{method}.rmoe", ConvertOptions(method=method, keep=0.25),
-                                  progress=False)["summary"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reports[method] = convert(src, tmp_path / f"{method}.rmoe", ConvertOptions(method=method, keep=0.25),
+                                      progress=False)["summary"]
+        # merge says it stores 1/E whatever --keep says; no other method warns at this budget
+        want = [True] if method == "merge" else []
+        assert [str(w.message).startswith("--method merge stores") for w in caught] == want
     assert reports["resmoe"]["rel_error_mean"] < 0.25 * reports["prune"]["rel_error_mean"], reports
     assert reports["resmoe"]["rel_error_mean"] < reports["svd"]["rel_error_mean"]
     assert reports["resmoe"]["rel_error_mean"] < reports["merge"]["rel_error_mean"]
