@@ -45,7 +45,8 @@ class Budget:
         total = self.keep * num_experts * params
         if base_params > total * (1 + 1e-9):
             raise ConversionError(
-                f"{'the default ' if self.implicit else ''}--keep {self.keep} is below what the shared base alone costs with {num_experts} experts "
+                f"{'the default ' if self.implicit else ''}--keep {self.keep} is below what the shared base "
+                f"alone costs with {num_experts} experts "
                 f"(1/{num_experts} = {1 / num_experts:.4g}); raise --keep or use --residual-keep")
         return max(0, math.floor((total - base_params) / num_experts + 1e-9))
 
