@@ -35,6 +35,7 @@ from .encoders.budget import Budget
 from .encoders.methods import DEFAULT_MAX_ITER, EncoderOptions
 from .errors import ConversionError
 from .layers import select_layers
+from .paths import check_paths, checkpoint_inputs
 
 VALUE_DTYPES = ("bf16", "fp16", "fp32", "int8")
 
@@ -151,10 +152,8 @@ class Plan:
         self.device = resolve_device(o.device)
         self.ckpt = Checkpoint(src, config)
         try:
-            if self.out.resolve() in {i.file.resolve() for i in self.ckpt.tensors.values()}:
-                raise ConversionError(f"output {out} would overwrite the input checkpoint")
-            if not self.out.parent.is_dir():
-                raise ConversionError(f"output directory {self.out.parent} does not exist")
+            check_paths([*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())],
+                        files=[out])
             self.adapter = adapter_for(self.ckpt.config, self.ckpt.tensors)
             layouts = self.adapter.moe_layers()
             chosen = set(select_layers(o.layers, [lay.index for lay in layouts]))

@@ -76,7 +76,7 @@ def checkpoint_inputs(src: PathLike, config: PathLike | None = None) -> list[Pat
 
 
 def _check_parent(out: Path, what: str) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent  # Path("x").parent is Path(".")
     if not parent.exists():
         raise PathError(f"{what} {out}: directory {parent} does not exist")
     if not parent.is_dir():

@@ -62,6 +62,17 @@ def test_convert_output_inside_the_source_directory(work, capsys):
             "output src/config.json lies inside the input directory src")
 
 
+def test_library_convert_checks_the_same_paths(work):
+    """convert() refuses what the CLI refuses, for callers that never go through resmoe-convert."""
+    from converters.paths import PathError
+
+    before = snapshot(work)
+    for out, match in (("src/config.json", "lies inside the input directory"), ("nodir/x.rmoe", "does not exist")):
+        with pytest.raises(PathError, match=match):
+            convert(Path("src"), Path(out), ConvertOptions(), progress=False)
+    assert snapshot(work) == before
+
+
 def test_report_over_the_source_weights(work, capsys):
     refused(convert_main, ["src", "out.rmoe", "-q", "--report", "src/model.safetensors"], work, capsys,
             "output src/model.safetensors lies inside the input directory src")
