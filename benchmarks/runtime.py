@@ -10,6 +10,10 @@ after the other, that each load the model with ``resmoe_format.torch.load_model`
   with the KV cache), on the CPU with torch's default thread count;
 - in fused mode, the bytes it holds per kind (barycenters, CSR values and indices, ...).
 
+A file converted with ``--bits`` (k-quant barycenters and residuals, spec 5.10) runs in
+materialize mode (experts dequantized once, at load) and in fused mode (records held packed,
+dequantized on the fly in every forward pass).
+
 Every figure is the median of the three processes; the runs are kept. The dense baseline is
 the source checkpoint loaded with transformers' ``from_pretrained`` (its experts
 implementation is recorded). Results: benchmarks/results/runtime.{json,md,png}, all generated.
@@ -32,6 +36,9 @@ from provenance import RUNS, collect, markdown, spread, within_noise
 RESULTS = Path(__file__).parent / "results"
 PREFILL = 128
 DECODE = 32
+#: the k-quant file: resmoe-convert --bits KQUANT_BITS
+KQUANT_BITS = 3.0
+KQUANT = f"resmoe --bits {KQUANT_BITS:g}"
 
 
 def _rss() -> tuple[int, int]:
@@ -49,9 +56,10 @@ def _reset_peak() -> None:
 
 
 def fused_bytes(model) -> dict:
-    """Bytes a fused model holds, per kind: non-expert parameters, barycenters, CSR parts, other residuals."""
+    """Bytes a fused model holds, per kind: non-expert parameters, barycenters, CSR parts, other residuals
+    (k-quant records: their packed bytes, counted under barycenters or other residuals)."""
     from resmoe_format.torch.experts import CompressedExperts, FusedExperts
-    from resmoe_format.torch.residuals import SparseResidual
+    from resmoe_format.torch.residuals import SparseResidual, held_nbytes
 
     out = {"non_expert": 0, "barycenters": 0, "csr_values": 0, "csr_col_indices": 0, "csr_row_pointers": 0,
            "other_residuals": 0, "csr_entries": 0}
@@ -61,7 +69,7 @@ def fused_bytes(model) -> dict:
             inside.update(id(p) for p in mod.parameters())
         if not isinstance(mod, FusedExperts):
             continue
-        out["barycenters"] += sum(t.numel() * t.element_size() for t in (mod.base_in, mod.base_out) if t is not None)
+        out["barycenters"] += sum(held_nbytes(t) for t in (mod.base_in, mod.base_out) if t is not None)
         for op in [op for ops in mod.in_ops for _, _, op in ops] + [op for op in mod.out_ops if op is not None]:
             if isinstance(op, SparseResidual):
                 v, c, r = op.csr.values(), op.csr.col_indices(), op.csr.crow_indices()
@@ -142,14 +150,15 @@ def run_child(kind: str, path: Path, mode: str, vocab: int, runs: int = RUNS) ->
 
 
 def file_bytes(path: Path) -> dict:
-    """Byte accounting of a .rmoe file: expert bytes and the categories fused mode re-encodes."""
+    """Byte accounting of a .rmoe file: expert bytes, bits per expert weight and the categories fused mode
+    re-encodes."""
     import resmoe_format
     from resmoe_format.accounting import account
 
     with resmoe_format.open(path) as r:
         acc = account(r)
-    return {"expert_bytes": acc.expert_bytes, **{f"file_{c}": acc.bytes[c] for c in
-                                                 ("barycenters", "residual_values", "residual_indices", "scales")}}
+    return {"expert_bytes": acc.expert_bytes, "expert_bits": acc.bits_per_expert_weight(),
+            **{f"file_{c}": acc.bytes[c] for c in ("barycenters", "residual_values", "residual_indices", "scales")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"resmoe keep 0.25": ConvertOptions(keep=0.25),
                 "resmoe residual-keep 0.25": ConvertOptions(residual_keep=0.25),
-                "resmoe-svd keep 0.25": ConvertOptions(keep=0.25, residual="svd")}
+                "resmoe-svd keep 0.25": ConvertOptions(keep=0.25, residual="svd"),
+                KQUANT: ConvertOptions(bits=KQUANT_BITS)}
+    modes = {"resmoe keep 0.25": ("materialize", "lazy", "lazy, cache = all experts", "fused"),
+             KQUANT: ("materialize", "fused")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
@@ -193,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             f = Path(tmp) / f"{len(rows)}.rmoe"
             convert(src, f, opts, progress=False)
             everything = f"lazy:{expert_dense}"  # a cache that holds every expert: no eviction
-            for mode in (("materialize", "lazy", everything, "fused") if name == "resmoe keep 0.25" else ("fused",)):
-                label = "lazy, cache = all experts" if mode == everything else mode
+            for label in modes.get(name, ("fused",)):
+                mode = everything if label == "lazy, cache = all experts" else label
                 rows.append({"variant": name, "mode": label, "file_bytes": f.stat().st_size,
                              **file_bytes(f), **run_child("rmoe", f, mode, a.vocab)})
                 print(rows[-1], flush=True)
@@ -228,12 +240,12 @@ def table(rows: list[dict]) -> str:
         f"{_rng(r, 'decode_b8')} |" for r in rows)
 
 
-def _versus(r: dict, dense: dict, key: str) -> str:
-    """'Nx dense (a against b tokens/s)' with 'within noise' when the runs' ranges overlap."""
-    ratio = r[key] / dense[key]
-    noise = within_noise(r[f"{key}_spread"], dense[f"{key}_spread"])
+def _versus(r: dict, ref: dict, key: str, name: str = "dense") -> str:
+    """'a against b tokens/s, Nx, faster than <name>', 'within noise of' when the runs' ranges overlap."""
+    ratio = r[key] / ref[key]
+    noise = within_noise(r[f"{key}_spread"], ref[f"{key}_spread"])
     word = "within noise of" if noise else ("faster than" if ratio > 1 else "slower than")
-    return f"{r[key]:.1f} against {dense[key]:.1f} tokens/s, {ratio:.2f}x, {word} dense"
+    return f"{r[key]:.1f} against {ref[key]:.1f} tokens/s, {ratio:.2f}x, {word} {name}"
 
 
 def report(res: dict, png: str) -> str:
@@ -295,6 +307,19 @@ def report(res: dict, png: str) -> str:
             f"{(b['csr_values'] + idx_mem - f['file_residual_values'] - f['file_residual_indices']) / MIB:.0f} MiB "
             f"the CSR adds over the file, {(idx_mem - f['file_residual_indices']) / MIB:.0f} MiB are indices and "
             f"{(b['csr_values'] - f['file_residual_values']) / MIB:.0f} MiB values.", ""]
+    kq_mat, kq_fused = find.get((KQUANT, "materialize")), find.get((KQUANT, "fused"))
+    if kq_mat and kq_fused:
+        held = sum(v for k, v in kq_fused["fused_bytes"].items() if k not in ("non_expert", "csr_entries"))
+        lines += [f"## k-quant file (`{KQUANT}`): fused against materialize", "",
+                  f"{kq_fused['expert_bits']:.2f} bits per expert weight on disk. Materialize dequantizes every "
+                  "expert once, at load, into dense float32 weights; fused holds the packed codes and scales "
+                  f"({held / MIB:.1f} MiB of experts in memory against {kq_fused['expert_bytes'] / MIB:.1f} MiB in "
+                  "the file) and dequantizes the barycenter and each routed expert's residuals in every forward "
+                  "pass.", ""]
+        lines += [f"- decode at batch {n}, fused: {_versus(kq_fused, kq_mat, f'decode_b{n}', 'materialize')}."
+                  for n in (1, 8)]
+        lines += [f"- RSS after load: fused {kq_fused['rss_after_load'] / MIB:.0f} MiB, materialize "
+                  f"{kq_mat['rss_after_load'] / MIB:.0f} MiB.", ""]
     lines += ["## Memory per mode, above the interpreter", ""]
     for r in rows:
         lines.append(f"- {r['variant']}, {r['mode']}: {(r['rss_after_load'] - base) / MIB:.0f} MiB after load, "

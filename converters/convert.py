@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class ConvertOptions:
     lossless: bool = False
     device: str = "auto"
     max_iter: int | None = None  # None: DEFAULT_MAX_ITER (resmoe's barycenter iterations)
+    bits: float | None = None  # --bits: k-quant allocation to this many bits per expert weight
+    calibration: str | None = None  # --calibration: text file for GPTQ and output-error allocation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +118,7 @@ class Plan:
         o = options
         self.options = o
         self.out = Path(out)
+        self.bits = check_bits_flags(o)
         if o.value_dtype is not None and o.value_dtype not in VALUE_DTYPES:
             raise ConversionError(f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.value_dtype!r}")
         if o.base_dtype is not None and o.base_dtype not in VALUE_DTYPES:
@@ -150,6 +154,7 @@ class Plan:
                                                              else o.max_iter))
         self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
         self.device = resolve_device(o.device)
+        self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
         try:
             check_paths([*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())],
@@ -162,7 +167,10 @@ class Plan:
                 if lay.num_experts < 2 and o.method in ("resmoe", "merge"):
                     raise ConversionError(f"layer {lay.index} has {lay.num_experts} expert; {o.method} needs "
                                           f"two or more")
-                self.encoder.check_layer(lay.matrices, lay.num_experts)  # budget and --rank fit these shapes
+                if not self.bits:
+                    self.encoder.check_layer(lay.matrices, lay.num_experts)  # budget and --rank fit these shapes
+            if self.bits:
+                self.check_bits_budget()
             if o.method == "merge" and o.keep is not None and not o.lossless:
                 experts = sorted({lay.num_experts for lay in self.layouts})
                 if any(abs(o.keep - 1 / e) > 1e-9 for e in experts):
@@ -175,6 +183,32 @@ class Plan:
         except BaseException:
             self.ckpt.close()
             raise
+
+    def expert_weights(self) -> int:
+        return sum(lay.num_experts * int(np.prod(m.shape)) for lay in self.layouts for m in lay.matrices)
+
+    def budget_bytes(self) -> int:
+        """--bits as bytes for the compressed layers' expert part (spec section 8's expert bytes)."""
+        return int(self.options.bits * self.expert_weights() // 8)
+
+    def check_bits_budget(self) -> None:
+        """Refuse a --bits no allocation reaches, or one at or above the source's bits, from shapes alone."""
+        from .encoders.allocate import min_bytes
+        from .encoders.bits import shape_tables
+
+        b = self.options.bits
+        weights = self.expert_weights()
+        if not weights:
+            raise ConversionError("--bits: the selected layers hold no expert weights")
+        src_bits = 8 * sum(lay.num_experts * int(np.prod(m.shape)) * by_name(m.dtype).itemsize
+                           for lay in self.layouts for m in lay.matrices) / weights
+        if b >= src_bits:
+            raise ConversionError(f"--bits {b:g} is not below the source's {src_bits:g} bits per expert weight: "
+                                  f"nothing would be saved")
+        cheapest = 8 * min_bytes(shape_tables(self.layouts, self.options.method == "resmoe")) / weights
+        if b < cheapest:
+            raise ConversionError(f"--bits {b:g} is below what the cheapest encoding reaches for these experts "
+                                  f"({cheapest:.4f} bits per expert weight with --method {self.options.method})")
 
     def check_weights(self, progress: bool = False) -> None:
         """Refuse NaN or Inf anywhere in the checkpoint before the output is created (one
@@ -205,6 +239,9 @@ class Plan:
                 "lossless": e.lossless, "writer": f"resmoe {__version__}"}
         if e.rank is not None:
             info["rank"] = e.rank
+        if self.bits:
+            info = {"name": self.options.method, "bits": self.options.bits, "quantizer": "kquant",
+                    "calibration": "gptq" if self.options.calibration else None, "writer": f"resmoe {__version__}"}
         if self.options.method == "resmoe":
             info["barycenter"] = {"solver": "exact assignment, alternating", "max_iter": e.max_iter}
         return info
@@ -226,13 +263,18 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 w.add_passthrough(name, to_numpy(t))
                 del t
             plan.ckpt.release()
-            bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
-            for lay in bar:
-                bar.set_postfix_str(f"layer {lay.index}")
-                report["layers"].append(_convert_layer(plan, lay, w))
-                gc.collect()
-                plan.ckpt.release()
-                trim_heap()
+            if plan.bits:
+                from .quantized import convert_layers_bits
+
+                report["allocation"] = convert_layers_bits(plan, w, report["layers"], progress)
+            else:
+                bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
+                for lay in bar:
+                    bar.set_postfix_str(f"layer {lay.index}")
+                    report["layers"].append(_convert_layer(plan, lay, w))
+                    gc.collect()
+                    plan.ckpt.release()
+                    trim_heap()
     finally:
         plan.ckpt.close()
     report["seconds"] = time.perf_counter() - t_start
@@ -245,21 +287,21 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     return report
 
 
-def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def load_experts(plan: Plan, lay) -> list[dict[str, torch.Tensor]]:
+    """One layer's experts as canonical float32 tensors on the plan's device."""
     raw = expert_matrices(lay, plan.ckpt.get)
     experts = []
     for e in raw:
         experts.append({m: t.to(plan.device, torch.float32) for m, t in e.items()})
-    del raw
-    dtype = lay.matrices[0].dtype
-    result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
-    layer, stats = emit_layer(lay, result, aligned, dtype, plan.emit)
-    w.add_layer(layer)
+    return experts
+
+
+def layer_entry(lay, stats: dict[str, Any], permutations) -> dict[str, Any]:
+    """A layer's report entry from its per-matrix statistics."""
     entry: dict[str, Any] = {"index": lay.index, "prefix": lay.prefix, "num_experts": lay.num_experts,
                              "num_neurons": lay.num_neurons, "matrices": stats}
     itemsize = by_name(permutation_dtype(lay.num_neurons)).itemsize
-    perm_bytes = sum(int(np.asarray(p).size) * itemsize for p in (result.permutations or []))
+    perm_bytes = sum(int(np.asarray(p).size) * itemsize for p in (permutations or []))
     entry["permutation_bytes"] = perm_bytes
     entry["bytes"] = perm_bytes + sum(s["bytes"] for s in stats.values())
     entry["params"] = sum(s["params"] for s in stats.values())
@@ -269,6 +311,17 @@ def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     entry["keep"] = entry["kept"] / entry["params"] if entry["params"] else None
     entry["residual_keep"] = (sum(s["residual_kept"] for s in stats.values()) / entry["params"]
                               if entry["params"] else None)
+    return entry
+
+
+def _convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    experts = load_experts(plan, lay)
+    dtype = lay.matrices[0].dtype
+    result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
+    layer, stats = emit_layer(lay, result, aligned, dtype, plan.emit)
+    w.add_layer(layer)
+    entry = layer_entry(lay, stats, result.permutations)
     bary = getattr(plan.encoder, "last_barycenter", None)
     if bary:
         entry["barycenter"] = bary
@@ -292,6 +345,29 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
             "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
             "rel_error_mean": float(np.mean(errs)) if errs else None,
             "rel_error_max": float(np.max(errs)) if errs else None, "file_bytes": file_size}
+
+
+def check_bits_flags(o: ConvertOptions) -> bool:
+    """Whether this is a --bits conversion; refuses the flags it cannot take, before any work."""
+    if o.calibration is not None and o.bits is None:
+        raise ConversionError("--calibration calibrates the --bits quantizer: give --bits too")
+    if o.method == "quant" and o.bits is None:
+        raise ConversionError("--method quant quantizes to a bit budget: give --bits B (bits per expert weight)")
+    if o.bits is None:
+        return False
+    if not (isinstance(o.bits, (int, float)) and math.isfinite(o.bits) and o.bits > 0):
+        raise ConversionError(f"--bits must be a positive number of bits per expert weight, got {o.bits}")
+    if o.method not in ("resmoe", "quant"):
+        raise ConversionError(f"--bits applies to --method resmoe and --method quant, not {o.method}")
+    given = [flag for flag, on in (("--keep", o.keep is not None), ("--residual-keep", o.residual_keep is not None),
+                                   ("--rank", o.rank is not None), ("--residual", o.residual is not None),
+                                   ("--residual-scope", o.residual_scope != "expert"),
+                                   ("--value-dtype", o.value_dtype is not None),
+                                   ("--base-dtype", o.base_dtype is not None),
+                                   ("--delta-format", o.delta_format != "auto"), ("--lossless", o.lossless)) if on]
+    if given:
+        raise ConversionError(f"--bits chooses the size and every encoding itself: do not combine it with {given[0]}")
+    return True
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""True byte accounting of a .rmoe file (spec/FORMAT.md section 7).
+"""True byte accounting of a .rmoe file (spec/FORMAT.md section 8).
 
 Every byte of the file falls in exactly one category; the categories add up to the
 file size. Expert costs are also given in bits per expert weight, next to the source dtype.
@@ -11,10 +11,15 @@ from typing import Any
 from . import dtypes
 from .container import Reader
 
-CATEGORIES = ("header", "barycenters", "permutations", "residual_values", "residual_indices", "scales",
-              "extensions", "checksums", "passthrough", "embedded_files")
+#: Every category of spec section 8, in table order. Float and int8 value parts count as ``barycenters`` /
+#: ``residual_values`` and their scales as ``scales``; k-quant value parts (spec 5.10) as ``barycenter_codes`` /
+#: ``residual_codes``, ``group_scales`` and ``superblock_scales``.
+CATEGORIES = ("header", "barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
+              "residual_indices", "scales", "group_scales", "superblock_scales", "extensions", "checksums",
+              "passthrough", "embedded_files")
 #: Categories that make up the stored cost of the compressed experts.
-EXPERT_CATEGORIES = ("barycenters", "permutations", "residual_values", "residual_indices", "scales", "extensions")
+EXPERT_CATEGORIES = ("barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
+                     "residual_indices", "scales", "group_scales", "superblock_scales", "extensions")
 
 
 @dataclass

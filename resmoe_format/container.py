@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from . import codecs, dtypes
-from .codecs import Encoded, PART_CATEGORY
+from .codecs import Encoded, kquant, part_category
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
-from .schema import (BASE_VERSION_STR, FORMAT_NAME, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, EncodedRef,
-                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
+from .schema import (BASE_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION,
+                     SHARED_FACTORS_VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path,
+                     claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -56,17 +57,17 @@ class Role:
 
 
 #: Parts of a lowrank residual record that other lowrank records of the same expert may share
-#: (spec 4.8, version 2.0 and later).
-SHAREABLE_PARTS = ("u", "u_scales")
+#: (spec 4.8, version 2.0 and later; ``u_group_scales`` with k-quant values, 3.0 and later).
+SHAREABLE_PARTS = ("u", "u_scales", "u_group_scales")
 
 
 def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
     """Map every tensor the schema references to its role; a name used twice is an error.
 
     With ``allow_shared`` (files of major version 2 and later) the one exception of spec 4.8
-    holds: the ``u`` (and ``u_scales``) part of a ``lowrank`` residual record may name the
-    same tensor as that part of other lowrank records of the same layer and expert, if they
-    agree in value dtype and quantization and share ``u`` and ``u_scales`` together.
+    holds: the ``u`` (and ``u_scales``, ``u_group_scales``) part of a ``lowrank`` residual record
+    may name the same tensor as that part of other lowrank records of the same layer and expert,
+    if they agree in value dtype and quantization and share all of U's parts together.
     """
     roles: dict[str, Role] = {}
 
@@ -83,43 +84,61 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
     for lay in schema.layers:
         for ref in lay.base.values():
             for part, t in ref.tensors.items():
-                put(t, Role("barycenters" if PART_CATEGORY.get(part) == "residual_values"
-                            else _category(part, t), lay.index))
+                put(t, Role(_category(part, ref, t, base=True), lay.index))
         for k, p in enumerate(lay.permutations or []):
             put(p, Role("permutations", lay.index, k))
         for k, res in enumerate(lay.residuals):
-            shared: dict[str, tuple[str, str, str, str]] = {}  # tensor -> (matrix, part, value dtype, quant)
-            partner: dict[tuple[str, str], str] = {}  # (part, tensor) -> the record's other shareable tensor
+            shared: dict[str, tuple] = {}  # tensor -> (matrix, part, value dtype, quant, U's rows and rank)
+            partner: dict[tuple[str, str], tuple] = {}  # (part, tensor) -> the record's shareable tensors
             for m, ref in res.items():
                 if ref is None:
                     continue
                 lowrank = allow_shared and ref.encoding == "lowrank"
                 for part, t in ref.tensors.items():
-                    key = (part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None))
+                    key = (part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None),
+                           (lay.matrix(m).shape2d[0], ref.params.get("rank")))
                     if lowrank and part in SHAREABLE_PARTS and t in shared:
-                        if shared[t][1:] != key:
+                        if shared[t][1:4] != key[:3]:
                             raise RmoeFormatError(
                                 f"layer {lay.index} expert {k}: tensor {t} is shared by the low-rank records of "
                                 f"{shared[t][0]} and {m}, which differ in part, value dtype or quantization")
+                        if kquant.is_kquant(ref.value_dtype) and shared[t][4] != key[3]:  # shapes give m*r only
+                            raise RmoeFormatError(
+                                f"layer {lay.index} expert {k}: tensor {t} is shared by the low-rank records of "
+                                f"{shared[t][0]} and {m}, whose U differ in shape (m, rank): {shared[t][4]}, {key[3]}")
                         continue
-                    put(t, Role(_category(part, t), lay.index, k))
+                    put(t, Role(_category(part, ref, t), lay.index, k))
                     if lowrank and part in SHAREABLE_PARTS:
                         shared[t] = (m, *key)
-                if lowrank and all(p in ref.tensors for p in SHAREABLE_PARTS):
-                    u, us = (ref.tensors[p] for p in SHAREABLE_PARTS)
-                    if partner.setdefault(("u", u), us) != us or partner.setdefault(("u_scales", us), u) != u:
+                if lowrank:
+                    group = tuple(ref.tensors.get(p) for p in SHAREABLE_PARTS)
+                    if any(partner.setdefault((p, t), group) != group for p, t in zip(SHAREABLE_PARTS, group) if t):
                         raise RmoeFormatError(
                             f"layer {lay.index} expert {k} matrix {m}: low-rank records that share u must share "
-                            f"u_scales too, and the reverse (tensors {u}, {us})")
+                            f"u_scales too (and u_group_scales, with k-quant values), and the reverse "
+                            f"(tensors {', '.join(t for t in group if t)})")
         for ext in lay.extensions.values():
             for t in ext.get("tensors", {}).values():
                 put(t, Role("extensions", lay.index))
     return roles
 
 
+def records(lay: LayerSpec):
+    """(where, record) for every encoded record of a layer: base records, then residuals."""
+    for m, ref in lay.base.items():
+        yield f"layer {lay.index} base matrix {m}", ref
+    for k, res in enumerate(lay.residuals):
+        for m, ref in res.items():
+            if ref is not None:
+                yield f"layer {lay.index} expert {k} matrix {m}", ref
+
+
 def lowest_version(schema: Schema) -> str:
-    """The lowest version that expresses ``schema`` (spec 1.4): 2.0 when a tensor is referenced by
-    more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    """The lowest version that expresses ``schema`` (spec 1.4): 3.0 when a record has k-quant values
+    (spec 5.10), else 2.0 when a tensor is referenced by more than one record (a shared low-rank
+    factor, spec 4.8), else 1.0."""
+    if any(kquant.is_kquant(ref.value_dtype) for lay in schema.layers for _, ref in records(lay)):
+        return KQUANT_VERSION_STR
     refs = 1 + len(schema.files) + len(schema.passthrough)
     for lay in schema.layers:
         refs += sum(len(r.tensors) for r in lay.base.values()) + len(lay.permutations or [])
@@ -133,9 +152,9 @@ def permutation_dtype(num_neurons: int) -> str:
     return "u16" if num_neurons <= 65535 else "i32"
 
 
-def _category(part: str, tname: str) -> str:
+def _category(part: str, ref: EncodedRef, tname: str, base: bool = False) -> str:
     try:
-        return {"residual_index": "residual_indices"}.get(PART_CATEGORY[part], PART_CATEGORY[part])
+        return part_category(part, ref.value_dtype, base)
     except KeyError:
         raise RmoeFormatError(f"tensor {tname}: unknown part name {part!r}") from None
 
@@ -144,8 +163,14 @@ def _category(part: str, tname: str) -> str:
 # schema <-> tensor table consistency (no tensor data touched)
 
 def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
-                        max_matrix_elements: int = MAX_MATRIX_ELEMENTS, allow_shared: bool = False) -> dict[str, Role]:
-    roles = tensor_roles(schema, allow_shared)
+                        max_matrix_elements: int = MAX_MATRIX_ELEMENTS, major: int = 1) -> dict[str, Role]:
+    """The checks of spec 7.2 steps 4 to 9 under the rules of major version ``major``; the tensors' roles."""
+    if major < KQUANT_VERSION[0]:
+        for where, ref in (x for lay in schema.layers for x in records(lay)):
+            if kquant.is_kquant(ref.value_dtype):
+                raise RmoeFormatError(f"{where}: value_dtype {ref.value_dtype} needs .rmoe version "
+                                      f"{KQUANT_VERSION_STR} or later; this file is major version {major}")
+    roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0])
     missing = [n for n in roles if n not in tensors]
     if missing:
         raise RmoeFormatError(f"schema references tensor {missing[0]} which the file does not hold")
@@ -254,7 +279,7 @@ class Reader:
             raise RmoeFormatError("__metadata__.rmoe_schema does not match rmoe_schema_crc32 (corrupt header)")
         self.schema = Schema.from_json(parse_json(raw, "rmoe_schema"))
         self.roles = check_schema_layout(self.schema, self.header.tensors, self.max_matrix_elements,
-                                         allow_shared=self.version[0] >= SHARED_FACTORS_VERSION[0])
+                                         major=self.version[0])
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         ck = self.schema.checksum["tensor"]
         if crc32(self._view(ck)) != self.schema.checksum["crc32"]:
@@ -482,10 +507,11 @@ class Writer:
         **Shared low-rank factors** (spec 4.8). Sharing is asked for by object identity: when
         the ``u`` array of a ``lowrank`` residual record *is* (``is``, not equal) the ``u``
         array of other lowrank residual records of the same expert, it is stored once and
-        every record references it; likewise ``u_scales`` (int8 values), which must then be
-        shared by exactly the same records. The tensor is named after the first record that
-        uses it, in the order of ``layer.residuals[k]`` (e.g. ``rmoe.layers.{i}.experts.{k}.gate.u``),
-        and the file is written as version 2.0 (1.0 when nothing is shared). The records must
+        every record references it; likewise ``u_scales`` (int8 and k-quant values) and
+        ``u_group_scales`` (k-quant values), which must then be shared by exactly the same records.
+        The tensor is named after the first record that uses it, in the order of ``layer.residuals[k]``
+        (e.g. ``rmoe.layers.{i}.experts.{k}.gate.u``), and the file is written as version 2.0 (1.0
+        when nothing is shared; 3.0 whenever a record has k-quant values, spec 5.10). The records must
         have the same value dtype and quantization, and the shared array must fit each of them
         (same m and rank). Any other part array of an encoded record that is the same object as
         another is refused, since the format cannot share it: across experts, across layers
@@ -516,8 +542,9 @@ class Writer:
                     if not (k is not None and k == k0 and part == p0 and part in SHAREABLE_PARTS
                             and enc.encoding == enc0 == "lowrank"):
                         raise RmoeFormatError(
-                            f"{where(k, m, part)} is the same array object as {where(k0, m0, p0)}: only the u and "
-                            f"u_scales of lowrank residual records of one expert can be shared (spec 4.8); "
+                            f"{where(k, m, part)} is the same array object as {where(k0, m0, p0)}: only the u, "
+                            f"u_scales and u_group_scales of lowrank residual records of one expert can be shared "
+                            f"(spec 4.8); "
                             f"pass a copy to store it twice")
                     tensors[part] = name0
                     continue
@@ -588,12 +615,12 @@ class Writer:
             self._out.overwrite(CHECKSUM_TENSOR, crcs)
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
                             {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
-            schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared
+            schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
                 check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62,
-                                    allow_shared=parse_version(version)[0] >= SHARED_FACTORS_VERSION[0])
+                                    major=parse_version(version)[0])
                 return {META_FORMAT: FORMAT_NAME, META_VERSION: version, META_SCHEMA: raw,
                         META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
 

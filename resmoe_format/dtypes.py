@@ -37,8 +37,10 @@ _ALL = [
 BY_NAME = {d.name: d for d in _ALL}
 BY_ST = {d.st: d for d in _ALL}
 
+#: Group-wise integer codes with two-level scales (spec 5.10; ``codecs.kquant.KQ_DTYPES``, version 3.0).
+KQUANT_DTYPES = ("ternary", "q2", "q3", "q4", "q5", "q6", "q8")
 #: Value dtypes a residual or base may be stored in.
-VALUE_DTYPES = ("bf16", "fp16", "fp32", "int8")
+VALUE_DTYPES = ("bf16", "fp16", "fp32", "int8") + KQUANT_DTYPES
 #: Float dtypes of source expert weights (and of restored output).
 SOURCE_DTYPES = ("bf16", "fp16", "fp32")
 

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import dtypes
-from .codecs import ENCODINGS, Quant
+from .codecs import ENCODINGS, AnyQuant
+from .codecs.base import parse_quant
 from .errors import RmoeFormatError
 
 FORMAT_NAME = "rmoe"
 #: The newest version this library reads and writes (spec 1.4). The writer writes the lowest
 #: version that expresses a file: ``BASE_VERSION`` unless it shares a low-rank factor (spec 4.8),
-#: which needs ``SHARED_FACTORS_VERSION``.
-VERSION = (2, 0)
+#: which needs ``SHARED_FACTORS_VERSION``, or stores k-quant values (spec 5.10), which need ``KQUANT_VERSION``.
+VERSION = (3, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
 #: The version of every file that uses no feature added after 1.0.
 BASE_VERSION = (1, 0)
@@ -26,8 +27,11 @@ BASE_VERSION_STR = f"{BASE_VERSION[0]}.{BASE_VERSION[1]}"
 #: The first version in which a lowrank ``u``/``u_scales`` may be shared by the records of one expert.
 SHARED_FACTORS_VERSION = (2, 0)
 SHARED_FACTORS_VERSION_STR = f"{SHARED_FACTORS_VERSION[0]}.{SHARED_FACTORS_VERSION[1]}"
+#: The first version with the k-quant value dtypes ``q2`` … ``q8``, ``ternary`` (spec 5.10).
+KQUANT_VERSION = (3, 0)
+KQUANT_VERSION_STR = f"{KQUANT_VERSION[0]}.{KQUANT_VERSION[1]}"
 #: Major versions this reader understands (any minor version of each).
-READ_MAJORS = (1, 2)
+READ_MAJORS = (1, 2, 3)
 BASE_KINDS = ("barycenter", "mean", "weighted", "none")
 JOINS = ("concat", "interleave")
 PERMUTATION_DTYPES = ("u16", "i32")
@@ -107,7 +111,7 @@ class EncodedRef:
     value_dtype: str
     tensors: dict[str, str]
     params: dict[str, Any] = field(default_factory=dict)
-    quant: Quant | None = None
+    quant: AnyQuant | None = None
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"encoding": self.encoding, "value_dtype": self.value_dtype, "tensors": self.tensors}
@@ -130,7 +134,7 @@ class EncodedRef:
         for k, v in tensors.items():
             _name(v, f"{where}.tensors.{k}")
         params = _obj(d.get("params", {}), where + ".params")
-        quant = Quant.from_json(d["quant"], where + ".quant") if d.get("quant") is not None else None
+        quant = parse_quant(d.get("quant"), where + ".quant", vd)
         return cls(enc, vd, dict(tensors), dict(params), quant)
 
 
@@ -387,6 +391,8 @@ def parse_version(s: Any) -> tuple[int, int]:
     except ValueError:
         raise RmoeFormatError(f"rmoe_version {s!r} is not of the form major.minor") from None
     if major not in READ_MAJORS:
+        *first, last = map(str, READ_MAJORS)
+        majors = f"{', '.join(first)} and {last}" if first else last
         raise RmoeFormatError(f"this file is .rmoe version {s}; this reader understands major versions "
-                              f"{' and '.join(map(str, READ_MAJORS))} only (upgrade resmoe to read it)")
+                              f"{majors} only (upgrade resmoe to read it)")
     return major, minor

@@ -6,7 +6,8 @@ One MoE layer, 2 experts, 3 hidden neurons, hidden size 4, source dtype bf16; ba
 bf16, expert 0's residuals csr16 bf16, expert 1's bitmap bf16; one passthrough tensor and
 an embedded config.json. Every number section 9 of the spec shows is printed here, under
 the same sub-section numbers; the decoding below is done by hand from the file's bytes
-(struct and plain integer arithmetic) and then checked against the library.
+(struct and plain integer arithmetic) and then checked against the library. Then the
+k-quant example of section 5.10 (ten values as q3 and as ternary), decoded the same way.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 
 import resmoe_format
 from resmoe_format import MatrixSpec, MoELayer, SourceSpec, Writer, accounting, codecs, restore
+from resmoe_format.codecs import KqLayout, kquant
 
 
 def build(path: str) -> None:
@@ -253,10 +255,78 @@ def walk(path: str) -> None:
               f"bits per expert weight = {acc.bits_per_expert_weight():.4f} (source: {acc.source_bits_per_weight:g})")
 
 
+# ---- section 5.10: k-quant values ------------------------------------------------------
+
+def f16_bits(x) -> int:
+    return int(np.asarray(x, np.float16).view(np.uint16))
+
+
+def bits_lsb_first(stream: bytes) -> str:
+    """The stream as bits in stream order: bit j is bit j mod 8 of byte j div 8."""
+    return "".join(str(b >> j & 1) for b in stream for j in range(8))
+
+
+def kquant_example() -> None:
+    """Ten values stored as q3 (then as ternary) under group 4, super 2, scale_bits 6, decoded by hand."""
+    x = np.array([0.5, -1.25, 2.0, 0.75, -0.5, 1.5, 3.0, -2.25, 0.25, 1.0], np.float32)
+    layout, vd, n = KqLayout(4, 2, 6), "q3", 10
+    codes, grid = kquant.quantize(x, vd, layout)
+    parts = kquant.parts_of(codes, grid, vd, layout)
+    cs, gs, ss = (parts[p].tobytes() for p in kquant.part_names())
+    print("[5.10] k-quant example")
+    print(f"x = [{', '.join(num(v) for v in x)}] (10 values, fp32)")
+    print(f"value_dtype {vd}: codes 0..7 in 3 bits; quant {json.dumps(layout.to_json())}")
+    print("groups G = ceil(10/4) = 3: values 0..3, 4..7, 8..9; super-blocks K = ceil(3/2) = 2: groups 0..1, 2")
+    print(f"reference encoder (informative) chose q = {codes.tolist()}, sc = {grid.sc.tolist()}, "
+          f"mc = {grid.mc.tolist()}")
+    print(f"parts: values u8 ({len(cs)},) = ceil(10*3/8); group_scales u8 ({len(gs)},) = ceil(3*2*6/8); "
+          f"scales fp16 (2, 2): {len(cs) + len(gs) + len(ss)} bytes in all")
+    print(f"values = {cs.hex(' ')}")
+    bits = bits_lsb_first(cs)
+    print(f"  bits in stream order: {' '.join(bits[3 * i:3 * i + 3] for i in range(n))} | {bits[3 * n:]} (padding)")
+    hand = [sum(int(bits[3 * i + j]) << j for j in range(3)) for i in range(n)]
+    print(f"  code i = bits 3i, 3i+1, 3i+2 (least significant first): {hand}")
+    print(f"group_scales = {gs.hex(' ')}")
+    bits = bits_lsb_first(gs)
+    pairs = [sum(int(bits[6 * i + j]) << j for j in range(6)) for i in range(6)]
+    print(f"  bits in stream order: {' '.join(bits[6 * i:6 * i + 6] for i in range(6))} | {bits[36:]} (padding)")
+    print(f"  6-bit fields sc0 mc0 sc1 mc1 sc2 mc2 = {pairs}")
+    sup = struct.unpack("<4e", ss)
+    h = struct.unpack("<4H", ss)
+    print(f"scales = {ss.hex(' ')}")
+    for s in range(2):
+        print(f"  super-block {s}: d = fp16 {h[2 * s]:04x} = {num(sup[2 * s])}, m = fp16 {h[2 * s + 1]:04x} = "
+              f"{num(sup[2 * s + 1])}")
+    f32 = np.float32
+    a = [f32(sup[2 * (g // 2)]) * f32(pairs[2 * g]) for g in range(3)]
+    b = [f32(sup[2 * (g // 2) + 1]) * f32(pairs[2 * g + 1]) for g in range(3)]
+    for g in range(3):
+        print(f"group {g}: a = d * sc = {num(a[g])} (fp32 {f32_bits(a[g]):08x}); "
+              f"b = m * mc = {num(b[g])} (fp32 {f32_bits(b[g]):08x})")
+    out = []
+    for i, q in enumerate(hand):
+        p = f32(q) * a[i // 4]
+        v = f32(p - b[i // 4])
+        out.append(v)
+        print(f"  v{i} = RNE32(RNE32({q} * a{i // 4}) - b{i // 4}) = RNE32({num(p)} - {num(b[i // 4])}) = {num(v)} "
+              f"(fp32 {f32_bits(v):08x}; x = {num(x[i])})")
+    lib = kquant.values_of(parts, n, vd, layout)
+    same = np.array_equal(np.array(out, np.float32).view(np.uint32), lib.view(np.uint32))
+    print(f"library values_of gives {'the same bits' if same else 'DIFFERENT bits: MISMATCH'}")
+    tcodes, tgrid = kquant.quantize(x, "ternary", layout)
+    tb = kquant.parts_of(tcodes, tgrid, "ternary", layout)["values"].tobytes()
+    print(f"as ternary (codes 0..2), the reference encoder chose q = {tcodes.tolist()}; values u8 (2,) = "
+          f"ceil(10/5) = {tb.hex(' ')}")
+    for k, byte in enumerate(tb):
+        five = tcodes[5 * k:5 * k + 5].tolist()
+        terms = " + ".join(f"{c}*{3 ** j}" for j, c in enumerate(five))
+        print(f"  byte {k} = {terms} = {sum(c * 3 ** j for j, c in enumerate(five))} = 0x{byte:02x}")
+
+
 def sections(text: str) -> dict[str, str]:
-    """The walk-through split at its "[9.x] title" lines: {"9.x": body}."""
+    """The printed output split at its "[9.x] title" (and "[5.10] title") lines: {"9.x": body}."""
     out: dict[str, str] = {}
-    for m in re.finditer(r"^\[(9\.\d)\] [^\n]*\n(.*?)(?=^\[9\.\d\]|\Z)", text, re.S | re.M):
+    for m in re.finditer(r"^\[(\d+\.\d+)\] [^\n]*\n(.*?)(?=^\[\d+\.\d+\]|\Z)", text, re.S | re.M):
         out[m.group(1)] = m.group(2).rstrip("\n")
     return out
 
@@ -271,6 +341,8 @@ def main(argv: list[str]) -> int:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         walk(a.out)
+        print()
+        kquant_example()
     text = buf.getvalue()
     print(text, end="")
     if a.check:
@@ -279,7 +351,7 @@ def main(argv: list[str]) -> int:
         if stale:
             print(f"\n{a.check}: section(s) {', '.join(stale)} differ from this output", file=sys.stderr)
             return 1
-        print(f"\n{a.check}: every block of section 9 matches this output", file=sys.stderr)
+        print(f"\n{a.check}: every block of sections 9 and 5.10 matches this output", file=sys.stderr)
     return 0
 
 

@@ -63,34 +63,61 @@ def test_newer_minor_version_and_unknown_optional_fields_are_accepted(demo, tmp_
         assert r.version == (1, 7)
 
 
-@pytest.mark.parametrize("version", ["3.0", "0.9", "x", "1", "1.0.0"])
+@pytest.mark.parametrize("version", ["4.0", "0.9", "x", "1", "1.0.0"])
 def test_unknown_major_or_malformed_version_is_rejected(demo, tmp_path, version):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with pytest.raises(RmoeFormatError, match="version"):
         resmoe_format.open(p)
 
 
-@pytest.mark.parametrize("version", ["0.9", "3.0", "17.2"])
+@pytest.mark.parametrize("version", ["0.9", "4.0", "17.2"])
 def test_unknown_major_message_names_the_file_version_and_the_majors_read(demo, tmp_path, version):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with pytest.raises(RmoeFormatError, match=rf"this file is \.rmoe version {version}; this reader understands "
-                                              r"major versions 1 and 2 only \(upgrade resmoe to read it\)"):
+                                              r"major versions 1, 2 and 3 only \(upgrade resmoe to read it\)"):
         resmoe_format.open(p)
 
 
 def test_version_constants():
     from resmoe_format import schema
 
-    assert resmoe_format.VERSION == schema.VERSION == (2, 0) and resmoe_format.VERSION_STR == "2.0"
+    assert resmoe_format.VERSION == schema.VERSION == (3, 0) and resmoe_format.VERSION_STR == "3.0"
     assert schema.BASE_VERSION_STR == "1.0" and schema.SHARED_FACTORS_VERSION_STR == "2.0"
-    assert schema.READ_MAJORS == (1, 2)
+    assert schema.KQUANT_VERSION_STR == "3.0"
+    assert schema.READ_MAJORS == (1, 2, 3)
 
 
-def test_version_2_reads_a_file_without_shared_factors(demo, tmp_path):
-    p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version="2.0"))
+@pytest.mark.parametrize("version", ["2.0", "3.0", "3.4"])
+def test_later_majors_read_a_file_without_their_features(demo, tmp_path, version):
+    p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with resmoe_format.open(p) as r:
         r.verify()
-        assert r.version == (2, 0)
+        assert r.version == tuple(map(int, version.split(".")))
+
+
+def test_a_file_without_k_quant_values_is_written_byte_for_byte_as_before(tmp_path):
+    """3.0 changes nothing for files that do not use it: the worked example of spec 9 is still this 1.0 file."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("we", Path(__file__).parents[1] / "spec" / "worked_example.py")
+    we = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(we)
+    we.build(str(tmp_path / "we.rmoe"))
+    assert hashlib.sha256((tmp_path / "we.rmoe").read_bytes()).hexdigest() == \
+        "14674bc591e20639f472c26ed32e6320b94011ab5e666b86e8f996c947f5671e"
+
+
+def test_k_quant_values_make_a_3_0_file(tmp_path):
+    from test_kquant import write_kquant_file
+
+    path, _ = write_kquant_file(tmp_path / "k.rmoe")
+    with safe_open(path, "numpy") as f:
+        assert f.metadata()["rmoe_version"] == "3.0"
+    with resmoe_format.open(path) as r:
+        assert r.version == (3, 0) and r.schema.version == "3.0"
+        r.verify()
 
 
 def test_plain_safetensors_file_is_rejected_clearly(tmp_path):

@@ -95,6 +95,18 @@ def test_f32_gguf_gives_the_torch_logits_in_llama_cpp(tmp_path_factory, tmp_path
     assert err < F32_RTOL, f"{arch}: max relative difference {err:.2e}"
 
 
+def test_kquant_records_export_to_the_torch_logits(tmp_path_factory, tmp_path):
+    """A file whose barycenters and residuals (dense and sparse) hold k-quant values (spec 5.10)."""
+    from kquant_files import mixed_plan, requantize
+
+    rmoe = requantize(rmoe_file(tmp_path_factory, "mixtral"), tmp_path / "kq.rmoe", mixed_plan)
+    out = export_gguf(rmoe, tmp_path / "m.gguf", "f32")
+    ids = ids_for(rmoe)
+    want, got = torch_logits(rmoe, ids), llama_logits(out, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < F32_RTOL, f"max relative difference {err:.2e}"
+
+
 def perplexity(path: Path, ids: list[int]) -> float:
     logits = llama_logits(path, ids)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \

@@ -183,6 +183,17 @@ def test_expert_scope_factors_share_one_u(tmp_path_factory):
     assert low.u_out is not None and low.u_in.shape[1] == 2
 
 
+def test_kquant_records_export(tmp_path_factory, tmp_path):
+    """k-quant barycenters and low-rank factors (spec 5.10; an expert's U shared) of a bf16 source: the dense
+    graph runs the restored weights, the lowrank graph fused's (B + U V of the dequantized values)."""
+    from kquant_files import requantize
+
+    rmoe = requantize(converted(tmp_path_factory, "mixtral", "bf16", **SVD), tmp_path / "kq.rmoe",
+                      lambda lay, e, m, enc: ("dense", "q5") if e is None else ("lowrank", "q3"))
+    assert_matches(export_onnx(rmoe, tmp_path / "dense.onnx"), rmoe, "materialize")
+    assert_matches(export_onnx(rmoe, tmp_path / "low.onnx", "lowrank"), rmoe, "fused")
+
+
 # --- bad input: a clear ConversionError and nothing at the output path ------------------------
 
 def test_unknown_variant(tmp_path_factory, tmp_path):

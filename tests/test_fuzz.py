@@ -2,7 +2,8 @@
 
 Three kinds of damage: raw byte flips and truncations (mostly caught by framing and
 checksums), and schema/header edits with recomputed CRCs (which reach the deep checks:
-index ranges, pointers, permutations, encodings, assembly rules).
+index ranges, pointers, permutations, encodings, assembly rules). Each runs on the demo
+file (float and int8 values) and on a 3.0 file of k-quant records (spec 5.10).
 """
 import copy
 import random
@@ -18,10 +19,13 @@ from resmoe_format.accounting import account
 from resmoe_format.demo import build
 
 from filecraft import join, split
+from test_kquant import write_kquant_file
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
+@pytest.fixture(scope="module", params=["demo", "kquant"])
+def small(tmp_path_factory, request):
+    if request.param == "kquant":
+        return write_kquant_file(tmp_path_factory.mktemp("fzk") / "k.rmoe", shared_u=True)[0]
     return build(tmp_path_factory.mktemp("fz") / "f.rmoe", layers=1, experts=8, hidden=16, inter=24)
 
 
@@ -127,11 +131,17 @@ def test_header_edits(small, tmp_path):
         must_only_raise_format_errors(p)
 
 
+INDEX_PARTS = (".indptr", ".indices", ".mask", ".permutation", ".quotients", ".remainders")
+KQUANT_PARTS = ("values", ".u", ".v", "group_scales", "scales")  # codes and scales of k-quant records
+
+
 def test_consistent_layout_but_hostile_index_data(small, tmp_path):
-    """Index tensors with valid shapes but wrong contents, checksums skipped: decode checks them."""
+    """Index tensors (and k-quant codes and scales) with valid shapes but wrong contents, checksums
+    skipped: decode checks them."""
     with resmoe_format.open(small) as r:
+        kq = r.version[0] >= 3
         targets = [(n, t) for n, t in r.header.tensors.items()
-                   if n.endswith((".indptr", ".indices", ".mask", ".permutation", ".quotients", ".remainders"))]
+                   if t.nbytes and n.endswith(INDEX_PARTS + KQUANT_PARTS if kq else INDEX_PARTS)]
         start = r.header.data_start
     raw = small.read_bytes()
     rng = np.random.default_rng(3)

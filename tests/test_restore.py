@@ -174,3 +174,64 @@ def test_embedded_files_are_restored_inside_the_output_directory(tmp_path):
     written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert written == {**files, "model.safetensors": written["model.safetensors"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.rmoe", "out"]  # nothing written elsewhere
+
+
+def test_kquant_records_restore_to_their_dequantized_values(tmp_path):
+    """resmoe-restore and resmoe-export --to safetensors on records of k-quant values (spec 5.10): every
+    weight is cast(B + D) of the values kquant.dequantize gives (scattered by the encoding's mask, U V in
+    float64), in original neuron order."""
+    from builders import MATS, random_experts
+    from converters.cli.export import main as export_main
+    from converters.restore_checkpoint import restore_checkpoint
+    from safetensors.numpy import load_file
+
+    import resmoe_format
+    from resmoe_format import MoELayer, codecs
+    from resmoe_format.codecs import kquant
+    from resmoe_format.codecs.kquant import KqLayout
+
+    rng = np.random.default_rng(5)
+    layout, dtype = KqLayout(16, 3, 6), "fp16"
+    _, experts, perms = random_experts(rng, 3, 12, 10, dtype)
+    aligned = [{m: np.take(e[m], p, axis=ax).astype(np.float32) for m, ax in MATS} for e, p in zip(experts, perms)]
+
+    def values(enc: codecs.Encoded, part: str, n: int) -> np.ndarray:
+        c, gs, ss = kquant.part_names(part)
+        grid = kquant.unpack_grid(enc.parts[gs], enc.parts[ss], n, layout)
+        return kquant.dequantize(kquant.unpack_codes(enc.parts[c], enc.value_dtype, n), grid, layout)
+
+    base, residuals, want, sources = {}, [{} for _ in experts], {}, []
+    for m, ax in MATS:
+        mean = np.mean([a[m] for a in aligned], axis=0)
+        base[m] = codecs.encode(mean, "dense", "q4", layout)
+        b = values(base[m], "values", mean.size).reshape(mean.shape)
+        for k, a in enumerate(aligned):
+            d = a[m] - b
+            if k == 0:
+                enc = residuals[k][m] = codecs.encode(d, "dense", "ternary", layout)
+                ref = values(enc, "values", d.size).reshape(d.shape)
+            elif k == 1:
+                mask = np.abs(d) > np.median(np.abs(d))
+                enc = residuals[k][m] = codecs.encode(d, "bitmap", "q3", layout, mask=mask)
+                ref = np.zeros_like(d)
+                ref[mask] = values(enc, "values", int(mask.sum()))
+            else:
+                enc = residuals[k][m] = codecs.encode(d, "lowrank", "q6", layout, rank=3)
+                u = values(enc, "u", d.shape[0] * 3).reshape(-1, 3)
+                ref = (u.astype(np.float64) @ values(enc, "v", 3 * d.shape[1]).reshape(3, -1)).astype(np.float32)
+            name = f"model.layers.0.mlp.experts.{k}.{m}_proj.weight"
+            want[name] = unpermute(combine(b, ref, dtype), perms[k], ax)
+            sources.append(SourceSpec(name, dtype, d.shape, k, [m]))
+    mats = [MatrixSpec(m, aligned[0][m].shape, dtype, ax) for m, ax in MATS]
+    with resmoe_format.Writer(tmp_path / "kq.rmoe", {"architecture": "t", "source_dtype": dtype}) as w:
+        w.add_layer(MoELayer(0, 12, mats, "mean", base, residuals, perms, sources))
+    restored = load_file(restore_checkpoint(tmp_path / "kq.rmoe", tmp_path / "out", original_order=True)
+                         / "model.safetensors")
+    assert export_main([str(tmp_path / "kq.rmoe"), "--to", "safetensors", str(tmp_path / "st"),
+                        "--original-order"]) == 0
+    exported = load_file(tmp_path / "st" / "model.safetensors")
+    assert restored.keys() == exported.keys() == want.keys()
+    for name, w in want.items():
+        assert restored[name].dtype == np.float16
+        np.testing.assert_array_equal(restored[name].view(np.uint16), w.view(np.uint16))
+        np.testing.assert_array_equal(exported[name].view(np.uint16), w.view(np.uint16))

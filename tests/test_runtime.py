@@ -4,8 +4,9 @@ Reference: the restored dense model, i.e. ``resmoe-restore --original-order`` lo
 transformers' ``from_pretrained``; materialize is bit-identical to it. Lazy and fused compute in
 float32 here and reorder sums (aligned neuron order, the shared barycenter products), so their
 logits agree with it to RTOL = 1e-5 of the largest logit, on fp32 and bf16 sources alike, with
-one exception (spec 6.7): fused multiplies by B + U V for low-rank residuals, the restored weight
-before its rounding to the source dtype T. Then every weight it uses is within half an ulp of T
+one exception (spec 6.7): fused multiplies by B + U V for low-rank residuals (and B + D for residuals
+of k-quant values, tests/test_runtime_kquant.py), the restored weight before its rounding to the source
+dtype T. Then every weight it uses is within half an ulp of T
 of the restored weight (|error| <= u_T |W|, u_T the unit roundoff: 2^-8 for bf16, 2^-11 for
 fp16), which :func:`check_fused_weights` checks element by element, and its logits agree to RTOL
 with those of the dense model built from the unrounded weights.
@@ -24,6 +25,7 @@ import resmoe_format
 from converters.convert import ConvertOptions, convert
 from converters.restore_checkpoint import restore_checkpoint
 from hf_models import ARCHS, build_checkpoint, load_model as hf_load
+from resmoe_format.codecs.kquant import is_kquant
 from resmoe_format.dtypes import by_name
 from resmoe_format.errors import RmoeRuntimeError
 from resmoe_format.restore import combine, restore_expert, unpermute
@@ -70,19 +72,21 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> N
     assert err <= rtol, f"max relative difference {err:.2e} > {rtol:.0e}"
 
 
-def lowrank(reader, layer: int, expert: int, matrix) -> bool:
-    """Whether fused multiplies by this matrix unrounded (spec 6.7): a 2-D matrix with a lowrank residual."""
+def unrounded(reader, layer: int, expert: int, matrix) -> bool:
+    """Whether fused multiplies by this matrix unrounded (spec 6.7): a 2-D matrix with a lowrank residual
+    or a residual of k-quant values."""
     ref = reader.layer(layer).residuals[expert].get(matrix.name)
-    return ref is not None and ref.encoding == "lowrank" and len(matrix.shape) == 2
+    return (ref is not None and (ref.encoding == "lowrank" or is_kquant(ref.value_dtype))
+            and len(matrix.shape) == 2)
 
 
 def fused_reference(reader, layer: int, expert: int, original_order: bool = False) -> dict[str, np.ndarray]:
     """Spec 6.7: the weights fused multiplies by, from the file alone: the restored W (6.1), except
-    A = B + D (6.1 step 3, not rounded to the source dtype) where the residual is low rank."""
+    A = B + D (6.1 step 3, not rounded to the source dtype) where the residual is low rank or k-quant."""
     lay = reader.layer(layer)
     mats = restore_expert(reader, layer, expert, original_order)
     for m in lay.matrices:
-        if lowrank(reader, layer, expert, m):
+        if unrounded(reader, layer, expert, m):
             a = combine(reader.base(layer, m.name), reader.residual(layer, expert, m.name), "fp32").reshape(m.shape)
             if original_order and lay.permutations is not None and m.neuron_axis is not None:
                 a = unpermute(a, reader.permutation(layer, expert), m.neuron_axis)
@@ -92,7 +96,7 @@ def fused_reference(reader, layer: int, expert: int, original_order: bool = Fals
 
 def check_fused_weights(model, rmoe: Path) -> None:
     """Every weight fused multiplies by is the restored one (to fp32 arithmetic), or within half an ulp of
-    the source dtype of it for low-rank residuals (spec 6.7)."""
+    the source dtype of it for low-rank and k-quant residuals (spec 6.7)."""
     layers = [m for m in model.modules() if isinstance(m, FusedExperts)]
     assert layers
     with resmoe_format.open(rmoe) as r:
@@ -105,7 +109,7 @@ def check_fused_weights(model, rmoe: Path) -> None:
                     w = restored[m.name].astype(np.float32)
                     f = got[m.name].numpy().reshape(w.shape)
                     half_ulp = 0.0
-                    if lowrank(r, lay.index, e, m):
+                    if unrounded(r, lay.index, e, m):
                         fin = ml_dtypes.finfo(by_name(m.dtype).np)
                         half_ulp = fin.eps / 2 * np.abs(w) + fin.smallest_subnormal / 2
                     bad = np.abs(f - w) > half_ulp + WEIGHT_SLACK * np.abs(w).max()
@@ -163,7 +167,7 @@ def test_every_method_and_encoding(tmp_path_factory, monkeypatch, arch, case, dt
     fused = load_model(rmoe, mode="fused", dtype="fp32")
     check_fused_weights(fused, rmoe)
     with resmoe_format.open(rmoe) as r:
-        exact = dtype == "fp32" or not any(lowrank(r, lay.index, e, m) for lay in r.layers
+        exact = dtype == "fp32" or not any(unrounded(r, lay.index, e, m) for lay in r.layers
                                            for e in range(lay.num_experts) for m in lay.matrices)
     assert_close(logits(fused, arch), want if exact else logits(unrounded_dense(monkeypatch, rmoe), arch))
 

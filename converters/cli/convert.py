@@ -29,6 +29,13 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=float, help=f"total fraction of expert parameters kept, base included "
                         f"(default {DEFAULT_KEEP})")
     budget.add_argument("--residual-keep", type=float, help="fraction each residual keeps; the base comes on top")
+    ap.add_argument("--bits", type=float, metavar="B",
+                    help="k-quant bases and residuals at B bits per expert weight in total (codes, scales, base "
+                         "and permutations counted as resmoe-inspect counts them); the converter chooses per layer, "
+                         "matrix and expert whether to keep a base and every bit width")
+    ap.add_argument("--calibration", metavar="FILE.txt",
+                    help="with --bits: text (tokenized with the checkpoint's tokenizer) run through the source "
+                         "model; GPTQ on each expert's routed inputs and an output-error allocation")
     ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
     ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
                     help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
@@ -57,25 +64,37 @@ def parser() -> argparse.ArgumentParser:
 
 def summary_table(report: dict) -> Table:
     m = report["method"]
-    budget = f"keep {m['keep']}" if "keep" in m else f"residual-keep {m['residual_keep']}"
+    budget = f"keep {m['keep']}" if "keep" in m else f"residual-keep {m.get('residual_keep')}"
+    if "bits" in m:
+        a = report["allocation"]
+        budget = f"{a['bits_per_expert_weight']:.3f} of {m['bits']:g} bits per expert weight"
     if m.get("lossless"):
         budget = "lossless"
     t = Table(title=f"{report['model']['architecture']} -> {report['output']} ({m['name']}, {budget})")
-    for col in ("layer", "experts", "kept", "stored", "of source", "error mean", "error max", "seconds"):
+    bits = "bits" in m
+
+    def kept(lay: dict) -> str:  # --bits: bits per expert weight; otherwise the share of parameters kept
+        return f"{8 * lay['bytes'] / lay['params']:.3f}" if bits else f"{lay['keep']:.1%}"
+
+    for col in ("layer", "experts", "bits" if bits else "kept", "stored", "of source", "error mean", "error max",
+                "seconds"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for lay in report["layers"]:
         errs = [e for s in lay["matrices"].values() for e in s["rel_error"]]
-        t.add_row(str(lay["index"]), str(lay["num_experts"]), f"{lay['keep']:.1%}",
+        t.add_row(str(lay["index"]), str(lay["num_experts"]), kept(lay),
                   f"{lay['bytes'] / 2**20:,.2f} MiB", f"{lay['bytes'] / lay['source_bytes']:.1%}",
                   f"{sum(errs) / len(errs):.4f}", f"{max(errs):.4f}", f"{lay['seconds']:.2f}")
     s = report["summary"]
     if s["expert_params"]:
         t.add_section()
-        t.add_row("all", "", f"{s['kept_fraction']:.1%}", f"{s['expert_bytes_stored'] / 2**20:,.2f} MiB",
+        t.add_row("all", "", f"{8 * s['expert_bytes_stored'] / s['expert_params']:.3f}" if bits
+                  else f"{s['kept_fraction']:.1%}", f"{s['expert_bytes_stored'] / 2**20:,.2f} MiB",
                   f"{s['expert_bytes_fraction']:.1%}", f"{s['rel_error_mean']:.4f}", f"{s['rel_error_max']:.4f}",
                   f"{report['seconds']:.2f}")
-    t.caption = (f"file {s['file_bytes']:,} bytes. kept: expert parameters stored (base included); stored: their "
-                 f"bytes (indices, permutations included); error: ||T W - W_hat|| / ||W|| per expert matrix")
+    first = ("bits: stored bits per expert weight (codes, scales, base, permutations)" if bits else
+             "kept: expert parameters stored (base included)")
+    t.caption = (f"file {s['file_bytes']:,} bytes. {first}; stored: their bytes (indices, permutations included); "
+                 f"error: ||T W - W_hat|| / ||W|| per expert matrix")
     return t
 
 
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless,
-                              device=a.device, max_iter=a.max_iter)
+                              device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)

@@ -237,6 +237,15 @@ class Svd(Encoder):
 
 
 @register
+class Quant(Encoder):
+    """k-quant codes of every expert, no base: ``--bits`` without sharing (converters.encoders.bits)."""
+
+    name = "quant"
+    base_kind = "none"
+    supports_lossless = False
+
+
+@register
 class Merge(Encoder):
     """Every expert replaced by the experts' average (no residuals)."""
 

@@ -8,7 +8,8 @@ traced by ``torch.onnx.export(dynamo=True)``: inputs ``input_ids`` and ``attenti
   each (token, slot)'s expert weights and a batched MatMul; its default grouped-mm custom op has
   no ONNX translation, and its eager loop over experts is data dependent).
 - ``lowrank``: every compressed layer keeps its barycenter and each expert's low-rank residual
-  factors (:class:`LowRankExperts`), so the graph is about as small as the .rmoe file.
+  factors (:class:`LowRankExperts`), so the graph is about as small as the .rmoe file (k-quant
+  barycenters and factors are stored dequantized, in float32).
 
 The output appears atomically (with its ``.data`` file when weights are stored externally).
 """
@@ -141,34 +142,40 @@ class LowRankExperts(nn.Module):
 
     @classmethod
     def from_fused(cls, fused) -> "LowRankExperts":
-        """Stack a :class:`FusedExperts` layer's low-rank operators (ConversionError for any other)."""
+        """Stack a :class:`FusedExperts` layer's low-rank operators (ConversionError for any other); packed
+        k-quant barycenters and factors are stored dequantized."""
+        from resmoe_format.torch.residuals import as_tensor
+
         kind, n, E = fused.kind, fused.n, fused.num_experts
         M = len(kind.inputs)
         ops = [_expert_factors(fused, e) for e in range(E)]
-        R = max([op.v.shape[0] for row in ops for op in row if op is not None] + [1])
         shared = all(len({id(op.u) for op in row if op is not None}) <= 1 for row in ops)
-        H = fused.base_out.shape[1] if fused.base_out is not None else next(
-            op.v.shape[1] for row in ops for op in row if op is not None)  # FusedExperts: base or residuals
+        factors = [[None if op is None else op.factors() for op in row] for row in ops]  # k-quant ones dequantized
+        R = max([f[1].shape[0] for row in factors for f in row if f is not None] + [1])
+        base_out = as_tensor(fused.base_out) if fused.base_out is not None else None
+        H = base_out.shape[1] if base_out is not None else next(
+            f[1].shape[1] for row in factors for f in row if f is not None)  # FusedExperts: base or residuals
         u_in = torch.zeros(E, 1 if shared else M, R, n)  # U.T per expert (and per input unless shared)
         v_in = torch.zeros(E, H, M * R)  # V.T of every input side by side
         u_out = None if shared else torch.zeros(E, n, R)
         v_out = torch.zeros(E, R, H)
-        for e, row in enumerate(ops):
-            for i, op in enumerate(row):
-                if op is None:
+        for e, row in enumerate(factors):
+            for i, f in enumerate(row):
+                if f is None:
                     continue
-                r = op.v.shape[0]
+                u, v = f
+                r = v.shape[0]
                 if shared or i < M:
-                    u_in[e, 0 if shared else i, :r] = op.u.T
+                    u_in[e, 0 if shared else i, :r] = u.T
                 else:
-                    u_out[e, :, :r] = op.u
+                    u_out[e, :, :r] = u
                 if i < M:
-                    v_in[e, :, i * R:i * R + r] = op.v.T
+                    v_in[e, :, i * R:i * R + r] = v.T
                 else:
-                    v_out[e, :r] = op.v
-        base_in = fused.base_in.T.contiguous() if fused.base_in is not None else None
+                    v_out[e, :r] = v
+        base_in = as_tensor(fused.base_in).T.contiguous() if fused.base_in is not None else None
         biases = (fused.bias_in, fused.bias_out) if fused.biased else (None, None)
-        return cls(kind, E, n, u_in, v_in, u_out, v_out, base_in, fused.base_out, *biases)
+        return cls(kind, E, n, u_in, v_in, u_out, v_out, base_in, base_out, *biases)
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         x, index, weights = self.kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)

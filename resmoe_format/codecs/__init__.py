@@ -10,11 +10,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import RmoeFormatError
-from .base import PART_CATEGORY, Encoded, Quant
+from . import kquant
+from .base import PART_CATEGORY, AnyQuant, Encoded, Quant, default_quant, part_category
 from .bitmap import Bitmap
 from .bsr import Bsr, block_occupancy
 from .csr16 import Csr16
 from .dense import Dense
+from .kquant import KqLayout
 from .lowrank import LowRank, svd_factors
 from . import rice
 from .rice import Rice, gaps_of
@@ -27,8 +29,8 @@ AUTO_BSR_BLOCKS = ((4, 4), (8, 8), (16, 16), (32, 32))
 #: Tie-break order for ``auto`` (earlier wins at equal size).
 AUTO_ORDER = ("dense", "bitmap", "csr16", "rice", "bsr")
 
-__all__ = ["CODECS", "ENCODINGS", "Encoded", "Quant", "PART_CATEGORY", "encode", "encode_auto",
-           "decode", "check_layout", "predict_sizes", "keep_mask", "svd_factors"]
+__all__ = ["CODECS", "ENCODINGS", "Encoded", "Quant", "KqLayout", "AnyQuant", "PART_CATEGORY", "part_category",
+           "kquant", "encode", "encode_auto", "decode", "check_layout", "predict_sizes", "keep_mask", "svd_factors"]
 
 
 def codec(name: str):
@@ -47,15 +49,16 @@ def _as2d(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def encode(x: np.ndarray | None, encoding: str, value_dtype: str = "bf16", quant: Quant | None = None,
+def encode(x: np.ndarray | None, encoding: str, value_dtype: str = "bf16", quant: AnyQuant | None = None,
            **params: Any) -> Encoded:
     """Encode matrix ``x`` (1-D is taken as one row) in ``encoding``.
 
     Sparse encodings store the entries of ``mask`` (default: every entry that is not +0.0).
-    ``lowrank`` takes factors ``u=``, ``v=`` or a ``rank=`` to truncate ``x`` to.
+    ``lowrank`` takes factors ``u=``, ``v=`` or a ``rank=`` to truncate ``x`` to. ``quant`` is a
+    :class:`Quant` for int8 values (default per_row fp32) and a :class:`KqLayout` for the k-quant
+    value dtypes ``q2`` … ``q8``, ``ternary`` (default ``KqLayout()``); float values take none.
     """
-    if value_dtype == "int8" and quant is None:
-        quant = Quant()
+    quant = default_quant(value_dtype, quant)
     if encoding == "auto":
         return encode_auto(x, value_dtype, quant, **params)
     if x is not None:
@@ -70,13 +73,13 @@ def decode(enc: Encoded, names: Mapping[str, str] | None = None) -> np.ndarray:
     return codec(enc.encoding).decode(enc, names or {})
 
 
-def check_layout(encoding: str, shape, value_dtype: str, quant: Quant | None, params: Mapping[str, Any],
+def check_layout(encoding: str, shape, value_dtype: str, quant: AnyQuant | None, params: Mapping[str, Any],
                  parts: Mapping[str, tuple[str, tuple[int, ...]]], names: Mapping[str, str]) -> None:
     """Check part dtypes and shapes against the schema, without reading any data."""
     codec(encoding).check_layout(tuple(shape), value_dtype, quant, dict(params), parts, names)
 
 
-def predict_sizes(x: np.ndarray, value_dtype: str, quant: Quant | None = None, mask: np.ndarray | None = None,
+def predict_sizes(x: np.ndarray, value_dtype: str, quant: AnyQuant | None = None, mask: np.ndarray | None = None,
                   block_shapes=AUTO_BSR_BLOCKS) -> dict[str, tuple[int, dict]]:
     """Exact stored bytes of ``x`` in each element-wise encoding: {label: (bytes, params)}."""
     x = _as2d(x)
@@ -97,7 +100,7 @@ def predict_sizes(x: np.ndarray, value_dtype: str, quant: Quant | None = None, m
     return out
 
 
-def encode_auto(x: np.ndarray | None, value_dtype: str = "bf16", quant: Quant | None = None, *,
+def encode_auto(x: np.ndarray | None, value_dtype: str = "bf16", quant: AnyQuant | None = None, *,
                 mask: np.ndarray | None = None, u: np.ndarray | None = None, v: np.ndarray | None = None,
                 block_shapes=AUTO_BSR_BLOCKS, **_: Any) -> Encoded:
     """Store in the smallest encoding: low-rank factors stay low rank unless dense is smaller;

@@ -1,5 +1,5 @@
 """What every residual/base encoding shares: the encoded record, validation helpers,
-value-dtype conversion and int8 quantization.
+value-dtype conversion, int8 quantization and the ``quant`` record of int8 and k-quant values.
 
 An encoded matrix is a set of named *parts* (numpy arrays that become tensors in the
 file) plus small JSON *params*. Every codec is a class with the same four methods:
@@ -15,8 +15,10 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import RmoeFormatError
+from . import kquant
+from .kquant import KqLayout
 
-#: Accounting category of each part name.
+#: Kind of each part name (its accounting category for float and int8 values; see :func:`part_category`).
 PART_CATEGORY = {
     "values": "residual_values",
     "u": "residual_values",
@@ -29,7 +31,11 @@ PART_CATEGORY = {
     "scales": "scales",
     "u_scales": "scales",
     "v_scales": "scales",
+    "group_scales": "group_scales",
+    "u_group_scales": "group_scales",
+    "v_group_scales": "group_scales",
 }
+VALUE_PARTS = ("values", "u", "v")
 
 QUANT_SCHEMES = ("per_row", "per_block")
 SCALE_DTYPES = ("fp32", "fp16", "bf16")
@@ -74,6 +80,57 @@ class Quant:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}")
 
 
+#: The ``quant`` record of a value part: int8 scales, or the layout of k-quant codes.
+AnyQuant = Quant | KqLayout
+
+
+def parse_quant(d: Any, where: str, value_dtype: str) -> AnyQuant | None:
+    """The ``quant`` member of an encoded record (None when absent or null), checked against the value
+    dtype: the ``kquant`` scheme goes with the k-quant value dtypes and with nothing else (spec 4.8)."""
+    if d is None:
+        if kquant.is_kquant(value_dtype):
+            raise RmoeFormatError(f"{where}: value_dtype {value_dtype} needs a quant record with scheme kquant")
+        return None
+    if isinstance(d, dict) and d.get("scheme") == "kquant":
+        if not kquant.is_kquant(value_dtype):
+            raise RmoeFormatError(f"{where}: quant scheme kquant is only for the k-quant value dtypes "
+                                  f"{', '.join(kquant.KQ_DTYPES)}, not {value_dtype}")
+        return KqLayout.from_json(d, where)
+    if kquant.is_kquant(value_dtype):
+        raise RmoeFormatError(f"{where}: value_dtype {value_dtype} needs quant scheme kquant")
+    return Quant.from_json(d, where)
+
+
+def default_quant(value_dtype: str, quant: AnyQuant | None) -> AnyQuant | None:
+    """The quant record an encoder writes: the given one, or the default for int8 (per_row fp32) and
+    k-quant values (``KqLayout()``); None for float values (a given one is ignored there)."""
+    if kquant.is_kquant(value_dtype):
+        quant = KqLayout() if quant is None else quant
+        if not isinstance(quant, KqLayout):
+            raise ValueError(f"value_dtype {value_dtype} takes a KqLayout quant, got {quant!r}")
+        quant.validate()
+        return quant
+    if value_dtype == "int8":
+        quant = Quant() if quant is None else quant
+        if not isinstance(quant, Quant):
+            raise ValueError(f"value_dtype int8 takes a Quant (per_row or per_block), got {quant!r}")
+        quant.validate()
+        return quant
+    return None
+
+
+def part_category(part: str, value_dtype: str, base: bool) -> str:
+    """Accounting category (spec 8) of part ``part`` of a record with this value dtype; ``base``: a base record.
+    Raises KeyError for an unknown part name."""
+    kind = PART_CATEGORY[part]
+    kq = kquant.is_kquant(value_dtype)
+    if part in VALUE_PARTS:
+        return ("barycenter_codes" if base else "residual_codes") if kq else ("barycenters" if base else kind)
+    if kind == "scales" and kq:
+        return "superblock_scales"
+    return {"residual_index": "residual_indices"}.get(kind, kind)
+
+
 @dataclass
 class Encoded:
     """One encoded matrix: its encoding, logical 2-D shape, value dtype, parts and params."""
@@ -83,7 +140,7 @@ class Encoded:
     value_dtype: str
     parts: dict[str, np.ndarray]
     params: dict[str, Any] = field(default_factory=dict)
-    quant: Quant | None = None
+    quant: AnyQuant | None = None
 
     @property
     def nbytes(self) -> int:
@@ -95,10 +152,10 @@ def _is_int(x: Any) -> bool:
 
 
 def value_storage_dtype(value_dtype: str) -> str:
-    """The dtype the values tensor is stored in (int8 values are stored as i8)."""
+    """The dtype the values tensor is stored in (int8 values as i8, k-quant codes as u8)."""
     if value_dtype not in dtypes.VALUE_DTYPES:
         raise RmoeFormatError(f"value_dtype {value_dtype!r} is not one of {dtypes.VALUE_DTYPES}")
-    return "i8" if value_dtype == "int8" else value_dtype
+    return "i8" if value_dtype == "int8" else "u8" if kquant.is_kquant(value_dtype) else value_dtype
 
 
 def value_bytes(value_dtype: str) -> int:
@@ -194,19 +251,46 @@ def value_allowed(value_dtype: str) -> tuple[str, ...]:
     return (value_storage_dtype(value_dtype),)
 
 
-def check_quant_parts(parts, names, quant: Quant | None, value_dtype: str, part: str,
-                      row_groups: int, n_values: int) -> set[str]:
-    """Check the scales part that goes with values part ``part``; return the part names used."""
+def check_values(parts, names, value_dtype: str, quant: AnyQuant | None, part: str,
+                 shape: tuple[int, ...], row_groups: int) -> set[str]:
+    """Check value part ``part`` holding ``shape`` values (and its scales parts); return the part names used.
+
+    Float and int8 values are one tensor of that shape (int8 with a scales part, 5.8); k-quant values are
+    three tensors whose shapes follow from the number of values (5.10)."""
+    n_values = 1
+    for d in shape:
+        n_values *= d
+    if kquant.is_kquant(value_dtype):
+        if not isinstance(quant, KqLayout):
+            raise RmoeFormatError(f"value_dtype {value_dtype} needs a kquant quant record ({names.get(part, part)})")
+        codes, gs, ss = kquant.part_names(part)
+        check_part(parts, names, codes, (kquant.codes_nbytes(n_values, value_dtype),), ("u8",))
+        check_part(parts, names, gs, (kquant.group_scales_nbytes(n_values, quant),), ("u8",))
+        check_part(parts, names, ss, (quant.n_super(n_values), 2), ("fp16",))
+        return {codes, gs, ss}
+    check_part(parts, names, part, shape, value_allowed(value_dtype))
+    return {part} | _check_int8_scales(parts, names, quant, value_dtype, part, row_groups, n_values)
+
+
+def _check_int8_scales(parts, names, quant: AnyQuant | None, value_dtype: str, part: str,
+                       row_groups: int, n_values: int) -> set[str]:
+    """Check the scales part that goes with int8 values part ``part``; return the part names used."""
     scale_part = "scales" if part == "values" else f"{part}_scales"
     if value_dtype != "int8":
         if quant is not None:
-            raise RmoeFormatError(f"quant given for non-int8 value_dtype {value_dtype}")
+            raise RmoeFormatError(f"quant given for float value_dtype {value_dtype} ({names.get(part, part)})")
         return set()
-    if quant is None:
-        raise RmoeFormatError(f"value_dtype int8 needs a quant record ({names.get(part, part)})")
+    if not isinstance(quant, Quant):
+        raise RmoeFormatError(f"value_dtype int8 needs a per_row or per_block quant record ({names.get(part, part)})")
     n = row_groups if quant.scheme == "per_row" else n_block_groups(n_values, quant.block)
     check_part(parts, names, scale_part, (n,), (quant.scale_dtype,))
     return {scale_part}
+
+
+def stored_count(enc: Encoded) -> int:
+    """Number of values in the packed ``values`` part of a bitmap or rice record: ``params.nnz`` for
+    k-quant values (their packed codes do not give it), else the length of ``values``."""
+    return enc.params["nnz"] if kquant.is_kquant(enc.value_dtype) else int(enc.parts["values"].size)
 
 
 def fail(tname: str, msg: str) -> RmoeFormatError:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Encoded, Quant, _is_int, check_no_extra, check_part, check_quant_parts, fail,
-                   value_allowed, value_bytes)
-from .dense import _q
+from .base import AnyQuant, Encoded, _is_int, check_no_extra, check_part, check_values, default_quant, fail
+from .kquant import is_kquant
 from .sparse_common import check_pointers, check_sorted_within, keep_mask, pointer_dtype
-from .values import load_values, scales_nbytes, store_values
+from .values import load_part, store_values, values_nbytes
 from .. import dtypes
 from ..errors import RmoeFormatError
 
@@ -34,7 +33,7 @@ def block_occupancy(mask: np.ndarray, block) -> np.ndarray:
 class Bsr:
     name = "bsr"
 
-    def encode(self, x: np.ndarray, value_dtype: str, quant: Quant | None = None,
+    def encode(self, x: np.ndarray, value_dtype: str, quant: AnyQuant | None = None,
                mask: np.ndarray | None = None, block_shape=DEFAULT_BLOCK, **_) -> Encoded:
         m, n = x.shape
         r, c = (int(b) for b in block_shape)
@@ -51,7 +50,8 @@ class Bsr:
         parts = {"indptr": ptr.astype(dtypes.by_name(pointer_dtype(br.size)).np),
                  "indices": bc.astype(dtypes.by_name(_col_dtype(nb)).np)}
         parts.update(store_values(blocks, value_dtype, quant, *_rows(br, mb, r, c)))
-        return Encoded(self.name, (m, n), value_dtype, parts, {"block_shape": [r, c]}, _q(value_dtype, quant))
+        return Encoded(self.name, (m, n), value_dtype, parts, {"block_shape": [r, c]},
+                       default_quant(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
@@ -60,17 +60,20 @@ class Bsr:
             raise RmoeFormatError(f"bsr: block_shape must be two integers in [1, 65536], got {bs!r}")
         r, c = bs
         mb, nb = grid((m, n), (r, c))
-        if "values" not in parts or len(parts["values"][1]) != 3:
-            raise RmoeFormatError(f"bsr: values must be (blocks, R, C) ({names.get('values')})")
-        nnzb = parts["values"][1][0]
+        if is_kquant(value_dtype):  # packed k-quant codes do not give nnzb: the indices do
+            if "indices" not in parts or len(parts["indices"][1]) != 1:
+                raise RmoeFormatError(f"bsr: 1-D indices tensor missing ({names.get('indices')})")
+            nnzb, counted = parts["indices"][1][0], "indices"
+        else:
+            if "values" not in parts or len(parts["values"][1]) != 3:
+                raise RmoeFormatError(f"bsr: values must be (blocks, R, C) ({names.get('values')})")
+            nnzb, counted = parts["values"][1][0], "values"
         if nnzb > mb * nb:
-            raise fail(names.get("values", "values"), f"{nnzb} blocks but the grid has {mb * nb}")
-        check_part(parts, names, "values", (nnzb, r, c), value_allowed(value_dtype))
+            raise fail(names.get(counted, counted), f"{nnzb} blocks but the grid has {mb * nb}")
+        used = check_values(parts, names, value_dtype, quant, "values", (nnzb, r, c), mb * r)
         check_part(parts, names, "indices", (nnzb,), ("u16", "u32"))
         check_part(parts, names, "indptr", (mb + 1,), ("u32", "u64"))
-        used = {"values", "indices", "indptr"}
-        used |= check_quant_parts(parts, names, quant, value_dtype, "values", mb * r, nnzb * r * c)
-        check_no_extra(parts, names, used, self.name)
+        check_no_extra(parts, names, used | {"indices", "indptr"}, self.name)
 
     def decode(self, enc: Encoded, names) -> np.ndarray:
         m, n = enc.shape
@@ -82,7 +85,8 @@ class Bsr:
         bc = np.asarray(enc.parts["indices"]).astype(np.int64)
         check_sorted_within(bc, counts, nb, names.get("indices", "indices"))
         br = np.repeat(np.arange(mb), counts)
-        blocks = load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, _rows(br, mb, r, c)[1])
+        blocks = load_part(enc.parts, enc.value_dtype, enc.quant, "values", nnzb * r * c, (nnzb, r, c),
+                           _rows(br, mb, r, c)[1], names)
         pad = np.zeros((mb, nb, r, c), dtype=np.float32)
         pad[br, bc] = blocks
         return np.ascontiguousarray(pad.transpose(0, 2, 1, 3).reshape(mb * r, nb * c)[:m, :n])
@@ -90,9 +94,8 @@ class Bsr:
     def predict_nbytes(self, shape, value_dtype, quant, nnzb: int = 0, block_shape=DEFAULT_BLOCK, **_) -> int:
         r, c = block_shape
         mb, nb = grid(shape, (r, c))
-        return (nnzb * r * c * value_bytes(value_dtype) + nnzb * dtypes.by_name(_col_dtype(nb)).itemsize
-                + (mb + 1) * dtypes.by_name(pointer_dtype(nnzb)).itemsize
-                + scales_nbytes(value_dtype, quant, mb * r, nnzb * r * c))
+        return (values_nbytes(value_dtype, quant, mb * r, nnzb * r * c) + nnzb * dtypes.by_name(_col_dtype(nb)).itemsize
+                + (mb + 1) * dtypes.by_name(pointer_dtype(nnzb)).itemsize)
 
 
 def _col_dtype(nb: int) -> str:

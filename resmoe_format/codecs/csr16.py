@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Encoded, Quant, check_no_extra, check_part, check_quant_parts, fail,
-                   group_absmax_contiguous, value_allowed, value_bytes)
-from .dense import _q
+from .base import (AnyQuant, Encoded, check_no_extra, check_part, check_values, default_quant, fail,
+                   group_absmax_contiguous)
+from .kquant import is_kquant
 from .sparse_common import check_pointers, check_sorted_within, keep_mask, pointer_dtype
-from .values import load_values, scales_nbytes, store_values
+from .values import load_part, store_values, values_nbytes
 from .. import dtypes
 from ..errors import RmoeFormatError
 
@@ -26,7 +26,7 @@ def n_col_blocks(n: int) -> int:
 class Csr16:
     name = "csr16"
 
-    def encode(self, x: np.ndarray, value_dtype: str, quant: Quant | None = None,
+    def encode(self, x: np.ndarray, value_dtype: str, quant: AnyQuant | None = None,
                mask: np.ndarray | None = None, **_) -> Encoded:
         m, n = x.shape
         mask = keep_mask(x) if mask is None else mask
@@ -50,21 +50,21 @@ class Csr16:
         parts = {"indptr": ptr.astype(dtypes.by_name(pointer_dtype(nnz)).np),
                  "indices": np.concatenate(idx)}
         parts.update(store_values(values, value_dtype, quant, *_rows(counts)))
-        return Encoded(self.name, (m, n), value_dtype, parts, {}, _q(value_dtype, quant))
+        return Encoded(self.name, (m, n), value_dtype, parts, {}, default_quant(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
-        if "values" not in parts:
-            raise RmoeFormatError(f"csr16: values tensor missing ({names.get('values')})")
-        nnz_shape = parts["values"][1]
+        counted = "indices" if is_kquant(value_dtype) else "values"  # packed k-quant codes do not give nnz
+        if counted not in parts:
+            raise RmoeFormatError(f"csr16: {counted} tensor missing ({names.get(counted)})")
+        nnz_shape = parts[counted][1]
         if len(nnz_shape) != 1:
-            raise fail(names.get("values", "values"), "csr16 values must be 1-D")
+            raise fail(names.get(counted, counted), f"csr16 {counted} must be 1-D")
         nnz = nnz_shape[0]
-        check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
+        used = check_values(parts, names, value_dtype, quant, "values", (nnz,), m)
         check_part(parts, names, "indices", (nnz,), ("u16",))
         check_part(parts, names, "indptr", (n_col_blocks(n), m + 1), ("u32", "u64"))
-        used = {"values", "indices", "indptr"} | check_quant_parts(parts, names, quant, value_dtype, "values", m, nnz)
-        check_no_extra(parts, names, used, self.name)
+        check_no_extra(parts, names, used | {"indices", "indptr"}, self.name)
 
     def decode(self, enc: Encoded, names) -> np.ndarray:
         m, n = enc.shape
@@ -85,8 +85,8 @@ class Csr16:
         if idx.size and (idx >= width[block_of]).any():
             raise fail(names.get("indices", "indices"), "column index beyond the matrix width")
         check_sorted_within(idx, counts.reshape(-1), BLOCK_COLS, names.get("indices", "indices"))
-        absmax, expand = _rows(counts)
-        values = load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, expand)
+        _, expand = _rows(counts)
+        values = load_part(enc.parts, enc.value_dtype, enc.quant, "values", nnz, (nnz,), expand, names)
         rows = np.repeat(np.tile(np.arange(m), cb), counts.reshape(-1))
         out = np.zeros((m, n), dtype=np.float32)
         out[rows, idx + block_of * BLOCK_COLS] = values
@@ -95,8 +95,7 @@ class Csr16:
     def predict_nbytes(self, shape, value_dtype, quant, nnz: int = 0, **_) -> int:
         m, n = shape
         ptr_b = dtypes.by_name(pointer_dtype(nnz)).itemsize
-        return (nnz * (value_bytes(value_dtype) + 2) + n_col_blocks(n) * (m + 1) * ptr_b
-                + scales_nbytes(value_dtype, quant, m, nnz))
+        return nnz * 2 + n_col_blocks(n) * (m + 1) * ptr_b + values_nbytes(value_dtype, quant, m, nnz)
 
 
 def _rows(counts: np.ndarray):

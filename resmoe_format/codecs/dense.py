@@ -3,34 +3,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Encoded, Quant, check_no_extra, check_part, check_quant_parts, value_allowed, value_bytes
-from .values import dense_rows, load_values, scales_nbytes, store_values
+from .base import AnyQuant, Encoded, check_no_extra, check_values, default_quant
+from .values import dense_rows, load_part, store_values, values_nbytes
 
 
 class Dense:
     name = "dense"
 
-    def encode(self, x: np.ndarray, value_dtype: str, quant: Quant | None = None, **_) -> Encoded:
+    def encode(self, x: np.ndarray, value_dtype: str, quant: AnyQuant | None = None, **_) -> Encoded:
         m, n = x.shape
         absmax, expand = dense_rows(m, n)
         parts = store_values(x, value_dtype, quant, absmax, expand)
-        return Encoded(self.name, (m, n), value_dtype, parts, {}, _q(value_dtype, quant))
+        return Encoded(self.name, (m, n), value_dtype, parts, {}, default_quant(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
-        check_part(parts, names, "values", (m, n), value_allowed(value_dtype))
-        used = {"values"} | check_quant_parts(parts, names, quant, value_dtype, "values", m, m * n)
+        used = check_values(parts, names, value_dtype, quant, "values", (m, n), m)
         check_no_extra(parts, names, used, self.name)
 
     def decode(self, enc: Encoded, names) -> np.ndarray:
         m, n = enc.shape
         _, expand = dense_rows(m, n)
-        return load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, expand)
+        return load_part(enc.parts, enc.value_dtype, enc.quant, "values", m * n, (m, n), expand, names)
 
     def predict_nbytes(self, shape, value_dtype, quant, nnz=None, **_) -> int:
         m, n = shape
-        return m * n * value_bytes(value_dtype) + scales_nbytes(value_dtype, quant, m, m * n)
-
-
-def _q(value_dtype: str, quant: Quant | None) -> Quant | None:
-    return (quant or Quant()) if value_dtype == "int8" else None
+        return values_nbytes(value_dtype, quant, m, m * n)

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Encoded, Quant, _is_int, check_no_extra, check_part, check_quant_parts,
-                   value_allowed, value_bytes)
-from .dense import _q
-from .values import dense_rows, load_values, scales_nbytes, store_values
+from .base import AnyQuant, Encoded, _is_int, check_no_extra, check_values, default_quant
+from .values import dense_rows, load_part, store_values, values_nbytes
 from ..errors import RmoeFormatError
 
 
 class LowRank:
     name = "lowrank"
 
-    def encode(self, x: np.ndarray | None = None, value_dtype: str = "fp32", quant: Quant | None = None,
+    def encode(self, x: np.ndarray | None = None, value_dtype: str = "fp32", quant: AnyQuant | None = None,
                *, u: np.ndarray | None = None, v: np.ndarray | None = None, rank: int | None = None,
                **_) -> Encoded:
         """Encode given factors ``u``, ``v``, or truncate the SVD of ``x`` to ``rank``."""
@@ -33,37 +31,32 @@ class LowRank:
         parts = {}
         parts.update(store_values(u, value_dtype, quant, *dense_rows(m, r), part="u"))
         parts.update(store_values(v, value_dtype, quant, *dense_rows(r, n), part="v"))
-        return Encoded(self.name, (m, n), value_dtype, parts, {"rank": r}, _q(value_dtype, quant))
+        return Encoded(self.name, (m, n), value_dtype, parts, {"rank": r}, default_quant(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
         r = params.get("rank")
         if not (_is_int(r) and 0 <= r <= min(m, n)):
             raise RmoeFormatError(f"lowrank: rank {r!r} must be an integer in [0, min(m, n)] for shape {[m, n]}")
-        check_part(parts, names, "u", (m, r), value_allowed(value_dtype))
-        check_part(parts, names, "v", (r, n), value_allowed(value_dtype))
-        used = {"u", "v"}
-        used |= check_quant_parts(parts, names, quant, value_dtype, "u", m, m * r)
-        used |= check_quant_parts(parts, names, quant, value_dtype, "v", r, r * n)
+        used = check_values(parts, names, value_dtype, quant, "u", (m, r), m)
+        used |= check_values(parts, names, value_dtype, quant, "v", (r, n), r)
         check_no_extra(parts, names, used, self.name)
 
-    def factors(self, enc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    def factors(self, enc: Encoded, names=None) -> tuple[np.ndarray, np.ndarray]:
         """The decoded float32 factors (U, V) of a lowrank record (a runtime multiplies by them)."""
         m, n = enc.shape
         r = enc.params["rank"]
-        u = load_values(enc.parts["u"], enc.parts.get("u_scales"), enc.quant, dense_rows(m, r)[1])
-        v = load_values(enc.parts["v"], enc.parts.get("v_scales"), enc.quant, dense_rows(r, n)[1])
+        u = load_part(enc.parts, enc.value_dtype, enc.quant, "u", m * r, (m, r), dense_rows(m, r)[1], names)
+        v = load_part(enc.parts, enc.value_dtype, enc.quant, "v", r * n, (r, n), dense_rows(r, n)[1], names)
         return u, v
 
     def decode(self, enc: Encoded, names) -> np.ndarray:
-        u, v = self.factors(enc)
+        u, v = self.factors(enc, names)
         return (u.astype(np.float64) @ v.astype(np.float64)).astype(np.float32)
 
     def predict_nbytes(self, shape, value_dtype, quant, rank: int = 0, **_) -> int:
         m, n = shape
-        vb = value_bytes(value_dtype)
-        return (rank * (m + n) * vb + scales_nbytes(value_dtype, quant, m, m * rank)
-                + scales_nbytes(value_dtype, quant, rank, rank * n))
+        return values_nbytes(value_dtype, quant, m, m * rank) + values_nbytes(value_dtype, quant, rank, rank * n)
 
 
 def split_svd(u, s, vh, rank: int):

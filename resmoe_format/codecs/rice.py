@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Encoded, Quant, _is_int, check_no_extra, check_part, check_quant_parts, fail,
-                   value_bytes)
-from .dense import _q
+from .base import AnyQuant, Encoded, _is_int, check_no_extra, check_part, default_quant, fail, stored_count
+from .kquant import is_kquant
 from .sparse_common import keep_mask, packed_values_count
-from .values import load_values, packed_rows, scales_nbytes, store_values
+from .values import load_part, packed_rows, store_values, values_nbytes
 from ..errors import RmoeFormatError
 
 MAX_K = 40
@@ -49,7 +48,7 @@ def best_k(gaps: np.ndarray) -> int:
 class Rice:
     name = "rice"
 
-    def encode(self, x: np.ndarray, value_dtype: str, quant: Quant | None = None,
+    def encode(self, x: np.ndarray, value_dtype: str, quant: AnyQuant | None = None,
                mask: np.ndarray | None = None, k: int | None = None, **_) -> Encoded:
         m, n = x.shape
         mask = keep_mask(x) if mask is None else np.asarray(mask, dtype=bool)
@@ -64,14 +63,15 @@ class Rice:
         parts = {"quotients": np.packbits(qbits, bitorder="little"),
                  "remainders": np.packbits(rbits, bitorder="little")}
         parts.update(store_values(x[mask].astype(np.float32), value_dtype, quant, *packed_rows(mask.sum(axis=1))))
-        return Encoded(self.name, (m, n), value_dtype, parts, {"k": k}, _q(value_dtype, quant))
+        params = {"k": k, "nnz": gaps.size} if is_kquant(value_dtype) else {"k": k}
+        return Encoded(self.name, (m, n), value_dtype, parts, params, default_quant(value_dtype, quant))
 
     def check_layout(self, shape, value_dtype, quant, params, parts, names) -> None:
         m, n = shape
         k = params.get("k")
         if not (_is_int(k) and 0 <= k <= MAX_K):
             raise RmoeFormatError(f"rice: k must be an integer in [0, {MAX_K}], got {k!r}")
-        nnz = packed_values_count(parts, names, shape, value_dtype, self.name)
+        nnz, used = packed_values_count(parts, names, shape, value_dtype, quant, params, self.name)
         check_part(parts, names, "remainders", (-(-nnz * k // 8),), ("u8",))
         if "quotients" not in parts or len(parts["quotients"][1]) != 1:
             raise RmoeFormatError(f"rice: 1-D quotients tensor missing ({names.get('quotients')})")
@@ -81,14 +81,12 @@ class Rice:
             raise fail(names.get("quotients", "quotients"), f"{qbytes} bytes cannot hold {nnz} gaps of a "
                                                             f"{m}x{n} matrix at k={k}")
         check_part(parts, names, "quotients", (qbytes,), ("u8",))
-        used = {"values", "quotients", "remainders"}
-        used |= check_quant_parts(parts, names, quant, value_dtype, "values", m, nnz)
-        check_no_extra(parts, names, used, self.name)
+        check_no_extra(parts, names, used | {"quotients", "remainders"}, self.name)
 
     def decode(self, enc: Encoded, names) -> np.ndarray:
         m, n = enc.shape
         k = enc.params["k"]
-        nnz = enc.parts["values"].size
+        nnz = stored_count(enc)
         qname = names.get("quotients", "quotients")
         qbits = np.unpackbits(np.asarray(enc.parts["quotients"]), bitorder="little")
         ones = np.flatnonzero(qbits)
@@ -113,7 +111,7 @@ class Rice:
             raise fail(qname, f"positions run beyond the {m}x{n} matrix")
         rows = np.bincount(pos // max(n, 1), minlength=m) if nnz else np.zeros(m, np.int64)
         out = np.zeros(m * n, dtype=np.float32)
-        out[pos] = load_values(enc.parts["values"], enc.parts.get("scales"), enc.quant, packed_rows(rows)[1])
+        out[pos] = load_part(enc.parts, enc.value_dtype, enc.quant, "values", nnz, (nnz,), packed_rows(rows)[1], names)
         return out.reshape(m, n)
 
     def predict_nbytes(self, shape, value_dtype, quant, nnz: int = 0, gaps: np.ndarray | None = None,
@@ -122,5 +120,5 @@ class Rice:
         gaps = np.zeros(0, np.int64) if gaps is None else gaps
         k = best_k(gaps) if k is None else k
         qb, rb = stream_bits(gaps, k)
-        return -(-qb // 8) + -(-rb // 8) + nnz * value_bytes(value_dtype) + scales_nbytes(value_dtype, quant, m, nnz)
+        return -(-qb // 8) + -(-rb // 8) + values_nbytes(value_dtype, quant, m, nnz)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import RmoeFormatError
-from .base import check_part, fail, value_allowed
+from .base import _is_int, check_values, fail
+from .kquant import is_kquant
 
 
 def keep_mask(x: np.ndarray) -> np.ndarray:
@@ -42,13 +43,20 @@ def check_sorted_within(indices: np.ndarray, counts: np.ndarray, limit: int, tna
         raise fail(tname, "indices are not strictly increasing within a row")
 
 
-def packed_values_count(parts, names, shape, value_dtype: str, encoding: str) -> int:
-    """Check the 1-D packed ``values`` part (at most m*n entries); return its length."""
+def packed_values_count(parts, names, shape, value_dtype: str, quant, params, encoding: str) -> tuple[int, set[str]]:
+    """Check the packed ``values`` of a bitmap or rice record (at most m*n entries): (nnz, part names used).
+
+    nnz is the length of a 1-D ``values`` tensor; k-quant codes do not give it, so it is ``params.nnz``."""
     m, n = shape
-    if "values" not in parts or len(parts["values"][1]) != 1:
-        raise RmoeFormatError(f"{encoding}: 1-D values tensor missing ({names.get('values')})")
-    nnz = parts["values"][1][0]
-    if nnz > m * n:
-        raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
-    check_part(parts, names, "values", (nnz,), value_allowed(value_dtype))
-    return nnz
+    if is_kquant(value_dtype):
+        nnz = params.get("nnz")
+        if not (_is_int(nnz) and 0 <= nnz <= m * n):
+            raise RmoeFormatError(f"{encoding}: k-quant values need params.nnz, an integer in [0, {m * n}], "
+                                  f"got {nnz!r} ({names.get('values')})")
+    else:
+        if "values" not in parts or len(parts["values"][1]) != 1:
+            raise RmoeFormatError(f"{encoding}: 1-D values tensor missing ({names.get('values')})")
+        nnz = parts["values"][1][0]
+        if nnz > m * n:
+            raise fail(names.get("values", "values"), f"{nnz} values for {m * n} elements")
+    return nnz, check_values(parts, names, value_dtype, quant, "values", (nnz,), m)

@@ -1,31 +1,37 @@
-"""Storing a values array in its value dtype, quantized to int8 when asked.
+"""Storing a values array in its value dtype: float, int8 with scales, or k-quant codes.
 
 Codecs describe *which row* each value belongs to (for per_row scales) by a
-``RowLayout``; this module turns float values into stored parts and back.
+``RowLayout``; this module turns float values into stored parts and back. k-quant values
+(spec 5.10) ignore rows: the value part is flattened in storage order and cut into groups.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
-from .base import (Quant, block_scale_per_value, dequantize_with, group_absmax_contiguous, n_block_groups,
-                   quantize_flat_blocks, quantize_with, scales_from_absmax, to_value_dtype)
+from .. import dtypes
+from . import kquant
+from .base import (AnyQuant, Quant, block_scale_per_value, default_quant, dequantize_with, group_absmax_contiguous,
+                   n_block_groups, quantize_flat_blocks, quantize_with, scales_from_absmax, to_value_dtype,
+                   value_bytes)
 
 #: (absvals) -> per-row absmax, and (per-row scales) -> per-value scale, both flat.
 RowAbsmax = Callable[[np.ndarray], np.ndarray]
 RowExpand = Callable[[np.ndarray], np.ndarray]
 
 
-def store_values(values: np.ndarray, value_dtype: str, quant: Quant | None,
+def store_values(values: np.ndarray, value_dtype: str, quant: AnyQuant | None,
                  row_absmax: RowAbsmax, row_expand: RowExpand,
                  part: str = "values") -> dict[str, np.ndarray]:
-    """Parts holding ``values`` (any shape, float) in ``value_dtype``."""
-    if value_dtype != "int8":
-        return {part: to_value_dtype(values, value_dtype)}
+    """Parts holding ``values`` (any shape, float) in ``value_dtype``; k-quant values by the reference
+    quantizer :func:`kquant.quantize` on the flattened part."""
+    quant = default_quant(value_dtype, quant)
+    if isinstance(quant, kquant.KqLayout):
+        codes, grid = kquant.quantize(np.asarray(values, np.float32).reshape(-1), value_dtype, quant)
+        return kquant.parts_of(codes, grid, value_dtype, quant, part)
     if quant is None:
-        quant = Quant()
-    quant.validate()
+        return {part: to_value_dtype(values, value_dtype)}
     scale_part = "scales" if part == "values" else f"{part}_scales"
     v = np.asarray(values, dtype=np.float32)
     if quant.scheme == "per_block":
@@ -49,17 +55,27 @@ def load_values(stored: np.ndarray, scales: np.ndarray | None, quant: Quant | No
     return dequantize_with(flat, per).reshape(np.shape(stored))
 
 
+def load_part(parts: Mapping[str, np.ndarray], value_dtype: str, quant: AnyQuant | None, part: str, n: int,
+              shape: tuple[int, ...], row_expand: RowExpand, names: Mapping[str, str] | None = None) -> np.ndarray:
+    """float32 values of value part ``part`` (``n`` values of logical ``shape``) from a record's parts;
+    k-quant streams are checked byte by byte (spec 7.3), ``names`` gives tensor names for errors."""
+    if kquant.is_kquant(value_dtype):
+        return kquant.values_of(parts, n, value_dtype, quant, part, dict(names or {})).reshape(shape)
+    scale_part = "scales" if part == "values" else f"{part}_scales"
+    return load_values(parts[part], parts.get(scale_part), quant, row_expand)
+
+
 def n_scales(quant: Quant, n_rows: int, n_values: int) -> int:
     return n_rows if quant.scheme == "per_row" else n_block_groups(n_values, quant.block)
 
 
-def scales_nbytes(value_dtype: str, quant: Quant | None, n_rows: int, n_values: int) -> int:
-    if value_dtype != "int8":
-        return 0
-    q = quant or Quant()
-    from .. import dtypes
-
-    return n_scales(q, n_rows, n_values) * dtypes.by_name(q.scale_dtype).itemsize
+def values_nbytes(value_dtype: str, quant: AnyQuant | None, n_rows: int, n_values: int) -> int:
+    """Stored bytes of one value part of ``n_values`` values over ``n_rows`` rows, scales included."""
+    quant = default_quant(value_dtype, quant)
+    if isinstance(quant, kquant.KqLayout):
+        return kquant.nbytes(n_values, value_dtype, quant)
+    scales = 0 if quant is None else n_scales(quant, n_rows, n_values) * dtypes.by_name(quant.scale_dtype).itemsize
+    return n_values * value_bytes(value_dtype) + scales
 
 
 def dense_rows(m: int, n: int) -> tuple[RowAbsmax, RowExpand]:

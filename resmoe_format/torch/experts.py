@@ -18,8 +18,13 @@ hidden neurons, as long as its input rows, biases and output rows move together.
 
 Which weights (spec 6.7): with element-wise residuals the restored ones, final rounding to the
 source dtype included (B is held as round_T(B), D as round_T(B + D) - round_T(B) on its stored
-entries); with low-rank residuals B + U V, the restored weight before that rounding (at most half
-an ulp of the source dtype from it; for fp32 sources the two are equal).
+entries); with low-rank residuals B + U V, and with residuals of k-quant values B + D, the restored
+weight before that rounding (at most half an ulp of the source dtype from it; for fp32 sources the
+two are equal).
+
+k-quant records (a dense barycenter, dense, low-rank or sparse residuals) are held packed and
+dequantized on the device when a product needs them: the barycenter once per forward call, a
+residual once per forward call of an expert some token is routed to.
 """
 from __future__ import annotations
 
@@ -34,9 +39,12 @@ from ..errors import RmoeRuntimeError
 from ..memory import trim_heap
 from ..restore import combine, restore_expert
 from ..schema import LayerSpec
+from ..codecs import kquant
 from .kinds import ExpertKind
-from .tensors import to_torch
-from .residuals import SPARSE_ENCODINGS, Residual, SparseResidual, load_residual, rounded_residual
+from .kquant import PackedValues
+from .residuals import (SPARSE_ENCODINGS, Residual, SparseResidual, StackedRows, as_tensor, held_nbytes, load_residual,
+                        rounded_residual, unrounded)
+from .tensors import TORCH_DTYPES, to_torch
 
 
 def expert_nbytes(lay: LayerSpec, dtype: torch.dtype) -> int:
@@ -154,23 +162,29 @@ class FusedExperts(CompressedExperts):
         self.n = n = lay.num_neurons
         self.hidden = lay.matrix(kind.output).shape[-1]
         has_base = lay.base_kind != "none"
+        mats = kind.inputs + (kind.output,)
         # B' = round_T(B) is the barycenter held, so that B' + D' of element-wise residuals is the restored
-        # weight (residuals.rounded_residual); a matrix with low-rank residuals keeps B (B + U V unrounded)
-        base = {m: reader.base(self.layer, m) for m in kind.inputs + (kind.output,)} if has_base else {}
-        held = {m: b if any(r.get(m) is not None and r[m].encoding == "lowrank" for r in lay.residuals)
-                else combine(b, None, lay.matrix(m).dtype).astype(np.float32) for m, b in base.items()}
+        # weight (residuals.rounded_residual); a matrix with low-rank or k-quant residuals keeps B (B + D unrounded)
+        base = {m: reader.base(self.layer, m) for m in mats} if has_base else {}
+        exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
+        held = {m: combine(b, None, lay.matrix(m).dtype).astype(np.float32) if exact[m] else b
+                for m, b in base.items()}
         if has_base:
-            self.base_in = to_torch(np.concatenate([held[m] for m in kind.inputs]), dtype, device)
-            self.base_out = to_torch(held[kind.output], dtype, device)
+            pieces = {m: self._held_base(reader, lay, m, held[m], exact[m]) for m in mats}
+            inputs = [pieces[m] for m in kind.inputs]
+            self.base_in = (StackedRows(inputs) if any(isinstance(p, PackedValues) for p in inputs)
+                            else torch.cat(inputs))
+            self.base_out = pieces[kind.output]
         else:
             self.base_in = self.base_out = None
-        shared: dict[str, torch.Tensor] = {}
+        shared: dict[str, object] = {}
         # per expert: [(first column, last column, operator)] over the concatenated pre-activations
         self.in_ops: list[list[tuple[int, int, Residual]]] = []
         self.out_ops: list[Residual | None] = []
         for e in range(lay.num_experts):
             refs = [lay.residuals[e][m] for m in kind.inputs]
-            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS for r in refs):
+            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not unrounded(r)
+                                     for r in refs):
                 # one CSR over all input matrices: one sparse product per expert instead of one per matrix
                 stacked = np.concatenate([rounded_residual(reader.residual(self.layer, e, m), base.get(m), held.get(m),
                                                            lay.matrix(m).dtype) for m in kind.inputs])
@@ -197,15 +211,26 @@ class FusedExperts(CompressedExperts):
                                   dtype, device)
             self.bias_out = to_torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
 
+    def _held_base(self, reader: Reader, lay: LayerSpec, m: str, held: np.ndarray, exact: bool
+                   ) -> torch.Tensor | PackedValues:
+        """Matrix ``m``'s barycenter as held: a dense k-quant base stays packed (rounded to the source dtype
+        on use where ``exact``), any other one is ``held`` as a tensor."""
+        ref, spec = lay.base[m], lay.matrix(m)
+        if ref.encoding != "dense" or not kquant.is_kquant(ref.value_dtype):
+            return to_torch(held, self.dtype, self.device)
+        round_to = TORCH_DTYPES[spec.dtype] if exact and spec.dtype != "fp32" else None
+        return PackedValues.from_parts(reader.encoded(ref, spec).parts, "values", spec.shape2d, ref.value_dtype,
+                                       ref.quant, self.device, ref.tensors, self.dtype, round_to)
+
     def weights(self, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s matrices (canonical shapes, aligned order) as this layer multiplies by them
         (spec 6.7): its own products applied to identity matrices, for checks."""
         kind, n, M = self.kind, self.n, len(self.kind.inputs)
         eye = torch.eye(self.hidden, dtype=self.dtype, device=self.device)
-        pre = self.base_in.T.clone() if self.base_in is not None else eye.new_zeros(self.hidden, M * n)
+        pre = as_tensor(self.base_in).T.clone() if self.base_in is not None else eye.new_zeros(self.hidden, M * n)
         for a, b, op in self.in_ops[e]:
             pre[:, a:b] += op.apply_in(eye)
-        out = self.base_out.clone() if self.base_out is not None else eye.new_zeros(n, self.hidden)
+        out = as_tensor(self.base_out).clone() if self.base_out is not None else eye.new_zeros(n, self.hidden)
         if self.out_ops[e] is not None:
             out += self.out_ops[e].apply_out(torch.eye(n, dtype=self.dtype, device=self.device))
         mats = {m: pre[:, i * n:(i + 1) * n].T for i, m in enumerate(kind.inputs)} | {kind.output: out}
@@ -215,8 +240,8 @@ class FusedExperts(CompressedExperts):
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (barycenter, residual operators, biases)."""
-        tensors = [self.base_in, self.base_out] + ([self.bias_in, self.bias_out] if self.biased else [])
-        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = [self.base_in, self.base_out] + ([self.bias_in, self.bias_out] if self.biased else [])
+        total = sum(held_nbytes(t) for t in held if t is not None)
         total += sum(op.nbytes() for ops in self.in_ops for _, _, op in ops)
         return total + sum(op.nbytes() for op in self.out_ops if op is not None)
 
@@ -224,7 +249,7 @@ class FusedExperts(CompressedExperts):
         kind, n, dt = self.kind, self.n, self.dtype
         xd = x.to(dt)
         T, width = x.shape[0], len(kind.inputs) * n
-        shared_in = nn.functional.linear(xd, self.base_in) if self.base_in is not None else None
+        shared_in = nn.functional.linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
         for e, rows, slots in self.groups(index):
@@ -245,5 +270,5 @@ class FusedExperts(CompressedExperts):
             if y is not None:
                 out.index_add_(0, rows, y)
         if hsum is not None:
-            out += hsum @ self.base_out
+            out += hsum @ as_tensor(self.base_out)
         return out

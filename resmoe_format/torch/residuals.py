@@ -15,6 +15,12 @@ rounding to the source dtype included (spec 6.7): :func:`rounded_residual` repla
 D' = round_T(B + D) - B' on D's stored entries, where B' = round_T(B) is the barycenter the
 layer holds. A low-rank record is a dense matrix U V: rounding B + U V would mean building it,
 so ``lowrank`` records are multiplied by B + U V, the restored weight before its final rounding.
+
+Records with k-quant values (spec 5.10) stay packed (:class:`PackedValues`: about bits/8 bytes per
+value) and are dequantized on the device at each product; like low-rank ones they are multiplied
+by B + D, the restored weight before its final rounding. Sparse k-quant records keep a CSR
+structure of int32 indices beside their packed values; where the encoding does not store its
+values in row-major order (bsr, csr16 over 65536 columns) they are held as a float32 CSR instead.
 """
 from __future__ import annotations
 
@@ -22,11 +28,44 @@ import numpy as np
 import torch
 
 from .. import codecs
+from ..codecs import Encoded, kquant
+from ..codecs.base import stored_count
+from ..codecs.csr16 import n_col_blocks
 from ..container import Reader
 from ..restore import combine
 from ..schema import EncodedRef, LayerSpec
+from .kquant import PackedValues
 
 SPARSE_ENCODINGS = frozenset({"csr16", "bitmap", "bsr", "rice"})
+
+
+def as_tensor(x) -> torch.Tensor:
+    """The tensor ``x`` stands for (``x`` itself, or dequantized from its packed bytes)."""
+    return x if isinstance(x, torch.Tensor) else x.tensor()
+
+
+def held_nbytes(x) -> int:
+    """Bytes ``x`` holds in memory (packed bytes for packed values)."""
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else x.nbytes()
+
+
+class StackedRows:
+    """Matrices concatenated along their first axis, some of them packed: built on use."""
+
+    def __init__(self, pieces: list):
+        self.pieces = pieces
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat([as_tensor(p) for p in self.pieces])
+
+    def nbytes(self) -> int:
+        return sum(held_nbytes(p) for p in self.pieces)
+
+
+def unrounded(ref: EncodedRef) -> bool:
+    """Whether fused multiplies by B + D before its rounding to the source dtype: low-rank records and
+    records with k-quant values (spec 6.7)."""
+    return ref.encoding == "lowrank" or kquant.is_kquant(ref.value_dtype)
 
 
 class Residual:
@@ -45,32 +84,41 @@ class Residual:
 
 
 class DenseResidual(Residual):
-    def __init__(self, d: torch.Tensor):
+    """The matrix D itself, or its packed k-quant values."""
+
+    def __init__(self, d: torch.Tensor | PackedValues):
         self.d = d
 
     def nbytes(self) -> int:
-        return self.d.numel() * self.d.element_size()
+        return held_nbytes(self.d)
 
     def apply_in(self, x):
-        return torch.nn.functional.linear(x, self.d)
+        return torch.nn.functional.linear(x, as_tensor(self.d))
 
     def apply_out(self, h):
-        return h @ self.d
+        return h @ as_tensor(self.d)
 
 
 class LowRankResidual(Residual):
-    def __init__(self, u: torch.Tensor, v: torch.Tensor, u_shared: bool):
+    """Factors U (n, r) and V (r, H), tensors or packed k-quant values; U may be shared."""
+
+    def __init__(self, u: torch.Tensor | PackedValues, v: torch.Tensor | PackedValues, u_shared: bool):
         self.u, self.v, self.u_shared = u, v, u_shared
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) as tensors."""
+        return as_tensor(self.u), as_tensor(self.v)
+
     def nbytes(self) -> int:
-        u = 0 if self.u_shared else self.u.numel() * self.u.element_size()
-        return u + self.v.numel() * self.v.element_size()
+        return (0 if self.u_shared else held_nbytes(self.u)) + held_nbytes(self.v)
 
     def apply_in(self, x):
-        return (x @ self.v.T) @ self.u.T
+        u, v = self.factors()
+        return (x @ v.T) @ u.T
 
     def apply_out(self, h):
-        return (h @ self.u) @ self.v
+        u, v = self.factors()
+        return (h @ u) @ v
 
 
 class SparseResidual(Residual):
@@ -98,6 +146,67 @@ class SparseResidual(Residual):
     apply_out = _mm
 
 
+class PackedSparseResidual(Residual):
+    """A sparse record with k-quant values: the CSR structure (int32) of D (inputs) or D.T (output) and
+    the packed values, dequantized into the CSR at each product. ``order``: the stored value of each CSR
+    entry (None: the same order)."""
+
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, order: torch.Tensor | None, values: PackedValues,
+                 size: tuple[int, int]):
+        self.crow, self.col, self.order, self.values, self.size = crow, col, order, values, size
+
+    @classmethod
+    def from_record(cls, enc: Encoded, names, output: bool, device: torch.device) -> "PackedSparseResidual":
+        """From a record whose values are stored in row-major order (:func:`row_major_values`)."""
+        n = value_count(enc)
+        values = PackedValues.from_parts(enc.parts, "values", (n,), enc.value_dtype, enc.quant, device, names)
+        rows, cols = np.divmod(np.flatnonzero(codecs.decode(_ones(enc, n), names)), enc.shape[1])
+        order = None
+        size = enc.shape
+        if output:  # CSR of D.T: entries by column of D
+            order = np.lexsort((rows, cols))
+            rows, cols = cols[order], rows[order]
+            size = size[::-1]
+        crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=size[0]))])
+        idx = [torch.from_numpy(a.astype(np.int32)).to(device) for a in (crow, cols)]
+        return cls(*idx, None if order is None else torch.from_numpy(order.astype(np.int32)).to(device), values, size)
+
+    def nbytes(self) -> int:
+        held = [self.crow, self.col] + ([self.order] if self.order is not None else [])
+        return sum(t.numel() * t.element_size() for t in held) + self.values.nbytes()
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.values.tensor()
+        if self.order is not None:
+            v = v[self.order]
+        csr = torch.sparse_csr_tensor(self.crow, self.col, v, size=self.size)
+        return (csr @ x.T.to(v.dtype)).T.to(x.dtype)
+
+    apply_in = _mm
+    apply_out = _mm
+
+
+def value_count(enc: Encoded) -> int:
+    """The number of stored values of a sparse record."""
+    return int(enc.parts["indices"].size) if enc.encoding == "csr16" else stored_count(enc)
+
+
+def row_major_values(enc: Encoded) -> bool:
+    """Whether a sparse record stores its values in the row-major order of their positions."""
+    return enc.encoding in ("bitmap", "rice") or (enc.encoding == "csr16" and n_col_blocks(enc.shape[1]) == 1)
+
+
+def _ones(enc: Encoded, n: int) -> Encoded:
+    """``enc`` with every stored k-quant value replaced by 1.0 (codes 0, a_g = 0, b_g = -1): decoded, it is
+    the mask of the stored entries."""
+    layout = enc.quant
+    g = layout.n_groups(n)
+    grid = kquant.KqGrid(np.zeros(g, np.uint8), np.ones(g, np.uint8),
+                         np.tile(np.array([[0, -1]], np.float16), (layout.n_super(n), 1)))
+    parts = dict(enc.parts) | kquant.parts_of(np.zeros(n, np.uint8), grid, enc.value_dtype, layout)
+    return Encoded(enc.encoding, enc.shape, enc.value_dtype, parts, enc.params, layout)
+
+
 def rounded_residual(d: np.ndarray, base: np.ndarray | None, held: np.ndarray | None, dtype: str) -> np.ndarray:
     """D' (float32) with ``held + D'`` equal to the restored weight round_T(base + d) (spec 6.1) on
     ``d``'s non-zero entries and 0 elsewhere; ``held`` is the barycenter the runtime multiplies by
@@ -110,20 +219,38 @@ def rounded_residual(d: np.ndarray, base: np.ndarray | None, held: np.ndarray | 
 
 
 def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, output: bool,
-                  dtype: torch.dtype, device: torch.device, shared: dict[str, torch.Tensor],
+                  dtype: torch.dtype, device: torch.device, shared: dict[str, object],
                   base: np.ndarray | None = None, held: np.ndarray | None = None) -> Residual:
-    """Decode one residual record into the operator its encoding multiplies fastest with; element-wise
-    records as :func:`rounded_residual` of ``base`` (decoded) and ``held`` (the barycenter multiplied by)."""
+    """Decode one residual record into the operator its encoding multiplies fastest with; k-quant values
+    stay packed; other element-wise records as :func:`rounded_residual` of ``base`` (decoded) and ``held``
+    (the barycenter multiplied by). ``shared`` maps a low-rank U tensor's name to what holds it."""
     spec = lay.matrix(matrix)
     enc = reader.encoded(ref, spec)
+    kq = kquant.is_kquant(ref.value_dtype)
     if ref.encoding == "lowrank":
-        u_np, v_np = codecs.CODECS["lowrank"].factors(enc)
         key = ref.tensors["u"]
+        (m, n), r = enc.shape, ref.params["rank"]
         u = shared.get(key)
-        if u is None:
-            u = shared[key] = torch.from_numpy(u_np).to(device=device, dtype=dtype)
-        return LowRankResidual(u, torch.from_numpy(v_np).to(device=device, dtype=dtype), shared_u(lay, ref))
-    d = rounded_residual(codecs.decode(enc, ref.tensors), base, held, spec.dtype)
+        if kq:
+            if u is None:
+                u = PackedValues.from_parts(enc.parts, "u", (m, r), ref.value_dtype, ref.quant, device, ref.tensors,
+                                            dtype)
+            v = PackedValues.from_parts(enc.parts, "v", (r, n), ref.value_dtype, ref.quant, device, ref.tensors, dtype)
+        else:
+            u_np, v_np = codecs.CODECS["lowrank"].factors(enc, ref.tensors)
+            if u is None:
+                u = torch.from_numpy(u_np).to(device=device, dtype=dtype)
+            v = torch.from_numpy(v_np).to(device=device, dtype=dtype)
+        shared[key] = u
+        return LowRankResidual(u, v, shared_u(lay, ref))
+    if kq and ref.encoding == "dense":
+        return DenseResidual(PackedValues.from_parts(enc.parts, "values", enc.shape, ref.value_dtype, ref.quant,
+                                                     device, ref.tensors, dtype))
+    if kq and row_major_values(enc):
+        return PackedSparseResidual.from_record(enc, ref.tensors, output, device)
+    d = codecs.decode(enc, ref.tensors)
+    if not kq:
+        d = rounded_residual(d, base, held, spec.dtype)
     if ref.encoding in SPARSE_ENCODINGS:
         return SparseResidual.from_dense(d.T if output else d, device)
     return DenseResidual(torch.from_numpy(d).to(device=device, dtype=dtype))

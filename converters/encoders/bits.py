@@ -1,0 +1,266 @@
+"""``--bits B``: k-quant bases and residuals under one byte budget for the whole expert part.
+
+Two passes over the layers. The first measures, per layer, the rate–distortion points of every
+choice (:mod:`.allocate`): each expert matrix quantized directly at every width and, for
+``--method resmoe``, as a residual over the layer's barycenter quantized at every base width,
+the residual taken against the *dequantized* base. :func:`allocate.allocate` then chooses under the
+budget, and the second pass encodes each layer as chosen. Errors are squared weight errors, or with
+``--calibration`` output errors on each expert's own inputs, weighted by its share of routed tokens;
+the calibrated encode runs GPTQ on the chosen grids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from resmoe_format import MatrixSpec, MoELayer
+from resmoe_format.codecs import Encoded, kquant
+from resmoe_format.codecs.kquant import KqLayout
+from resmoe_format.container import permutation_dtype
+from resmoe_format.dtypes import by_name
+from resmoe_format.restore import combine
+
+from . import kq_torch
+from .allocate import BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable
+from .calibrate import ExpertHessians, LayerInputs, expert_hessians
+
+#: the group layout of every k-quant record the converter writes: 64-value groups, 6-bit group
+#: scales and offsets, fp16 super-block scales per 256 values (0.3125 bits per value of scales)
+LAYOUT = KqLayout(64, 4, 6)
+
+
+def shape2d(m: MatrixSpec) -> tuple[int, int]:
+    return (int(m.shape[0]), int(m.shape[1])) if len(m.shape) == 2 else (1, int(m.shape[0]))
+
+
+def values_of(m: MatrixSpec) -> int:
+    return int(np.prod(m.shape))
+
+
+def record_bytes(n: int, width: str | None) -> int:
+    return 0 if width is None else kquant.nbytes(n, width, LAYOUT)
+
+
+def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
+    """Tables with every byte count and zero errors: enough to find the cheapest allocation."""
+    out = []
+    for lay in layouts:
+        mats = []
+        for m in lay.matrices:
+            n = values_of(m)
+            t = MatrixTable(m.name, np.array([record_bytes(n, w) for w in DIRECT]), np.zeros((lay.num_experts,
+                                                                                               len(DIRECT))))
+            if use_base:
+                t.base_bytes = {w: record_bytes(n, w) for w in BASE}
+                t.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+                t.residual_error = {w: np.zeros((lay.num_experts, len(RESIDUAL))) for w in BASE}
+            mats.append(t)
+        perm = lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
+        out.append(LayerTable(lay.index, perm if use_base else 0, mats))
+    return out
+
+
+def _input_axis(kind, m: MatrixSpec) -> int | None:
+    """1 for an input matrix (x @ W.T), 0 for the output matrix (h @ W), None for a vector."""
+    if kind is None or len(m.shape) != 2:
+        return None
+    return 0 if m.name == kind.output else 1
+
+
+@dataclass
+class Target:
+    """One matrix of every expert, in the order the layer is stored, with its error measure."""
+
+    spec: MatrixSpec
+    w: torch.Tensor  # (E, r, c) float32
+    hessians: list[torch.Tensor] | None  # per expert, or None (squared weight error)
+    shares: list[float]
+    axis: int | None
+
+    def importance(self) -> torch.Tensor | None:
+        """Per value importance (E, r, c): the Hessian diagonal along the input axis (imatrix)."""
+        if self.hessians is None or self.axis is None:
+            return None
+        d = torch.stack([torch.diagonal(h) for h in self.hessians])  # (E, inputs)
+        return (d[:, None, :] if self.axis == 1 else d[:, :, None]).expand_as(self.w).contiguous()
+
+    def errors(self, got: torch.Tensor) -> np.ndarray:
+        """(E,) error of ``got`` (E, r, c) against the target."""
+        diff = (got - self.w).double()
+        if self.hessians is None or self.axis is None:
+            return (diff * diff).sum(dim=(1, 2)).cpu().numpy()
+        h = torch.stack(self.hessians).double()
+        prod = torch.bmm(diff, h) * diff if self.axis == 1 else torch.bmm(h, diff) * diff
+        return prod.sum(dim=(1, 2)).cpu().numpy() * np.asarray(self.shares)
+
+
+def stack_values(x: torch.Tensor, width: str, importance: torch.Tensor | None) -> torch.Tensor:
+    """What the file restores for each expert's matrix at ``width`` (E, r, c), all experts in one
+    call: each is padded to whole super-blocks with zero-weight zeros, which changes no group's
+    scale or offset (a padded group has scale 0 and cannot raise its super-block's maximum)."""
+    e, per = x.shape[0], x[0].numel()
+    block = LAYOUT.group * LAYOUT.super
+    if per % block == 0:
+        flat_w = None if importance is None else importance.reshape(-1)
+        return kq_torch.rtn(x.reshape(-1), width, LAYOUT, flat_w).values.reshape(x.shape)
+    padded = -(-per // block) * block
+    xs = x.new_zeros(e, padded)
+    xs[:, :per] = x.reshape(e, per)
+    ws = x.new_zeros(e, padded)
+    ws[:, :per] = 1 if importance is None else importance.reshape(e, per)
+    return kq_torch.rtn(xs.reshape(-1), width, LAYOUT, ws.reshape(-1)).values.reshape(e, padded)[:, :per] \
+        .reshape(x.shape)
+
+
+def _mean_importance(imp: torch.Tensor | None) -> torch.Tensor | None:
+    return None if imp is None else imp.mean(0)
+
+
+def base_values(base: torch.Tensor, width: str, imp: torch.Tensor | None) -> kq_torch.Quantized:
+    return kq_torch.rtn(base, width, LAYOUT, _mean_importance(imp))
+
+
+@dataclass
+class BitsConverter:
+    """Both passes of ``--bits`` for one conversion."""
+
+    use_base: bool
+    dtype_of: dict[int, str] = field(default_factory=dict)
+    inputs: dict[int, LayerInputs] | None = None
+    kind: Any = None
+    device: torch.device = torch.device("cpu")
+    max_iter: int = 100
+    _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray]]] = field(default_factory=dict)
+
+    # ---- shared by both passes -------------------------------------------------------
+    def _prepare(self, lay, experts: list[dict[str, torch.Tensor]], dtype: str, with_base: bool
+                 ) -> tuple[dict[str, torch.Tensor] | None, list[np.ndarray] | None, list[Target]]:
+        """(base, permutations, targets) of a layer; the base and permutations are computed once
+        (first pass) and reused (second pass)."""
+        hs: list[ExpertHessians] | None = None
+        if self.inputs is not None:
+            hs = expert_hessians(self.inputs[lay.index], experts, self.kind, self.device)
+        base = perms = None
+        if with_base:
+            if lay.index not in self._bases:
+                from .budget import Budget
+                from .methods import EncoderOptions, ResMoE
+
+                enc = ResMoE(EncoderOptions(Budget(residual_keep=1.0), max_iter=self.max_iter))
+                b, p, aligned = enc.base([dict(e) for e in experts], lay.matrices, dtype, None)
+                self._bases[lay.index] = (b, p)
+            base, perms = self._bases[lay.index]
+            experts = [align(e, p, lay.matrices) for e, p in zip(experts, perms)]
+        targets = []
+        for m in lay.matrices:
+            axis = _input_axis(self.kind, m) if hs is not None else None
+            hm = None
+            if hs is not None and axis is not None:
+                hm = [h.hessians[m.name] for h in hs]
+                if perms is not None and axis == 0:  # the output matrix's inputs are the (permuted) neurons
+                    hm = [h[torch.from_numpy(p)][:, torch.from_numpy(p)] for h, p in zip(hm, perms)]
+            w = torch.stack([e[m.name].reshape(shape2d(m)) for e in experts])
+            targets.append(Target(m, w, hm, [h.share for h in hs] if hs else [1.0] * len(experts), axis))
+        return base, perms, targets
+
+    # ---- pass 1 ----------------------------------------------------------------------
+    def analyze(self, lay, experts: list[dict[str, torch.Tensor]]) -> LayerTable:
+        """Measured rate–distortion points of one layer."""
+        dtype = lay.matrices[0].dtype
+        self.dtype_of[lay.index] = dtype
+        plain = self._prepare(lay, experts, dtype, False)[2] if self.use_base else None
+        base, _, targets = self._prepare(lay, experts, dtype, self.use_base)
+        mats = []
+        for i, t in enumerate(targets):
+            n = values_of(t.spec)
+            imp = t.importance()
+            direct = np.stack([t.errors(stack_values(t.w, w, imp)) for w in DIRECT], axis=1)
+            mt = MatrixTable(t.spec.name, np.array([record_bytes(n, w) for w in DIRECT]), direct)
+            if plain is not None:  # without a base the layer keeps the source order: measure that too
+                p = plain[i]
+                mt.aligned_error, mt.direct_error = direct, np.stack(
+                    [p.errors(stack_values(p.w, w, p.importance())) for w in DIRECT], axis=1)
+            if base is not None:
+                mt.base_bytes = {w: record_bytes(n, w) for w in BASE}
+                mt.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+                for bw in BASE:
+                    b = base_values(base[t.spec.name].reshape(shape2d(t.spec)), bw, imp).values
+                    cols = []
+                    for rw in RESIDUAL:
+                        got = b.expand_as(t.w) if rw is None else b + stack_values(t.w - b, rw, imp)
+                        cols.append(t.errors(got))
+                    mt.residual_error[bw] = np.stack(cols, axis=1)
+            mats.append(mt)
+        perm = lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
+        return LayerTable(lay.index, perm if base is not None else 0, mats)
+
+    # ---- pass 2 ----------------------------------------------------------------------
+    def encode(self, lay, experts: list[dict[str, torch.Tensor]], choice: LayerChoice
+               ) -> tuple[MoELayer, dict[str, Any]]:
+        """The layer as chosen, and its report: every choice with its measured error."""
+        dtype = lay.matrices[0].dtype
+        base, perms, targets = self._prepare(lay, experts, dtype, choice.uses_base)
+        base_rec: dict[str, Encoded] = {}
+        residuals: list[dict[str, Encoded | None]] = [{} for _ in range(lay.num_experts)]
+        stats: dict[str, Any] = {}
+        for t in targets:
+            m, mc = t.spec, choice.matrices[t.spec.name]
+            rc = shape2d(m)
+            imp = t.importance()
+            b_np = None
+            b = None
+            if choice.uses_base and mc.base is not None:
+                q = base_values(base[m.name].reshape(rc), mc.base, imp)
+                base_rec[m.name] = Encoded("dense", rc, mc.base, q.parts(mc.base, LAYOUT), {}, LAYOUT)
+                b, b_np = q.values, q.values.cpu().numpy()
+            elif choice.uses_base:  # no base for this matrix: a rank-0 record stores nothing and decodes to +0.0
+                base_rec[m.name] = Encoded("lowrank", rc, "fp32", {"u": np.zeros((rc[0], 0), np.float32),
+                                                                    "v": np.zeros((0, rc[1]), np.float32)},
+                                           {"rank": 0}, None)
+            st = {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
+                  "bytes": record_bytes(values_of(m), mc.base if choice.uses_base else None), "rel_error": [],
+                  "base": mc.base if choice.uses_base else None, "value_dtypes": list(mc.experts)}
+            if t.hessians is not None:
+                st["output_error"] = []
+            truth_all = t.w.cpu().numpy().astype(np.float64)
+            for e, width in enumerate(mc.experts):
+                target = t.w[e] if b is None else t.w[e] - b
+                if width is None:
+                    residuals[e][m.name] = None
+                    r_np = None
+                    got = b
+                else:
+                    if t.hessians is not None and t.axis is not None:
+                        qe = kq_torch.gptq(target, t.hessians[e], t.axis, width, LAYOUT)
+                    else:
+                        qe = kq_torch.rtn(target, width, LAYOUT)
+                    residuals[e][m.name] = Encoded("dense", rc, width, qe.parts(width, LAYOUT), {}, LAYOUT)
+                    r_np = qe.values.cpu().numpy()
+                    got = qe.values if b is None else b + qe.values
+                    st["bytes"] += record_bytes(values_of(m), width)
+                    st["residual_kept"] += values_of(m)
+                restored = combine(b_np, r_np, dtype).astype(np.float64)
+                truth = truth_all[e]
+                norm = float(np.linalg.norm(truth))
+                err = float(np.linalg.norm(truth - restored))
+                st["rel_error"].append(err / norm if norm else err)
+                if t.hessians is not None:
+                    st["output_error"].append(float(kq_torch.output_error(got - t.w[e], t.hessians[e], t.axis)
+                                                    if t.axis is not None else 0.0))
+                st["params"] += values_of(m)
+            st["kept"] = st["residual_kept"] + (values_of(m) if choice.uses_base and mc.base else 0)
+            stats[m.name] = st
+        kind = "barycenter" if choice.uses_base else "none"
+        layer = MoELayer(lay.index, lay.num_neurons, list(lay.matrices), kind, base_rec, residuals,
+                         perms if choice.uses_base else None, list(lay.sources), lay.prefix)
+        return layer, stats
+
+
+def align(expert: dict[str, torch.Tensor], perm: np.ndarray, specs: list[MatrixSpec]) -> dict[str, torch.Tensor]:
+    """An expert in aligned order: neuron i of the result is neuron perm[i] of the source."""
+    idx = torch.from_numpy(np.asarray(perm, dtype=np.int64))
+    return {m.name: (expert[m.name].index_select(0, idx.to(expert[m.name].device)) if m.neuron_axis == 0
+                     else expert[m.name]) for m in specs}

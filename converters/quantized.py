@@ -1,0 +1,110 @@
+"""The ``--bits`` conversion: measure every layer, allocate the budget, then encode and write.
+
+Layers stream twice (each pass holds one layer's experts); between the passes only the
+barycenters, permutations and rate–distortion tables stay in memory (and, with
+``--calibration``, the recorded expert inputs).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from resmoe_format import Writer
+from resmoe_format.memory import trim_heap
+
+from .encoders import calibrate
+from .encoders.allocate import LayerTable, allocate, total_bytes, total_error
+from .encoders.bits import LAYOUT, BitsConverter
+from .errors import ConversionError
+
+#: measurements of recent sources, so that a library caller converting one source at several budgets
+#: (benchmarks/eval.py) measures it once: key -> (tables, converter); at most MEMO_SIZE entries
+_MEMO: dict[tuple, tuple[list[LayerTable], BitsConverter]] = {}
+MEMO_SIZE = 2
+
+
+def _memo_key(plan) -> tuple:
+    o = plan.options
+    files = sorted({(str(i.file), i.file.stat().st_mtime_ns, i.file.stat().st_size)
+                    for i in plan.ckpt.tensors.values()})
+    cal = None
+    if o.calibration is not None:
+        st = Path(o.calibration).stat()
+        cal = (str(Path(o.calibration).resolve()), st.st_mtime_ns, st.st_size)
+    return (tuple(files), o.method, cal, tuple(lay.index for lay in plan.layouts), str(plan.device),
+            plan.encoder.options.max_iter)
+
+
+def _release(plan) -> None:
+    gc.collect()
+    plan.ckpt.release()
+    trim_heap()
+
+
+def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
+    """Pass 1: the rate–distortion table of every layer (after recording calibration inputs)."""
+    from .convert import load_experts
+
+    o = plan.options
+    conv = BitsConverter(use_base=o.method == "resmoe", device=plan.device, max_iter=plan.encoder.options.max_iter)
+    if o.calibration is not None:
+        import transformers
+
+        from resmoe_format.torch.kinds import kind_for
+
+        ids = calibrate.tokenize(calibrate.read_text(o.calibration), plan.ckpt.files().get("tokenizer.json"),
+                                 o.calibration)
+        conv.inputs = calibrate.collect(plan.src, plan.ckpt.config, plan.layouts, ids, plan.device)
+        conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
+    tables = []
+    for lay in tqdm(plan.layouts, desc="measuring", unit="layer", disable=not progress):
+        tables.append(conv.analyze(lay, load_experts(plan, lay)))
+        _release(plan)
+    return tables, conv
+
+
+def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """Write every compressed layer of ``plan`` under its --bits budget; append one report entry per
+    layer to ``layer_reports`` and return the allocation summary."""
+    from .convert import layer_entry, load_experts
+
+    o = plan.options
+    t0 = time.perf_counter()
+    key = _memo_key(plan)
+    if key in _MEMO:
+        tables, conv = _MEMO[key]
+    else:
+        tables, conv = _measure(plan, progress)
+        while len(_MEMO) >= MEMO_SIZE:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = (tables, conv)
+    budget = plan.budget_bytes()
+    try:
+        choices, lam = allocate(tables, budget)
+    except ValueError as e:
+        raise ConversionError(f"--bits {o.bits:g}: {e}") from None
+    t_measure = time.perf_counter() - t0
+    for lay, choice in zip(tqdm(plan.layouts, desc="encoding", unit="layer", disable=not progress), choices):
+        t1 = time.perf_counter()
+        layer, stats = conv.encode(lay, load_experts(plan, lay), choice)
+        w.add_layer(layer)
+        entry = layer_entry(lay, stats, layer.permutations)
+        entry["base"] = choice.uses_base
+        entry["seconds"] = time.perf_counter() - t1
+        layer_reports.append(entry)
+        del layer
+        _release(plan)
+    weights = plan.expert_weights()
+    achieved = total_bytes(tables, choices)
+    tokens = None
+    if conv.inputs:
+        tokens = {str(i): {"tokens": int(x.x.shape[0])} for i, x in conv.inputs.items()}
+    return {"budget_bits": o.bits, "budget_bytes": budget, "expert_bytes": achieved,
+            "bits_per_expert_weight": 8 * achieved / weights, "expert_weights": weights,
+            "predicted_error": total_error(choices), "lagrange_multiplier": lam,
+            "error_measure": "output (calibrated)" if o.calibration else "squared weight error",
+            "layout": LAYOUT.to_json(), "measure_seconds": t_measure, "calibration": tokens}
