@@ -1,31 +1,47 @@
-"""One command for every evaluation result: error tables, held-out perplexity, llama.cpp quantization.
+"""One command for the evaluation: every quantizer on the trained fixtures, perplexity and KL divergence.
 
-For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``):
+For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``), on the whole of
+``heldout.txt`` (1024 windows of 256 bytes, each from an empty context; ``kld.py``):
 
-- converts it with every method (``resmoe``, ``resmoe-svd``, ``prune``, ``svd``, ``merge``) at
-  ``--keep`` 0.25 and 0.50 (equal total size) and, for all but merge (which stores no
-  residual), at the paper's ``--residual-keep`` 0.10, 0.25 and 0.50 (for prune and svd, whose
-  residual is the expert itself, that equals ``--keep``); plus ``resmoe-int8`` (int8 residual values and an
-  int8 barycenter, ``--value-dtype int8 --base-dtype int8``);
-- records the mean relative Frobenius error of the restored experts (per layer and overall, as
-  measured on the file by the converter), the true on-disk expert bytes (byte accounting), and
-  the held-out perplexity per byte of the restored model (torch runtime, float32);
-- exports the original model to GGUF and quantizes it with llama.cpp's own quantizer (q8_0,
-  q4_k_m, q3_k_m, q2_k), measuring perplexity in llama.cpp and expert bytes from the GGUF's
-  ``ffn_*_exps`` tensors.
+- ``original``: the source model in float32 (torch). It is the reference: its next-byte
+  log-probabilities are kept for the run and every row's mean KL divergence is measured
+  against them, whatever runtime the row uses.
+- ``resmoe`` / ``resmoe-cal``: ``resmoe-convert --bits B`` data-free / with
+  ``--calibration fixtures/calibration.txt``; ``quant``: ``--method quant --bits B`` (the same
+  quantizer, no base); B in BUDGETS. Run in the torch runtime (``load_model``, materialize, float32).
+- ``llama.cpp``: the original exported to GGUF (``resmoe-export``) and quantized by llama.cpp's
+  own quantizer to each preset of LLAMA_TYPES (q8_0: the gguf package's), run in llama.cpp;
+  ``f32`` is the unquantized GGUF, whose KL divergence is the floor that the runtime alone gives.
+- ``hqq`` / ``gptq``: HQQ and llm-compressor's GPTQ at PEER_BITS on the expert weights only
+  (``peers.py``; GPTQ calibrated on the same ``calibration.txt``), in the torch runtime.
 
-Writes ``benchmarks/results/eval.json`` (rows ``{"fixture", "method", "keep", "residual_keep",
-"expert_bytes", "bits_per_expert_weight", "ppl", ...}``), ``EVAL.md`` and ``eval_<fixture>.png``.
+Bits per expert weight = 8 * expert bytes / expert weights: the byte accounting of the ``.rmoe``
+file (what ``resmoe-inspect`` counts), the ``ffn_*_exps`` tensors of the GGUF, the stored codes,
+scales and zero points of HQQ and compressed-tensors. ``calibration.txt`` comes from the training
+files only (``calibration.py``): it shares no file with ``heldout.txt``.
 
-    python benchmarks/eval.py [--windows 64] [--fixture NAME]   (per fixture: results/eval_<NAME>.json)
+Writes ``results/eval_<fixture>.json`` (after every row; the rows of families a ``--families`` run
+leaves out are kept from the file it replaces), then ``eval.json``, ``EVAL.md`` (tables, the
+issue's targets computed from the rows) and ``eval_<fixture>.png`` (perplexity and KL divergence
+against bits per expert weight, one frontier per family) over every fixture evaluated.
+
+Time on this project's 2-core machines: about 15 s to evaluate a torch row and 35 s a llama.cpp
+row on the 1024 windows; making the rows dominates: on qwen3_moe_fine at 3 bits, ``--bits`` took
+143 s, ``--bits --calibration`` 659 s, ``--method quant`` 12 s, HQQ 2 s, GPTQ 53 s. A full run is
+about 1.5-2 hours per fixture, most of it the calibrated conversions: run one ``--fixture`` at a time.
+
+    python benchmarks/eval.py [--fixture NAME] [--families resmoe,quant,...] [--windows N]
+    python benchmarks/eval.py --quick --fixture mixtral_upcycled [--out DIR]   (8 windows, 2 budgets)
+    python benchmarks/eval.py --report-only                                    (rebuild the reports)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -33,74 +49,178 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+import kld  # noqa: E402
+import peers  # noqa: E402
+import targets  # noqa: E402
+from calibration import CALIBRATION  # noqa: E402
+
 FIXTURES = HERE / "fixtures"
 RESULTS = HERE / "results"
-SEQ = 256
-METHODS = {"resmoe": dict(method="resmoe"), "resmoe-svd": dict(method="resmoe", residual="svd"),
-           "prune": dict(method="prune"), "svd": dict(method="svd"), "merge": dict(method="merge")}
-KEEPS = (0.25, 0.5)
-RESIDUAL_KEEPS = (0.1, 0.25, 0.5)
-LLAMA_TYPES = ("q8_0", "q4_k_m", "q3_k_m", "q2_k")
+SEQ = kld.SEQ
+BUDGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
+LLAMA_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
+PEER_BITS = (2, 3, 4)
+FAMILIES = ("resmoe", "resmoe-cal", "quant", "llama.cpp", "hqq", "gptq")
+RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant")
 
 
-def heldout_ids(windows: int) -> np.ndarray:
-    text = (FIXTURES / "heldout.txt").read_bytes()
-    return np.frombuffer(text[:windows * SEQ + 1], dtype=np.uint8).astype(np.int64)
+@dataclasses.dataclass
+class Settings:
+    """What one run evaluates."""
+
+    families: tuple[str, ...] = FAMILIES
+    windows: int | None = None  # None: the whole held-out text
+    budgets: tuple[float, ...] = BUDGETS
+    llama_types: tuple[str, ...] = LLAMA_TYPES
+    peer_bits: tuple[int, ...] = PEER_BITS
+    calibration_bytes: int | None = None  # None: all of calibration.txt
+
+    @classmethod
+    def quick(cls, families: tuple[str, ...] = FAMILIES) -> Settings:
+        """A smoke run: 8 windows, two budgets, two presets and bit widths, 16 KiB of calibration text."""
+        return cls(families, 8, (2.5, 4.0), ("q2_k", "q4_k_m"), (2, 4), 1 << 14)
 
 
-def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood of ``targets`` under ``logits`` (T, V), in float64."""
-    z = logits.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(-logp[np.arange(len(targets)), targets].sum())
+#: failures of this run (llama.cpp crashes): main() lists them and exits with status 1
+FAILURES: list[str] = []
 
 
-def torch_ppl(model, ids: np.ndarray) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, ids.size - 1, SEQ):
-            x = torch.from_numpy(ids[i:i + SEQ + 1])[None]
-            logits = model(input_ids=x[:, :-1]).logits[0].float().numpy()
-            nll += nll_from_logits(logits, ids[i + 1:i + 1 + logits.shape[0]])
-            n += logits.shape[0]
-    return math.exp(nll / n)
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
-def llama_ppl(path: Path, ids: np.ndarray) -> float:
-    """Held-out perplexity in llama.cpp, each window from an empty context, all in one child process
-    (``converters.exporters.llama_eval``: a crash there raises LlamaRunError instead of ending this run)."""
-    from converters.exporters.llama_eval import run_llama
+class Run:
+    """One fixture's evaluation: the reference, the calibration text and the rows, saved after each row."""
 
-    windows = [ids[i:i + SEQ + 1] for i in range(0, ids.size - 1, SEQ)]
-    logits = run_llama(path, [w[:-1].tolist() for w in windows], n_ctx=SEQ + 8).logits
-    nll = sum(nll_from_logits(z, w[1:]) for z, w in zip(logits, windows))
-    return math.exp(nll / sum(len(w) - 1 for w in windows))
+    def __init__(self, fixture: Path, settings: Settings, tmp: Path, out: Path, prov: dict):
+        self.fixture, self.s, self.tmp, self.prov = fixture, settings, tmp, prov
+        self.name = fixture.name
+        self.path = out / f"eval_{self.name}.json"
+        self.windows = kld.heldout_windows(settings.windows)
+        text = CALIBRATION.read_bytes()[:settings.calibration_bytes]
+        self.calibration = tmp / "calibration.txt"
+        self.calibration.write_bytes(text)
+        self.calibration_ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+        self.rows: list[dict] = []
+        self.kept, self.kept_from = self.other_families(out / f"eval_{self.name}.json")
+        self.ref: kld.Reference | None = None
+        self.weights = 0
 
+    def other_families(self, path: Path) -> tuple[list[dict], list[dict]]:
+        """(rows, provenances) of the families this run does not make, from an earlier results file over the
+        same windows, so that ``--families`` adds or redoes families without dropping the others."""
+        got = read_results(path) if path.exists() else None
+        if got is None or got[1].get("windows") != self.s.windows:
+            return [], []
+        keep = [r for r in got[0] if r["family"] not in (*self.s.families, "original")]
+        if not keep:
+            return [], []
+        log(f"{self.name}: keeping {len(keep)} rows of {', '.join(sorted({r['family'] for r in keep}))} from {path}")
+        return keep, [got[1], *got[2]]
 
-#: llama.cpp evaluations that failed in this run, with their cause; main() lists them and exits with status 1.
-LLAMA_FAILURES: list[str] = []
+    def add(self, family: str, setting: str, expert_bytes: int, result: dict, seconds: float, **extra) -> dict:
+        row = {"fixture": self.name, "family": family, "setting": setting, "expert_bytes": expert_bytes,
+               "expert_weights": self.weights, "bits_per_expert_weight": 8 * expert_bytes / self.weights,
+               **result, "seconds_to_make": round(seconds, 1), **extra}
+        self.rows.append(row)
+        data = {"provenance": self.prov, "rows": self.rows + self.kept}
+        if self.kept:
+            data["kept_from"] = self.kept_from  # how the kept rows were made
+        self.path.write_text(json.dumps(data, indent=1) + "\n")
+        log(f"{self.name:17} {family:10} {setting:12} {row['bits_per_expert_weight']:6.3f} bits  ppl "
+            f"{row['ppl']:.4f}  KLD {row['kld']:.5f}  same top {row['same_top']:.4f}  "
+            f"({seconds:.0f} s to make, {row['seconds_to_eval']:.0f} s to evaluate)")
+        return row
 
+    def score(self, logits) -> dict:
+        t = time.perf_counter()
+        res = self.ref.score(logits)
+        return {**res, "seconds_to_eval": round(time.perf_counter() - t, 1)}
 
-def llama_row(fixture: str, qtype: str, path: Path, ids: np.ndarray, weights: int) -> dict | None:
-    """The row of one GGUF file, or None (recorded in LLAMA_FAILURES) if llama.cpp failed or crashed on it."""
-    from converters.exporters.llama_eval import LlamaRunError
+    def torch_score(self, model) -> dict:
+        return self.score(kld.torch_logits(model, self.windows))
 
-    eb = expert_bytes_gguf(path)
-    try:
-        ppl = llama_ppl(path, ids)
-    except LlamaRunError as e:
-        LLAMA_FAILURES.append(f"{fixture} {qtype}: {e}")
-        print(f"{fixture}: llama.cpp {qtype}: FAILED: {e}", file=sys.stderr, flush=True)
-        return None
-    row = {"fixture": fixture, "method": qtype, "keep": None, "residual_keep": None, "expert_bytes": eb,
-           "bits_per_expert_weight": 8 * eb / weights, "ppl": ppl}
-    print(f"{fixture}: llama.cpp {qtype}: {row['bits_per_expert_weight']:.2f} bits/weight, ppl {ppl:.4f}", flush=True)
-    return row
+    def evaluate(self) -> list[dict]:
+        import transformers
+
+        from converters.convert import ConvertOptions, convert
+
+        lossless = self.tmp / f"{self.name}_lossless.rmoe"
+        report = convert(self.fixture, lossless, ConvertOptions(lossless=True), progress=False)
+        self.weights = report["summary"]["expert_params"]
+        model = transformers.AutoModelForCausalLM.from_pretrained(self.fixture, dtype=torch.float32).eval()
+        if peers.expert_weight_count(model) != self.weights:
+            raise RuntimeError(f"{self.name}: the model's expert weights are not the converter's")
+        t = time.perf_counter()
+        self.ref = kld.Reference(self.tmp / f"{self.name}_reference.npy", self.windows,
+                                 kld.torch_logits(model, self.windows))
+        self.add("original", "bf16 source", report["summary"]["expert_bytes_source"],
+                 {**self.ref.result, "seconds_to_eval": round(time.perf_counter() - t, 1)}, 0.0)
+        del model
+        steps = {"resmoe": lambda: self.rmoe_rows("resmoe"), "resmoe-cal": lambda: self.rmoe_rows("resmoe-cal"),
+                 "quant": lambda: self.rmoe_rows("quant"), "llama.cpp": lambda: self.llama_rows(lossless),
+                 "hqq": self.hqq_rows, "gptq": self.gptq_rows}
+        for fam in self.s.families:
+            steps[fam]()
+        return self.rows
+
+    def rmoe_rows(self, family: str) -> None:
+        from converters.convert import ConvertOptions, convert
+        from resmoe_format.torch import load_model
+
+        method = "quant" if family == "quant" else "resmoe"
+        calibration = str(self.calibration) if family == "resmoe-cal" else None
+        out = self.tmp / f"{self.name}_{family}.rmoe"
+        for bits in self.s.budgets:
+            t = time.perf_counter()
+            report = convert(self.fixture, out, ConvertOptions(method=method, bits=bits, calibration=calibration),
+                             progress=False)
+            seconds = time.perf_counter() - t
+            eb, weights = expert_bytes_rmoe(out)
+            if weights != self.weights:
+                raise RuntimeError(f"{out.name} accounts {weights} expert weights, the source has {self.weights}")
+            model = load_model(out, mode="materialize", dtype="fp32")
+            self.add(family, f"--bits {bits:g}", eb, self.torch_score(model), seconds, target_bits=bits,
+                     over_budget=8 * eb / weights > bits, convert_summary=report["summary"])
+            del model
+
+    def llama_rows(self, lossless: Path) -> None:
+        from converters.exporters.gguf_export import export_gguf
+        from converters.exporters.llama_eval import LlamaRunError
+
+        for qtype in ("f32",) + self.s.llama_types:
+            t = time.perf_counter()
+            path = export_gguf(lossless, self.tmp / f"{self.name}_{qtype}.gguf", qtype)
+            seconds = time.perf_counter() - t
+            try:
+                res = self.score(kld.llama_logits(path, self.windows, threads=torch.get_num_threads()))
+            except LlamaRunError as e:
+                FAILURES.append(f"{self.name} {qtype}: {e}")
+                log(f"{self.name}: llama.cpp {qtype}: FAILED: {e}")
+                continue
+            self.add("llama.cpp", qtype, expert_bytes_gguf(path), res, seconds)
+            path.unlink()
+
+    def hqq_rows(self) -> None:
+        import transformers
+
+        for bits in self.s.peer_bits:
+            model = transformers.AutoModelForCausalLM.from_pretrained(self.fixture, dtype=torch.float32).eval()
+            t = time.perf_counter()
+            eb = peers.hqq(model, bits)
+            self.add("hqq", f"{bits} bits", eb, self.torch_score(model), time.perf_counter() - t, code_bits=bits)
+
+    def gptq_rows(self) -> None:
+        for bits in self.s.peer_bits:
+            t = time.perf_counter()
+            model, eb = peers.gptq(self.fixture, bits, self.calibration_ids, SEQ)
+            self.add("gptq", f"{bits} bits", eb, self.torch_score(model), time.perf_counter() - t, code_bits=bits)
 
 
 def expert_bytes_rmoe(path: Path) -> tuple[int, int]:
-    """(on-disk expert bytes, expert weights) from the byte accounting."""
+    """(on-disk expert bytes, expert weights) from the byte accounting (what resmoe-inspect prints)."""
     import resmoe_format
     from resmoe_format.accounting import account
 
@@ -115,326 +235,103 @@ def expert_bytes_gguf(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if "_exps." in t.name)
 
 
-def rmoe_row(fixture: str, method: str, src: Path, out: Path, ids: np.ndarray, keep=None, residual_keep=None,
-             **extra) -> dict:
-    from converters.convert import ConvertOptions, convert
-    from resmoe_format.torch import load_model
-
-    opts = {**METHODS[method.replace("-int8", "")], **extra}
-    report = convert(src, out, ConvertOptions(keep=keep, residual_keep=residual_keep, **opts), progress=False)
-    eb, weights = expert_bytes_rmoe(out)
-    per_layer = [float(np.mean([e for s in lay["matrices"].values() for e in s["rel_error"]]))
-                 for lay in report["layers"]]
-    model = load_model(out, mode="materialize", dtype="fp32")
-    row = {"fixture": fixture, "method": method, "keep": keep, "residual_keep": residual_keep, "expert_bytes": eb,
-           "bits_per_expert_weight": 8 * eb / weights, "ppl": torch_ppl(model, ids),
-           "rel_error": report["summary"]["rel_error_mean"], "rel_error_per_layer": per_layer,
-           "achieved_keep": report["summary"]["keep"]}
-    print(f"{fixture:18} {method:12} keep={keep} residual_keep={residual_keep}: error {row['rel_error']:.4f}, "
-          f"{row['bits_per_expert_weight']:.2f} bits/weight, ppl {row['ppl']:.4f}", flush=True)
-    return row
+# what each family imports -> what provides it: an extra of this project ("[name]") or pip arguments
+NEEDS = {"base": {"transformers": "[hf]"}, "plot": {"matplotlib": "[bench]"},
+         "llama.cpp": {"gguf": "[export]", "llama_cpp": "llama-cpp-python"},
+         "hqq": {"hqq": "[bench]"},
+         "gptq": {"datasets": "[bench]", "compressed_tensors": "[bench]",
+                  "llmcompressor": "--no-deps llmcompressor==0.14.0.1"}}
 
 
-def evaluate(fixture: Path, windows: int, tmp: Path) -> list[dict]:
-    import transformers
-
-    from converters.convert import ConvertOptions, convert
-    from converters.exporters.gguf_export import export_gguf
-
-    name = fixture.name
-    ids = heldout_ids(windows)
-    rows = []
-    lossless = tmp / f"{name}_lossless.rmoe"
-    report = convert(fixture, lossless, ConvertOptions(lossless=True), progress=False)
-    weights = report["summary"]["expert_params"]
-    src_bytes = report["summary"]["expert_bytes_source"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(fixture, dtype=torch.float32).eval()
-    rows.append({"fixture": name, "method": "original", "keep": None, "residual_keep": None,
-                 "expert_bytes": src_bytes, "bits_per_expert_weight": 8 * src_bytes / weights,
-                 "ppl": torch_ppl(model, ids), "rel_error": 0.0})
-    print(f"{name}: original ppl {rows[-1]['ppl']:.4f}", flush=True)
-    for method in METHODS:
-        for keep in KEEPS:
-            rows.append(rmoe_row(name, method, fixture, tmp / "x.rmoe", ids, keep=keep))
-    for method in ("resmoe", "resmoe-svd", "prune", "svd"):  # merge stores no residual: no such budget
-        for rk in RESIDUAL_KEEPS:
-            rows.append(rmoe_row(name, method, fixture, tmp / "x.rmoe", ids, residual_keep=rk))
-    for keep in KEEPS:
-        rows.append(rmoe_row(name, "resmoe-int8", fixture, tmp / "x.rmoe", ids, keep=keep, value_dtype="int8",
-                             base_dtype="int8"))
-    for t in ("f32",) + LLAMA_TYPES:
-        row = llama_row(name, t, export_gguf(lossless, tmp / f"{name}_{t}.gguf", t), ids, weights)
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def summary(rows: list[dict], fixture: str) -> str | None:
-    """The README's sentence for one fixture: ResMoE against pruning at --keep 0.25, the best sparse
-    method at up to 5 bits per expert weight, int8 ResMoE, and llama.cpp's q4_k_m and q2_k."""
-    rs = [r for r in rows if r["fixture"] == fixture]
-
-    def get(method: str, keep=None) -> dict | None:
-        return next((r for r in rs if r["method"] == method and r.get("keep") == keep
-                     and (keep is not None or r.get("residual_keep") is None)), None)
-
-    orig, res, pr = get("original"), get("resmoe", 0.25), get("prune", 0.25)
-    if not (orig and res and pr):
-        return None
-    ppl = "lower than" if res["ppl"] < pr["ppl"] else "higher than"
-    out = (f"`{fixture}`: at `--keep 0.25` ResMoE's error is {res['rel_error']:.3f} against vanilla pruning's "
-           f"{pr['rel_error']:.3f}, and its perplexity {res['ppl']:.2f} is {ppl} pruning's {pr['ppl']:.2f} "
-           f"(original {orig['ppl']:.2f})")
-    sparse = [r for r in rs if r["method"] in METHODS or r["method"] == "resmoe-int8"]
-    small = [r for r in sparse if r["bits_per_expert_weight"] <= 5]
-    if small:
-        b = min(small, key=lambda r: r["ppl"])
-        budget = f"keep {b['keep']:g}" if b.get("keep") is not None else f"residual-keep {b['residual_keep']:g}"
-        out += (f"; the best sparse format at up to 5 bits per expert weight is {b['method']} at {budget} "
-                f"({b['ppl']:.2f} at {b['bits_per_expert_weight']:.1f} bits)")
-    i8 = get("resmoe-int8", 0.25)
-    if i8:
-        out += (f"; int8 values and barycenter (`resmoe-int8`) bring ResMoE at `--keep 0.25` to "
-                f"{i8['bits_per_expert_weight']:.1f} bits at perplexity {i8['ppl']:.2f}")
-    q = [r for t in ("q4_k_m", "q2_k") if (r := get(t))]
-    if q:
-        out += "; llama.cpp " + " and ".join(f"{r['method']} gives {r['ppl']:.3f} at "
-                                             f"{r['bits_per_expert_weight']:.1f} bits" for r in q)
-    return out + "."
-
-
-def markdown(rows: list[dict], prov: dict, sources: dict) -> str:
-    """EVAL.md, entirely from the rows and how they were made."""
-    from provenance import markdown as how
-
-    wins = {p.get("windows") for p in sources.values() if isinstance(p, dict) and "windows" in p}
-    windows = (f"{wins.pop()} x {SEQ} bytes" if len(wins) == 1 and len(sources) == sum(
-        "windows" in p for p in sources.values()) else f"`--windows` x {SEQ} bytes (64 windows by default; "
-        "the count is not recorded for every fixture)")
-    out = ["# Evaluation on the trained fixtures (`benchmarks/eval.py`)", "",
-           f"Held-out text: the first {windows} of `benchmarks/fixtures/heldout.txt` "
-           "(standard-library files never seen in training); perplexity per byte (uniform: 256). "
-           "Relative error: mean relative Frobenius error of the restored expert matrices, measured on the "
-           "file. Expert bytes: true on-disk bytes of the expert weights (byte accounting for .rmoe, the "
-           "`ffn_*_exps` tensors for GGUF). No timings.", "", "## Summary (quoted in the README)", ""]
-    out += [f"- {line}" for fx in sorted({r["fixture"] for r in rows}) if (line := summary(rows, fx))]
-    out.append("")
-    for fx in sorted({r["fixture"] for r in rows}):
-        rs = [r for r in rows if r["fixture"] == fx]
-        out += [f"## {fx}", "", "| method | keep | residual keep | relative error | expert MiB | bits / expert weight "
-                "| held-out ppl |", "|---|---|---|---|---|---|---|"]
-        for r in rs:
-            err = "" if r.get("rel_error") is None else f"{r['rel_error']:.4f}"
-            out.append(f"| {r['method']} | {r['keep'] if r['keep'] is not None else ''} | "
-                       f"{r['residual_keep'] if r['residual_keep'] is not None else ''} | {err} | "
-                       f"{r['expert_bytes'] / 2**20:.2f} | {r['bits_per_expert_weight']:.2f} | {r['ppl']:.4f} |")
-        layered = [r for r in rs if r.get("rel_error_per_layer")]
-        if layered:
-            n = len(layered[0]["rel_error_per_layer"])
-            out += ["", "Relative error per layer (Table-1 style):", "",
-                    "| method | budget | " + " | ".join(f"layer {i}" for i in range(n)) + " | overall |",
-                    "|---|---|" + "---|" * (n + 1)]
-            for r in layered:
-                budget = f"keep {r['keep']}" if r["keep"] is not None else f"residual-keep {r['residual_keep']}"
-                out.append(f"| {r['method']} | {budget} | " + " | ".join(f"{e:.4f}" for e in r["rel_error_per_layer"])
-                           + f" | {r['rel_error']:.4f} |")
-        out += ["", f"![perplexity against bits per expert weight](eval_{fx}.png)", ""]
-    out += [how(prov).replace("## How this was made", "## How this report was made"), "## Where the rows come from", ""]
-    for name, p in sources.items():
-        if "command" in p:
-            dirty = " (uncommitted changes)" if p.get("git_dirty") else ""
-            out.append(f"- `{name}`: `{p['command']}` at commit `{p['git_commit']}`{dirty}, {p['date_utc']}, "
-                       f"{p['cpu']}, torch threads {p['torch_threads']}; "
-                       + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v))
-        else:
-            out.append(f"- `{name}`: written before provenance was recorded (last committed in "
-                       f"`{p.get('last_commit')}`); rerun `python benchmarks/eval.py` to record it.")
-    return "\n".join(out) + "\n"
-
-
-# one colour and marker per method family (tab10 colours)
-STYLE = {"resmoe": ("tab:blue", "o"), "resmoe-svd": ("tab:orange", "s"), "resmoe-int8": ("tab:cyan", "D"),
-         "prune": ("tab:red", "v"), "svd": ("tab:purple", "^"), "merge": ("tab:brown", "X"),
-         "llama.cpp": ("tab:green", "P")}
-X_RANGE = (1.5, 9.0)  # bits per expert weight shown at least; wider where points lie outside
-
-
-def plot_points(rows: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
-    """Per method family, the distinct (bits, ppl, label) points: a budget that gives the same file as
-    another (prune/svd keep = residual-keep, merge at any keep) appears once, with both names."""
-    series: dict[str, dict[tuple[float, float], list[str]]] = {}
-    for r in rows:
-        m = r["method"]
-        if m in ("original", "f32"):
-            continue
-        fam = "llama.cpp" if m in LLAMA_TYPES else m
-        if fam == "llama.cpp":
-            label = m
-        elif r.get("keep") is not None:
-            label = f"keep {r['keep']:g}"
-        else:
-            label = f"rk {r['residual_keep']:g}"
-        key = (round(r["bits_per_expert_weight"], 6), round(r["ppl"], 6))
-        names = series.setdefault(fam, {}).setdefault(key, [])
-        if label not in names:
-            names.append(label)
-    return {fam: sorted((b, p, " = ".join(n)) for (b, p), n in pts.items()) for fam, pts in series.items()}
-
-
-def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: float = 7) -> None:
-    """Label each (x, y, text, colour) next to its point, choosing for each the first of a few offsets
-    whose box overlaps no earlier label and no marker (greedy, in display points)."""
-    fig = ax.figure
-    scale = 72.0 / fig.dpi                              # display pixels to points
-    xy = [ax.transData.transform((x, y)) * scale for x, y, _, _ in points]
-    markers = [(px - 5, py - 5, px + 5, py + 5) for px, py in xy]
-    placed: list[tuple[float, float, float, float]] = []
-    offsets = [(5, 4), (5, -12), (-5, 4), (-5, -12), (5, 13), (5, -21), (-5, 13), (-5, -21)]
-
-    def free(box) -> bool:
-        return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
-                       for b in placed + markers)
-
-    for (x, y, text, color), (px, py) in zip(points, xy):
-        w, h = 0.55 * fontsize * len(text), fontsize
-        choice = offsets[0]
-        for dx, dy in offsets:
-            x0 = px + dx if dx > 0 else px + dx - w
-            if free((x0, py + dy, x0 + w, py + dy + h)):
-                choice = (dx, dy)
-                break
-        dx, dy = choice
-        x0 = px + dx if dx > 0 else px + dx - w
-        placed.append((x0, py + dy, x0 + w, py + dy + h))
-        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=color,
-                    ha="left" if dx > 0 else "right", va="bottom")
-
-
-def plot(rows: list[dict], fixture: str, path: Path) -> None:
-    """Perplexity against bits per expert weight: one colour and marker per method, every point
-    labelled, linear axes over the compressed range; the uncompressed rows as notes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rs = [r for r in rows if r["fixture"] == fixture]
-    series = plot_points(rs)
-    ref = {r["method"]: r for r in rs if r["method"] in ("original", "f32")}
-    base = ref["original"]["ppl"] if "original" in ref else min(p for pts in series.values() for _, p, _ in pts)
-    bits = [b for pts in series.values() for b, _, _ in pts]
-    x0, x1 = min(X_RANGE[0], min(bits) - 0.3), max(X_RANGE[1], max(bits) + 0.6)
-    # linear y over the useful range (points within 2x the original's perplexity); worse ones are listed
-    y1 = 1.04 * max(p for pts in series.values() for _, p, _ in pts if p <= 2 * base)
-    y0 = base - 0.06 * (y1 - base)
-    fig, ax = plt.subplots(figsize=(11, 6.5))
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    notes = []
-    if "original" in ref:
-        o = ref["original"]
-        ax.axhline(o["ppl"], color="grey", lw=0.8, ls="--")
-        notes.append(f"original ({o['bits_per_expert_weight']:.0f} bits per expert weight): ppl {o['ppl']:.3f} "
-                     "(dashed line)")
-    if "f32" in ref:
-        notes.append(f"llama.cpp f32 ({ref['f32']['bits_per_expert_weight']:.0f} bits): ppl {ref['f32']['ppl']:.3f}")
-    off_top, labels = [], []
-    for fam, pts in series.items():
-        color, marker = STYLE.get(fam, ("black", "*"))
-        inside = [(b, p, lab) for b, p, lab in pts if p <= y1]
-        ax.plot([b for b, _, _ in inside], [p for _, p, _ in inside], ls="-" if len(inside) > 1 else "none",
-                lw=1, color=color, marker=marker, ms=7, label=fam, alpha=0.9)
-        labels += [(b, p, lab, color) for b, p, lab in inside]
-        for b, p, lab in pts:
-            if p > y1:
-                off_top.append((b, p, lab, fam, color, marker))
-                ax.plot([b], [y1], marker=marker, color=color, ms=7, clip_on=False, mfc="none")
-    _place_labels(ax, labels)
-    if off_top:
-        notes.append("off scale (open markers on the top edge):")
-        notes += [f"  {fam} {lab}: ppl {p:.1f} at {b:.1f} bits" for b, p, lab, fam, _, _ in sorted(off_top)]
-    if notes:
-        ax.text(0.01, 0.975, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="top", color="dimgrey",
-                bbox=dict(boxstyle="round", fc="white", ec="lightgrey", alpha=0.9))
-    ax.set_xlabel("bits per expert weight (on disk)")
-    ax.set_ylabel("held-out perplexity per byte (lower is better)")
-    ax.set_title(f"{fixture}: perplexity against size (rk = residual-keep)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# what a full run imports -> what provides it (pyproject extras, or a package)
-NEEDS = {"matplotlib": "bench", "transformers": "hf", "gguf": "export", "llama_cpp": "llama-cpp-python"}
-
-
-def missing_requirements(report_only: bool) -> str | None:
-    """One line naming the missing modules and the pip install that provides them, or None."""
+def missing_requirements(families: tuple[str, ...], report_only: bool) -> str | None:
+    """One line naming the missing modules and the pip installs that provide them, or None."""
     import importlib.util
 
-    need = ["matplotlib"] if report_only else list(NEEDS)
+    groups = ["plot"] if report_only else ["base", "plot", *families]
+    need = {mod: how for g in groups for mod, how in NEEDS.get(g, {}).items()}
     miss = [m for m in need if importlib.util.find_spec(m) is None]
     if not miss:
         return None
-    extras = sorted({NEEDS[m] for m in miss if m != "llama_cpp"})
-    cmd = "pip install" + (f' -e ".[{",".join(extras)}]"' if extras else "") + (
-        " llama-cpp-python" if "llama_cpp" in miss else "")
-    return f"benchmarks/eval.py needs {', '.join(miss)}: run `{cmd}` first"
+    extras = sorted({need[m][1:-1] for m in miss if need[m].startswith("[")})
+    cmds = [f'pip install -e ".[{",".join(extras)}]"'] if extras else []
+    cmds += sorted({f"pip install {need[m]}" for m in miss if not need[m].startswith("[")})
+    return f"benchmarks/eval.py needs {', '.join(miss)}: run `{'` and `'.join(cmds)}` first"
 
 
-def read_results(path: Path) -> tuple[list[dict], dict | None]:
-    """(rows, provenance) of a per-fixture results file; files written before provenance was recorded
-    are a bare list of rows."""
+def read_results(path: Path) -> tuple[list[dict], dict, list[dict]] | None:
+    """(rows, provenance, provenances of rows kept from earlier runs) of a per-fixture results file; None for one
+    written by an older eval.py (other rows)."""
     data = json.loads(path.read_text())
-    return (data, None) if isinstance(data, list) else (data["rows"], data["provenance"])
+    if isinstance(data, list) or any("family" not in r for r in data["rows"]):
+        return None
+    return data["rows"], data["provenance"], data.get("kept_from", [])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=64, help=f"held-out windows of {SEQ} bytes")
     ap.add_argument("--fixture", default=None, help="one fixture (default: all)")
+    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {', '.join(FAMILIES)}")
+    ap.add_argument("--windows", type=int, default=None, help=f"only the first N windows of {SEQ} bytes")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 8 windows, budgets 2.5 and 4, q2_k and q4_k_m, "
+                    "HQQ and GPTQ at 2 and 4 bits, 16 KiB of calibration text (writes to --out, default a temp dir)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--report-only", action="store_true", help="rebuild eval.json, EVAL.md and the plots from "
                     "the per-fixture results/eval_<NAME>.json without evaluating")
     a = ap.parse_args(argv)
-    problem = missing_requirements(a.report_only)
+    families = tuple(f for f in a.families.split(",") if f)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    problem = missing_requirements(families, a.report_only)
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from provenance import collect, last_commit
+    FAILURES.clear()
+    settings = Settings.quick(families) if a.quick else Settings(families)
+    if a.windows is not None:
+        settings.windows = a.windows
+    out = a.out or (Path(tempfile.gettempdir()) / "resmoe_eval_quick" if a.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    from provenance import collect
 
-    prov = collect(("torch", "transformers", "numpy", "gguf", "llama_cpp"), seq=SEQ, timing_runs=None,
-                   **({} if a.report_only else {"windows": a.windows}))
+    prov = collect(("torch", "transformers", "numpy", "gguf", "llama_cpp", "hqq", "llmcompressor",
+                    "compressed_tensors"), seq=SEQ, timing_runs=None,
+                   **({} if a.report_only else {**dataclasses.asdict(settings), "quick": a.quick}))
     warnings.simplefilter("ignore")
-    fixtures = sorted(p for p in FIXTURES.iterdir() if (p / "train.json").exists())
-    if a.fixture:
-        fixtures = [p for p in fixtures if p.name == a.fixture]
-    if a.report_only:
-        fixtures = []
-    RESULTS.mkdir(exist_ok=True)
+    fixtures = [] if a.report_only else sorted(p for p in FIXTURES.iterdir() if (p / "train.json").exists()
+                                               and (a.fixture is None or p.name == a.fixture))
+    if a.fixture and not a.report_only and not fixtures:
+        ap.error(f"no trained fixture named {a.fixture}")
     with tempfile.TemporaryDirectory() as tmp:
         for fx in fixtures:
-            part = evaluate(fx, a.windows, Path(tmp))
-            (RESULTS / f"eval_{fx.name}.json").write_text(
-                json.dumps({"provenance": prov, "rows": part}, indent=1) + "\n")
-    # eval.json, EVAL.md and the plots cover every fixture evaluated so far (one file per fixture)
-    rows, sources = [], {}
-    for f in sorted(RESULTS.glob("eval_*.json")):
-        part, fprov = read_results(f)
-        rows += part
-        sources[f.name] = fprov or {"provenance": "not recorded", "last_commit": last_commit(f)}
-    readme = [line for fx in sorted({r["fixture"] for r in rows}) if (line := summary(rows, fx))]
-    (RESULTS / "eval.json").write_text(json.dumps({"provenance": prov, "sources": sources, "readme": readme,
-                                                   "rows": rows}, indent=1) + "\n")
-    (RESULTS / "EVAL.md").write_text(markdown(rows, prov, sources))
-    for fx in {r["fixture"] for r in rows}:
-        plot(rows, fx, RESULTS / f"eval_{fx}.png")
-    print((RESULTS / "EVAL.md").read_text())
-    if LLAMA_FAILURES:
-        print("llama.cpp failed on (no row written for these):\n" + "\n".join(LLAMA_FAILURES), file=sys.stderr)
+            Run(fx, settings, Path(tmp), out, prov).evaluate()
+    write_reports(out, prov)
+    if FAILURES:
+        print("llama.cpp failed on (no row written for these):\n" + "\n".join(FAILURES), file=sys.stderr)
         return 1
     return 0
+
+
+def write_reports(out: Path, prov: dict) -> None:
+    """eval.json, EVAL.md and the plots over every per-fixture results file in ``out``."""
+    import report
+
+    rows, sources = [], {}
+    for f in sorted(out.glob("eval_*.json")):
+        got = read_results(f)
+        if got is None:
+            log(f"{f} was written by an older eval.py: left out of the reports (rerun that fixture)")
+            continue
+        rows += got[0]
+        sources[f.name] = [got[1], *got[2]]
+    checks = targets.evaluate(rows)
+    (out / "eval.json").write_text(json.dumps({"provenance": prov, "sources": sources,
+                                               "readme": targets.readme_lines(checks), "targets": checks,
+                                               "rows": rows}, indent=1) + "\n")
+    (out / "EVAL.md").write_text(report.markdown(rows, checks, prov, sources))
+    for fx in sorted({r["fixture"] for r in rows}):
+        report.plot(rows, fx, out / f"eval_{fx}.png")
+    log(f"wrote {out / 'EVAL.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""EVAL.md and the per-fixture plots of ``eval.py``, entirely from the rows, the targets and the provenance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import targets
+
+#: family -> (colour, marker, legend label)
+STYLE = {"resmoe": ("tab:blue", "o", "resmoe --bits (data-free)"),
+         "resmoe-cal": ("tab:purple", "s", "resmoe --bits --calibration"),
+         "quant": ("tab:cyan", "D", "--method quant (no base)"),
+         "llama.cpp": ("tab:green", "P", "llama.cpp k-quants"),
+         "hqq": ("tab:orange", "^", "HQQ"),
+         "gptq": ("tab:red", "v", "GPTQ (llm-compressor)")}
+
+INTRO = """\
+Held-out text: {windows} of `benchmarks/fixtures/heldout.txt` (standard-library files never seen in
+training), each window evaluated from an empty context; perplexity per byte (uniform: 256).
+**KLD**: mean KL divergence of the next-byte distribution from the original model's, over every
+predicted byte; the reference for every row is the original model in float32 in torch, so the
+llama.cpp rows also carry llama.cpp's own difference from torch, which the `f32` row (the
+unquantized GGUF) measures. **Same top**: fraction of positions whose most likely next byte is the
+original's. **Bits / expert weight**: 8 x stored expert bytes / expert weights, the stored bytes
+being the `.rmoe` byte accounting (`resmoe-inspect`: base, permutations, codes, scales, indices),
+the GGUF's `ffn_*_exps` tensors, HQQ's packed codes with fp16 scales and zeros, and the tensors of
+compressed-tensors' `pack-quantized` format for GPTQ (packed codes and zero points, fp16 scales).
+Only expert weights are quantized by the resmoe, quant, HQQ and GPTQ rows; the llama.cpp presets
+quantize attention and embeddings too (their expert bytes are counted alone).
+
+Families: `resmoe` (`resmoe-convert --bits B`, data-free), `resmoe-cal` (the same with
+`--calibration benchmarks/fixtures/calibration.txt`), `quant` (`--method quant --bits B`: the same
+quantizer and allocator without a base), all three run in the torch runtime (materialize, float32);
+`llama.cpp` (the original exported to GGUF and quantized by llama.cpp's quantizer, run in
+llama.cpp); `hqq` (package `hqq`, groups of 64, data-free) and `gptq` (package `llmcompressor`,
+GPTQ on the expert projections only, groups of 64, asymmetric, calibrated on `calibration.txt`:
+64 KiB of the fixtures' training files, none of them held out), both run in the torch runtime.
+Time to make: seconds to convert or quantize (the llama.cpp rows: export and quantize)."""
+
+
+def _windows(rows: list[dict]) -> str:
+    tokens = {r["tokens"] for r in rows}
+    if len(tokens) != 1:
+        return "windows of 256 bytes (the rows do not all cover the same bytes)"
+    n = tokens.pop()
+    return f"{-(-n // 256)} windows of 256 bytes ({n} predicted bytes)"
+
+
+def table(rows: list[dict]) -> list[str]:
+    orig = next((r for r in rows if r["family"] == "original"), None)
+    out = ["| family | setting | bits / expert weight | expert MiB | held-out ppl | vs original | mean KLD "
+           "| same top | time to make (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    order = ["original", *STYLE]
+    for r in sorted(rows, key=lambda r: (order.index(r["family"]), targets.bits(r))):
+        rel = f"{r['ppl'] / orig['ppl'] - 1:+.2%}" if orig else ""
+        flag = " (over budget)" if r.get("over_budget") else ""
+        out.append(f"| {r['family']} | {r['setting']}{flag} | {targets.bits(r):.3f} | {r['expert_bytes'] / 2**20:.2f} "
+                   f"| {r['ppl']:.4f} | {rel} | {r['kld']:.5f} | {r['same_top']:.2%} | {r['seconds_to_make']:g} |")
+    return out
+
+
+def markdown(rows: list[dict], checks: list[dict], prov: dict, sources: dict) -> str:
+    """EVAL.md; ``sources``: per results file, the provenance of its run and of the runs its kept rows came from."""
+    from provenance import markdown as how
+
+    out = ["# Evaluation on the trained fixtures (`benchmarks/eval.py`)", "",
+           INTRO.format(windows=_windows(rows)), "", "## Targets (computed from the rows below)", ""]
+    for c in checks:
+        out.append(f"- `{c['fixture']}`, {c['target']}: **{targets.verdict(c)}**. {c['detail']}.")
+    if not checks:
+        out.append("- no fixture with targets was evaluated")
+    for fx in sorted({r["fixture"] for r in rows}):
+        out += ["", f"## {fx}", "", *table([r for r in rows if r["fixture"] == fx]), "",
+                f"![perplexity and KL divergence against bits per expert weight](eval_{fx}.png)"]
+    out += ["", how(prov).replace("## How this was made", "## How this report was made"),
+            "## Where the rows come from", ""]
+    for fname, provs in sources.items():
+        for i, p in enumerate(provs):
+            dirty = " (uncommitted changes)" if p.get("git_dirty") else ""
+            what = "rows of the families not in that run: " if i else ""
+            out.append(f"- `{fname}`: {what}`{p['command']}` at commit `{p['git_commit']}`{dirty}, {p['date_utc']}, "
+                       f"{p['cpu']}, torch threads {p['torch_threads']}; "
+                       + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v))
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], fixture: str, path: Path) -> None:
+    """Two panels against bits per expert weight: perplexity (linear, worse points on the top edge) and
+    mean KLD (log): per family its points and its frontier line; the original and llama.cpp f32 as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r["fixture"] == fixture]
+    orig = next((r for r in rs if r["family"] == "original"), None)
+    f32 = next((r for r in rs if r["family"] == "llama.cpp" and r["setting"] == "f32"), None)
+    pts = {f: [r for r in rs if r["family"] == f and not (f == "llama.cpp" and r["setting"] == "f32")] for f in STYLE}
+    pts = {f: v for f, v in pts.items() if v}
+    every = [r for v in pts.values() for r in v]
+    if not every:
+        return
+    base = orig["ppl"] if orig else min(r["ppl"] for r in every)
+    top = min(max(r["ppl"] for r in every), 1.5 * base)
+    top = base + 1.08 * (top - base) if top > base else base * 1.01
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6.5))
+    for fam, v in pts.items():
+        color, marker, label = STYLE[fam]
+        for ax, key in ((ax1, "ppl"), (ax2, "kld")):
+            front = targets.frontier(v, key)
+            ys = [min(r[key], top) if key == "ppl" else max(r[key], 1e-7) for r in v]
+            ax.scatter([targets.bits(r) for r in v], ys, color=color, marker=marker, s=36, alpha=0.6,
+                       facecolors=["none" if key == "ppl" and r["ppl"] > top else color for r in v])
+            fy = [r[key] for r in front] if key == "kld" else [min(r["ppl"], top) for r in front]
+            ax.plot([targets.bits(r) for r in front], [max(y, 1e-7) for y in fy], color=color, lw=1.3, label=label)
+        if fam == "llama.cpp":
+            for r in v:
+                if r["ppl"] <= top:
+                    ax1.annotate(r["setting"], (targets.bits(r), r["ppl"]), xytext=(4, 4), textcoords="offset points",
+                                 fontsize=7, color=color)
+    if orig:
+        ax1.axhline(orig["ppl"], color="grey", ls="--", lw=0.8, label=f"original (bf16): {orig['ppl']:.3f}")
+    if f32:
+        ax2.axhline(max(f32["kld"], 1e-7), color="tab:green", ls=":", lw=0.8,
+                    label=f"llama.cpp f32 vs torch (runtime floor): {f32['kld']:.1e}")
+    low = min(base, *(r["ppl"] for r in every))
+    ax1.set_ylim(low - 0.04 * (top - low), top)
+    ax1.set_ylabel("held-out perplexity per byte (open markers on the top edge: off scale)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("mean KL divergence from the original (nats per byte)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("bits per expert weight (stored)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{fixture}: quality against size; lines join each family's frontier (lower-left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
