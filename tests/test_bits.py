@@ -137,8 +137,9 @@ def _check_file(out: Path, report: dict, bits: float) -> None:
                 assert w.shape == tuple(st["shape"])
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("method", ["resmoe", "quant"])
+@pytest.mark.parametrize("method, dtype", [("resmoe", "bf16"), ("quant", "fp32"),
+                                           pytest.param("resmoe", "fp32", marks=pytest.mark.slow),
+                                           pytest.param("quant", "bf16", marks=pytest.mark.slow)])
 def test_bits_end_to_end(tmp_path, dtype, method):
     src = build_checkpoint("mixtral", tmp_path / "src", dtype)
     out = tmp_path / "m.rmoe"
