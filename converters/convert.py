@@ -171,6 +171,7 @@ class Plan:
                     self.encoder.check_layer(lay.matrices, lay.num_experts)  # budget and --rank fit these shapes
             if self.bits:
                 self.check_bits_budget()
+            self.calibration_ids = self.read_calibration() if o.calibration is not None else None
             if o.method == "merge" and o.keep is not None and not o.lossless:
                 experts = sorted({lay.num_experts for lay in self.layouts})
                 if any(abs(o.keep - 1 / e) > 1e-9 for e in experts):
@@ -209,6 +210,17 @@ class Plan:
         if b < cheapest:
             raise ConversionError(f"--bits {b:g} is below what the cheapest encoding reaches for these experts "
                                   f"({cheapest:.4f} bits per expert weight with --method {self.options.method})")
+
+    def read_calibration(self) -> np.ndarray:
+        """--calibration's token ids (the checks of calibrate.read_text and tokenize), before any work."""
+        import importlib.util
+
+        from .encoders import calibrate
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ConversionError("--calibration runs the source model in transformers: pip install 'resmoe[hf]'")
+        text = calibrate.read_text(self.options.calibration)
+        return calibrate.tokenize(text, self.ckpt.files().get("tokenizer.json"), self.options.calibration)
 
     def check_weights(self, progress: bool = False) -> None:
         """Refuse NaN or Inf anywhere in the checkpoint before the output is created (one

@@ -56,9 +56,7 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
 
         from resmoe_format.torch.kinds import kind_for
 
-        ids = calibrate.tokenize(calibrate.read_text(o.calibration), plan.ckpt.files().get("tokenizer.json"),
-                                 o.calibration)
-        conv.inputs = calibrate.collect(plan.src, plan.ckpt.config, plan.layouts, ids, plan.device)
+        conv.inputs = calibrate.collect(plan.src, plan.ckpt.config, plan.layouts, plan.calibration_ids, plan.device)
         conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
     tables = []
     for lay in tqdm(plan.layouts, desc="measuring", unit="layer", disable=not progress):

@@ -266,3 +266,16 @@ def test_report_lists_every_choice(tmp_path, small):
         for st in lay["matrices"].values():
             assert all(w in DIRECT or w is None for w in st["value_dtypes"])
             assert st["base"] in (None, *BASE)
+
+
+def test_calibration_without_transformers_is_refused_before_any_work(tmp_path, small, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    cal = tmp_path / "cal.txt"
+    cal.write_text(TEXT)
+    with pytest.raises(ConversionError, match=r"--calibration runs the source model in transformers: pip install"):
+        convert(small, tmp_path / "m.rmoe", ConvertOptions(bits=3.0, calibration=str(cal)), progress=False)
+    assert not (tmp_path / "m.rmoe").exists()
