@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--only-kquant", action="store_true",
+                    help=f"only the dense model and the {KQUANT} file (materialize and fused); results go to "
+                         f"runtime_kquant.json, RUNTIME_KQUANT.md and runtime_kquant.png")
     a = ap.parse_args(argv)
     if a.child:
         kind, path, mode, vocab, out = a.child
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 KQUANT: ConvertOptions(bits=KQUANT_BITS)}
     modes = {"resmoe keep 0.25": ("materialize", "lazy", "lazy, cache = all experts", "fused"),
              KQUANT: ("materialize", "fused")}
+    if a.only_kquant:
+        variants = {KQUANT: variants[KQUANT]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"hidden": a.hidden, "inter": a.inter, "layers": a.layers, "experts": a.experts, "top_k": 2,
             "vocab": a.vocab, "dtype": "fp32", "prefill_tokens": PREFILL, "decode_steps": DECODE,
             "baseline_rss": baseline, "dense_bytes": dense_bytes, "expert_dense_bytes": expert_dense}
-    suffix = "_quick" if a.quick else ""
+    suffix = ("_quick" if a.quick else "") + ("_kquant" if a.only_kquant else "")
     res = {"provenance": prov, "meta": meta, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"runtime{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
