@@ -265,7 +265,8 @@ def report(res: dict, png: str) -> str:
         f"Model: synthetic upcycled Mixtral (hub tensor names, float32): hidden {m['hidden']}, intermediate "
         f"{m['inter']}, {e} experts, top-{m['top_k']}, {m['layers']} layers, vocabulary {m['vocab']}; "
         f"{m['dense_bytes'] / MIB:.0f} MiB of weights, {m['expert_dense_bytes'] / MIB:.0f} MiB of them experts. "
-        f"Converted with `resmoe-convert` at three budgets; every mode runs in float32 on the CPU. Dense baseline: "
+        f"Converted with `resmoe-convert` ({', '.join(dict.fromkeys(r['variant'] for r in rows[1:]))}); every mode "
+        "runs in float32 on the CPU. Dense baseline: "
         f"the source checkpoint loaded with transformers' `from_pretrained` (experts implementation "
         f"`{dense.get('experts_implementation')}`). Each row is the median of {RUNS} fresh processes (decode with "
         f"the range of the runs). Prefill: {m['prefill_tokens']} tokens per sequence; decode: {m['decode_steps']} "
@@ -273,12 +274,15 @@ def report(res: dict, png: str) -> str:
         f"while running (reset after load). The interpreter with torch and transformers imported, and no model, "
         f"is {base / MIB:.0f} MiB.", "",
         table(rows), "",
-        f"(`--keep 0.25` stores 25% of the expert parameters in total: the barycenter is 1/{e}, so each residual "
-        f"keeps {0.25 - 1 / e:.1%}. `--residual-keep 0.25` is the paper's convention: residuals keep 25% and the "
-        f"barycenter comes on top, {0.25 + 1 / e:.1%} in total.)", "",
-        f"![memory and decode speed per mode]({png})", "",
-        "## Target: fused decode at batch 1 at least as fast as dense when residuals keep <= 25%", "",
     ]
+    keeps = any(v.startswith("resmoe keep") for v, _ in find)
+    if keeps:
+        lines += [f"(`--keep 0.25` stores 25% of the expert parameters in total: the barycenter is 1/{e}, so each "
+                  f"residual keeps {0.25 - 1 / e:.1%}. `--residual-keep 0.25` is the paper's convention: residuals "
+                  f"keep 25% and the barycenter comes on top, {0.25 + 1 / e:.1%} in total.)", ""]
+    lines += [f"![memory and decode speed per mode]({png})", ""]
+    if keeps:
+        lines += ["## Target: fused decode at batch 1 at least as fast as dense when residuals keep <= 25%", ""]
     for variant in ("resmoe keep 0.25", "resmoe residual-keep 0.25", "resmoe-svd keep 0.25"):
         r = find.get((variant, "fused"))
         if r:
