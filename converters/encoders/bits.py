@@ -44,6 +44,11 @@ def record_bytes(n: int, width: str | None) -> int:
     return 0 if width is None else kquant.nbytes(n, width, LAYOUT)
 
 
+def permutation_bytes(lay) -> int:
+    """Bytes of a layer's permutations (one per expert, spec 6.4)."""
+    return lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
+
+
 def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
     """Tables with every byte count and zero errors: enough to find the cheapest allocation."""
     out = []
@@ -58,8 +63,7 @@ def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
                 t.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
                 t.residual_error = {w: np.zeros((lay.num_experts, len(RESIDUAL))) for w in BASE}
             mats.append(t)
-        perm = lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
-        out.append(LayerTable(lay.index, perm if use_base else 0, mats))
+        out.append(LayerTable(lay.index, permutation_bytes(lay) if use_base else 0, mats))
     return out
 
 
@@ -128,7 +132,6 @@ class BitsConverter:
     """Both passes of ``--bits`` for one conversion."""
 
     use_base: bool
-    dtype_of: dict[int, str] = field(default_factory=dict)
     inputs: dict[int, LayerInputs] | None = None
     kind: Any = None
     device: torch.device = torch.device("cpu")
@@ -136,13 +139,17 @@ class BitsConverter:
     _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray]]] = field(default_factory=dict)
 
     # ---- shared by both passes -------------------------------------------------------
-    def _prepare(self, lay, experts: list[dict[str, torch.Tensor]], dtype: str, with_base: bool
+    def _hessians(self, lay, experts: list[dict[str, torch.Tensor]]) -> list[ExpertHessians] | None:
+        """Each expert's input Hessians from the recorded calibration inputs (None without --calibration)."""
+        if self.inputs is None:
+            return None
+        return expert_hessians(self.inputs[lay.index], experts, self.kind, self.device)
+
+    def _prepare(self, lay, experts: list[dict[str, torch.Tensor]], dtype: str, with_base: bool,
+                 hs: list[ExpertHessians] | None
                  ) -> tuple[dict[str, torch.Tensor] | None, list[np.ndarray] | None, list[Target]]:
         """(base, permutations, targets) of a layer; the base and permutations are computed once
-        (first pass) and reused (second pass)."""
-        hs: list[ExpertHessians] | None = None
-        if self.inputs is not None:
-            hs = expert_hessians(self.inputs[lay.index], experts, self.kind, self.device)
+        (first pass) and reused (second pass). ``hs``: the experts' Hessians, in source order."""
         base = perms = None
         if with_base:
             if lay.index not in self._bases:
@@ -170,9 +177,9 @@ class BitsConverter:
     def analyze(self, lay, experts: list[dict[str, torch.Tensor]]) -> LayerTable:
         """Measured rate–distortion points of one layer."""
         dtype = lay.matrices[0].dtype
-        self.dtype_of[lay.index] = dtype
-        plain = self._prepare(lay, experts, dtype, False)[2] if self.use_base else None
-        base, _, targets = self._prepare(lay, experts, dtype, self.use_base)
+        hs = self._hessians(lay, experts)
+        plain = self._prepare(lay, experts, dtype, False, hs)[2] if self.use_base else None
+        base, _, targets = self._prepare(lay, experts, dtype, self.use_base, hs)
         mats = []
         for i, t in enumerate(targets):
             n = values_of(t.spec)
@@ -194,15 +201,14 @@ class BitsConverter:
                         cols.append(t.errors(got))
                     mt.residual_error[bw] = np.stack(cols, axis=1)
             mats.append(mt)
-        perm = lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
-        return LayerTable(lay.index, perm if base is not None else 0, mats)
+        return LayerTable(lay.index, permutation_bytes(lay) if base is not None else 0, mats)
 
     # ---- pass 2 ----------------------------------------------------------------------
     def encode(self, lay, experts: list[dict[str, torch.Tensor]], choice: LayerChoice
                ) -> tuple[MoELayer, dict[str, Any]]:
         """The layer as chosen, and its report: every choice with its measured error."""
         dtype = lay.matrices[0].dtype
-        base, perms, targets = self._prepare(lay, experts, dtype, choice.uses_base)
+        base, perms, targets = self._prepare(lay, experts, dtype, choice.uses_base, self._hessians(lay, experts))
         base_rec: dict[str, Encoded] = {}
         residuals: list[dict[str, Encoded | None]] = [{} for _ in range(lay.num_experts)]
         stats: dict[str, Any] = {}
