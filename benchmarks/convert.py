@@ -9,6 +9,10 @@ converter. Streaming means the peak stays about flat as layers are added. Result
 benchmarks/results/convert.{json,md,png}.
 
     python benchmarks/convert.py [--quick] [--hidden 512 --inter 1792 --experts 8]
+
+With ``--calibration FILE`` every checkpoint also gets a character-level tokenizer.json and each
+conversion runs ``--calibration FILE`` (give ``--flags --bits B``): the source model then runs one
+decoder layer at a time, and the results go to convert[_style]_calibrated.*.
 """
 from __future__ import annotations
 
@@ -73,13 +77,24 @@ def run_convert(src: Path, out: Path, flags: list[str]) -> dict:
             "layer_seconds": [lay["seconds"] for lay in report["layers"]]}
 
 
+def char_tokenizer(text: str) -> str:
+    """tokenizer.json of a tokenizer with one token per character of ``text`` (no merges)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(sorted(set(text)))}}
+    return Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]")).to_str()
+
+
 def run_rows(a: argparse.Namespace, counts: list[int], tmp: Path) -> list[dict]:
     """Per layer count: one checkpoint, RUNS conversions; medians and ranges of time and peak RSS."""
     rows = []
+    flags = [*a.flags, *(["--calibration", str(a.calibration)] if a.calibration else [])]
     for n in counts:
         src = tmp / f"ckpt{n}"
         size = write_checkpoint(src, n, a.hidden, a.inter, a.experts, a.style)
-        runs = [run_convert(src, tmp / f"m{n}.rmoe", a.flags) for _ in range(RUNS)]
+        if a.calibration:
+            (src / "tokenizer.json").write_text(char_tokenizer(Path(a.calibration).read_text()))
+        runs = [run_convert(src, tmp / f"m{n}.rmoe", flags) for _ in range(RUNS)]
         one_layer = a.experts * 3 * a.hidden * a.inter * 2
         r = {k: runs[-1][k] for k in ("file_bytes", "rel_error_mean", "expert_bytes_fraction", "layer_seconds")}
         r.update({"layers": n, "checkpoint_bytes": size, "layer_expert_bytes": one_layer,
@@ -160,15 +175,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="*", default=[2, 4, 8, 16, 32])
     ap.add_argument("--style", default="mixtral", choices=("mixtral", "qwen3_moe"),
                     help="checkpoint names/config; results of a non-default style go to convert_<style>.*")
+    ap.add_argument("--calibration", metavar="FILE.txt", help="calibrate on this text (with --flags --bits B)")
     ap.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="extra resmoe-convert flags")
     a = ap.parse_args()
     counts = [2, 4] if a.quick else a.layers
-    tag = ("" if a.style == "mixtral" else f"_{a.style}") + ("_quick" if a.quick else "")
+    tag = (("" if a.style == "mixtral" else f"_{a.style}") + ("_calibrated" if a.calibration else "")
+           + ("_quick" if a.quick else ""))
     prov = collect(("torch", "numpy", "scipy", "safetensors"))
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         base = baseline_rss_mib(Path(tmp))
         rows = run_rows(a, counts, Path(tmp))
-    res = {"provenance": prov, "style": a.style, "flags": a.flags, "baseline_rss_mib": base,
+    flags = a.flags + (["--calibration", a.calibration] if a.calibration else [])
+    res = {"provenance": prov, "style": a.style, "flags": flags, "baseline_rss_mib": base,
            "shape": {"hidden": a.hidden, "intermediate": a.inter, "experts": a.experts}, "rows": rows,
            "readme": readme_sentence(rows, a.style, prov)}
     RESULTS.mkdir(exist_ok=True)

@@ -160,7 +160,7 @@ class Plan:
             check_paths([*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())],
                         files=[out])
             self.adapter = adapter_for(self.ckpt.config, self.ckpt.tensors)
-            layouts = self.adapter.moe_layers()
+            layouts = self.moe_layouts = self.adapter.moe_layers()
             chosen = set(select_layers(o.layers, [lay.index for lay in layouts]))
             self.layouts = [lay for lay in layouts if lay.index in chosen]
             for lay in self.layouts:
@@ -219,6 +219,7 @@ class Plan:
 
         if importlib.util.find_spec("transformers") is None:
             raise ConversionError("--calibration runs the source model in transformers: pip install 'resmoe[hf]'")
+        calibrate.check_model(self.ckpt.config)
         text = calibrate.read_text(self.options.calibration)
         return calibrate.tokenize(text, self.ckpt.files().get("tokenizer.json"), self.options.calibration)
 

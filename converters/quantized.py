@@ -1,8 +1,8 @@
 """The ``--bits`` conversion: measure every layer, allocate the budget, then encode and write.
 
 Layers stream twice (each pass holds one layer's experts); between the passes only the
-barycenters, permutations and rate–distortion tables stay in memory (and, with
-``--calibration``, the recorded expert inputs).
+barycenters, permutations and rate–distortion tables stay in memory (with ``--calibration``, the
+recorded expert inputs wait in unnamed temporary files).
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
 
         from resmoe_format.torch.kinds import kind_for
 
-        conv.inputs = calibrate.collect(plan.src, plan.ckpt.config, plan.layouts, plan.calibration_ids, plan.device)
+        conv.inputs = calibrate.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
+                                        progress)
         conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
     tables = []
     for lay in tqdm(plan.layouts, desc="measuring", unit="layer", disable=not progress):
@@ -100,7 +101,7 @@ def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], pr
     achieved = total_bytes(tables, choices)
     tokens = None
     if conv.inputs:
-        tokens = {str(i): {"tokens": int(x.x.shape[0])} for i, x in conv.inputs.items()}
+        tokens = {str(i): {"tokens": x.tokens} for i, x in conv.inputs.items()}
     return {"budget_bits": o.bits, "budget_bytes": budget, "expert_bytes": achieved,
             "bits_per_expert_weight": 8 * achieved / weights, "expert_weights": weights,
             "predicted_error": total_error(choices), "lagrange_multiplier": lam,

@@ -1,8 +1,9 @@
 """``--calibration FILE``: the inputs each expert sees, for GPTQ and for an output-error allocation.
 
 The text is tokenized with the checkpoint's own tokenizer and run through the source model (float32,
-transformers) in windows; a hook on every compressed experts module records the tokens routed to
-each expert. Per expert the converter then forms the Hessians of its matrices' inputs: X^T X / N for
+transformers) in windows, one decoder layer at a time (:mod:`.layerwise`); a hook on every compressed
+experts module records the tokens routed to each expert, spilled to unnamed temporary files. Per
+expert the converter then forms the Hessians of its matrices' inputs: X^T X / N for
 the input matrices (gate, up) and h^T h / N for the output matrix (down), h = act(x gate^T) * (x up^T)
 computed with the source weights. An expert that the router gives fewer than ``MIN_EXPERT_TOKENS``
 tokens is topped up with other calibration tokens (expert-balanced calibration, as MoEQuant argues),
@@ -10,9 +11,6 @@ so that no expert is quantized against a handful of samples.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConversionError
+from .layerwise import Spill
 
 #: tokens every expert's Hessian is built from at least (routed ones first, then others)
 MIN_EXPERT_TOKENS = 256
@@ -64,68 +63,85 @@ def tokenize(text: str, tokenizer_json: bytes | None, where: str) -> np.ndarray:
 
 @dataclass
 class LayerInputs:
-    """What one experts module received: hidden states (T, H) and routed expert indices (T, k)."""
+    """What one experts module received: ``tokens`` hidden states (spilled to a file) and the routed
+    expert indices (T, k)."""
 
-    x: torch.Tensor
+    rows: Spill
+    tokens: int
     index: torch.Tensor
 
-
-def _source_model(src: Path, config: dict):
-    import transformers
-
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
-        raise ConversionError(f"--calibration: transformers has no model class {arch!r} to run the source model")
-    import json
-
-    with tempfile.TemporaryDirectory(prefix="resmoe-calib-") as tmp:
-        files = [src] if src.is_file() else [p for p in src.iterdir() if p.suffix == ".safetensors"
-                                               or p.name.endswith(".safetensors.index.json")]
-        for p in files:
-            name = "model.safetensors" if src.is_file() else p.name
-            os.symlink(p.resolve(), Path(tmp) / name)
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls.from_pretrained(tmp, dtype=torch.float32).eval()
+    @property
+    def x(self) -> torch.Tensor:
+        """The hidden states (T, H), read from the spill file."""
+        return torch.from_numpy(self.rows.read(0, self.tokens))
 
 
-def collect(src: str | Path, config: dict, layouts, ids: np.ndarray, device: torch.device) -> dict[int, LayerInputs]:
-    """Run the source model over ``ids`` and record each compressed layer's expert inputs."""
-    from resmoe_format.torch.kinds import kind_for
-    from resmoe_format.torch.load import _Names
+def check_model(config: dict) -> None:
+    """Refuse, from config.json alone, a model that calibration cannot run one layer at a time."""
+    from resmoe_format.torch.load import meta_model
 
-    model = _source_model(Path(src), config).to(device)
-    kind = kind_for(model.config)
-    names = _Names(model)
-    got: dict[int, list] = {lay.index: [] for lay in layouts}
-    hooks = []
+    from .layerwise import decoder_layers, model_class
 
-    def hook_for(lay):
-        def pre(module, args, kwargs):
-            vals = list(args) + list(kwargs.values())
-            if len(vals) < 3 or not torch.is_tensor(vals[0]) or not torch.is_tensor(vals[1]):
-                raise ConversionError(f"--calibration: layer {lay.index}'s experts module is not called with "
-                                      f"(hidden states, expert index, weights); calibration cannot read it")
-            x, index, _ = kind.routing(lay.num_experts, vals[0], vals[1], vals[2])
-            got[lay.index].append((x.detach().float().reshape(-1, x.shape[-1]).cpu(),
-                                   index.detach().reshape(x.shape[0] if x.dim() == 2 else -1, -1).cpu()))
-        return pre
+    cfg, cls = model_class(config)
+    decoder_layers(meta_model(cls, cfg, torch.float32))
 
-    try:
-        for lay in layouts:
-            hooks.append(model.get_submodule(names.module(lay.prefix)).register_forward_pre_hook(
-                hook_for(lay), with_kwargs=True))
-        with torch.no_grad():
-            for i in range(0, ids.size, WINDOW):
-                window = torch.from_numpy(ids[i:i + WINDOW])[None].to(device)
-                model(input_ids=window)
-    finally:
-        for h in hooks:
-            h.remove()
-        del model
-    return {k: LayerInputs(torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in got.items()}
+
+class _Recorder:
+    """A forward pre-hook on one experts module: its input rows go to a spill file, its routing to a list."""
+
+    def __init__(self, lay, kind, capacity: int, width: int):
+        self.lay, self.kind = lay, kind
+        self.rows = Spill(capacity, width)
+        self.filled = 0
+        self.index: list[torch.Tensor] = []
+
+    def __call__(self, module, args, kwargs) -> None:
+        vals = list(args) + list(kwargs.values())
+        if len(vals) < 3 or not torch.is_tensor(vals[0]) or not torch.is_tensor(vals[1]):
+            raise ConversionError(f"--calibration: layer {self.lay.index}'s experts module is not called with "
+                                  f"(hidden states, expert index, weights); calibration cannot read it")
+        x, idx, _ = self.kind.routing(self.lay.num_experts, vals[0], vals[1], vals[2])
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        if self.filled + x.shape[0] > self.rows.shape[0]:
+            raise ConversionError(f"--calibration: layer {self.lay.index}'s experts module received more rows "
+                                  f"than there are calibration tokens")
+        self.rows.write(self.filled, x.cpu().numpy())
+        self.filled += x.shape[0]
+        self.index.append(idx.detach().reshape(x.shape[0], -1).cpu())
+
+
+def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False
+            ) -> dict[int, LayerInputs]:
+    """Run the source model over ``ids`` one decoder layer at a time and record each compressed
+    layer's expert inputs (spilled to unnamed temporary files, not held in memory).
+
+    ``moe_layouts``: every MoE layer of the checkpoint; ``layouts``: the compressed ones.
+    """
+    from tqdm import tqdm
+
+    from .layerwise import LayerwiseModel
+
+    run = LayerwiseModel(ckpt, moe_layouts, device)
+    wanted = {lay.index for lay in layouts}
+    at = {lay.index: (i, path) for i, pairs in run.moe.items() for lay, path in pairs if lay.index in wanted}
+    last = max(i for i, _ in at.values())
+    hidden, calls = run.embed(ids, WINDOW, last)
+    got: dict[int, LayerInputs] = {}
+    for i in tqdm(range(last + 1), desc="calibrating", unit="layer", disable=not progress, leave=False):
+        layer = run.load_layer(i)
+        here = [(lay, path) for lay, path in run.moe.get(i, []) if lay.index in wanted]
+        rec = [_Recorder(lay, run.kind, ids.size, hidden.shape[1]) for lay, path in here]
+        hooks = [run.model.get_submodule(path).register_forward_pre_hook(r, with_kwargs=True)
+                 for r, (_, path) in zip(rec, here)]
+        try:
+            run.run_layer(layer, i, hidden, calls, WINDOW)
+        finally:
+            for h in hooks:
+                h.remove()
+            run.drop_layer(i)
+        for r in rec:
+            got[r.lay.index] = LayerInputs(r.rows, r.filled, torch.cat(r.index))
+    return got
 
 
 @dataclass

@@ -77,7 +77,7 @@ def _config(reader: Reader):
     return config, cls
 
 
-class _Names:
+class CheckpointNames:
     """Checkpoint tensor names to the model's parameter names, by transformers' own renaming rules."""
 
     def __init__(self, model):
@@ -106,7 +106,7 @@ def _quiet():
         yield
 
 
-def _set(model: nn.Module, path: str, value) -> None:
+def set_tensor(model: nn.Module, path: str, value) -> None:
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     if isinstance(value, nn.Module):
@@ -117,7 +117,8 @@ def _set(model: nn.Module, path: str, value) -> None:
         owner._buffers[leaf] = value
 
 
-def _load_passthrough(model, reader: Reader, names: _Names, dtype: torch.dtype, device: torch.device) -> set[str]:
+def _load_passthrough(model, reader: Reader, names: CheckpointNames, dtype: torch.dtype,
+                      device: torch.device) -> set[str]:
     loaded = set()
     for src in reader.schema.passthrough:
         key = names(src)
@@ -128,22 +129,34 @@ def _load_passthrough(model, reader: Reader, names: _Names, dtype: torch.dtype, 
         arr = reader.tensor(src)
         if tuple(arr.shape) != tuple(want.shape):
             raise RmoeRuntimeError(f"tensor {src}: shape {list(arr.shape)} but the model's {key} is {list(want.shape)}")
-        _set(model, key, to_torch(arr, dtype if want.is_floating_point() else want.dtype, device, copy=True))
+        set_tensor(model, key, to_torch(arr, dtype if want.is_floating_point() else want.dtype, device, copy=True))
         loaded.add(key)
     reader.release()
     return loaded
 
 
-def _finish(model, device: torch.device) -> None:
-    """Tie weights, recompute non-persistent buffers (rotary tables) and check nothing stayed on meta."""
-    model.tie_weights()
-    for mod_name, mod in model.named_modules():
+def init_meta_buffers(model, root: nn.Module, device: torch.device) -> None:
+    """Recompute the buffers under ``root`` still on meta (rotary tables, which no checkpoint holds)
+    on ``device``, by the model's own initialisation."""
+    for mod in root.modules():
         metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
         if metas:
             for b in metas:
                 mod._buffers[b] = torch.empty_like(mod._buffers[b], device=device)
             with _quiet():
                 model._init_weights(mod)
+
+
+def meta_model(cls, config, dtype: torch.dtype):
+    """``cls`` built from ``config`` on the meta device: the skeleton whose tensors are set one by one."""
+    with torch.device("meta"), _quiet():
+        return cls._from_config(config, dtype=dtype)
+
+
+def _finish(model, device: torch.device) -> None:
+    """Tie weights, recompute non-persistent buffers (rotary tables) and check nothing stayed on meta."""
+    model.tie_weights()
+    init_meta_buffers(model, model, device)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise RmoeRuntimeError(f"the file does not provide {len(left)} tensor(s) the model needs: {left[:5]}")
@@ -152,7 +165,7 @@ def _finish(model, device: torch.device) -> None:
 def _materialize(kind: ExpertKind, module: nn.Module, reader: Reader, lay, dtype, device) -> nn.Module:
     for name in kind.dense_parameters(module):
         p = module.get_parameter(name)
-        _set(module, name, torch.empty(p.shape, dtype=dtype, device=device))
+        set_tensor(module, name, torch.empty(p.shape, dtype=dtype, device=device))
     for e in range(lay.num_experts):
         kind.write_dense(module, e, restore_expert(reader, lay.index, e, original_order=True), dtype, device)
         reader.release()
@@ -167,7 +180,7 @@ def _compressed_module(kind, reader, lay, mode, dtype, device, cache, original):
     return FusedExperts(kind, reader, lay, dtype, device)
 
 
-def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: str, dtype, device,
+def _patch_layers(model, reader: Reader, names: CheckpointNames, kind: ExpertKind, mode: str, dtype, device,
                   cache_bytes: int | None) -> None:
     layers = reader.layers
     check_layers(kind.family, layers, RmoeRuntimeError)
@@ -192,7 +205,7 @@ def _patch_layers(model, reader: Reader, names: _Names, kind: ExpertKind, mode: 
                                    f"{lay.num_experts}")
         new = _compressed_module(kind, reader, lay, mode, dtype, device, cache, original)
         if new is not original:
-            _set(model, path, new)
+            set_tensor(model, path, new)
         del original
         reader.release()
         trim_heap()
@@ -229,9 +242,8 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
         dt = resolve_dtype(dtype, reader)
         config, cls = _config(reader)
         kind = kind_for(config)
-        with torch.device("meta"), _quiet():
-            model = cls._from_config(config, dtype=dt)
-        names = _Names(model)
+        model = meta_model(cls, config, dt)
+        names = CheckpointNames(model)
         _load_passthrough(model, reader, names, dt, dev)
         _patch_layers(model, reader, names, kind, mode, dt, dev, cache_bytes)
         _finish(model, dev)
@@ -260,7 +272,7 @@ def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes
         arch = reader.model.get("model_type")
         if arch is not None and arch != model.config.model_type:
             raise RmoeRuntimeError(f"{path} holds a {arch!r} model, not {model.config.model_type!r}")
-        _patch_layers(model, reader, _Names(model), kind, mode, dt, dev, cache_bytes)
+        _patch_layers(model, reader, CheckpointNames(model), kind, mode, dt, dev, cache_bytes)
     except BaseException:
         reader.close()
         raise
