@@ -13,8 +13,9 @@ import resmoe_format
 from converters.cli.convert import main as convert_main
 from converters.convert import ConvertOptions, convert
 from converters.encoders import kq_torch
+from converters.encoders.bits import record_bytes
 from converters.encoders.allocate import (BASE, DIRECT, RESIDUAL, LayerTable, MatrixTable, allocate, min_bytes,
-                                          total_bytes, total_error)
+                                          residual_form, total_bytes, total_error)
 from converters.errors import ConversionError
 from resmoe_format import accounting
 from resmoe_format.codecs import kquant
@@ -34,11 +35,15 @@ def _table(index: int, experts: int, n: int, scale: float, base_helps: bool, rng
     direct = scale * n * 4.0 ** (-bits)[None, :] * rng.uniform(0.5, 2, (experts, 1))
     mt = MatrixTable("w", db, direct)
     mt.base_bytes = {w: kquant.nbytes(n, w, kquant.KqLayout()) for w in BASE}
-    mt.residual_bytes = np.array([0 if w is None else kquant.nbytes(n, w, kquant.KqLayout()) for w in RESIDUAL])
-    rbits = np.array([0, 1.6, 2, 3, 4, 5, 6])
+    mt.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+    wbits = {"ternary": 1.6, "q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6}
+    # a dense residual's error falls 4x per bit; a sparse one also loses its pruned share
+    rel = np.array([1.0 if w is None else
+                    4.0 ** -wbits[residual_form(w)[0]] + (1 - (residual_form(w)[1] or 1.0)) ** 2
+                    for w in RESIDUAL])
     share = 0.1 if base_helps else 1.0
     for w, bb in zip(BASE, (2, 3, 4, 6)):
-        mt.residual_error[w] = scale * n * (share * 4.0 ** (-rbits)[None, :] + 4.0 ** -bb * 0.01) \
+        mt.residual_error[w] = scale * n * (share * rel[None, :] + 4.0 ** -bb * 0.01) \
             * rng.uniform(0.5, 2, (experts, 1))
     return LayerTable(index, experts * 2 * 32, [mt])
 
@@ -162,6 +167,7 @@ def test_base_is_kept_where_it_pays_and_beats_plain_quantization(tmp_path, upcyc
         errs[method] = report["summary"]["rel_error_mean"]
         if method == "resmoe":
             assert all(lay["base"] for lay in report["layers"])
+            _check_sparse_choices(out, report, upcycled_bf16)
     assert errs["resmoe"] < 0.7 * errs["quant"]
 
 
@@ -279,3 +285,54 @@ def test_calibration_without_transformers_is_refused_before_any_work(tmp_path, s
     with pytest.raises(ConversionError, match=r"--calibration runs the source model in transformers: pip install"):
         convert(small, tmp_path / "m.rmoe", ConvertOptions(bits=3.0, calibration=str(cal)), progress=False)
     assert not (tmp_path / "m.rmoe").exists()
+
+
+# ---- sparse residuals: a bitmap of the largest entries, values at a low width ----------------------
+
+@pytest.mark.parametrize("label", [lab for lab in RESIDUAL if lab and "@" in lab])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sparse_residual_measured_is_what_the_record_restores(label, weighted):
+    from resmoe_format import codecs
+    from converters.encoders.bits import record_bytes, residual_values, sparse_record
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(3, 24, 40, generator=g)  # 960 values: not whole groups or super-blocks
+    imp = torch.rand(3, 24, 40, generator=g) + 0.1 if weighted else None
+    measured = residual_values(r, label, imp)
+    for e in range(3):
+        rec, restored = sparse_record(r[e], label, None if imp is None else imp[e], (24, 40))
+        assert rec.encoding == "bitmap" and rec.nbytes == record_bytes(r[e].numel(), label)
+        decoded = codecs.decode(rec)
+        assert np.array_equal(decoded, restored.numpy()) and np.array_equal(decoded, measured[e].numpy())
+        density = float(label.split("@")[1])
+        assert rec.params["nnz"] == round(density * 960) == int((decoded != 0).sum())
+        # the kept entries are the largest (importance-weighted) ones
+        score = (r[e] ** 2 if imp is None else r[e] ** 2 * imp[e]).reshape(-1)
+        mask = np.unpackbits(rec.parts["mask"], bitorder="little")[:960].astype(bool)
+        assert float(score[torch.from_numpy(mask)].min()) >= float(score[torch.from_numpy(~mask)].max())
+
+
+def _source_matrix(src: Path, layer: int, expert: int, name: str) -> np.ndarray:
+    from converters.architectures import adapter_for
+    from converters.checkpoint import Checkpoint
+    from converters.disassemble import expert_matrices
+
+    with Checkpoint(src) as ck:
+        lay = next(lay for lay in adapter_for(ck.config, ck.tensors).moe_layers() if lay.index == layer)
+        return expert_matrices(lay, ck.get)[expert][name].double().numpy()
+
+
+def _check_sparse_choices(out: Path, report: dict, src: Path) -> None:
+    """Sparse residuals were chosen, are stored as bitmaps, and every report error is what the file restores."""
+    chosen = [w for lay in report["layers"] for st in lay["matrices"].values() for w in st["value_dtypes"]]
+    assert any(w and "@" in w for w in chosen)
+    with resmoe_format.open(out) as r:
+        encodings = {ref.encoding for lay in r.layers for res in lay.residuals for ref in res.values()
+                     if ref is not None}
+        assert "bitmap" in encodings
+        for lay in report["layers"]:
+            for name, st in lay["matrices"].items():
+                for e, rel in enumerate(st["rel_error"]):
+                    got = restore_matrix(r, lay["index"], e, name, original_order=True).astype(np.float64)
+                    truth = _source_matrix(src, lay["index"], e, name)
+                    assert rel == pytest.approx(np.linalg.norm(truth - got) / np.linalg.norm(truth), rel=1e-6)

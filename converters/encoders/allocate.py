@@ -1,11 +1,12 @@
 """``--bits``: rate–distortion tables of every layer and a Lagrangian allocation under one byte budget.
 
 For each layer, matrix and expert the converter measures the bytes and the error of each way to
-store it: directly at every k-quant width, or as a residual (at every width, or not at all) over
-a shared base quantized at each base width. :func:`allocate` picks, per layer, whether the layer
-keeps a base (and pays its permutations), per matrix the base width or no base, and per expert
-the width, minimising the summed error under the budget: the Lagrangian solution at the
-smallest multiplier that fits, then greedy upgrades into what is left.
+store it: directly at every k-quant width, or as a residual (dense at every width, sparse at every
+density and low width, or not at all) over a shared base quantized at each base width.
+:func:`allocate` picks, per layer, whether the layer keeps a base (and pays its permutations), per
+matrix the base width or no base, and per expert the residual's form, minimising the summed
+error under the budget: the Lagrangian solution at the smallest multiplier that fits, then greedy
+upgrades into what is left.
 """
 from __future__ import annotations
 
@@ -18,8 +19,25 @@ import numpy as np
 DIRECT = ("ternary", "q2", "q3", "q4", "q5", "q6", "q8")
 #: widths of a shared base
 BASE = ("q2", "q3", "q4", "q6")
-#: widths of a residual over a base (None: no residual, the expert is the base)
-RESIDUAL = (None, "ternary", "q2", "q3", "q4", "q5", "q6")
+#: a sparse residual keeps this share of its entries (the largest, importance-weighted) in a bitmap
+DENSITIES = (0.5, 0.25, 0.1)
+#: widths of a sparse residual's kept values
+SPARSE_WIDTHS = ("ternary", "q2", "q3")
+#: forms of a residual over a base: None (no residual, the expert is the base), a width (dense), or
+#: ``"width@density"`` (sparse: a bitmap of the kept entries and their values at that width)
+RESIDUAL = ((None, "ternary", "q2", "q3", "q4", "q5", "q6")
+            + tuple(f"{w}@{d:g}" for d in DENSITIES for w in SPARSE_WIDTHS))
+
+
+def residual_form(label: str) -> tuple[str, float | None]:
+    """(width, density) of a residual label; density None for a dense residual."""
+    width, _, density = label.partition("@")
+    return width, float(density) if density else None
+
+
+def kept(n: int, density: float) -> int:
+    """Entries a sparse residual of ``n`` values at ``density`` keeps."""
+    return max(1, int(round(density * n)))
 
 
 @dataclass

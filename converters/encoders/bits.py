@@ -3,7 +3,8 @@
 Two passes over the layers. The first measures, per layer, the rate–distortion points of every
 choice (:mod:`.allocate`): each expert matrix quantized directly at every width and, for
 ``--method resmoe``, as a residual over the layer's barycenter quantized at every base width,
-the residual taken against the *dequantized* base. :func:`allocate.allocate` then chooses under the
+the residual taken against the *dequantized* base, dense at every width or sparse (a bitmap of
+its largest entries, their values at a low width). :func:`allocate.allocate` then chooses under the
 budget, and the second pass encodes each layer as chosen. Errors are squared weight errors, or with
 ``--calibration`` output errors on each expert's own inputs, weighted by its share of routed tokens;
 the calibrated encode runs GPTQ on the chosen grids.
@@ -24,7 +25,7 @@ from resmoe_format.dtypes import by_name
 from resmoe_format.restore import combine
 
 from . import kq_torch
-from .allocate import BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable
+from .allocate import BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable, kept, residual_form
 from .calibrate import ExpertHessians, LayerInputs, expert_hessians
 
 #: the group layout of every k-quant record the converter writes: 64-value groups, 6-bit group
@@ -41,7 +42,13 @@ def values_of(m: MatrixSpec) -> int:
 
 
 def record_bytes(n: int, width: str | None) -> int:
-    return 0 if width is None else kquant.nbytes(n, width, LAYOUT)
+    """Bytes of a record of ``n`` values in ``width`` (a DIRECT, BASE or RESIDUAL label)."""
+    if width is None:
+        return 0
+    width, density = residual_form(width)
+    if density is None:
+        return kquant.nbytes(n, width, LAYOUT)
+    return -(-n // 8) + kquant.nbytes(kept(n, density), width, LAYOUT)  # bitmap mask, then the kept values
 
 
 def permutation_bytes(lay) -> int:
@@ -117,6 +124,43 @@ def stack_values(x: torch.Tensor, width: str, importance: torch.Tensor | None) -
     ws[:, :per] = 1 if importance is None else importance.reshape(e, per)
     return kq_torch.rtn(xs.reshape(-1), width, LAYOUT, ws.reshape(-1)).values.reshape(e, padded)[:, :per] \
         .reshape(x.shape)
+
+
+def sparse_keep(r: torch.Tensor, density: float, importance: torch.Tensor | None) -> torch.Tensor:
+    """Per row of ``r`` (E, n), the ascending flat indices (E, k) of the entries a sparse residual keeps:
+    the largest r² (times the importance, with --calibration)."""
+    score = r * r if importance is None else r * r * importance
+    k = kept(r.shape[1], density)
+    return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def residual_values(r: torch.Tensor, label: str, importance: torch.Tensor | None) -> torch.Tensor:
+    """What the file restores for residuals ``r`` (E, rows, cols) stored as ``label`` (dense or sparse)."""
+    width, density = residual_form(label)
+    if density is None:
+        return stack_values(r, width, importance)
+    e = r.shape[0]
+    flat = r.reshape(e, -1)
+    imp = None if importance is None else importance.reshape(e, -1)
+    idx = sparse_keep(flat, density, imp)
+    vals = stack_values(flat.gather(1, idx)[:, None, :], width,
+                        None if imp is None else imp.gather(1, idx)[:, None, :])[:, 0, :]
+    return torch.zeros_like(flat).scatter_(1, idx, vals).reshape(r.shape)
+
+
+def sparse_record(r: torch.Tensor, label: str, importance: torch.Tensor | None, shape: tuple[int, int]
+                  ) -> tuple[Encoded, torch.Tensor]:
+    """One expert's sparse residual ``r`` as a bitmap record with k-quant values, and what it restores."""
+    width, density = residual_form(label)
+    flat = r.reshape(1, -1)
+    imp = None if importance is None else importance.reshape(1, -1)
+    idx = sparse_keep(flat, density, imp)[0]
+    q = kq_torch.rtn(flat[0, idx], width, LAYOUT, None if imp is None else imp[0, idx])
+    mask = np.zeros(flat.shape[1], bool)
+    mask[idx.cpu().numpy()] = True
+    parts = {"mask": np.packbits(mask, bitorder="little"), **q.parts(width, LAYOUT)}
+    restored = torch.zeros_like(flat[0]).index_put_((idx,), q.values.reshape(-1)).reshape(r.shape)
+    return Encoded("bitmap", shape, width, parts, {"nnz": int(idx.numel())}, LAYOUT), restored
 
 
 def _mean_importance(imp: torch.Tensor | None) -> torch.Tensor | None:
@@ -197,7 +241,7 @@ class BitsConverter:
                     b = base_values(base[t.spec.name].reshape(shape2d(t.spec)), bw, imp).values
                     cols = []
                     for rw in RESIDUAL:
-                        got = b.expand_as(t.w) if rw is None else b + stack_values(t.w - b, rw, imp)
+                        got = b.expand_as(t.w) if rw is None else b + residual_values(t.w - b, rw, imp)
                         cols.append(t.errors(got))
                     mt.residual_error[bw] = np.stack(cols, axis=1)
             mats.append(mt)
@@ -239,15 +283,20 @@ class BitsConverter:
                     r_np = None
                     got = b
                 else:
-                    if t.hessians is not None and t.axis is not None:
-                        qe = kq_torch.gptq(target, t.hessians[e], t.axis, width, LAYOUT)
+                    if residual_form(width)[1] is not None:
+                        rec, r_t = sparse_record(target, width, None if imp is None else imp[e], rc)
+                        st["residual_kept"] += rec.params["nnz"]
                     else:
-                        qe = kq_torch.rtn(target, width, LAYOUT)
-                    residuals[e][m.name] = Encoded("dense", rc, width, qe.parts(width, LAYOUT), {}, LAYOUT)
-                    r_np = qe.values.cpu().numpy()
-                    got = qe.values if b is None else b + qe.values
+                        if t.hessians is not None and t.axis is not None:
+                            qe = kq_torch.gptq(target, t.hessians[e], t.axis, width, LAYOUT)
+                        else:
+                            qe = kq_torch.rtn(target, width, LAYOUT)
+                        rec, r_t = Encoded("dense", rc, width, qe.parts(width, LAYOUT), {}, LAYOUT), qe.values
+                        st["residual_kept"] += values_of(m)
+                    residuals[e][m.name] = rec
+                    r_np = r_t.cpu().numpy()
+                    got = r_t if b is None else b + r_t
                     st["bytes"] += record_bytes(values_of(m), width)
-                    st["residual_kept"] += values_of(m)
                 restored = combine(b_np, r_np, dtype).astype(np.float64)
                 truth = truth_all[e]
                 norm = float(np.linalg.norm(truth))
