@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from resmoe_format import RmoeFormatError
-from resmoe_format.errors import GgufRmoeError
+from resmoe_format.errors import GgufRmoeError, RmoeRuntimeError
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
@@ -21,7 +21,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
     except RmoeFormatError as e:
         print(f"{prog}: invalid .rmoe file: {e}", file=sys.stderr)
-    except ConversionError as e:
+    except (ConversionError, RmoeRuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
     except OSError as e:
         print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
