@@ -386,6 +386,8 @@ def test_list_architectures(capsys):
         for reason in (f.gguf_reason, f.onnx_reason):  # wrapped over several lines
             assert all(word in out for word in reason.split())
     assert "llama" in rows["MixtralForCausalLM"] and "deepseek2" in rows["DeepseekV3ForCausalLM"]
+    assert rows["MixtralForCausalLM"].split("│")[7].strip() == "yes"  # compressed-tensors
+    assert rows["GptOssForCausalLM"].split("│")[7].strip().startswith("no:")
     with pytest.raises(SystemExit) as e:  # without the flag SRC stays required
         main([])
     assert e.value.code == 2 and "the following arguments are required: src" in capsys.readouterr().err

@@ -25,11 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
 
     def body() -> int:
-        try:
-            from resmoe_format.torch import generate_text, load_model, load_tokenizer
-        except ImportError as e:
-            raise ValueError(f"resmoe-generate needs the torch runtime ({e.name} is missing): "
-                             "pip install 'resmoe[torch]'") from None
+        from resmoe_format.torch import generate_text, load_model, load_tokenizer
+
         tokenizer = load_tokenizer(a.file)
         model = load_model(a.file, mode=a.mode, device=a.device, dtype=a.dtype)
         sys.stdout.write(a.prompt)

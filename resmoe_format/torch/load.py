@@ -52,7 +52,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise RmoeRuntimeError("the torch runtime needs transformers >= 5: pip install 'resmoe[hf]'") from None
+        raise RmoeRuntimeError("the torch runtime needs transformers >= 5: pip install 'resmoe[torch]'") from None
     if int(transformers.__version__.split(".")[0]) < 5:
         raise RmoeRuntimeError(f"the torch runtime needs transformers >= 5, not {transformers.__version__}")
     return transformers
@@ -104,6 +104,16 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def model_tensor_names(reader: Reader, names: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the name transformers gives it in the model built from the
+    embedded config (its conversion mapping renames some, e.g. Phi-MoE's router)."""
+    config, cls = _config(reader)
+    with torch.device("meta"), _quiet():
+        model = cls._from_config(config)
+    rename = _Names(model)
+    return {n: rename(n) for n in names}
 
 
 def _set(model: nn.Module, path: str, value) -> None:
