@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(tmp_path_factory) -> Path:
     """The README's example (with its byte-level tokenizer), 2 layers, converted as README set-up command 1."""
     d = tmp_path_factory.mktemp("gen")
-    write_mixtral_checkpoint(d / "tiny-mixtral", layers=2, tokenizer=True)
+    write_mixtral_checkpoint(d / "tiny-mixtral", layers=2, inter=64, experts=4, tokenizer=True)
     convert(d / "tiny-mixtral", d / "tiny.rmoe", ConvertOptions(), progress=False)
     return d / "tiny.rmoe"
 
@@ -44,7 +44,7 @@ def test_load_tokenizer_without_one_is_a_clear_error(tmp_path):
         load_tokenizer(p)
 
 
-@pytest.mark.parametrize("mode", ["fused", "lazy"])
+@pytest.mark.parametrize("mode", ["fused", pytest.param("lazy", marks=pytest.mark.slow)])
 def test_generate_streams_the_greedy_tokens_and_reports_speed_and_memory(tiny, capsys, mode):
     """resmoe-generate prints the prompt, then the same greedy continuation as the restored model's generate()."""
     from converters.cli.generate import main
