@@ -238,7 +238,7 @@ GPT_OSS = family(Family(
             Stored("down_proj", ("down",)),
             Stored("gate_up_proj_bias", ("gate_bias", "up_bias"), join="interleave", join_axis=0),
             Stored("down_proj_bias", ("down_bias",))),
-    biases=("gate_bias", "up_bias", "down_bias"), kind="gpt_oss_glu", gguf="gpt_oss"))
+    biases=("gate_bias", "up_bias", "down_bias"), kind="gpt_oss_glu", gguf="gpt-oss"))
 
 __all__ = ["Family", "Stored", "FAMILIES", "BY_ARCHITECTURE", "BY_MODEL_TYPE", "family", "family_for",
            "check_layers"]

@@ -52,7 +52,7 @@ def register(*families: Family) -> Callable[[type["GgufArch"]], type["GgufArch"]
         archs = {f.gguf for f in families}
         if len(archs) != 1 or None in archs:
             raise ValueError(f"{cls.__name__}: records {[f.name for f in families]} name GGUF architectures {archs}")
-        cls.arch = archs.pop().upper()
+        cls.arch = archs.pop().upper().replace("-", "_")
         for f in families:
             ARCHS.update(dict.fromkeys(f.model_types, cls))
         return cls
@@ -70,7 +70,7 @@ def _gguf():
 class GgufArch:
     """How one transformers architecture becomes a llama.cpp GGUF."""
 
-    arch: ClassVar[str]  # gguf.MODEL_ARCH member name: the record's ``gguf``, upper case (set by register)
+    arch: ClassVar[str]  # gguf.MODEL_ARCH member name: the record's ``gguf``, upper case, - as _ (set by register)
     #: whether llama.cpp's architecture always (True) or never (False) renormalises the top-k
     #: routing weights; None where it follows the file's metadata or the config has no such flag
     renormalises_top_k: ClassVar[bool | None] = None
