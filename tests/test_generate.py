@@ -67,8 +67,11 @@ def test_generate_streams_the_greedy_tokens_and_reports_speed_and_memory(tiny, c
 
 
 def test_generate_bad_input_is_one_line(tiny, tmp_path, capsys):
-    from converters.cli.generate import main
+    from converters.cli.generate import MODES, main
     from resmoe_format.demo import build
+    from resmoe_format.torch import MODES as RUNTIME_MODES
+
+    assert MODES == RUNTIME_MODES  # the command lists them without importing torch
 
     assert main([str(tiny), "x", "--device", "cuda:7"]) == 2
     assert "resmoe-generate: error: device 'cuda:7'" in capsys.readouterr().err

@@ -40,6 +40,19 @@ def test_console_scripts_are_installed():
     assert {"resmoe-convert", "resmoe-inspect", "resmoe-restore", "resmoe-export"} <= names
 
 
+def test_every_script_in_pyproject_is_a_main_function():
+    """pyproject's [project.scripts] (what `pip install` makes commands of) name importable main functions."""
+    import importlib
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"resmoe-convert", "resmoe-inspect", "resmoe-restore", "resmoe-export", "resmoe-generate"} <= set(scripts)
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
 def test_export_rejects_unsupported_target(tmp_path, capsys):
     from converters.cli.export import main
 
