@@ -236,7 +236,7 @@ def expert_bytes_gguf(path: Path) -> int:
 
 
 # what each family imports -> what provides it: an extra of this project ("[name]") or pip arguments
-NEEDS = {"base": {"transformers": "[hf]"}, "plot": {"matplotlib": "[bench]"},
+NEEDS = {"base": {"transformers": "[torch]"}, "plot": {"matplotlib": "[bench]"},
          "llama.cpp": {"gguf": "[export]", "llama_cpp": "llama-cpp-python"},
          "hqq": {"hqq": "[bench]"},
          "gptq": {"datasets": "[bench]", "compressed_tensors": "[bench]",

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.example import write_byte_tokenizer
+
 FIXTURES = Path(__file__).parent / "fixtures"
 VOCAB = 264  # 256 bytes, <|endoftext|>, padding to a multiple of 8
 EOT = 256
@@ -55,28 +57,6 @@ def token_stream(files: list[Path]) -> np.ndarray:
     for p in files:
         parts += [np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.int16), np.array([EOT], dtype=np.int16)]
     return np.concatenate(parts)
-
-
-def write_tokenizer(path: Path) -> None:
-    """A byte-level BPE without merges: token i is byte i (GPT-2 byte-to-unicode alphabet)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    vocab = {chr(c): b for b, c in zip(bs, cs)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    assert tok.token_to_id("<|endoftext|>") == EOT
-    tok.save(str(path))
-    (path.parent / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
 
 
 def common(**kw) -> dict:
@@ -194,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         out = FIXTURES / name
         model.config.output_router_logits = False
         model.to(torch.bfloat16).save_pretrained(out)
-        write_tokenizer(out / "tokenizer.json")
+        write_byte_tokenizer(out, eot=EOT)
         info.update({"fixture": name, "heldout_ppl_fp32": ppl, "uniform_ppl": 256, "threads": torch.get_num_threads(),
                      "train_files": len(train_files), "heldout_files": len(held_files),
                      "train_bytes": int(train_ids.size), "python": os.sys.version.split()[0],

@@ -218,7 +218,7 @@ class Plan:
         from .encoders import calibrate
 
         if importlib.util.find_spec("transformers") is None:
-            raise ConversionError("--calibration runs the source model in transformers: pip install 'resmoe[hf]'")
+            raise ConversionError("--calibration runs the source model in transformers: pip install 'resmoe[torch]'")
         calibrate.check_model(self.ckpt.config)
         text = calibrate.read_text(self.options.calibration)
         return calibrate.tokenize(text, self.ckpt.files().get("tokenizer.json"), self.options.calibration)

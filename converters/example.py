@@ -27,12 +27,41 @@ STYLES = {
 }
 
 
+#: The byte-level tokenizer's end-of-text token: the id after the 256 bytes.
+BYTE_EOT = 256
+
+
+def write_byte_tokenizer(d: str | Path, eot: int = BYTE_EOT) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` in ``d``: a byte-level BPE without merges
+    (token i is byte i, in GPT-2's byte-to-unicode alphabet) plus ``<|endoftext|>`` as token ``eot``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    assert tok.token_to_id("<|endoftext|>") == eot
+    tok.save(str(Path(d) / "tokenizer.json"))
+    (Path(d) / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+
+
 def write_mixtral_checkpoint(d: str | Path, layers: int = 4, hidden: int = 64, inter: int = 192, experts: int = 8,
                              vocab: int = 512, noise: float = 0.2, seed: int = 0, sharded: bool = False,
-                             dtype: torch.dtype = torch.bfloat16, style: str = "mixtral") -> int:
+                             dtype: torch.dtype = torch.bfloat16, style: str = "mixtral",
+                             tokenizer: bool = False) -> int:
     """Write the checkpoint (one shard per layer when ``sharded``); returns the bytes of weights.
 
-    ``style="qwen3_moe"`` writes the same kind of model with Qwen3-MoE names and config."""
+    ``style="qwen3_moe"`` writes the same kind of model with Qwen3-MoE names and config;
+    ``tokenizer`` adds a byte-level tokenizer (:func:`write_byte_tokenizer`, needs ``vocab > 256``)."""
     st = STYLES[style]
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
@@ -45,6 +74,9 @@ def write_mixtral_checkpoint(d: str | Path, layers: int = 4, hidden: int = 64, i
            "head_dim": hidden // heads, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
            "rope_theta": 1e6, "tie_word_embeddings": False, "hidden_act": "silu",
            "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]}
+    if tokenizer:
+        write_byte_tokenizer(d, eot=BYTE_EOT)
+        cfg.update(bos_token_id=BYTE_EOT, eos_token_id=BYTE_EOT)
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     weight_map: dict[str, str] = {}
     total = 0
@@ -96,7 +128,7 @@ def write_mixtral_checkpoint(d: str | Path, layers: int = 4, hidden: int = 64, i
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m converters.example", description=__doc__.splitlines()[0])
-    ap.add_argument("outdir", help="directory to write (config.json, model.safetensors)")
+    ap.add_argument("outdir", help="directory to write (config.json, model.safetensors, a byte-level tokenizer)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=64)
@@ -105,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--style", choices=sorted(STYLES), default="mixtral", help="names and config (default mixtral)")
     a = ap.parse_args(argv)
     n = write_mixtral_checkpoint(a.outdir, a.layers, a.hidden, a.intermediate, a.experts, sharded=a.sharded,
-                                 style=a.style)
+                                 style=a.style, tokenizer=True)
     print(f"wrote {a.outdir}: {STYLES[a.style]['arch']}, {a.layers} layers x {a.experts} experts, "
           f"{n / 2**20:.2f} MiB of bf16 weights")
     return 0

@@ -86,11 +86,12 @@ def _check_parent(out: Path, what: str) -> None:
 
 
 def check_paths(inputs: Iterable[PathLike], files: Sequence[PathLike] = (), dirs: Sequence[PathLike] = (),
-                force: bool = False) -> None:
+                force: bool = False, forceable: bool = True) -> None:
     """Refuse unsafe or unusable outputs before any work (see the module docstring).
 
     ``files``: file outputs (``None`` entries are skipped); ``dirs``: directory outputs, which
-    must not exist, be empty, or (with ``force``) be writable directories.
+    must not exist, be empty, or (with ``force``) be writable directories; ``forceable``: whether
+    the command has a ``--force`` to suggest.
     """
     ins = _Inputs(inputs)
     seen: list[tuple[Path, set[str]]] = []
@@ -117,7 +118,8 @@ def check_paths(inputs: Iterable[PathLike], files: Sequence[PathLike] = (), dirs
                     raise PathError(f"output directory {out} exists and is not a directory")
                 if any(out.iterdir()):
                     if not force:
-                        raise PathError(f"output directory {out} is not empty; pass --force to write into it")
+                        raise PathError(f"output directory {out} is not empty; " + (
+                            "pass --force to write into it" if forceable else "give a new or empty directory"))
                     if not os.access(out, os.W_OK | os.X_OK):
                         raise PathError(f"output directory {out} is not writable")
                 else:

@@ -206,8 +206,13 @@ _MLP_LAYOUT = dict(prefixes=("model.layers.{i}.mlp.experts",), matrices=GATED,
                    module=STACKED_GATE_UP)
 
 MIXTRAL = family(Family("Mixtral", ("MixtralForCausalLM",), ("mixtral",), **_MIXTRAL_LAYOUT, gguf="llama"))
+#: llama.cpp loads a ``phimoe`` GGUF but computes another function: RMSNorm (with the bias) where Phi-MoE has
+#: LayerNorm, and softmax top-k routing renormalised where Phi-MoE has sparsemixer's masked softmax (measured on a
+#: tiny model in llama-cpp-python 0.3.36: logits 30% of the largest apart; 2.6e-4 once the torch model is patched to
+#: both of llama.cpp's choices).
 PHIMOE = family(Family("Phi-MoE", ("PhimoeForCausalLM",), ("phimoe",), **_MIXTRAL_LAYOUT,
-                       gguf_reason="no exporter class yet"))
+                       gguf_reason="llama.cpp's phimoe runs RMSNorm where Phi-MoE has LayerNorm and softmax top-k "
+                                   "routing where it has sparsemixer"))
 QWEN2_MOE = family(Family("Qwen2-MoE", ("Qwen2MoeForCausalLM",), ("qwen2_moe",), **_MLP_LAYOUT, gguf="qwen2moe"))
 QWEN3_MOE = family(Family("Qwen3-MoE", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), **_MLP_LAYOUT, gguf="qwen3moe"))
 OLMOE = family(Family("OLMoE", ("OlmoeForCausalLM",), ("olmoe",), **_MLP_LAYOUT, gguf="olmoe"))
@@ -233,8 +238,7 @@ GPT_OSS = family(Family(
             Stored("down_proj", ("down",)),
             Stored("gate_up_proj_bias", ("gate_bias", "up_bias"), join="interleave", join_axis=0),
             Stored("down_proj_bias", ("down_bias",))),
-    biases=("gate_bias", "up_bias", "down_bias"), kind="gpt_oss_glu",
-    gguf_reason="no exporter class yet"))
+    biases=("gate_bias", "up_bias", "down_bias"), kind="gpt_oss_glu", gguf="gpt-oss"))
 
 __all__ = ["Family", "Stored", "FAMILIES", "BY_ARCHITECTURE", "BY_MODEL_TYPE", "family", "family_for",
            "check_layers"]

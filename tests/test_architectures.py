@@ -342,8 +342,9 @@ def test_every_registry_is_keyed_to_the_records():
         if f.gguf is None:
             assert f.gguf_reason and not set(f.model_types) & set(GGUF_ARCHS), f.name
         else:
-            assert not f.gguf_reason and all(GGUF_ARCHS[t].arch == f.gguf.upper() for t in f.model_types)
-            assert gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf.upper())] == f.gguf
+            member = f.gguf.upper().replace("-", "_")  # "gpt-oss" is gguf.MODEL_ARCH.GPT_OSS
+            assert not f.gguf_reason and all(GGUF_ARCHS[t].arch == member for t in f.model_types)
+            assert gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, member)] == f.gguf
         assert f.onnx == (set(f.model_types) <= set(ONNX_SUPPORTED)) and bool(f.onnx_reason) != f.onnx, f.name
     assert set(GGUF_ARCHS) <= set(BY_MODEL_TYPE) and set(ONNX_SUPPORTED) <= set(BY_MODEL_TYPE)
 
@@ -386,6 +387,8 @@ def test_list_architectures(capsys):
         for reason in (f.gguf_reason, f.onnx_reason):  # wrapped over several lines
             assert all(word in out for word in reason.split())
     assert "llama" in rows["MixtralForCausalLM"] and "deepseek2" in rows["DeepseekV3ForCausalLM"]
+    assert rows["MixtralForCausalLM"].split("│")[7].strip() == "yes"  # compressed-tensors
+    assert rows["GptOssForCausalLM"].split("│")[7].strip().startswith("no:")
     with pytest.raises(SystemExit) as e:  # without the flag SRC stays required
         main([])
     assert e.value.code == 2 and "the following arguments are required: src" in capsys.readouterr().err

@@ -7,14 +7,16 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from ..emit import DELTA_FORMATS
-from ..encoders.budget import DEFAULT_KEEP
-from ..encoders.methods import METHODS, RESIDUALS
-from ..encoders.compress import SCOPES
-from .common import run_cli
+from .common import missing_extra, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command's flags (imports the encoders, so it needs the ``[convert]`` extra: torch, scipy)."""
+    from ..emit import DELTA_FORMATS
+    from ..encoders.budget import DEFAULT_KEEP
+    from ..encoders.compress import SCOPES
+    from ..encoders.methods import METHODS, RESIDUALS
+
     ap = argparse.ArgumentParser(
         prog="resmoe-convert",
         description="Compress the experts of a Hugging Face MoE checkpoint into a .rmoe file.",
@@ -122,27 +124,32 @@ def architectures_table() -> Table:
     from resmoe_format.torch.kinds import KINDS
 
     from ..architectures import ADAPTERS
+    from ..exporters.ct_export import refusal as ct_refusal
     from ..exporters.gguf_export import ARCHS as GGUF
     from ..exporters.onnx_export import SUPPORTED as ONNX
 
     t = Table(title="Supported architectures (one record each: resmoe_format/architectures.py)")
-    for col in ("architecture", "model_type", "convert", "runtime", "gguf", "onnx"):
+    for col in ("architecture", "model_type", "convert", "runtime", "gguf", "onnx", "compressed-tensors"):
         t.add_column(col, no_wrap=col == "architecture")
     for f in FAMILIES.values():
         types = f.model_types
         gguf = f.gguf if all(m in GGUF for m in types) else f"no: {f.gguf_reason or 'no exporter class'}"
         onnx = "yes" if all(m in ONNX for m in types) else f"no: {f.onnx_reason or 'not supported'}"
+        ct = f"no: {ct_refusal(f)}" if ct_refusal(f) else "yes"
         t.add_row("\n".join(f.architectures), ", ".join(types), "yes" if f.name in ADAPTERS else "no",
-                  "yes" if f.kind in KINDS else "no", gguf, onnx)
+                  "yes" if f.kind in KINDS else "no", gguf, onnx, ct)
     return t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser()
+    try:
+        ap = parser()
+    except ModuleNotFoundError as e:
+        return missing_extra("resmoe-convert", e)
     a = ap.parse_args(argv)
     if a.list_architectures:
         out = Console(file=sys.stdout)
-        out.width = max(out.width, 132)  # the class names stay whole on an 80-column terminal
+        out.width = max(out.width, 160)  # the class names stay whole on an 80-column terminal
         return run_cli("resmoe-convert", lambda: out.print(architectures_table()) or 0)
     if a.src is None:
         ap.error("the following arguments are required: src")

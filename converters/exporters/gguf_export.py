@@ -24,8 +24,8 @@ import numpy as np
 
 import resmoe_format
 from resmoe_format import restore
-from resmoe_format.architectures import (BY_MODEL_TYPE, DEEPSEEK_V2, DEEPSEEK_V3, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE,
-                                         Family, check_layers)
+from resmoe_format.architectures import (BY_MODEL_TYPE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE,
+                                         QWEN3_MOE, Family, check_layers)
 from resmoe_format.publish import atomic_path, scratch_path
 
 from ..errors import ConversionError
@@ -52,7 +52,7 @@ def register(*families: Family) -> Callable[[type["GgufArch"]], type["GgufArch"]
         archs = {f.gguf for f in families}
         if len(archs) != 1 or None in archs:
             raise ValueError(f"{cls.__name__}: records {[f.name for f in families]} name GGUF architectures {archs}")
-        cls.arch = archs.pop().upper()
+        cls.arch = archs.pop().upper().replace("-", "_")
         for f in families:
             ARCHS.update(dict.fromkeys(f.model_types, cls))
         return cls
@@ -70,7 +70,7 @@ def _gguf():
 class GgufArch:
     """How one transformers architecture becomes a llama.cpp GGUF."""
 
-    arch: ClassVar[str]  # gguf.MODEL_ARCH member name: the record's ``gguf``, upper case (set by register)
+    arch: ClassVar[str]  # gguf.MODEL_ARCH member name: the record's ``gguf``, upper case, - as _ (set by register)
     #: whether llama.cpp's architecture always (True) or never (False) renormalises the top-k
     #: routing weights; None where it follows the file's metadata or the config has no such flag
     renormalises_top_k: ClassVar[bool | None] = None
@@ -248,6 +248,40 @@ class DeepseekGguf(GgufArch):
         yield from super().tensors(hf, a)
 
 
+@register(GPT_OSS)
+class GptOssGguf(GgufArch):
+    """llama.cpp's ``gpt-oss``: expert biases, attention sinks, sliding-window attention on the even
+    layers (llama.cpp's fixed pattern), YaRN rope scaling; gate and up restored apart."""
+
+    def check(self):
+        rp = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        if kind not in ("yarn", "default", None):
+            raise ConversionError(f"gpt_oss with rope scaling {kind!r}: llama.cpp's gpt-oss runs yarn or none")
+        want = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_layers)]
+        if (self.cfg.get("layer_types") or want) != want:
+            raise ConversionError("gpt_oss with layer_types other than sliding and full attention alternating from "
+                                  "layer 0: llama.cpp's gpt-oss slides the window on the even layers only")
+
+    def metadata(self, w):
+        c = self.cfg
+        super().metadata(w)
+        w.add_expert_feed_forward_length(c["intermediate_size"])
+        w.add_sliding_window(c["sliding_window"])
+        w.add_key_length(self.head_dim)
+        w.add_value_length(self.head_dim)
+        rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if rp.get("rope_type", rp.get("type")) == "yarn":
+            w.add_rope_scaling_type(self.gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rp["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rp.get("original_max_position_embeddings", 4096)))
+
+    def tensors(self, hf, a):
+        if hf.endswith(".sinks"):
+            hf += ".weight"  # llama.cpp's blk.N.attn_sinks.weight
+        yield from super().tensors(hf, a)
+
+
 def arch_for(config: dict[str, Any], layers=()) -> GgufArch:
     """The GGUF architecture of a config (ConversionError listing the supported ones, with the
     record's reason), once ``layers`` (the file's) are known to follow its layout rules."""
@@ -357,6 +391,9 @@ def _expert_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
         yield f"blk.{i}.ffn_gate_exps.weight", np.stack([e[gate] for e in experts])
         yield f"blk.{i}.ffn_up_exps.weight", np.stack([e[up] for e in experts])
         yield f"blk.{i}.ffn_down_exps.weight", np.stack([e[down].T for e in experts])  # (E, hidden, n)
+        for role, bias in zip(("gate", "up", "down"), arch.family.biases):  # (E, n) and (E, hidden)
+            if bias in experts[0]:
+                yield f"blk.{i}.ffn_{role}_exps.bias", np.stack([e[bias] for e in experts])
         del experts
         reader.release()
 
@@ -383,7 +420,7 @@ def _tensor_type(gguf, name: str, a: np.ndarray, qtype: str):
     a = np.asarray(a)
     if a.dtype != np.float32:
         a = a.astype(np.float32)
-    small = a.ndim < 2 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")) or "norm" in name
+    small = a.ndim < 2 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias")) or "norm" in name
     if qtype == "f32" or small:
         return np.ascontiguousarray(a), t.F32
     gt = getattr(t, DIRECT_TYPES[qtype])

@@ -52,7 +52,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise RmoeRuntimeError("the torch runtime needs transformers >= 5: pip install 'resmoe[hf]'") from None
+        raise RmoeRuntimeError("the torch runtime needs transformers >= 5: pip install 'resmoe[torch]'") from None
     if int(transformers.__version__.split(".")[0]) < 5:
         raise RmoeRuntimeError(f"the torch runtime needs transformers >= 5, not {transformers.__version__}")
     return transformers
@@ -106,6 +106,14 @@ def _quiet():
         yield
 
 
+def model_tensor_names(reader: Reader, names: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the name transformers gives it in the model built from the
+    embedded config (its conversion mapping renames some, e.g. Phi-MoE's router)."""
+    config, cls = _config(reader)
+    rename = CheckpointNames(meta_model(cls, config))
+    return {n: rename(n) for n in names}
+
+
 def set_tensor(model: nn.Module, path: str, value) -> None:
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
@@ -147,10 +155,10 @@ def init_meta_buffers(model, root: nn.Module, device: torch.device) -> None:
                 model._init_weights(mod)
 
 
-def meta_model(cls, config, dtype: torch.dtype):
+def meta_model(cls, config, dtype: torch.dtype | None = None):
     """``cls`` built from ``config`` on the meta device: the skeleton whose tensors are set one by one."""
     with torch.device("meta"), _quiet():
-        return cls._from_config(config, dtype=dtype)
+        return cls._from_config(config, **({} if dtype is None else {"dtype": dtype}))
 
 
 def _finish(model, device: torch.device) -> None:
