@@ -8,7 +8,8 @@ For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``)
   against them, whatever runtime the row uses.
 - ``resmoe`` / ``resmoe-cal``: ``resmoe-convert --bits B`` data-free / with
   ``--calibration fixtures/calibration.txt``; ``quant``: ``--method quant --bits B`` (the same
-  quantizer, no base); B in BUDGETS. Run in the torch runtime (``load_model``, materialize, float32).
+  quantizer, no base); ``resmoe-sparse`` / ``resmoe-cal-sparse``: ``resmoe`` / ``resmoe-cal`` with
+  ``--sparse-residuals``; B in BUDGETS. Run in the torch runtime (``load_model``, materialize, float32).
 - ``llama.cpp``: the original exported to GGUF (``resmoe-export``) and quantized by llama.cpp's
   own quantizer to each preset of LLAMA_TYPES (q8_0: the gguf package's), run in llama.cpp;
   ``f32`` is the unquantized GGUF, whose KL divergence is the floor that the runtime alone gives.
@@ -62,8 +63,8 @@ SEQ = kld.SEQ
 BUDGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 LLAMA_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 PEER_BITS = (2, 3, 4)
-FAMILIES = ("resmoe", "resmoe-cal", "quant", "llama.cpp", "hqq", "gptq")
-RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant")
+FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "llama.cpp", "hqq", "gptq")
+RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse")
 
 
 @dataclasses.dataclass
@@ -159,8 +160,8 @@ class Run:
         self.add("original", "bf16 source", report["summary"]["expert_bytes_source"],
                  {**self.ref.result, "seconds_to_eval": round(time.perf_counter() - t, 1)}, 0.0)
         del model
-        steps = {"resmoe": lambda: self.rmoe_rows("resmoe"), "resmoe-cal": lambda: self.rmoe_rows("resmoe-cal"),
-                 "quant": lambda: self.rmoe_rows("quant"), "llama.cpp": lambda: self.llama_rows(lossless),
+        steps = {**{f: (lambda f=f: self.rmoe_rows(f)) for f in RMOE_FAMILIES},
+                 "llama.cpp": lambda: self.llama_rows(lossless),
                  "hqq": self.hqq_rows, "gptq": self.gptq_rows}
         for fam in self.s.families:
             steps[fam]()
@@ -171,11 +172,12 @@ class Run:
         from resmoe_format.torch import load_model
 
         method = "quant" if family == "quant" else "resmoe"
-        calibration = str(self.calibration) if family == "resmoe-cal" else None
+        calibration = str(self.calibration) if family.startswith("resmoe-cal") else None
         out = self.tmp / f"{self.name}_{family}.rmoe"
         for bits in self.s.budgets:
             t = time.perf_counter()
-            report = convert(self.fixture, out, ConvertOptions(method=method, bits=bits, calibration=calibration),
+            report = convert(self.fixture, out, ConvertOptions(method=method, bits=bits, calibration=calibration,
+                                                               sparse_residuals=family.endswith("-sparse")),
                              progress=False)
             seconds = time.perf_counter() - t
             eb, weights = expert_bytes_rmoe(out)

@@ -60,6 +60,7 @@ class ConvertOptions:
     max_iter: int | None = None  # None: DEFAULT_MAX_ITER (resmoe's barycenter iterations)
     bits: float | None = None  # --bits: k-quant allocation to this many bits per expert weight
     calibration: str | None = None  # --calibration: text file for GPTQ and output-error allocation
+    sparse_residuals: bool = False  # --sparse-residuals: sparse residual choices for the --bits allocator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -364,6 +365,8 @@ def check_bits_flags(o: ConvertOptions) -> bool:
     """Whether this is a --bits conversion; refuses the flags it cannot take, before any work."""
     if o.calibration is not None and o.bits is None:
         raise ConversionError("--calibration calibrates the --bits quantizer: give --bits too")
+    if o.sparse_residuals and (o.bits is None or o.method != "resmoe"):
+        raise ConversionError("--sparse-residuals is a choice of the --bits allocator for --method resmoe: give --bits")
     if o.method == "quant" and o.bits is None:
         raise ConversionError("--method quant quantizes to a bit budget: give --bits B (bits per expert weight)")
     if o.bits is None:

@@ -35,7 +35,7 @@ def _memo_key(plan) -> tuple:
     if o.calibration is not None:
         st = Path(o.calibration).stat()
         cal = (str(Path(o.calibration).resolve()), st.st_mtime_ns, st.st_size)
-    return (tuple(files), o.method, cal, tuple(lay.index for lay in plan.layouts), str(plan.device),
+    return (tuple(files), o.method, cal, o.sparse_residuals, tuple(lay.index for lay in plan.layouts), str(plan.device),
             plan.encoder.options.max_iter)
 
 
@@ -50,7 +50,8 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
     from .convert import load_experts
 
     o = plan.options
-    conv = BitsConverter(use_base=o.method == "resmoe", device=plan.device, max_iter=plan.encoder.options.max_iter)
+    conv = BitsConverter(use_base=o.method == "resmoe", device=plan.device, max_iter=plan.encoder.options.max_iter,
+                         sparse=o.sparse_residuals)
     if o.calibration is not None:
         import transformers
 

@@ -167,7 +167,8 @@ def test_base_is_kept_where_it_pays_and_beats_plain_quantization(tmp_path, upcyc
         errs[method] = report["summary"]["rel_error_mean"]
         if method == "resmoe":
             assert all(lay["base"] for lay in report["layers"])
-            _check_sparse_choices(out, report, upcycled_bf16)
+            assert not any(w and "@" in w for lay in report["layers"] for st in lay["matrices"].values()
+                           for w in st["value_dtypes"])  # sparse residuals only with --sparse-residuals
     assert errs["resmoe"] < 0.7 * errs["quant"]
 
 
@@ -224,6 +225,8 @@ def small(tmp_path_factory) -> Path:
     (["--bits", "3", "--value-dtype", "int8"], "do not combine it with --value-dtype"),
     (["--bits", "3", "--residual", "svd"], "do not combine it with --residual"),
     (["--calibration", "CAL"], "give --bits too"),
+    (["--sparse-residuals"], "--sparse-residuals is a choice of the --bits allocator"),
+    (["--sparse-residuals", "--bits", "3", "--method", "quant"], "--sparse-residuals is a choice of the --bits"),
 ])
 def test_bad_bits_flags(tmp_path, small, capsys, args, message):
     out = tmp_path / "m.rmoe"
@@ -336,3 +339,10 @@ def _check_sparse_choices(out: Path, report: dict, src: Path) -> None:
                     got = restore_matrix(r, lay["index"], e, name, original_order=True).astype(np.float64)
                     truth = _source_matrix(src, lay["index"], e, name)
                     assert rel == pytest.approx(np.linalg.norm(truth - got) / np.linalg.norm(truth), rel=1e-6)
+
+
+def test_sparse_residuals_are_chosen_where_they_pay(tmp_path, upcycled_bf16):
+    out = tmp_path / "m.rmoe"
+    report = convert(upcycled_bf16, out, ConvertOptions(bits=3.0, sparse_residuals=True), progress=False)
+    _check_file(out, report, 3.0)
+    _check_sparse_choices(out, report, upcycled_bf16)

@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibration", metavar="FILE.txt",
                     help="with --bits: text (tokenized with the checkpoint's tokenizer) run through the source "
                          "model; GPTQ on each expert's routed inputs and an output-error allocation")
+    ap.add_argument("--sparse-residuals", action="store_true",
+                    help="with --bits: also let the allocator store residuals sparse (a bitmap of their largest "
+                         "entries, values ternary/q2/q3); off by default: on benchmarks/EVAL.md's upcycled fixture "
+                         "it lowers the weight error but raises perplexity and KLD")
     ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
     ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
                     help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless,
-                              device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration)
+                              device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
+                              sparse_residuals=a.sparse_residuals)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)

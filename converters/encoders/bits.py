@@ -180,6 +180,7 @@ class BitsConverter:
     kind: Any = None
     device: torch.device = torch.device("cpu")
     max_iter: int = 100
+    sparse: bool = False  # measure the sparse residual choices too (--sparse-residuals)
     _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray]]] = field(default_factory=dict)
 
     # ---- shared by both passes -------------------------------------------------------
@@ -241,6 +242,9 @@ class BitsConverter:
                     b = base_values(base[t.spec.name].reshape(shape2d(t.spec)), bw, imp).values
                     cols = []
                     for rw in RESIDUAL:
+                        if rw is not None and not self.sparse and residual_form(rw)[1] is not None:
+                            cols.append(np.full(t.w.shape[0], np.inf))  # not a choice without --sparse-residuals
+                            continue
                         got = b.expand_as(t.w) if rw is None else b + residual_values(t.w - b, rw, imp)
                         cols.append(t.errors(got))
                     mt.residual_error[bw] = np.stack(cols, axis=1)
