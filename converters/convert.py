@@ -27,6 +27,7 @@ from resmoe_format.errors import RmoeRuntimeError
 from resmoe_format.memory import trim_heap
 from resmoe_format.torch import tensors
 
+from . import lossless
 from .architectures import adapter_for
 from .checkpoint import Checkpoint
 from .disassemble import expert_matrices
@@ -153,6 +154,9 @@ class Plan:
                                                              o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
                                                              else o.max_iter))
         self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
+        #: --lossless with the fields encoding (spec 5.11); an explicit --delta-format or --value-dtype fp32
+        #: keeps the float32 residuals of spec 6.3
+        self.fields = o.lossless and o.delta_format == "auto" and o.value_dtype is None
         self.device = resolve_device(o.device)
         self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
@@ -249,6 +253,8 @@ class Plan:
                 "value_dtype": self.options.value_dtype, "base_dtype": self.options.base_dtype,
                 "delta_format": self.options.delta_format,
                 "lossless": e.lossless, "writer": f"resmoe {__version__}"}
+        if self.fields:
+            info["delta_format"] = "fields"
         if e.rank is not None:
             info["rank"] = e.rank
         if self.bits:
@@ -283,7 +289,8 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
                 for lay in bar:
                     bar.set_postfix_str(f"layer {lay.index}")
-                    report["layers"].append(_convert_layer(plan, lay, w))
+                    report["layers"].append(lossless.convert_layer(plan, lay, w) if plan.fields
+                                            else _convert_layer(plan, lay, w))
                     gc.collect()
                     plan.ckpt.release()
                     trim_heap()

@@ -19,9 +19,10 @@ from .codecs import Encoded, kquant, part_category
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
-from .schema import (BASE_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION,
-                     SHARED_FACTORS_VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path,
-                     claim_output, parse_version)
+from .codecs.fields import uses_predictor
+from .schema import (BASE_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
+                     KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, EncodedRef, LayerSpec,
+                     MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -134,9 +135,11 @@ def records(lay: LayerSpec):
 
 
 def lowest_version(schema: Schema) -> str:
-    """The lowest version that expresses ``schema`` (spec 1.4): 3.0 when a record has k-quant values
-    (spec 5.10), else 2.0 when a tensor is referenced by more than one record (a shared low-rank
-    factor, spec 4.8), else 1.0."""
+    """The lowest version that expresses ``schema`` (spec 1.4): 4.0 when a record is ``fields`` or a base is
+    of kind ``predictor`` (spec 5.11), else 3.0 when a record has k-quant values (spec 5.10), else 2.0 when a
+    tensor is referenced by more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    if any(uses_fields(lay) for lay in schema.layers):
+        return FIELDS_VERSION_STR
     if any(kquant.is_kquant(ref.value_dtype) for lay in schema.layers for _, ref in records(lay)):
         return KQUANT_VERSION_STR
     refs = 1 + len(schema.files) + len(schema.passthrough)
@@ -145,6 +148,30 @@ def lowest_version(schema: Schema) -> str:
         refs += sum(len(r.tensors) for res in lay.residuals for r in res.values() if r is not None)
         refs += sum(len(e.get("tensors", {})) for e in lay.extensions.values())
     return SHARED_FACTORS_VERSION_STR if refs > len(tensor_roles(schema, allow_shared=True)) else BASE_VERSION_STR
+
+
+def uses_fields(lay: LayerSpec) -> bool:
+    """Whether a layer uses what version 4.0 added: a ``fields`` record or a ``predictor`` base (spec 5.11)."""
+    return lay.base_kind == "predictor" or any(ref.encoding == "fields" for _, ref in records(lay))
+
+
+def check_predictors(lay: LayerSpec) -> None:
+    """Spec 5.11: a ``fields`` record coded against a predictor is a residual record of a ``predictor`` layer
+    whose base has that matrix, with the same value dtype, and the base record itself uses no predictor."""
+    for m, ref in lay.base.items():
+        if ref.encoding == "fields" and uses_predictor(ref.params):
+            raise RmoeFormatError(f"layer {lay.index} base matrix {m}: a base record has no predictor")
+    for k, res in enumerate(lay.residuals):
+        for m, ref in res.items():
+            if ref is None or ref.encoding != "fields" or not uses_predictor(ref.params):
+                continue
+            where = f"layer {lay.index} expert {k} matrix {m}"
+            if lay.base_kind != "predictor" or m not in lay.base:
+                raise RmoeFormatError(f"{where}: coded against a predictor, but the layer's base kind is "
+                                      f"{lay.base_kind} or it has no base for {m}")
+            if lay.base[m].value_dtype != ref.value_dtype:
+                raise RmoeFormatError(f"{where}: value_dtype {ref.value_dtype} differs from its predictor's "
+                                      f"{lay.base[m].value_dtype}")
 
 
 def permutation_dtype(num_neurons: int) -> str:
@@ -170,6 +197,12 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
             if kquant.is_kquant(ref.value_dtype):
                 raise RmoeFormatError(f"{where}: value_dtype {ref.value_dtype} needs .rmoe version "
                                       f"{KQUANT_VERSION_STR} or later; this file is major version {major}")
+    if major < FIELDS_VERSION[0]:
+        for lay in schema.layers:
+            if uses_fields(lay):
+                raise RmoeFormatError(f"layer {lay.index}: the fields encoding and the predictor base kind need "
+                                      f".rmoe version {FIELDS_VERSION_STR} or later; this file is major version "
+                                      f"{major}")
     roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0])
     missing = [n for n in roles if n not in tensors]
     if missing:
@@ -195,6 +228,7 @@ def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, t
 
 
 def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: int) -> None:
+    check_predictors(lay)
     for m in lay.matrices:
         rows, cols = m.shape2d
         if rows * cols > max_elements:
@@ -329,7 +363,7 @@ class Reader:
             self.release()
             for lay in self.schema.layers if records else ():
                 for m in lay.matrices:
-                    if lay.base_kind != "none":
+                    if m.name in lay.base:
                         self.base(lay.index, m.name)
                     for k in range(lay.num_experts):
                         self.residual(lay.index, k, m.name)
@@ -356,13 +390,28 @@ class Reader:
         return Encoded(ref.encoding, matrix.shape2d, ref.value_dtype, parts, ref.params, ref.quant)
 
     @_guard
-    def base(self, layer: int, matrix: str) -> np.ndarray | None:
-        """The decoded float32 base matrix (2-D), or None when the layer has no base."""
+    def decode(self, layer: int, ref: EncodedRef, matrix: str) -> np.ndarray:
+        """A record of layer ``layer`` decoded to float32 (2-D); a ``fields`` record coded against a
+        predictor gets the layer's base matrix (spec 5.11)."""
         lay = self.layer(layer)
-        if lay.base_kind == "none":
+        pred = None
+        if ref.encoding == "fields" and uses_predictor(ref.params):
+            pred = self.base(layer, matrix)
+        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors, pred)
+
+    @_guard
+    def base(self, layer: int, matrix: str) -> np.ndarray | None:
+        """The decoded float32 base matrix (2-D), or None when the layer has none for this matrix."""
+        lay = self.layer(layer)
+        if matrix not in lay.base:
+            lay.matrix(matrix)  # an unknown matrix name is an error
             return None
         ref = lay.base[matrix]
         return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+
+    def addend(self, layer: int, matrix: str) -> np.ndarray | None:
+        """The base matrix restoration adds to the residuals (spec 6.1): None for base kinds none and predictor."""
+        return self.base(layer, matrix) if self.layer(layer).adds_base else None
 
     @_guard
     def residual(self, layer: int, expert: int, matrix: str) -> np.ndarray | None:
@@ -373,7 +422,7 @@ class Reader:
         ref = lay.residuals[expert][lay.matrix(matrix).name]
         if ref is None:
             return None
-        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+        return self.decode(layer, ref, matrix)
 
     @_guard
     def permutation(self, layer: int, expert: int) -> np.ndarray | None:

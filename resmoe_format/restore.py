@@ -2,7 +2,7 @@
 
 For expert k and matrix m (canonical orientation, 2-D view):
 
-    B = decode(base)       float32, or absent when base kind is "none"
+    B = decode(base)       float32, or absent when base kind is "none" or "predictor"
     D = decode(residual)   float32, or absent
     A = B + D              one IEEE-754 float32 addition per element (A = B or A = D alone
                            when the other is absent; no addition with zero is performed)
@@ -45,7 +45,7 @@ def restore_matrix(reader: Reader, layer: int, expert: int, matrix: str, origina
     """One expert's restored matrix in its source dtype and logical shape."""
     lay = reader.layer(layer)
     spec = lay.matrix(matrix)
-    w = combine(reader.base(layer, matrix), reader.residual(layer, expert, matrix), spec.dtype)
+    w = combine(reader.addend(layer, matrix), reader.residual(layer, expert, matrix), spec.dtype)
     w = w.reshape(spec.shape)
     if original_order and lay.permutations is not None and spec.neuron_axis is not None:
         w = unpermute(w, reader.permutation(layer, expert), spec.neuron_axis)
