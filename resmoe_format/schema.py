@@ -291,6 +291,40 @@ class LayerSpec:
 
 
 @dataclass
+class CodedTensor:
+    """A passthrough tensor stored by an encoded record (spec 4.2 ``coded``, version 4.0): ``fields`` of its
+    own dtype, in the 2-D view (shape[0], product of the rest), or (1, L) for a 1-D tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    record: EncodedRef
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "record": self.record.to_json()}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "CodedTensor":
+        d = _obj(d, where)
+        dt = _req(d, "dtype", where, str)
+        if dt not in dtypes.SOURCE_DTYPES:
+            raise RmoeFormatError(f"{where}.dtype: {dt!r} is not one of {dtypes.SOURCE_DTYPES}")
+        rec = EncodedRef.from_json(d.get("record"), where + ".record")
+        if rec.encoding != "fields" or rec.value_dtype != dt:
+            raise RmoeFormatError(f"{where}.record: a coded tensor is a fields record of its own dtype {dt}, got "
+                                  f"{rec.encoding}/{rec.value_dtype}")
+        return cls(_name(d.get("name"), where + ".name"), dt, _shape(_req(d, "shape", where, list), where + ".shape"),
+                   rec)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        rest = 1
+        for s in self.shape[1:]:
+            rest *= s
+        return (self.shape[0], rest) if len(self.shape) >= 2 else (1, self.shape[0] if self.shape else 1)
+
+
+@dataclass
 class Schema:
     """The whole schema document."""
 
@@ -301,11 +335,15 @@ class Schema:
     layers: list[LayerSpec]
     checksum: dict[str, Any]
     version: str = VERSION_STR
+    coded: list[CodedTensor] = field(default_factory=list)  # version 4.0; written only when not empty
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": self.version, "model": self.model, "method": self.method,
-                "checksum": self.checksum, "files": self.files, "passthrough": self.passthrough,
-                "layers": [lay.to_json() for lay in self.layers]}
+        d = {"format": FORMAT_NAME, "version": self.version, "model": self.model, "method": self.method,
+             "checksum": self.checksum, "files": self.files, "passthrough": self.passthrough,
+             "layers": [lay.to_json() for lay in self.layers]}
+        if self.coded:
+            d["coded"] = [c.to_json() for c in self.coded]
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> "Schema":
@@ -331,12 +369,16 @@ class Schema:
         idx = [lay.index for lay in layers]
         if len(set(idx)) != len(idx):
             raise RmoeFormatError("schema.layers: layer indices must be unique")
+        coded = [CodedTensor.from_json(c, f"schema.coded[{i}]")
+                 for i, c in enumerate(_req(d, "coded", "schema", list, True, []))]
         outputs = {p: "a passthrough tensor" for p in passthrough}  # repeats there are caught as tensor roles
+        for c in coded:
+            claim_output(outputs, c.name, "a coded passthrough tensor")
         for lay in layers:
             for s in lay.sources:
                 claim_output(outputs, s.name, f"layer {lay.index}")
         return cls(model, method, [dict(f) for f in files], list(passthrough), layers, dict(cks),
-                   d.get("version", VERSION_STR))
+                   d.get("version", VERSION_STR), coded)
 
 
 def claim_output(claimed: dict[str, str], name: str, by: str) -> None:

@@ -170,3 +170,40 @@ def test_convert_lossless_uses_fields_and_restores_bit_for_bit(tmp_path):
     assert set(want) == set(got)
     for k in want:
         np.testing.assert_array_equal(got[k].view(np.uint8), want[k].view(np.uint8), k)
+
+
+def test_compress_passthrough_needs_lossless(tmp_path):
+    from converters.convert import ConvertOptions, Plan
+    from converters.errors import ConversionError
+    from hf_models import build_checkpoint
+
+    src = build_checkpoint("mixtral", tmp_path / "src", dtype="bf16", num_layers=1)
+    for opts in (ConvertOptions(compress_passthrough=True),
+                 ConvertOptions(lossless=True, delta_format="csr16", compress_passthrough=True)):
+        with pytest.raises(ConversionError, match="--compress-passthrough"):
+            Plan(src, tmp_path / "m.rmoe", opts)
+
+
+def test_coded_passthrough_tensors_restore_and_are_checked(tmp_path):
+    import ml_dtypes
+
+    from resmoe_format import Writer
+
+    rng = np.random.default_rng(0)
+    emb = (rng.standard_normal((64, 32)) * 0.02).astype(ml_dtypes.bfloat16)
+    norm = np.ones(32, np.float32)
+    with Writer(tmp_path / "p.rmoe", {"architecture": "t"}) as w:
+        w.add_passthrough("emb", emb, coded=True)
+        w.add_passthrough("norm", norm, coded=True)  # all ones: codes smaller too
+        w.add_passthrough("ids", np.arange(5, dtype=np.int64), coded=True)  # not a float: stays as it is
+    with resmoe_format.open(tmp_path / "p.rmoe") as r:
+        assert r.version == (4, 0) and [c.name for c in r.schema.coded] == ["emb", "norm"]
+        r.verify()
+        got = dict(r.passthrough_tensors())
+        assert account(r).bytes["passthrough"] < emb.nbytes + norm.nbytes + 40
+    np.testing.assert_array_equal(got["emb"].view(np.uint16), emb.view(np.uint16))
+    np.testing.assert_array_equal(got["norm"], norm)
+    np.testing.assert_array_equal(got["ids"], np.arange(5))
+    p = rewrite(tmp_path / "p.rmoe", tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version="3.0"))
+    with pytest.raises(RmoeFormatError, match="coded passthrough tensors need"):
+        resmoe_format.open(p)

@@ -18,6 +18,7 @@ larger is ever allocated.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,8 @@ MODES = {"sign": ("raw", "xor"), "head": ("raw", "xor", "sub"), "tail": ("raw", 
 ESCAPE = 255
 #: head widths E + h are at most 16 bits, so an escaped head fits a u16
 MAX_HEAD = 16
+#: head bits the reference writer tries: a tail of 4 (bf16) or 8 (fp16) bits unpacks fastest
+HEAD_BITS = {"bf16": (3,), "fp16": (2,), "fp32": (2, 3, 4)}
 #: the reference writer's Zstandard level (any level gives a valid frame; 3 measured as small as 19 here)
 ZSTD_LEVEL = 3
 
@@ -99,19 +102,19 @@ def pack_fields(values: np.ndarray, width: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1), bitorder="little")
 
 
-def unpack_fields(stream: np.ndarray, width: int, n: int) -> np.ndarray:
-    """The first ``n`` ``width``-bit values (width <= 32) of an LSB-first stream, as uint32.
+def unpack_fields(stream: np.ndarray, width: int, n: int, dtype=np.uint32) -> np.ndarray:
+    """The first ``n`` ``width``-bit values (width <= 32) of an LSB-first stream, as ``dtype`` (uint32 by default).
 
     Eight fields fill exactly ``width`` bytes: each group of eight is read as little-endian 64-bit words."""
     if width == 0 or n == 0:
-        return np.zeros(n, np.uint32)
+        return np.zeros(n, dtype)
     stream = np.asarray(stream, np.uint8).reshape(-1)
     if width in (8, 16, 32) and stream.size * 8 >= n * width:  # whole bytes: a little-endian view
-        return stream[: n * width // 8].view(f"<u{width // 8}").astype(np.uint32)
+        return stream[: n * width // 8].view(f"<u{width // 8}").astype(dtype)
     if width in (1, 2, 4) and stream.size * 8 >= n * width:  # whole fields per byte
         per = 8 // width
         b = stream[: -(-n // per)]
-        out = np.empty((b.size, per), np.uint32)
+        out = np.empty((b.size, per), dtype)
         for j in range(per):
             out[:, j] = (b >> np.uint8(j * width)) & np.uint8((1 << width) - 1)
         return out.reshape(-1)[:n]
@@ -123,7 +126,7 @@ def unpack_fields(stream: np.ndarray, width: int, n: int) -> np.ndarray:
     if flat.size % width:
         g[flat.size // width, : flat.size % width] = flat[flat.size // width * width:]
     words = g.view("<u8")
-    out = np.empty((groups, 8), np.uint32)
+    out = np.empty((groups, 8), dtype)
     mask = np.uint64((1 << width) - 1)
     for k in range(8):
         wi, sh = divmod(k * width, 64)
@@ -156,6 +159,15 @@ def bits_of(x: np.ndarray, value_dtype: str) -> np.ndarray:
 
 # ---- streams ---------------------------------------------------------------------------------
 
+_LOCAL = threading.local()  # a ZstdDecompressor is not for concurrent use: one per thread
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    if not hasattr(_LOCAL, "dctx"):
+        _LOCAL.dctx = zstandard.ZstdDecompressor()
+    return _LOCAL.dctx
+
+
 def compress(raw: bytes) -> bytes:
     """One Zstandard frame (RFC 8878) of ``raw``, its content size declared, no checksum, no dictionary."""
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(raw)
@@ -170,7 +182,7 @@ def decompress(stream: np.ndarray, size: int, where: str) -> np.ndarray:
         if fp.content_size != size or fp.dict_id != 0:
             raise fail(where, f"the zstd frame declares {fp.content_size} bytes (dictionary {fp.dict_id}); the "
                               f"stream holds {size} bytes and uses no dictionary")
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+        out = _dctx().decompress(data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise fail(where, f"not one valid zstd frame ({e})") from None
     if len(out) != size:
@@ -218,8 +230,7 @@ class Fields:
         w, e, man = LAYOUT[value_dtype]
         bits = bits_of(x, value_dtype)
         pbits = None if predictor is None else bits_of(np.asarray(predictor).reshape(x.shape), value_dtype)
-        limit = min(man, MAX_HEAD - e)
-        candidates = [head_bits] if head_bits is not None else [h for h in (2, 3, 4) if h <= limit] or [limit]
+        candidates = [head_bits] if head_bits is not None else HEAD_BITS[value_dtype]
         best = None
         for h in candidates:
             s, hd, t = split(bits, value_dtype, h)
@@ -309,21 +320,23 @@ class Fields:
             if spare and int(raw[s][-1]) >> (8 - spare):
                 raise fail(names.get(s, s), "unused bits of the last byte must be zero")
         u = UINT[w]
-        sign = np.unpackbits(raw["sign"], bitorder="little", count=N).astype(u)
-        y = raw["head"].astype(u)
-        esc = y == ESCAPE
+        mask = u((1 << width) - 1)
+        y = raw["head"]
         escapes = np.asarray(enc.parts["escapes"]).reshape(-1)
         ename = names.get("escapes", "escapes")
-        k = int(np.count_nonzero(esc))
+        k = int(np.count_nonzero(y == ESCAPE))
         if escapes.size != k:
             raise fail(ename, f"{escapes.size} escaped heads stored, the head stream has {k} escapes")
-        head = (y + u(p.offset)) & u((1 << width) - 1)
+        head = y.astype(u)
+        head += u(p.offset)
+        head &= mask
         if k:
             ev = escapes.astype(u)
             if int(ev.max()) >> width or ((ev.astype(np.int64) - p.offset) % (1 << width) < ESCAPE).any():
                 raise fail(ename, "an escaped head that is out of range or could have been stored directly")
-            head[esc] = ev
-        tail = unpack_fields(raw["tail"], man - h, N).astype(u, copy=False)
+            head[y == ESCAPE] = ev
+        tail = unpack_fields(raw["tail"], man - h, N, u)
+        sign = np.unpackbits(raw["sign"], bitorder="little", count=N)
         if p.predicted:
             if predictor is None:
                 raise RmoeFormatError(f"fields: record {names.get('head', 'head')} is coded against a predictor, "
@@ -331,18 +344,18 @@ class Fields:
             pb = bits_of(np.asarray(predictor).reshape(-1), vd)
             if pb.size != N:
                 raise RmoeFormatError(f"fields: predictor of {np.size(predictor)} values for {N}")
-            ps, ph, pt = (f.astype(u) for f in split(pb, vd, h))
             if p.modes[0] == "xor":
-                sign ^= ps
+                sign ^= (pb >> u(w - 1)).astype(np.uint8)
             if p.modes[1] == "xor":
-                head ^= ph
+                head ^= (pb >> u(man - h)) & mask
             elif p.modes[1] == "sub":
-                head = (head + ph) & u((1 << width) - 1)
+                head += (pb >> u(man - h)) & mask
+                head &= mask
             if p.modes[2] == "xor":
-                tail ^= pt
+                tail ^= pb & u((1 << (man - h)) - 1)
         head <<= u(man - h)
         head |= tail
-        head |= sign << u(w - 1)
+        head |= np.left_shift(sign, u(w - 1), dtype=u)
         return head
 
     def predict_nbytes(self, shape, value_dtype, quant, **_) -> int:
