@@ -570,6 +570,14 @@ class MoELayer:
     extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def _header_cost(c: CodedTensor) -> int:
+    """About the header bytes a coded tensor adds beyond a plain passthrough one: its schema entry and the
+    header entries and checksums of its parts, less the plain tensor's (the writer codes only when that pays)."""
+    entry = 80  # '"NAME":{"dtype":"U8","shape":[N],"data_offsets":[B,E]},' besides the name, and a checksum
+    return len(json.dumps(c.to_json())) + sum(len(t) + entry for t in c.record.tensors.values()) \
+        - (2 * len(c.name) + entry + 4)
+
+
 class Writer:
     """Streams a .rmoe file to disk layer by layer and publishes it atomically.
 
@@ -607,10 +615,13 @@ class Writer:
         if coded and dt in dtypes.SOURCE_DTYPES and np.size(array):
             spec = CodedTensor(name, dt, tuple(np.shape(array)), EncodedRef("fields", dt, {}))
             enc = codecs.encode(np.asarray(array).reshape(spec.shape2d), "fields", dt)
-            if enc.nbytes < np.asarray(array).nbytes:
+            names = {p: f"rmoe.passthrough.{name}.{p}" for p in enc.parts}
+            coded_spec = CodedTensor(name, dt, spec.shape, EncodedRef("fields", dt, names, enc.params))
+            if enc.nbytes + _header_cost(coded_spec) < np.asarray(array).nbytes:
                 claim_output(self._outputs, name, "a coded passthrough tensor")
-                tensors = {p: self._put(f"rmoe.passthrough.{name}.{p}", a) for p, a in enc.parts.items()}
-                self._coded.append(CodedTensor(name, dt, spec.shape, EncodedRef("fields", dt, tensors, enc.params)))
+                for p, a in enc.parts.items():
+                    self._put(names[p], a)
+                self._coded.append(coded_spec)
                 return
         claim_output(self._outputs, name, "a passthrough tensor")
         self._passthrough.append(self._put(name, array))

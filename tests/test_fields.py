@@ -190,20 +190,23 @@ def test_coded_passthrough_tensors_restore_and_are_checked(tmp_path):
     from resmoe_format import Writer
 
     rng = np.random.default_rng(0)
-    emb = (rng.standard_normal((64, 32)) * 0.02).astype(ml_dtypes.bfloat16)
-    norm = np.ones(32, np.float32)
+    emb = (rng.standard_normal((256, 64)) * 0.02).astype(ml_dtypes.bfloat16)
+    norm = np.ones(4096, np.float32)
+    small = np.ones(8, np.float32)
     with Writer(tmp_path / "p.rmoe", {"architecture": "t"}) as w:
         w.add_passthrough("emb", emb, coded=True)
         w.add_passthrough("norm", norm, coded=True)  # all ones: codes smaller too
         w.add_passthrough("ids", np.arange(5, dtype=np.int64), coded=True)  # not a float: stays as it is
+        w.add_passthrough("small", small, coded=True)  # its header entries would cost more than coding saves
     with resmoe_format.open(tmp_path / "p.rmoe") as r:
         assert r.version == (4, 0) and [c.name for c in r.schema.coded] == ["emb", "norm"]
         r.verify()
         got = dict(r.passthrough_tensors())
-        assert account(r).bytes["passthrough"] < emb.nbytes + norm.nbytes + 40
+        assert account(r).bytes["passthrough"] < 0.8 * emb.nbytes + 100 + small.nbytes + 40
     np.testing.assert_array_equal(got["emb"].view(np.uint16), emb.view(np.uint16))
     np.testing.assert_array_equal(got["norm"], norm)
     np.testing.assert_array_equal(got["ids"], np.arange(5))
+    np.testing.assert_array_equal(got["small"], small)
     p = rewrite(tmp_path / "p.rmoe", tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version="3.0"))
     with pytest.raises(RmoeFormatError, match="coded passthrough tensors need"):
         resmoe_format.open(p)
