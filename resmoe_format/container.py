@@ -19,7 +19,7 @@ from .codecs import Encoded, kquant, part_category
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
-from .codecs.fields import uses_predictor
+from .codecs.fields import Predictor, uses_predictor
 from .schema import (BASE_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
                      KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
                      LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
@@ -427,7 +427,7 @@ class Reader:
         bits = codecs.CODECS["fields"].decode_bits(self.encoded(ref, spec), ref.tensors, pred)
         return bits.view(dtypes.by_name(ref.value_dtype).np).reshape(spec.shape2d)
 
-    def _predictor(self, layer: int, matrix: str) -> np.ndarray:
+    def _predictor(self, layer: int, matrix: str) -> Predictor:
         """The base matrix of a predictor layer in its value dtype, decoded once per layer and matrix (the
         cache holds one layer's)."""
         cache = self.__dict__.setdefault("_predictors", {})
@@ -438,7 +438,11 @@ class Reader:
             if base is None:
                 raise RmoeFormatError(f"layer {layer} matrix {matrix}: a record coded against a predictor, and the "
                                       f"layer has no base for it")
-            cache[(layer, matrix)] = base.astype(dtypes.by_name(self.layer(layer).base[matrix].value_dtype).np)
+            vd = self.layer(layer).base[matrix].value_dtype
+            if vd not in ("bf16", "fp16", "fp32"):
+                raise RmoeFormatError(f"layer {layer} base matrix {matrix}: a predictor is stored in bf16, fp16 or "
+                                      f"fp32, not {vd}")
+            cache[(layer, matrix)] = Predictor(base, vd)
         return cache[(layer, matrix)]
 
     @_guard

@@ -157,6 +157,26 @@ def bits_of(x: np.ndarray, value_dtype: str) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1).view(UINT[LAYOUT[value_dtype][0]])
 
 
+class Predictor:
+    """A predictor's bit patterns and, per head width, its fields in place (sign as 0/1 bytes, head and tail
+    masked in their bit positions), computed once for all the records coded against it."""
+
+    def __init__(self, values: np.ndarray, value_dtype: str):
+        self.value_dtype = value_dtype
+        self.bits = bits_of(np.asarray(values).reshape(-1), value_dtype)
+        self._fields: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def fields(self, head_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if head_bits not in self._fields:
+            w, e, m = LAYOUT[self.value_dtype]
+            u = UINT[w]
+            t = m - head_bits
+            b = self.bits
+            self._fields[head_bits] = ((b >> u(w - 1)).astype(np.uint8), b & u(((1 << (e + head_bits)) - 1) << t),
+                                       b & u((1 << t) - 1))
+        return self._fields[head_bits]
+
+
 # ---- streams ---------------------------------------------------------------------------------
 
 _LOCAL = threading.local()  # a ZstdDecompressor is not for concurrent use: one per thread
@@ -320,43 +340,46 @@ class Fields:
             if spare and int(raw[s][-1]) >> (8 - spare):
                 raise fail(names.get(s, s), "unused bits of the last byte must be zero")
         u = UINT[w]
-        mask = u((1 << width) - 1)
+        t = man - h
+        hmask = u(((1 << width) - 1) << t)  # the head field in place: bits t .. W - 2
         y = raw["head"]
         escapes = np.asarray(enc.parts["escapes"]).reshape(-1)
         ename = names.get("escapes", "escapes")
         k = int(np.count_nonzero(y == ESCAPE))
         if escapes.size != k:
             raise fail(ename, f"{escapes.size} escaped heads stored, the head stream has {k} escapes")
-        head = y.astype(u)
-        head += u(p.offset)
-        head &= mask
+        word = y.astype(u)  # heads in place: ((y + o) mod 2^H) << t
+        word += u(p.offset)
+        word <<= u(t)
+        word &= hmask
         if k:
-            ev = escapes.astype(u)
-            if int(ev.max()) >> width or ((ev.astype(np.int64) - p.offset) % (1 << width) < ESCAPE).any():
+            ev = escapes.astype(np.int64)
+            if int(ev.max()) >> width or ((ev - p.offset) % (1 << width) < ESCAPE).any():
                 raise fail(ename, "an escaped head that is out of range or could have been stored directly")
-            head[y == ESCAPE] = ev
-        tail = unpack_fields(raw["tail"], man - h, N, u)
+            word[y == ESCAPE] = (ev << t).astype(u)
+        tail = unpack_fields(raw["tail"], t, N, u)
         sign = np.unpackbits(raw["sign"], bitorder="little", count=N)
         if p.predicted:
             if predictor is None:
                 raise RmoeFormatError(f"fields: record {names.get('head', 'head')} is coded against a predictor, "
                                       f"and none was given")
-            pb = bits_of(np.asarray(predictor).reshape(-1), vd)
-            if pb.size != N:
-                raise RmoeFormatError(f"fields: predictor of {np.size(predictor)} values for {N}")
+            pf = predictor if isinstance(predictor, Predictor) else Predictor(predictor, vd)
+            if pf.bits.size != N or pf.value_dtype != vd:
+                raise RmoeFormatError(f"fields: a {pf.value_dtype} predictor of {pf.bits.size} values for {N} "
+                                      f"{vd} values")
+            ps, ph, pt = pf.fields(h)
             if p.modes[0] == "xor":
-                sign ^= (pb >> u(w - 1)).astype(np.uint8)
+                sign ^= ps
             if p.modes[1] == "xor":
-                head ^= (pb >> u(man - h)) & mask
-            elif p.modes[1] == "sub":
-                head += (pb >> u(man - h)) & mask
-                head &= mask
+                word ^= ph
+            elif p.modes[1] == "sub":  # ((a + b) mod 2^H) << t: the sum of two fields in place fits in W bits
+                word += ph
+                word &= hmask
             if p.modes[2] == "xor":
-                tail ^= pb & u((1 << (man - h)) - 1)
-        head <<= u(man - h)
-        head |= tail
-        head |= np.left_shift(sign, u(w - 1), dtype=u)
-        return head
+                tail ^= pt
+        word |= tail
+        word |= np.left_shift(sign, u(w - 1), dtype=u)
+        return word
 
     def predict_nbytes(self, shape, value_dtype, quant, **_) -> int:
         """An upper bound: every stream raw, no escapes (the coded size depends on the data)."""
