@@ -27,6 +27,7 @@ from resmoe_format.errors import RmoeRuntimeError
 from resmoe_format.memory import trim_heap
 from resmoe_format.torch import tensors
 
+from . import lossless
 from .architectures import adapter_for
 from .checkpoint import Checkpoint
 from .disassemble import expert_matrices
@@ -56,6 +57,7 @@ class ConvertOptions:
     base_dtype: str | None = None  # None: the source dtype
     delta_format: str = "auto"
     lossless: bool = False
+    compress_passthrough: bool = False  # --compress-passthrough: fields records for the non-expert tensors too
     device: str = "auto"
     max_iter: int | None = None  # None: DEFAULT_MAX_ITER (resmoe's barycenter iterations)
     bits: float | None = None  # --bits: k-quant allocation to this many bits per expert weight
@@ -154,6 +156,12 @@ class Plan:
                                                              o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
                                                              else o.max_iter))
         self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
+        #: --lossless with the fields encoding (spec 5.11); an explicit --delta-format or --value-dtype fp32
+        #: keeps the float32 residuals of spec 6.3
+        self.fields = o.lossless and o.delta_format == "auto" and o.value_dtype is None
+        if o.compress_passthrough and not self.fields:
+            raise ConversionError("--compress-passthrough codes the non-expert tensors exactly: it goes with "
+                                  "--lossless (and no --delta-format or --value-dtype)")
         self.device = resolve_device(o.device)
         self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
@@ -251,6 +259,9 @@ class Plan:
                 "value_dtype": self.options.value_dtype, "base_dtype": self.options.base_dtype,
                 "delta_format": self.options.delta_format,
                 "lossless": e.lossless, "writer": f"resmoe {__version__}"}
+        if self.fields:
+            info["delta_format"] = "fields"
+            info["compress_passthrough"] = self.options.compress_passthrough
         if e.rank is not None:
             info["rank"] = e.rank
         if self.bits:
@@ -274,7 +285,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 w.add_file(rel, data)
             for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
                 t = plan.ckpt.get(name)
-                w.add_passthrough(name, to_numpy(t))
+                w.add_passthrough(name, to_numpy(t), coded=plan.options.compress_passthrough)
                 del t
             plan.ckpt.release()
             if plan.bits:
@@ -285,7 +296,8 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
                 for lay in bar:
                     bar.set_postfix_str(f"layer {lay.index}")
-                    report["layers"].append(_convert_layer(plan, lay, w))
+                    report["layers"].append(lossless.convert_layer(plan, lay, w) if plan.fields
+                                            else _convert_layer(plan, lay, w))
                     gc.collect()
                     plan.ckpt.release()
                     trim_heap()

@@ -13,13 +13,15 @@ from .container import Reader
 
 #: Every category of spec section 8, in table order. Float and int8 value parts count as ``barycenters`` /
 #: ``residual_values`` and their scales as ``scales``; k-quant value parts (spec 5.10) as ``barycenter_codes`` /
-#: ``residual_codes``, ``group_scales`` and ``superblock_scales``.
+#: ``residual_codes``, ``group_scales`` and ``superblock_scales``; the streams of ``fields`` records (spec 5.11) as
+#: ``coded_signs``, ``coded_heads`` (heads and escapes) and ``coded_tails``, base records included.
 CATEGORIES = ("header", "barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
-              "residual_indices", "scales", "group_scales", "superblock_scales", "extensions", "checksums",
-              "passthrough", "embedded_files")
+              "residual_indices", "scales", "group_scales", "superblock_scales", "coded_signs", "coded_heads",
+              "coded_tails", "extensions", "checksums", "passthrough", "embedded_files")
 #: Categories that make up the stored cost of the compressed experts.
 EXPERT_CATEGORIES = ("barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
-                     "residual_indices", "scales", "group_scales", "superblock_scales", "extensions")
+                     "residual_indices", "scales", "group_scales", "superblock_scales", "coded_signs", "coded_heads",
+                     "coded_tails", "extensions")
 
 
 @dataclass

@@ -19,9 +19,10 @@ from .codecs import Encoded, kquant, part_category
 from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
-from .schema import (BASE_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION,
-                     SHARED_FACTORS_VERSION_STR, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path,
-                     claim_output, parse_version)
+from .codecs.fields import Predictor, uses_predictor
+from .schema import (BASE_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
+                     KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
+                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -81,6 +82,9 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
         put(f["tensor"], Role("embedded_files"))
     for p in schema.passthrough:
         put(p, Role("passthrough"))
+    for c in schema.coded:
+        for t in c.record.tensors.values():
+            put(t, Role("passthrough"))
     for lay in schema.layers:
         for ref in lay.base.values():
             for part, t in ref.tensors.items():
@@ -134,17 +138,43 @@ def records(lay: LayerSpec):
 
 
 def lowest_version(schema: Schema) -> str:
-    """The lowest version that expresses ``schema`` (spec 1.4): 3.0 when a record has k-quant values
-    (spec 5.10), else 2.0 when a tensor is referenced by more than one record (a shared low-rank
-    factor, spec 4.8), else 1.0."""
+    """The lowest version that expresses ``schema`` (spec 1.4): 4.0 when a record is ``fields`` or a base is
+    of kind ``predictor`` (spec 5.11), else 3.0 when a record has k-quant values (spec 5.10), else 2.0 when a
+    tensor is referenced by more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    if schema.coded or any(uses_fields(lay) for lay in schema.layers):
+        return FIELDS_VERSION_STR
     if any(kquant.is_kquant(ref.value_dtype) for lay in schema.layers for _, ref in records(lay)):
         return KQUANT_VERSION_STR
-    refs = 1 + len(schema.files) + len(schema.passthrough)
+    refs = 1 + len(schema.files) + len(schema.passthrough) + sum(len(c.record.tensors) for c in schema.coded)
     for lay in schema.layers:
         refs += sum(len(r.tensors) for r in lay.base.values()) + len(lay.permutations or [])
         refs += sum(len(r.tensors) for res in lay.residuals for r in res.values() if r is not None)
         refs += sum(len(e.get("tensors", {})) for e in lay.extensions.values())
     return SHARED_FACTORS_VERSION_STR if refs > len(tensor_roles(schema, allow_shared=True)) else BASE_VERSION_STR
+
+
+def uses_fields(lay: LayerSpec) -> bool:
+    """Whether a layer uses what version 4.0 added: a ``fields`` record or a ``predictor`` base (spec 5.11)."""
+    return lay.base_kind == "predictor" or any(ref.encoding == "fields" for _, ref in records(lay))
+
+
+def check_predictors(lay: LayerSpec) -> None:
+    """Spec 5.11: a ``fields`` record coded against a predictor is a residual record of a ``predictor`` layer
+    whose base has that matrix, with the same value dtype, and the base record itself uses no predictor."""
+    for m, ref in lay.base.items():
+        if ref.encoding == "fields" and uses_predictor(ref.params):
+            raise RmoeFormatError(f"layer {lay.index} base matrix {m}: a base record has no predictor")
+    for k, res in enumerate(lay.residuals):
+        for m, ref in res.items():
+            if ref is None or ref.encoding != "fields" or not uses_predictor(ref.params):
+                continue
+            where = f"layer {lay.index} expert {k} matrix {m}"
+            if lay.base_kind != "predictor" or m not in lay.base:
+                raise RmoeFormatError(f"{where}: coded against a predictor, but the layer's base kind is "
+                                      f"{lay.base_kind} or it has no base for {m}")
+            if lay.base[m].value_dtype != ref.value_dtype:
+                raise RmoeFormatError(f"{where}: value_dtype {ref.value_dtype} differs from its predictor's "
+                                      f"{lay.base[m].value_dtype}")
 
 
 def permutation_dtype(num_neurons: int) -> str:
@@ -170,6 +200,15 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
             if kquant.is_kquant(ref.value_dtype):
                 raise RmoeFormatError(f"{where}: value_dtype {ref.value_dtype} needs .rmoe version "
                                       f"{KQUANT_VERSION_STR} or later; this file is major version {major}")
+    if major < FIELDS_VERSION[0] and schema.coded:
+        raise RmoeFormatError(f"schema.coded: coded passthrough tensors need .rmoe version {FIELDS_VERSION_STR} or "
+                              f"later; this file is major version {major}")
+    if major < FIELDS_VERSION[0]:
+        for lay in schema.layers:
+            if uses_fields(lay):
+                raise RmoeFormatError(f"layer {lay.index}: the fields encoding and the predictor base kind need "
+                                      f".rmoe version {FIELDS_VERSION_STR} or later; this file is major version "
+                                      f"{major}")
     roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0])
     missing = [n for n in roles if n not in tensors]
     if missing:
@@ -187,7 +226,21 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
             raise RmoeFormatError(f"tensor {t.name}: an embedded file must be u8 1-D")
     for lay in schema.layers:
         _check_layer(lay, tensors, max_matrix_elements)
+    for c in schema.coded:
+        _check_coded(c, tensors, max_matrix_elements)
     return roles
+
+
+def _check_coded(c: CodedTensor, tensors: dict[str, TensorEntry], max_elements: int) -> None:
+    """A coded passthrough tensor (spec 4.2): within the element limit, its record's layout, no predictor."""
+    rows, cols = c.shape2d
+    if rows * cols > max_elements:
+        raise RmoeFormatError(f"coded tensor {c.name}: {rows * cols} elements exceed the reader's limit of "
+                              f"{max_elements} (max_matrix_elements)")
+    if uses_predictor(c.record.params):
+        raise RmoeFormatError(f"coded tensor {c.name}: a coded passthrough tensor has no predictor")
+    codecs.check_layout(c.record.encoding, c.shape2d, c.record.value_dtype, c.record.quant, c.record.params,
+                        _parts_info(c.record, tensors), c.record.tensors)
 
 
 def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -195,6 +248,7 @@ def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, t
 
 
 def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: int) -> None:
+    check_predictors(lay)
     for m in lay.matrices:
         rows, cols = m.shape2d
         if rows * cols > max_elements:
@@ -329,13 +383,15 @@ class Reader:
             self.release()
             for lay in self.schema.layers if records else ():
                 for m in lay.matrices:
-                    if lay.base_kind != "none":
+                    if m.name in lay.base:
                         self.base(lay.index, m.name)
                     for k in range(lay.num_experts):
                         self.residual(lay.index, k, m.name)
                 for k in range(lay.num_experts if lay.permutations else 0):
                     self.permutation(lay.index, k)
                 self.release()
+            for c in self.schema.coded if records else ():
+                self.coded(c)
         finally:
             self.verify_checksums = saved
 
@@ -356,13 +412,52 @@ class Reader:
         return Encoded(ref.encoding, matrix.shape2d, ref.value_dtype, parts, ref.params, ref.quant)
 
     @_guard
-    def base(self, layer: int, matrix: str) -> np.ndarray | None:
-        """The decoded float32 base matrix (2-D), or None when the layer has no base."""
+    def decode(self, layer: int, ref: EncodedRef, matrix: str) -> np.ndarray:
+        """A record of layer ``layer`` decoded to float32 (2-D); a ``fields`` record coded against a
+        predictor gets the layer's base matrix (spec 5.11)."""
         lay = self.layer(layer)
-        if lay.base_kind == "none":
+        pred = self._predictor(layer, matrix) if ref.encoding == "fields" and uses_predictor(ref.params) else None
+        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors, pred)
+
+    @_guard
+    def decode_exact(self, layer: int, ref: EncodedRef, matrix: str) -> np.ndarray:
+        """A ``fields`` record decoded to its own value dtype (2-D, bit for bit), without the float32 detour."""
+        spec = self.layer(layer).matrix(matrix)
+        pred = self._predictor(layer, matrix) if uses_predictor(ref.params) else None
+        bits = codecs.CODECS["fields"].decode_bits(self.encoded(ref, spec), ref.tensors, pred)
+        return bits.view(dtypes.by_name(ref.value_dtype).np).reshape(spec.shape2d)
+
+    def _predictor(self, layer: int, matrix: str) -> Predictor:
+        """The base matrix of a predictor layer in its value dtype, decoded once per layer and matrix (the
+        cache holds one layer's)."""
+        cache = self.__dict__.setdefault("_predictors", {})
+        if (layer, matrix) not in cache:
+            if any(key[0] != layer for key in cache):
+                cache.clear()
+            base = self.base(layer, matrix)
+            if base is None:
+                raise RmoeFormatError(f"layer {layer} matrix {matrix}: a record coded against a predictor, and the "
+                                      f"layer has no base for it")
+            vd = self.layer(layer).base[matrix].value_dtype
+            if vd not in ("bf16", "fp16", "fp32"):
+                raise RmoeFormatError(f"layer {layer} base matrix {matrix}: a predictor is stored in bf16, fp16 or "
+                                      f"fp32, not {vd}")
+            cache[(layer, matrix)] = Predictor(base, vd)
+        return cache[(layer, matrix)]
+
+    @_guard
+    def base(self, layer: int, matrix: str) -> np.ndarray | None:
+        """The decoded float32 base matrix (2-D), or None when the layer has none for this matrix."""
+        lay = self.layer(layer)
+        if matrix not in lay.base:
+            lay.matrix(matrix)  # an unknown matrix name is an error
             return None
         ref = lay.base[matrix]
         return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+
+    def addend(self, layer: int, matrix: str) -> np.ndarray | None:
+        """The base matrix restoration adds to the residuals (spec 6.1): None for base kinds none and predictor."""
+        return self.base(layer, matrix) if self.layer(layer).adds_base else None
 
     @_guard
     def residual(self, layer: int, expert: int, matrix: str) -> np.ndarray | None:
@@ -373,7 +468,7 @@ class Reader:
         ref = lay.residuals[expert][lay.matrix(matrix).name]
         if ref is None:
             return None
-        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+        return self.decode(layer, ref, matrix)
 
     @_guard
     def permutation(self, layer: int, expert: int) -> np.ndarray | None:
@@ -387,6 +482,21 @@ class Reader:
         if p.size and (p.min() < 0 or p.max() >= n or (np.bincount(p, minlength=n) != 1).any()):
             raise RmoeFormatError(f"tensor {name}: not a permutation of 0..{n - 1}")
         return p
+
+    @_guard
+    def coded(self, c: CodedTensor) -> np.ndarray:
+        """A coded passthrough tensor (spec 4.2) decoded to its dtype and shape."""
+        enc = Encoded(c.record.encoding, c.shape2d, c.record.value_dtype,
+                      {p: self.tensor(t) for p, t in c.record.tensors.items()}, c.record.params, None)
+        bits = codecs.CODECS["fields"].decode_bits(enc, c.record.tensors)
+        return bits.view(dtypes.by_name(c.dtype).np).reshape(c.shape)
+
+    def passthrough_tensors(self):
+        """(name, array) of every passthrough tensor: those stored as they are, then the coded ones."""
+        for name in self.schema.passthrough:
+            yield name, self.tensor(name)
+        for c in self.schema.coded:
+            yield c.name, self.coded(c)
 
     @property
     def files(self) -> dict[str, bytes]:
@@ -464,6 +574,14 @@ class MoELayer:
     extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def _header_cost(c: CodedTensor) -> int:
+    """About the header bytes a coded tensor adds beyond a plain passthrough one: its schema entry and the
+    header entries and checksums of its parts, less the plain tensor's (the writer codes only when that pays)."""
+    entry = 80  # '"NAME":{"dtype":"U8","shape":[N],"data_offsets":[B,E]},' besides the name, and a checksum
+    return len(json.dumps(c.to_json())) + sum(len(t) + entry for t in c.record.tensors.values()) \
+        - (2 * len(c.name) + entry + 4)
+
+
 class Writer:
     """Streams a .rmoe file to disk layer by layer and publishes it atomically.
 
@@ -480,6 +598,7 @@ class Writer:
         self._put = self._out.put
         self._files: list[dict[str, str]] = []
         self._passthrough: list[str] = []
+        self._coded: list[CodedTensor] = []
         self._layers: list[LayerSpec] = []
         self._paths: dict[str, str] = {}  # embedded file paths claimed so far (spec 4.4)
         self._outputs: dict[str, str] = {}  # restored tensor name -> what restores it (spec 4.9)
@@ -491,10 +610,23 @@ class Writer:
         claim_file_path(self._paths, path, "embedded file")
         self._files.append({"path": path, "tensor": self._put(f"rmoe.files.{path}", np.frombuffer(data, np.uint8))})
 
-    def add_passthrough(self, name: str, array: np.ndarray) -> None:
-        """Store a source tensor unchanged under its own name."""
+    def add_passthrough(self, name: str, array: np.ndarray, coded: bool = False) -> None:
+        """Store a source tensor unchanged under its own name; ``coded``: a bf16, fp16 or fp32 tensor as a
+        ``fields`` record (spec 4.2 ``coded``, version 4.0) when that is smaller, else unchanged."""
         if name.startswith(RESERVED_PREFIX):
             raise RmoeFormatError(f"passthrough tensor {name}: names starting with {RESERVED_PREFIX!r} are reserved")
+        dt = dtypes.of_array(np.asarray(array)).name
+        if coded and dt in dtypes.SOURCE_DTYPES and np.size(array):
+            spec = CodedTensor(name, dt, tuple(np.shape(array)), EncodedRef("fields", dt, {}))
+            enc = codecs.encode(np.asarray(array).reshape(spec.shape2d), "fields", dt)
+            names = {p: f"rmoe.passthrough.{name}.{p}" for p in enc.parts}
+            coded_spec = CodedTensor(name, dt, spec.shape, EncodedRef("fields", dt, names, enc.params))
+            if enc.nbytes + _header_cost(coded_spec) < np.asarray(array).nbytes:
+                claim_output(self._outputs, name, "a coded passthrough tensor")
+                for p, a in enc.parts.items():
+                    self._put(names[p], a)
+                self._coded.append(coded_spec)
+                return
         claim_output(self._outputs, name, "a passthrough tensor")
         self._passthrough.append(self._put(name, array))
 
@@ -614,7 +746,8 @@ class Writer:
                             dtype=np.uint32)
             self._out.overwrite(CHECKSUM_TENSOR, crcs)
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
-                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)})
+                            {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)},
+                            coded=self._coded)
             schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
             raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
 

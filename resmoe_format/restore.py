@@ -2,7 +2,7 @@
 
 For expert k and matrix m (canonical orientation, 2-D view):
 
-    B = decode(base)       float32, or absent when base kind is "none"
+    B = decode(base)       float32, or absent when base kind is "none" or "predictor"
     D = decode(residual)   float32, or absent
     A = B + D              one IEEE-754 float32 addition per element (A = B or A = D alone
                            when the other is absent; no addition with zero is performed)
@@ -45,7 +45,11 @@ def restore_matrix(reader: Reader, layer: int, expert: int, matrix: str, origina
     """One expert's restored matrix in its source dtype and logical shape."""
     lay = reader.layer(layer)
     spec = lay.matrix(matrix)
-    w = combine(reader.base(layer, matrix), reader.residual(layer, expert, matrix), spec.dtype)
+    ref = lay.residuals[expert][spec.name] if 0 <= expert < lay.num_experts else None
+    if ref is not None and ref.encoding == "fields" and ref.value_dtype == spec.dtype and not lay.adds_base:
+        w = reader.decode_exact(layer, ref, matrix)  # A = D, and D holds T values: W = D (spec 6.1, 5.11)
+    else:
+        w = combine(reader.addend(layer, matrix), reader.residual(layer, expert, matrix), spec.dtype)
     w = w.reshape(spec.shape)
     if original_order and lay.permutations is not None and spec.neuron_axis is not None:
         w = unpermute(w, reader.permutation(layer, expert), spec.neuron_axis)
@@ -89,8 +93,7 @@ def restore_layer(reader: Reader, layer: int, original_order: bool = False) -> I
 
 def restore_all(reader: Reader, original_order: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Every tensor of the source checkpoint: passthrough ones, then each layer's."""
-    for name in reader.schema.passthrough:
-        yield name, reader.tensor(name)
+    yield from reader.passthrough_tensors()
     for lay in reader.layers:
         yield from restore_layer(reader, lay.index, original_order)
         reader.release()

@@ -18,8 +18,9 @@ from .errors import RmoeFormatError
 FORMAT_NAME = "rmoe"
 #: The newest version this library reads and writes (spec 1.4). The writer writes the lowest
 #: version that expresses a file: ``BASE_VERSION`` unless it shares a low-rank factor (spec 4.8),
-#: which needs ``SHARED_FACTORS_VERSION``, or stores k-quant values (spec 5.10), which need ``KQUANT_VERSION``.
-VERSION = (3, 0)
+#: which needs ``SHARED_FACTORS_VERSION``, or stores k-quant values (spec 5.10), which need ``KQUANT_VERSION``,
+#: or has a ``fields`` record or a ``predictor`` base (spec 5.11), which need ``FIELDS_VERSION``.
+VERSION = (4, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
 #: The version of every file that uses no feature added after 1.0.
 BASE_VERSION = (1, 0)
@@ -30,9 +31,14 @@ SHARED_FACTORS_VERSION_STR = f"{SHARED_FACTORS_VERSION[0]}.{SHARED_FACTORS_VERSI
 #: The first version with the k-quant value dtypes ``q2`` … ``q8``, ``ternary`` (spec 5.10).
 KQUANT_VERSION = (3, 0)
 KQUANT_VERSION_STR = f"{KQUANT_VERSION[0]}.{KQUANT_VERSION[1]}"
+#: The first version with the ``fields`` encoding and the ``predictor`` base kind (spec 5.11, 4.7).
+FIELDS_VERSION = (4, 0)
+FIELDS_VERSION_STR = f"{FIELDS_VERSION[0]}.{FIELDS_VERSION[1]}"
 #: Major versions this reader understands (any minor version of each).
-READ_MAJORS = (1, 2, 3)
-BASE_KINDS = ("barycenter", "mean", "weighted", "none")
+READ_MAJORS = (1, 2, 3, 4)
+BASE_KINDS = ("barycenter", "mean", "weighted", "none", "predictor")
+#: Base kinds whose matrices are not added to the residuals (spec 6.1): none, and predictor (5.11).
+UNADDED_BASE_KINDS = ("none", "predictor")
 JOINS = ("concat", "interleave")
 PERMUTATION_DTYPES = ("u16", "i32")
 MAX_NDIM = 8
@@ -202,6 +208,11 @@ class LayerSpec:
     sources: list[SourceSpec]
     extensions: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def adds_base(self) -> bool:
+        """Whether restoration adds the base to the residuals (spec 6.1): not for kinds none and predictor."""
+        return self.base_kind not in UNADDED_BASE_KINDS
+
     def matrix(self, name: str) -> MatrixSpec:
         for m in self.matrices:
             if m.name == name:
@@ -247,7 +258,9 @@ class LayerSpec:
                 for k, v in _obj(b.get("matrices", {}), where + ".base.matrices").items()}
         if kind == "none" and base:
             raise RmoeFormatError(f"{where}.base: kind none carries no matrices")
-        if kind != "none" and set(base) != set(names):
+        if kind == "predictor" and set(base) - set(names):
+            raise RmoeFormatError(f"{where}.base: unknown matrices {sorted(set(base) - set(names))}")
+        if kind not in UNADDED_BASE_KINDS and set(base) != set(names):
             raise RmoeFormatError(f"{where}.base: needs exactly the matrices {names}, has {sorted(base)}")
         perms = d.get("permutations")
         if perms is not None:
@@ -264,8 +277,8 @@ class LayerSpec:
                 raise RmoeFormatError(f"{where}.residuals[{k}]: unknown matrices {sorted(set(r) - set(names))}")
             residuals.append({m: (EncodedRef.from_json(r[m], f"{where}.residuals[{k}].{m}")
                                   if r.get(m) is not None else None) for m in names})
-            if kind == "none" and any(v is None for v in residuals[-1].values()):
-                raise RmoeFormatError(f"{where}.residuals[{k}]: with no base every matrix needs a residual")
+            if kind in UNADDED_BASE_KINDS and any(v is None for v in residuals[-1].values()):
+                raise RmoeFormatError(f"{where}.residuals[{k}]: with base kind {kind} every matrix needs a residual")
         sources = [SourceSpec.from_json(s, f"{where}.sources[{i}]")
                    for i, s in enumerate(_req(d, "sources", where, list))]
         ext = _obj(d.get("extensions", {}), where + ".extensions")
@@ -275,6 +288,40 @@ class LayerSpec:
                 _name(t, f"{where}.extensions.{key}.tensors.{part}")
         return cls(index, _req(d, "prefix", where, str, True, ""), E, n, mats, kind, base, perms,
                    residuals, sources, ext)
+
+
+@dataclass
+class CodedTensor:
+    """A passthrough tensor stored by an encoded record (spec 4.2 ``coded``, version 4.0): ``fields`` of its
+    own dtype, in the 2-D view (shape[0], product of the rest), or (1, L) for a 1-D tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    record: EncodedRef
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "record": self.record.to_json()}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "CodedTensor":
+        d = _obj(d, where)
+        dt = _req(d, "dtype", where, str)
+        if dt not in dtypes.SOURCE_DTYPES:
+            raise RmoeFormatError(f"{where}.dtype: {dt!r} is not one of {dtypes.SOURCE_DTYPES}")
+        rec = EncodedRef.from_json(d.get("record"), where + ".record")
+        if rec.encoding != "fields" or rec.value_dtype != dt:
+            raise RmoeFormatError(f"{where}.record: a coded tensor is a fields record of its own dtype {dt}, got "
+                                  f"{rec.encoding}/{rec.value_dtype}")
+        return cls(_name(d.get("name"), where + ".name"), dt, _shape(_req(d, "shape", where, list), where + ".shape"),
+                   rec)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        rest = 1
+        for s in self.shape[1:]:
+            rest *= s
+        return (self.shape[0], rest) if len(self.shape) >= 2 else (1, self.shape[0] if self.shape else 1)
 
 
 @dataclass
@@ -288,11 +335,15 @@ class Schema:
     layers: list[LayerSpec]
     checksum: dict[str, Any]
     version: str = VERSION_STR
+    coded: list[CodedTensor] = field(default_factory=list)  # version 4.0; written only when not empty
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": self.version, "model": self.model, "method": self.method,
-                "checksum": self.checksum, "files": self.files, "passthrough": self.passthrough,
-                "layers": [lay.to_json() for lay in self.layers]}
+        d = {"format": FORMAT_NAME, "version": self.version, "model": self.model, "method": self.method,
+             "checksum": self.checksum, "files": self.files, "passthrough": self.passthrough,
+             "layers": [lay.to_json() for lay in self.layers]}
+        if self.coded:
+            d["coded"] = [c.to_json() for c in self.coded]
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> "Schema":
@@ -318,12 +369,16 @@ class Schema:
         idx = [lay.index for lay in layers]
         if len(set(idx)) != len(idx):
             raise RmoeFormatError("schema.layers: layer indices must be unique")
+        coded = [CodedTensor.from_json(c, f"schema.coded[{i}]")
+                 for i, c in enumerate(_req(d, "coded", "schema", list, True, []))]
         outputs = {p: "a passthrough tensor" for p in passthrough}  # repeats there are caught as tensor roles
+        for c in coded:
+            claim_output(outputs, c.name, "a coded passthrough tensor")
         for lay in layers:
             for s in lay.sources:
                 claim_output(outputs, s.name, f"layer {lay.index}")
         return cls(model, method, [dict(f) for f in files], list(passthrough), layers, dict(cks),
-                   d.get("version", VERSION_STR))
+                   d.get("version", VERSION_STR), coded)
 
 
 def claim_output(claimed: dict[str, str], name: str, by: str) -> None:

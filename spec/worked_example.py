@@ -20,6 +20,7 @@ import struct
 import sys
 import zlib
 
+import ml_dtypes
 import numpy as np
 
 import resmoe_format
@@ -323,8 +324,59 @@ def kquant_example() -> None:
         print(f"  byte {k} = {terms} = {sum(c * 3 ** j for j, c in enumerate(five))} = 0x{byte:02x}")
 
 
+# ---- section 5.11: fields ---------------------------------------------------------------
+
+def fields_example() -> None:
+    """Eight bf16 values stored as fields against a predictor, h = 3, decoded by hand from the bytes."""
+    x = np.array([0.5, -1.25, 2.0, 0.75, -0.5, 1.5, 3.0, 1e-20], np.float32).astype(ml_dtypes.bfloat16)
+    p = np.array([0.5, -1.0, 2.25, 0.75, -0.5, 1.25, 3.0, 2.0], np.float32).astype(ml_dtypes.bfloat16)
+    enc = codecs.encode(x.reshape(1, 8), "fields", "bf16", predictor=p.reshape(1, 8), head_bits=3)
+    prm = enc.params
+    h, o = prm["head_bits"], prm["offset"]
+    W, E, M = 16, 8, 7
+    H = E + h
+    print("[5.11] fields example")
+    def hexes(a) -> str:
+        return " ".join(f"{b:04x}" for b in a.view(np.uint16))
+    print(f"x = [{', '.join(num(float(v)) for v in x)}] (8 values, bf16: {hexes(x)})")
+    print(f"P = [{', '.join(num(float(v)) for v in p)}] (the predictor: {hexes(p)})")
+    print(f"params {json.dumps(prm)}: H = 8 + {h} = {H} head bits, tail {M - h} bits")
+    parts = {k: v.tobytes() for k, v in enc.parts.items()}
+    print(f"parts: sign u8 ({len(parts['sign'])},), head u8 ({len(parts['head'])},), tail u8 ({len(parts['tail'])},), "
+          f"escapes u16 ({len(parts['escapes']) // 2},): {sum(map(len, parts.values()))} bytes in all (source: 16)")
+    for k in ("sign", "head", "tail", "escapes"):
+        print(f"{k} = {parts[k].hex(' ')}")
+    sbits = bits_lsb_first(parts["sign"])
+    tbits = bits_lsb_first(parts["tail"])
+    esc = list(struct.unpack(f"<{len(parts['escapes']) // 2}H", parts["escapes"]))
+    print(f"  sign bits in stream order: {sbits}; tail fields of {M - h} bits: "
+          f"{' '.join(tbits[(M - h) * i:(M - h) * (i + 1)] for i in range(8))}")
+    out, j = [], 0
+    for i in range(8):
+        pw = int(p.view(np.uint16)[i])
+        ps, pv, pt = pw >> (W - 1), (pw >> (M - h)) % (1 << H), pw % (1 << (M - h))
+        y = parts["head"][i]
+        if y == 255:
+            u, how = esc[j], f"escape {j}: u = {esc[j]}"
+            j += 1
+        else:
+            u, how = (y + o) % (1 << H), f"u = ({y} + {o}) mod 2^{H} = {(y + o) % (1 << H)}"
+        s1 = int(sbits[i])
+        t1 = sum(int(tbits[(M - h) * i + b]) << b for b in range(M - h))
+        s = s1 ^ ps if prm["sign"] == "xor" else s1
+        v = {"xor": u ^ pv, "sub": (u + pv) % (1 << H), "raw": u}[prm["head"]]
+        t = t1 ^ pt if prm["tail"] == "xor" else t1
+        w = (s << (W - 1)) | (v << (M - h)) | t
+        out.append(w)
+        print(f"  {i}: y = {y:3d}, {how}; P: s {ps} v {pv} t {pt}; s = {s}, v = {v}, t = {t}: "
+              f"w = {w:04x} = {num(float(np.array([w], np.uint16).view(ml_dtypes.bfloat16)[0]))}")
+    lib = codecs.CODECS["fields"].decode_bits(enc, {}, p.reshape(1, 8))
+    same = np.array_equal(np.array(out, np.uint16), lib) and np.array_equal(lib, x.view(np.uint16))
+    print(f"library decode gives {'the same bits, equal to x' if same else 'DIFFERENT bits: MISMATCH'}")
+
+
 def sections(text: str) -> dict[str, str]:
-    """The printed output split at its "[9.x] title" (and "[5.10] title") lines: {"9.x": body}."""
+    """The printed output split at its "[9.x] title" (and "[5.10]", "[5.11] title") lines: {"9.x": body}."""
     out: dict[str, str] = {}
     for m in re.finditer(r"^\[(\d+\.\d+)\] [^\n]*\n(.*?)(?=^\[\d+\.\d+\]|\Z)", text, re.S | re.M):
         out[m.group(1)] = m.group(2).rstrip("\n")
@@ -343,6 +395,8 @@ def main(argv: list[str]) -> int:
         walk(a.out)
         print()
         kquant_example()
+        print()
+        fields_example()
     text = buf.getvalue()
     print(text, end="")
     if a.check:
@@ -351,7 +405,7 @@ def main(argv: list[str]) -> int:
         if stale:
             print(f"\n{a.check}: section(s) {', '.join(stale)} differ from this output", file=sys.stderr)
             return 1
-        print(f"\n{a.check}: every block of sections 9 and 5.10 matches this output", file=sys.stderr)
+        print(f"\n{a.check}: every block of sections 9, 5.10 and 5.11 matches this output", file=sys.stderr)
     return 0
 
 

@@ -3,7 +3,8 @@
 Three kinds of damage: raw byte flips and truncations (mostly caught by framing and
 checksums), and schema/header edits with recomputed CRCs (which reach the deep checks:
 index ranges, pointers, permutations, encodings, assembly rules). Each runs on the demo
-file (float and int8 values) and on a 3.0 file of k-quant records (spec 5.10).
+file (float and int8 values), on a 3.0 file of k-quant records (spec 5.10) and on a 4.0 file of
+``fields`` records coded raw and against a predictor (spec 5.11).
 """
 import copy
 import random
@@ -19,11 +20,14 @@ from resmoe_format.accounting import account
 from resmoe_format.demo import build
 
 from filecraft import join, split
+from fields_files import write_fields_file
 from test_kquant import write_kquant_file
 
 
-@pytest.fixture(scope="module", params=["demo", "kquant"])
+@pytest.fixture(scope="module", params=["demo", "kquant", "fields"])
 def small(tmp_path_factory, request):
+    if request.param == "fields":
+        return write_fields_file(tmp_path_factory.mktemp("fzf") / "f.rmoe")[0]
     if request.param == "kquant":
         return write_kquant_file(tmp_path_factory.mktemp("fzk") / "k.rmoe", shared_u=True)[0]
     return build(tmp_path_factory.mktemp("fz") / "f.rmoe", layers=1, experts=8, hidden=16, inter=24)
@@ -133,15 +137,16 @@ def test_header_edits(small, tmp_path):
 
 INDEX_PARTS = (".indptr", ".indices", ".mask", ".permutation", ".quotients", ".remainders")
 KQUANT_PARTS = ("values", ".u", ".v", "group_scales", "scales")  # codes and scales of k-quant records
+FIELDS_PARTS = (".sign", ".head", ".tail", ".escapes")  # the streams of fields records
 
 
 def test_consistent_layout_but_hostile_index_data(small, tmp_path):
     """Index tensors (and k-quant codes and scales) with valid shapes but wrong contents, checksums
     skipped: decode checks them."""
     with resmoe_format.open(small) as r:
-        kq = r.version[0] >= 3
-        targets = [(n, t) for n, t in r.header.tensors.items()
-                   if t.nbytes and n.endswith(INDEX_PARTS + KQUANT_PARTS if kq else INDEX_PARTS)]
+        kq = r.version[0] == 3
+        parts = INDEX_PARTS + (KQUANT_PARTS if kq else ()) + (FIELDS_PARTS if r.version[0] >= 4 else ())
+        targets = [(n, t) for n, t in r.header.tensors.items() if t.nbytes and n.endswith(parts)]
         start = r.header.data_start
     raw = small.read_bytes()
     rng = np.random.default_rng(3)

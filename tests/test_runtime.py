@@ -347,3 +347,25 @@ def test_fused_residual_operators_follow_the_encoding(tmp_path_factory):
     assert ops(residual_keep=0.25) == {SparseResidual}
     assert ops(residual="svd", residual_keep=0.3) == {LowRankResidual}
     assert ops(lossless=True) <= {DenseResidual, SparseResidual}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_lossless_fields_file_runs_as_the_source_in_every_mode(tmp_path_factory, monkeypatch, arch):
+    """--lossless --compress-passthrough (fields records, a predictor base, coded non-expert tensors): materialize
+    gives the source model's logits exactly, lazy and fused (aligned neuron order: sums reordered) to the usual
+    tolerance. The tiny model's tensors are coded even where their header entries cost more than coding saves."""
+    from hf_models import build_checkpoint
+    from hf_models import load_model as hf_source
+    from resmoe_format import container
+
+    monkeypatch.setattr(container, "_header_cost", lambda c: 0)
+    rmoe, restored = converted(tmp_path_factory, arch, "bf16", lossless=True, compress_passthrough=True)
+    with resmoe_format.open(rmoe) as r:
+        assert r.version == (4, 0) and r.schema.coded
+    src = tmp_path_factory.mktemp(f"{arch}_bf16_again")
+    build_checkpoint(arch, src, "bf16", seed=3)
+    want = logits(hf_source(src), arch)
+    assert torch.equal(logits(hf_load(restored), arch), want)
+    assert torch.equal(logits(load_model(rmoe, mode="materialize", dtype="fp32"), arch), want)
+    for mode in LAZY_FUSED:
+        assert_close(logits(load_model(rmoe, mode=mode, dtype="fp32"), arch), want)

@@ -55,8 +55,10 @@ def parser() -> argparse.ArgumentParser:
                     help="dtype of the stored barycenter (default: the source dtype; int8 with per-row scales)")
     ap.add_argument("--delta-format", choices=DELTA_FORMATS, default="auto",
                     help="residual encoding (auto: the smallest for each matrix)")
-    ap.add_argument("--lossless", action="store_true", help="keep everything; resmoe-restore --original-order "
-                    "then gives the source back bit for bit")
+    ap.add_argument("--lossless", action="store_true", help="keep everything, entropy coded (spec 5.11); "
+                    "resmoe-restore --original-order then gives the source back bit for bit")
+    ap.add_argument("--compress-passthrough", action="store_true", help="with --lossless: code the non-expert "
+                    "tensors (embeddings, attention, norms) too, where that saves bytes")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when present)")
     ap.add_argument("--max-iter", type=int, help="resmoe: barycenter iterations at most (default 100)")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
-                              lossless=a.lossless,
+                              lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
                               sparse_residuals=a.sparse_residuals)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)

@@ -402,13 +402,13 @@ def _passthrough_tensors(reader, arch: GgufArch) -> Iterator[tuple[str, np.ndarr
     """Non-expert tensors renamed for llama.cpp; experts of uncompressed layers stacked as stored
     (the record's per-expert tensors: down as (hidden, n), which is llama.cpp's layout)."""
     loose: dict[tuple[int, str], dict[int, np.ndarray]] = {}
-    for name in reader.schema.passthrough:
+    for name, t in reader.passthrough_tensors():
         m = arch.family.match_expert_tensor(name)
         if m is not None:
             i, k, rule = m
-            loose.setdefault((i, rule.parts[0]), {})[k] = reader.tensor(name)
+            loose.setdefault((i, rule.parts[0]), {})[k] = t
             continue
-        yield from arch.tensors(name, np.asarray(reader.tensor(name)))
+        yield from arch.tensors(name, np.asarray(t))
     for (i, role), by_k in sorted(loose.items()):
         mats = [by_k[k] for k in sorted(by_k)]
         yield f"blk.{i}.ffn_{role}_exps.weight", np.stack(mats)

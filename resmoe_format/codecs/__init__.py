@@ -16,13 +16,14 @@ from .bitmap import Bitmap
 from .bsr import Bsr, block_occupancy
 from .csr16 import Csr16
 from .dense import Dense
+from .fields import Fields
 from .kquant import KqLayout
 from .lowrank import LowRank, svd_factors
 from . import rice
 from .rice import Rice, gaps_of
 from .sparse_common import keep_mask
 
-CODECS = {c.name: c for c in (Dense(), LowRank(), Csr16(), Bitmap(), Bsr(), Rice())}
+CODECS = {c.name: c for c in (Dense(), LowRank(), Csr16(), Bitmap(), Bsr(), Rice(), Fields())}
 ENCODINGS = tuple(CODECS)
 #: Block shapes ``auto`` tries for bsr.
 AUTO_BSR_BLOCKS = ((4, 4), (8, 8), (16, 16), (32, 32))
@@ -68,8 +69,11 @@ def encode(x: np.ndarray | None, encoding: str, value_dtype: str = "bf16", quant
     return codec(encoding).encode(x, value_dtype, quant, **params)
 
 
-def decode(enc: Encoded, names: Mapping[str, str] | None = None) -> np.ndarray:
-    """The float32 (m, n) matrix an encoded record stands for; checks index contents."""
+def decode(enc: Encoded, names: Mapping[str, str] | None = None, predictor: np.ndarray | None = None) -> np.ndarray:
+    """The float32 (m, n) matrix an encoded record stands for; checks index contents. ``predictor``: the
+    layer's base matrix, for a ``fields`` record coded against it (spec 5.11); other encodings ignore it."""
+    if enc.encoding == "fields":
+        return CODECS["fields"].decode(enc, names or {}, predictor)
     return codec(enc.encoding).decode(enc, names or {})
 
 

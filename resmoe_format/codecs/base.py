@@ -34,6 +34,10 @@ PART_CATEGORY = {
     "group_scales": "group_scales",
     "u_group_scales": "group_scales",
     "v_group_scales": "group_scales",
+    "sign": "coded_signs",
+    "head": "coded_heads",
+    "escapes": "coded_heads",
+    "tail": "coded_tails",
 }
 VALUE_PARTS = ("values", "u", "v")
 

@@ -161,7 +161,7 @@ class FusedExperts(CompressedExperts):
         self.dtype, self.device = dtype, device
         self.n = n = lay.num_neurons
         self.hidden = lay.matrix(kind.output).shape[-1]
-        has_base = lay.base_kind != "none"
+        has_base = lay.adds_base
         mats = kind.inputs + (kind.output,)
         # B' = round_T(B) is the barycenter held, so that B' + D' of element-wise residuals is the restored
         # weight (residuals.rounded_residual); a matrix with low-rank or k-quant residuals keeps B (B + D unrounded)

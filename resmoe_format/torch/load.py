@@ -128,13 +128,12 @@ def set_tensor(model: nn.Module, path: str, value) -> None:
 def _load_passthrough(model, reader: Reader, names: CheckpointNames, dtype: torch.dtype,
                       device: torch.device) -> set[str]:
     loaded = set()
-    for src in reader.schema.passthrough:
+    for src, arr in reader.passthrough_tensors():
         key = names(src)
         if key not in names.meta:
             raise RmoeRuntimeError(f"tensor {src}: the {type(model).__name__} built from the embedded config has no "
                                    f"parameter {key!r}")
         want = names.meta[key]
-        arr = reader.tensor(src)
         if tuple(arr.shape) != tuple(want.shape):
             raise RmoeRuntimeError(f"tensor {src}: shape {list(arr.shape)} but the model's {key} is {list(want.shape)}")
         set_tensor(model, key, to_torch(arr, dtype if want.is_floating_point() else want.dtype, device, copy=True))

@@ -248,7 +248,7 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
                                                      device, ref.tensors, dtype))
     if kq and row_major_values(enc):
         return PackedSparseResidual.from_record(enc, ref.tensors, output, device)
-    d = codecs.decode(enc, ref.tensors)
+    d = reader.decode(lay.index, ref, matrix)
     if not kq:
         d = rounded_residual(d, base, held, spec.dtype)
     if ref.encoding in SPARSE_ENCODINGS:
