@@ -8,8 +8,9 @@ For each trained fixture in ``benchmarks/fixtures/`` (see ``train_fixtures.py``)
   against them, whatever runtime the row uses.
 - ``resmoe`` / ``resmoe-cal``: ``resmoe-convert --bits B`` data-free / with
   ``--calibration fixtures/calibration.txt``; ``quant``: ``--method quant --bits B`` (the same
-  quantizer, no base); ``resmoe-sparse`` / ``resmoe-cal-sparse``: ``resmoe`` / ``resmoe-cal`` with
-  ``--sparse-residuals``; B in BUDGETS. Run in the torch runtime (``load_model``, materialize, float32).
+  quantizer, no base); ``resmoe-sparse`` / ``resmoe-cal-sparse`` and ``resmoe-lowrank`` /
+  ``resmoe-cal-lowrank``: ``resmoe`` / ``resmoe-cal`` with ``--sparse-residuals`` or
+  ``--lowrank-residuals``; B in BUDGETS. Run in the torch runtime (``load_model``, materialize, float32).
 - ``llama.cpp``: the original exported to GGUF (``resmoe-export``) and quantized by llama.cpp's
   own quantizer to each preset of LLAMA_TYPES (q8_0: the gguf package's), run in llama.cpp;
   ``f32`` is the unquantized GGUF, whose KL divergence is the floor that the runtime alone gives.
@@ -63,8 +64,9 @@ SEQ = kld.SEQ
 BUDGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 LLAMA_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 PEER_BITS = (2, 3, 4)
-FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "llama.cpp", "hqq", "gptq")
-RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse")
+RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "resmoe-lowrank",
+                 "resmoe-cal-lowrank")
+FAMILIES = (*RMOE_FAMILIES, "llama.cpp", "hqq", "gptq")
 
 
 @dataclasses.dataclass
@@ -176,9 +178,10 @@ class Run:
         out = self.tmp / f"{self.name}_{family}.rmoe"
         for bits in self.s.budgets:
             t = time.perf_counter()
-            report = convert(self.fixture, out, ConvertOptions(method=method, bits=bits, calibration=calibration,
-                                                               sparse_residuals=family.endswith("-sparse")),
-                             progress=False)
+            opts = ConvertOptions(method=method, bits=bits, calibration=calibration,
+                                  sparse_residuals=family.endswith("-sparse"),
+                                  lowrank_residuals=family.endswith("-lowrank"))
+            report = convert(self.fixture, out, opts, progress=False)
             seconds = time.perf_counter() - t
             eb, weights = expert_bytes_rmoe(out)
             if weights != self.weights:

@@ -11,6 +11,8 @@ STYLE = {"resmoe": ("tab:blue", "o", "resmoe --bits (data-free)"),
          "quant": ("tab:cyan", "D", "--method quant (no base)"),
          "resmoe-sparse": ("tab:gray", "x", "resmoe --bits --sparse-residuals"),
          "resmoe-cal-sparse": ("tab:brown", "*", "resmoe --bits --calibration --sparse-residuals"),
+         "resmoe-lowrank": ("tab:olive", "<", "resmoe --bits --lowrank-residuals"),
+         "resmoe-cal-lowrank": ("tab:pink", ">", "resmoe --bits --calibration --lowrank-residuals"),
          "llama.cpp": ("tab:green", "P", "llama.cpp k-quants"),
          "hqq": ("tab:orange", "^", "HQQ"),
          "gptq": ("tab:red", "v", "GPTQ (llm-compressor)")}
@@ -32,8 +34,9 @@ quantize attention and embeddings too (their expert bytes are counted alone).
 Families: `resmoe` (`resmoe-convert --bits B`, data-free), `resmoe-cal` (the same with
 `--calibration benchmarks/fixtures/calibration.txt`), `quant` (`--method quant --bits B`: the same
 quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse` (`resmoe` and
-`resmoe-cal` with `--sparse-residuals`: sparse residuals among the allocator's choices), all run in
-the torch runtime (materialize, float32);
+`resmoe-cal` with `--sparse-residuals`: sparse residuals among the allocator's choices),
+`resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`), all run in the
+torch runtime (materialize, float32);
 `llama.cpp` (the original exported to GGUF and quantized by llama.cpp's quantizer, run in
 llama.cpp); `hqq` (package `hqq`, groups of 64, data-free) and `gptq` (package `llmcompressor`,
 GPTQ on the expert projections only, groups of 64, asymmetric, calibrated on `calibration.txt`:

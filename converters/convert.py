@@ -63,6 +63,7 @@ class ConvertOptions:
     bits: float | None = None  # --bits: k-quant allocation to this many bits per expert weight
     calibration: str | None = None  # --calibration: text file for GPTQ and output-error allocation
     sparse_residuals: bool = False  # --sparse-residuals: sparse residual choices for the --bits allocator
+    lowrank_residuals: bool = False  # --lowrank-residuals: low-rank residual choices for the --bits allocator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -377,8 +378,9 @@ def check_bits_flags(o: ConvertOptions) -> bool:
     """Whether this is a --bits conversion; refuses the flags it cannot take, before any work."""
     if o.calibration is not None and o.bits is None:
         raise ConversionError("--calibration calibrates the --bits quantizer: give --bits too")
-    if o.sparse_residuals and (o.bits is None or o.method != "resmoe"):
-        raise ConversionError("--sparse-residuals is a choice of the --bits allocator for --method resmoe: give --bits")
+    for flag, on in (("--sparse-residuals", o.sparse_residuals), ("--lowrank-residuals", o.lowrank_residuals)):
+        if on and (o.bits is None or o.method != "resmoe"):
+            raise ConversionError(f"{flag} is a choice of the --bits allocator for --method resmoe: give --bits")
     if o.method == "quant" and o.bits is None:
         raise ConversionError("--method quant quantizes to a bit budget: give --bits B (bits per expert weight)")
     if o.bits is None:

@@ -35,8 +35,8 @@ def _memo_key(plan) -> tuple:
     if o.calibration is not None:
         st = Path(o.calibration).stat()
         cal = (str(Path(o.calibration).resolve()), st.st_mtime_ns, st.st_size)
-    return (tuple(files), o.method, cal, o.sparse_residuals, tuple(lay.index for lay in plan.layouts), str(plan.device),
-            plan.encoder.options.max_iter)
+    return (tuple(files), o.method, cal, o.sparse_residuals, o.lowrank_residuals,
+            tuple(lay.index for lay in plan.layouts), str(plan.device), plan.encoder.options.max_iter)
 
 
 def _release(plan) -> None:
@@ -51,7 +51,7 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
 
     o = plan.options
     conv = BitsConverter(use_base=o.method == "resmoe", device=plan.device, max_iter=plan.encoder.options.max_iter,
-                         sparse=o.sparse_residuals)
+                         sparse=o.sparse_residuals, lowrank=o.lowrank_residuals)
     if o.calibration is not None:
         import transformers
 

@@ -35,11 +35,12 @@ def _table(index: int, experts: int, n: int, scale: float, base_helps: bool, rng
     direct = scale * n * 4.0 ** (-bits)[None, :] * rng.uniform(0.5, 2, (experts, 1))
     mt = MatrixTable("w", db, direct)
     mt.base_bytes = {w: kquant.nbytes(n, w, kquant.KqLayout()) for w in BASE}
-    mt.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+    mt.residual_bytes = np.array([record_bytes((64, n // 64), w) for w in RESIDUAL])
     wbits = {"ternary": 1.6, "q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6}
-    # a dense residual's error falls 4x per bit; a sparse one also loses its pruned share
+    # a dense residual's error falls 4x per bit; a sparse or low-rank one also loses what it leaves out
     rel = np.array([1.0 if w is None else
-                    4.0 ** -wbits[residual_form(w)[0]] + (1 - (residual_form(w)[1] or 1.0)) ** 2
+                    4.0 ** -wbits[residual_form(w).width]
+                    + (1 - (residual_form(w).density or residual_form(w).rank or 1.0)) ** 2
                     for w in RESIDUAL])
     share = 0.1 if base_helps else 1.0
     for w, bb in zip(BASE, (2, 3, 4, 6)):
@@ -227,6 +228,7 @@ def small(tmp_path_factory) -> Path:
     (["--calibration", "CAL"], "give --bits too"),
     (["--sparse-residuals"], "--sparse-residuals is a choice of the --bits allocator"),
     (["--sparse-residuals", "--bits", "3", "--method", "quant"], "--sparse-residuals is a choice of the --bits"),
+    (["--lowrank-residuals"], "--lowrank-residuals is a choice of the --bits allocator"),
 ])
 def test_bad_bits_flags(tmp_path, small, capsys, args, message):
     out = tmp_path / "m.rmoe"
@@ -292,7 +294,7 @@ def test_calibration_without_transformers_is_refused_before_any_work(tmp_path, s
 
 # ---- sparse residuals: a bitmap of the largest entries, values at a low width ----------------------
 
-@pytest.mark.parametrize("label", [lab for lab in RESIDUAL if lab and "@" in lab])
+@pytest.mark.parametrize("label", [lab for lab in RESIDUAL if lab and "@" in lab and "@r" not in lab])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sparse_residual_measured_is_what_the_record_restores(label, weighted):
     from resmoe_format import codecs
@@ -304,7 +306,7 @@ def test_sparse_residual_measured_is_what_the_record_restores(label, weighted):
     measured = residual_values(r, label, imp)
     for e in range(3):
         rec, restored = sparse_record(r[e], label, None if imp is None else imp[e], (24, 40))
-        assert rec.encoding == "bitmap" and rec.nbytes == record_bytes(r[e].numel(), label)
+        assert rec.encoding == "bitmap" and rec.nbytes == record_bytes((24, 40), label)
         decoded = codecs.decode(rec)
         assert np.array_equal(decoded, restored.numpy()) and np.array_equal(decoded, measured[e].numpy())
         density = float(label.split("@")[1])
@@ -346,3 +348,42 @@ def test_sparse_residuals_are_chosen_where_they_pay(tmp_path, upcycled_bf16):
     report = convert(upcycled_bf16, out, ConvertOptions(bits=3.0, sparse_residuals=True), progress=False)
     _check_file(out, report, 3.0)
     _check_sparse_choices(out, report, upcycled_bf16)
+
+
+@pytest.mark.parametrize("label", [lab for lab in RESIDUAL if lab and "@r" in lab])
+def test_lowrank_residual_measured_is_what_the_record_restores(label):
+    from resmoe_format import codecs
+    from converters.encoders.allocate import rank_of
+    from converters.encoders.bits import lowrank_record, record_bytes, residual_values
+
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(3, 24, 40, generator=g)
+    measured = residual_values(r, label, None)
+    k = rank_of((24, 40), residual_form(label).rank)
+    for e in range(3):
+        rec, restored = lowrank_record(r[e], label)
+        assert rec.encoding == "lowrank" and rec.params["rank"] == k and rec.nbytes == record_bytes((24, 40), label)
+        assert np.array_equal(codecs.decode(rec), restored.numpy())
+        # the allocator's measurement is the same factors multiplied in torch: equal to float32 rounding
+        np.testing.assert_allclose(restored.numpy(), measured[e].numpy(), rtol=0, atol=1e-5)
+        # and it is the truncated SVD, up to the factors' quantization
+        u, s, vh = torch.linalg.svd(r[e].double())
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        assert np.linalg.norm(restored.numpy() - best.numpy()) < 0.5 * np.linalg.norm(best.numpy())
+
+
+def test_lowrank_residuals_are_stored_as_chosen(tmp_path, upcycled_bf16):
+    out = tmp_path / "m.rmoe"
+    report = convert(upcycled_bf16, out, ConvertOptions(bits=2.0, lowrank_residuals=True), progress=False)
+    _check_file(out, report, 2.0)
+    chosen = [w for lay in report["layers"] for st in lay["matrices"].values() for w in st["value_dtypes"]]
+    assert any(w and "@r" in w for w in chosen), chosen
+    with resmoe_format.open(out) as r:
+        assert "lowrank" in {ref.encoding for lay in r.layers for res in lay.residuals for ref in res.values()
+                             if ref is not None}
+        for lay in report["layers"]:
+            for name, st in lay["matrices"].items():
+                for e, rel in enumerate(st["rel_error"]):
+                    got = restore_matrix(r, lay["index"], e, name, original_order=True).astype(np.float64)
+                    truth = _source_matrix(upcycled_bf16, lay["index"], e, name)
+                    assert rel == pytest.approx(np.linalg.norm(truth - got) / np.linalg.norm(truth), rel=1e-6)

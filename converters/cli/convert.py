@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                     help="with --bits: also let the allocator store residuals sparse (a bitmap of their largest "
                          "entries, values ternary/q2/q3); off by default: on benchmarks/EVAL.md's upcycled fixture "
                          "it lowers the weight error but raises perplexity and KLD")
+    ap.add_argument("--lowrank-residuals", action="store_true",
+                    help="with --bits: also let the allocator store residuals as low-rank factors (5, 10 or 25%% of "
+                         "the singular directions, q3/q4 factors); off by default (see benchmarks/results/EVAL.md)")
     ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
     ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
                     help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
-                              sparse_residuals=a.sparse_residuals)
+                              sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)

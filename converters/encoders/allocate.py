@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,16 +24,38 @@ BASE = ("q2", "q3", "q4", "q6")
 DENSITIES = (0.5, 0.25, 0.1)
 #: widths of a sparse residual's kept values
 SPARSE_WIDTHS = ("ternary", "q2", "q3")
-#: forms of a residual over a base: None (no residual, the expert is the base), a width (dense), or
-#: ``"width@density"`` (sparse: a bitmap of the kept entries and their values at that width)
+#: a low-rank residual keeps this share of min(rows, cols) singular directions as factors U, V
+RANKS = (0.25, 0.1, 0.05)
+#: widths of a low-rank residual's factors
+LOWRANK_WIDTHS = ("q3", "q4")
+#: forms of a residual over a base: None (no residual, the expert is the base), a width (dense),
+#: ``"width@density"`` (sparse: a bitmap of the kept entries and their values at that width) or
+#: ``"width@rFRACTION"`` (low rank: factors U, V at that width)
 RESIDUAL = ((None, "ternary", "q2", "q3", "q4", "q5", "q6")
-            + tuple(f"{w}@{d:g}" for d in DENSITIES for w in SPARSE_WIDTHS))
+            + tuple(f"{w}@{d:g}" for d in DENSITIES for w in SPARSE_WIDTHS)
+            + tuple(f"{w}@r{f:g}" for f in RANKS for w in LOWRANK_WIDTHS))
 
 
-def residual_form(label: str) -> tuple[str, float | None]:
-    """(width, density) of a residual label; density None for a dense residual."""
-    width, _, density = label.partition("@")
-    return width, float(density) if density else None
+class Form(NamedTuple):
+    """A residual label parsed: its width and, for a sparse one, its density, for a low-rank one the
+    share of singular directions it keeps."""
+
+    width: str
+    density: float | None = None
+    rank: float | None = None
+
+
+def residual_form(label: str) -> Form:
+    """The :class:`Form` of a residual label."""
+    width, _, rest = label.partition("@")
+    if rest.startswith("r"):
+        return Form(width, rank=float(rest[1:]))
+    return Form(width, density=float(rest) if rest else None)
+
+
+def rank_of(shape: tuple[int, int], share: float) -> int:
+    """The rank a low-rank residual of ``shape`` keeps at ``share``."""
+    return max(1, int(round(share * min(shape))))
 
 
 def kept(n: int, density: float) -> int:

@@ -25,7 +25,8 @@ from resmoe_format.dtypes import by_name
 from resmoe_format.restore import combine
 
 from . import kq_torch
-from .allocate import BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable, kept, residual_form
+from .allocate import (BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable, kept, rank_of,
+                       residual_form)
 from .calibrate import ExpertHessians, LayerInputs, expert_hessians
 
 #: the group layout of every k-quant record the converter writes: 64-value groups, 6-bit group
@@ -41,14 +42,17 @@ def values_of(m: MatrixSpec) -> int:
     return int(np.prod(m.shape))
 
 
-def record_bytes(n: int, width: str | None) -> int:
-    """Bytes of a record of ``n`` values in ``width`` (a DIRECT, BASE or RESIDUAL label)."""
-    if width is None:
+def record_bytes(shape: tuple[int, int], label: str | None) -> int:
+    """Bytes of a record of a ``shape`` matrix stored as ``label`` (a DIRECT, BASE or RESIDUAL label)."""
+    if label is None:
         return 0
-    width, density = residual_form(width)
-    if density is None:
-        return kquant.nbytes(n, width, LAYOUT)
-    return -(-n // 8) + kquant.nbytes(kept(n, density), width, LAYOUT)  # bitmap mask, then the kept values
+    f, n = residual_form(label), shape[0] * shape[1]
+    if f.density is not None:
+        return -(-n // 8) + kquant.nbytes(kept(n, f.density), f.width, LAYOUT)  # bitmap mask, then the values
+    if f.rank is not None:
+        k = rank_of(shape, f.rank)
+        return kquant.nbytes(shape[0] * k, f.width, LAYOUT) + kquant.nbytes(k * shape[1], f.width, LAYOUT)
+    return kquant.nbytes(n, f.width, LAYOUT)
 
 
 def permutation_bytes(lay) -> int:
@@ -62,12 +66,11 @@ def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
     for lay in layouts:
         mats = []
         for m in lay.matrices:
-            n = values_of(m)
-            t = MatrixTable(m.name, np.array([record_bytes(n, w) for w in DIRECT]), np.zeros((lay.num_experts,
+            t = MatrixTable(m.name, np.array([record_bytes(shape2d(m), w) for w in DIRECT]), np.zeros((lay.num_experts,
                                                                                                len(DIRECT))))
             if use_base:
-                t.base_bytes = {w: record_bytes(n, w) for w in BASE}
-                t.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+                t.base_bytes = {w: record_bytes(shape2d(m), w) for w in BASE}
+                t.residual_bytes = np.array([record_bytes(shape2d(m), w) for w in RESIDUAL])
                 t.residual_error = {w: np.zeros((lay.num_experts, len(RESIDUAL))) for w in BASE}
             mats.append(t)
         out.append(LayerTable(lay.index, permutation_bytes(lay) if use_base else 0, mats))
@@ -134,9 +137,36 @@ def sparse_keep(r: torch.Tensor, density: float, importance: torch.Tensor | None
     return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
+def lowrank_factors(r: torch.Tensor, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert of ``r`` (E, rows, cols), the factors U (E, rows, k), V (E, k, cols) of its truncated
+    SVD (float32, not yet quantized), the singular values split evenly between them."""
+    k = rank_of((r.shape[1], r.shape[2]), residual_form(label).rank)
+    u, s, vh = torch.linalg.svd(r.double(), full_matrices=False)
+    root = s[:, :k].sqrt()
+    return (u[:, :, :k] * root[:, None, :]).float(), (root[:, :, None] * vh[:, :k, :]).float()
+
+
+def lowrank_record(r: torch.Tensor, label: str) -> tuple[Encoded, torch.Tensor]:
+    """One expert's low-rank residual ``r`` (rows, cols) as a lowrank record with k-quant factors, and
+    what it restores (decoded by the codec, so exactly what the file gives)."""
+    from resmoe_format import codecs
+
+    width = residual_form(label).width
+    u, v = lowrank_factors(r[None], label)
+    qu = kq_torch.rtn(u[0].reshape(-1), width, LAYOUT)
+    qv = kq_torch.rtn(v[0].reshape(-1), width, LAYOUT)
+    parts = {**qu.parts(width, LAYOUT, "u"), **qv.parts(width, LAYOUT, "v")}
+    rec = Encoded("lowrank", tuple(r.shape), width, parts, {"rank": int(u.shape[2])}, LAYOUT)
+    return rec, torch.from_numpy(codecs.decode(rec)).to(r.device)
+
+
 def residual_values(r: torch.Tensor, label: str, importance: torch.Tensor | None) -> torch.Tensor:
-    """What the file restores for residuals ``r`` (E, rows, cols) stored as ``label`` (dense or sparse)."""
-    width, density = residual_form(label)
+    """What the file restores for residuals ``r`` (E, rows, cols) stored as ``label`` (dense, sparse or
+    low rank)."""
+    width, density, rank = residual_form(label)
+    if rank is not None:
+        u, v = lowrank_factors(r, label)
+        return torch.bmm(stack_values(u, width, None), stack_values(v, width, None))
     if density is None:
         return stack_values(r, width, importance)
     e = r.shape[0]
@@ -151,7 +181,7 @@ def residual_values(r: torch.Tensor, label: str, importance: torch.Tensor | None
 def sparse_record(r: torch.Tensor, label: str, importance: torch.Tensor | None, shape: tuple[int, int]
                   ) -> tuple[Encoded, torch.Tensor]:
     """One expert's sparse residual ``r`` as a bitmap record with k-quant values, and what it restores."""
-    width, density = residual_form(label)
+    width, density, _ = residual_form(label)
     flat = r.reshape(1, -1)
     imp = None if importance is None else importance.reshape(1, -1)
     idx = sparse_keep(flat, density, imp)[0]
@@ -181,7 +211,13 @@ class BitsConverter:
     device: torch.device = torch.device("cpu")
     max_iter: int = 100
     sparse: bool = False  # measure the sparse residual choices too (--sparse-residuals)
+    lowrank: bool = False  # and the low-rank ones (--lowrank-residuals)
     _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray]]] = field(default_factory=dict)
+
+    def offers(self, label: str) -> bool:
+        """Whether a residual label is among this conversion's choices."""
+        f = residual_form(label)
+        return (f.density is None or self.sparse) and (f.rank is None or self.lowrank)
 
     # ---- shared by both passes -------------------------------------------------------
     def _hessians(self, lay, experts: list[dict[str, torch.Tensor]]) -> list[ExpertHessians] | None:
@@ -227,23 +263,23 @@ class BitsConverter:
         base, _, targets = self._prepare(lay, experts, dtype, self.use_base, hs)
         mats = []
         for i, t in enumerate(targets):
-            n = values_of(t.spec)
             imp = t.importance()
             direct = np.stack([t.errors(stack_values(t.w, w, imp)) for w in DIRECT], axis=1)
-            mt = MatrixTable(t.spec.name, np.array([record_bytes(n, w) for w in DIRECT]), direct)
+            rc = shape2d(t.spec)
+            mt = MatrixTable(t.spec.name, np.array([record_bytes(rc, w) for w in DIRECT]), direct)
             if plain is not None:  # without a base the layer keeps the source order: measure that too
                 p = plain[i]
                 mt.aligned_error, mt.direct_error = direct, np.stack(
                     [p.errors(stack_values(p.w, w, p.importance())) for w in DIRECT], axis=1)
             if base is not None:
-                mt.base_bytes = {w: record_bytes(n, w) for w in BASE}
-                mt.residual_bytes = np.array([record_bytes(n, w) for w in RESIDUAL])
+                mt.base_bytes = {w: record_bytes(rc, w) for w in BASE}
+                mt.residual_bytes = np.array([record_bytes(rc, w) for w in RESIDUAL])
                 for bw in BASE:
                     b = base_values(base[t.spec.name].reshape(shape2d(t.spec)), bw, imp).values
                     cols = []
                     for rw in RESIDUAL:
-                        if rw is not None and not self.sparse and residual_form(rw)[1] is not None:
-                            cols.append(np.full(t.w.shape[0], np.inf))  # not a choice without --sparse-residuals
+                        if rw is not None and not self.offers(rw):
+                            cols.append(np.full(t.w.shape[0], np.inf))  # a form the flags do not offer
                             continue
                         got = b.expand_as(t.w) if rw is None else b + residual_values(t.w - b, rw, imp)
                         cols.append(t.errors(got))
@@ -275,7 +311,7 @@ class BitsConverter:
                                                                     "v": np.zeros((0, rc[1]), np.float32)},
                                            {"rank": 0}, None)
             st = {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
-                  "bytes": record_bytes(values_of(m), mc.base if choice.uses_base else None), "rel_error": [],
+                  "bytes": record_bytes(rc, mc.base if choice.uses_base else None), "rel_error": [],
                   "base": mc.base if choice.uses_base else None, "value_dtypes": list(mc.experts)}
             if t.hessians is not None:
                 st["output_error"] = []
@@ -287,9 +323,13 @@ class BitsConverter:
                     r_np = None
                     got = b
                 else:
-                    if residual_form(width)[1] is not None:
+                    form = residual_form(width)
+                    if form.density is not None:
                         rec, r_t = sparse_record(target, width, None if imp is None else imp[e], rc)
                         st["residual_kept"] += rec.params["nnz"]
+                    elif form.rank is not None:
+                        rec, r_t = lowrank_record(target, width)
+                        st["residual_kept"] += rec.params["rank"] * (rc[0] + rc[1])
                     else:
                         if t.hessians is not None and t.axis is not None:
                             qe = kq_torch.gptq(target, t.hessians[e], t.axis, width, LAYOUT)
@@ -300,7 +340,7 @@ class BitsConverter:
                     residuals[e][m.name] = rec
                     r_np = r_t.cpu().numpy()
                     got = r_t if b is None else b + r_t
-                    st["bytes"] += record_bytes(values_of(m), width)
+                    st["bytes"] += record_bytes(rc, width)
                 restored = combine(b_np, r_np, dtype).astype(np.float64)
                 truth = truth_all[e]
                 norm = float(np.linalg.norm(truth))
