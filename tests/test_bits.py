@@ -348,6 +348,7 @@ def _check_report_errors(r, report: dict, src: Path) -> None:
                 assert rel == pytest.approx(np.linalg.norm(truth - got) / np.linalg.norm(truth), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sparse_residuals_are_chosen_where_they_pay(tmp_path, upcycled_bf16):
     out = tmp_path / "m.rmoe"
     report = convert(upcycled_bf16, out, ConvertOptions(bits=3.0, sparse_residuals=True), progress=False)
