@@ -92,12 +92,7 @@ def resmoe_row(src: Path, tmp: Path, src_bytes: int, src_file: int) -> dict:
         dec_t, _ = repeat(restore_all)
         codec_t, _ = repeat(lambda: decode_records(r))
         got = dict(restore.restore_all(r, original_order=True))
-    want = {}
-    for f in sorted(src.glob("*.safetensors")):
-        want.update(load_file(f))
-    exact = set(got) == set(want) and all(
-        np.array_equal(np.ascontiguousarray(got[n]).view(np.uint8).reshape(-1),
-                       want[n].contiguous().view(torch.uint8).numpy().reshape(-1)) for n in want)
+    exact = bit_exact(got, src)
     return {"expert_bytes": acc.expert_bytes, "expert_fraction": acc.expert_bytes / src_bytes,
             "file_bytes": acc.file_size, "file_fraction": acc.file_size / src_file,
             "encode_MBps": spread([src_file / MB / t for t in enc_t]),
@@ -107,6 +102,16 @@ def resmoe_row(src: Path, tmp: Path, src_bytes: int, src_file: int) -> dict:
             "decode_note": "reader: decode + restoration of every expert"}
 
 
+def bit_exact(got: dict[str, np.ndarray], src: Path) -> bool:
+    """Whether the restored tensors ``got`` are the source checkpoint's, name for name and bit for bit."""
+    want = {}
+    for f in sorted(src.glob("*.safetensors")):
+        want.update(load_file(f))
+    return set(got) == set(want) and all(
+        np.array_equal(np.ascontiguousarray(got[n]).view(np.uint8).reshape(-1),
+                       want[n].contiguous().view(torch.uint8).numpy().reshape(-1)) for n in want)
+
+
 def passthrough_row(src: Path, tmp: Path, src_bytes: int, src_file: int) -> dict:
     """Sizes only (its experts are --lossless's): every tensor coded; restored and compared bit for bit."""
     out = tmp / f"{src.name}_cp.rmoe"
@@ -114,12 +119,7 @@ def passthrough_row(src: Path, tmp: Path, src_bytes: int, src_file: int) -> dict
     with resmoe_format.open(out) as r:
         acc = account(r)
         got = dict(restore.restore_all(r, original_order=True))
-    want = {}
-    for f in sorted(src.glob("*.safetensors")):
-        want.update(load_file(f))
-    exact = set(got) == set(want) and all(
-        np.array_equal(np.ascontiguousarray(got[n]).view(np.uint8).reshape(-1),
-                       want[n].contiguous().view(torch.uint8).numpy().reshape(-1)) for n in want)
+    exact = bit_exact(got, src)
     return {"expert_bytes": acc.expert_bytes, "expert_fraction": acc.expert_bytes / src_bytes,
             "file_bytes": acc.file_size, "file_fraction": acc.file_size / src_file, "bit_exact": exact}
 

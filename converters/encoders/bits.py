@@ -137,11 +137,12 @@ def sparse_keep(r: torch.Tensor, density: float, importance: torch.Tensor | None
     return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def lowrank_factors(r: torch.Tensor, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_factors(r: torch.Tensor, label: str, svd: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert of ``r`` (E, rows, cols), the factors U (E, rows, k), V (E, k, cols) of its truncated
-    SVD (float32, not yet quantized), the singular values split evenly between them."""
+    SVD (float32, not yet quantized), the singular values split evenly between them. ``svd``: the
+    float64 ``torch.linalg.svd(r, full_matrices=False)`` when the caller already has it."""
     k = rank_of((r.shape[1], r.shape[2]), residual_form(label).rank)
-    u, s, vh = torch.linalg.svd(r.double(), full_matrices=False)
+    u, s, vh = svd if svd is not None else torch.linalg.svd(r.double(), full_matrices=False)
     root = s[:, :k].sqrt()
     return (u[:, :, :k] * root[:, None, :]).float(), (root[:, :, None] * vh[:, :k, :]).float()
 
@@ -160,12 +161,13 @@ def lowrank_record(r: torch.Tensor, label: str) -> tuple[Encoded, torch.Tensor]:
     return rec, torch.from_numpy(codecs.decode(rec)).to(r.device)
 
 
-def residual_values(r: torch.Tensor, label: str, importance: torch.Tensor | None) -> torch.Tensor:
+def residual_values(r: torch.Tensor, label: str, importance: torch.Tensor | None, svd: tuple | None = None
+                    ) -> torch.Tensor:
     """What the file restores for residuals ``r`` (E, rows, cols) stored as ``label`` (dense, sparse or
-    low rank)."""
+    low rank; ``svd`` as for :func:`lowrank_factors`)."""
     width, density, rank = residual_form(label)
     if rank is not None:
-        u, v = lowrank_factors(r, label)
+        u, v = lowrank_factors(r, label, svd)
         return torch.bmm(stack_values(u, width, None), stack_values(v, width, None))
     if density is None:
         return stack_values(r, width, importance)
@@ -276,12 +278,14 @@ class BitsConverter:
                 mt.residual_bytes = np.array([record_bytes(rc, w) for w in RESIDUAL])
                 for bw in BASE:
                     b = base_values(base[t.spec.name].reshape(shape2d(t.spec)), bw, imp).values
-                    cols = []
+                    resid, svd, cols = t.w - b, None, []
                     for rw in RESIDUAL:
                         if rw is not None and not self.offers(rw):
                             cols.append(np.full(t.w.shape[0], np.inf))  # a form the flags do not offer
                             continue
-                        got = b.expand_as(t.w) if rw is None else b + residual_values(t.w - b, rw, imp)
+                        if rw is not None and residual_form(rw).rank is not None and svd is None:
+                            svd = torch.linalg.svd(resid.double(), full_matrices=False)  # once for every rank
+                        got = b.expand_as(t.w) if rw is None else b + residual_values(resid, rw, imp, svd)
                         cols.append(t.errors(got))
                     mt.residual_error[bw] = np.stack(cols, axis=1)
             mats.append(mt)

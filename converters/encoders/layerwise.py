@@ -159,14 +159,14 @@ class LayerwiseModel:
         """Decoder layer ``i`` with its weights from the checkpoint, in float32 on the device."""
         from resmoe_format.torch.load import set_tensor
 
+        from ..disassemble import expert_matrices
+
         self._set(self.own[i])
         for lay, path in self.moe.get(i, []):
             module = self.model.get_submodule(path)
             for name in self.kind.dense_parameters(module):
                 set_tensor(module, name, torch.empty(module.get_parameter(name).shape, dtype=torch.float32,
                                                      device=self.device))
-            from ..disassemble import expert_matrices
-
             for e, mats in enumerate(expert_matrices(lay, self.ckpt.get)):
                 self.kind.write_dense(module, e, {m: t.float().numpy() for m, t in mats.items()}, torch.float32,
                                       self.device)
