@@ -64,8 +64,12 @@ SEQ = kld.SEQ
 BUDGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 LLAMA_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 PEER_BITS = (2, 3, 4)
+#: parameter budgets (--keep) of the rows compared with D²-MoE: the paper's 40-60% compression
+KEEPS = (0.4, 0.5, 0.6)
 RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "resmoe-lowrank",
-                 "resmoe-cal-lowrank")
+                 "resmoe-cal-lowrank", "d2moe", "d2moe-sharev", "resmoe-svd", "resmoe-prune")
+#: families whose rows are --keep budgets (the others are --bits budgets)
+KEEP_FAMILIES = ("d2moe", "d2moe-sharev", "resmoe-svd", "resmoe-prune")
 FAMILIES = (*RMOE_FAMILIES, "llama.cpp", "hqq", "gptq")
 
 
@@ -76,6 +80,7 @@ class Settings:
     families: tuple[str, ...] = FAMILIES
     windows: int | None = None  # None: the whole held-out text
     budgets: tuple[float, ...] = BUDGETS
+    keeps: tuple[float, ...] = KEEPS
     llama_types: tuple[str, ...] = LLAMA_TYPES
     peer_bits: tuple[int, ...] = PEER_BITS
     calibration_bytes: int | None = None  # None: all of calibration.txt
@@ -83,7 +88,7 @@ class Settings:
     @classmethod
     def quick(cls, families: tuple[str, ...] = FAMILIES) -> Settings:
         """A smoke run: 8 windows, two budgets, two presets and bit widths, 16 KiB of calibration text."""
-        return cls(families, 8, (2.5, 4.0), ("q2_k", "q4_k_m"), (2, 4), 1 << 14)
+        return cls(families, 8, (2.5, 4.0), (0.5,), ("q2_k", "q4_k_m"), (2, 4), 1 << 14)
 
 
 #: failures of this run (llama.cpp crashes): main() lists them and exits with status 1
@@ -173,23 +178,36 @@ class Run:
         from converters.convert import ConvertOptions, convert
         from resmoe_format.torch import load_model
 
-        method = "quant" if family == "quant" else "resmoe"
-        calibration = str(self.calibration) if family.startswith("resmoe-cal") else None
         out = self.tmp / f"{self.name}_{family}.rmoe"
-        for bits in self.s.budgets:
+        for label, opts, target in self.rmoe_settings(family):
             t = time.perf_counter()
-            opts = ConvertOptions(method=method, bits=bits, calibration=calibration,
-                                  sparse_residuals=family.endswith("-sparse"),
-                                  lowrank_residuals=family.endswith("-lowrank"))
             report = convert(self.fixture, out, opts, progress=False)
             seconds = time.perf_counter() - t
             eb, weights = expert_bytes_rmoe(out)
             if weights != self.weights:
                 raise RuntimeError(f"{out.name} accounts {weights} expert weights, the source has {self.weights}")
             model = load_model(out, mode="materialize", dtype="fp32")
-            self.add(family, f"--bits {bits:g}", eb, self.torch_score(model), seconds, target_bits=bits,
-                     over_budget=8 * eb / weights > bits, convert_summary=report["summary"])
+            extra = {"target_bits": target, "over_budget": 8 * eb / weights > target} if target else {}
+            self.add(family, label, eb, self.torch_score(model), seconds, **extra, convert_summary=report["summary"])
             del model
+
+    def rmoe_settings(self, family: str) -> list[tuple[str, object, float | None]]:
+        """(setting label, ConvertOptions, target bits or None) of each row of an rmoe family."""
+        from converters.convert import ConvertOptions
+
+        cal = str(self.calibration)
+        if family in KEEP_FAMILIES:
+            make = {"d2moe": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal),
+                    "d2moe-sharev": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal, share_v=True),
+                    "resmoe-svd": lambda k: ConvertOptions(method="resmoe", keep=k, residual="svd"),
+                    "resmoe-prune": lambda k: ConvertOptions(method="resmoe", keep=k)}[family]
+            return [(f"--keep {k:g}", make(k), None) for k in self.s.keeps]
+        method = "quant" if family == "quant" else "resmoe"
+        calibration = cal if family.startswith("resmoe-cal") else None
+        return [(f"--bits {bits:g}", ConvertOptions(method=method, bits=bits, calibration=calibration,
+                                                    sparse_residuals=family.endswith("-sparse"),
+                                                    lowrank_residuals=family.endswith("-lowrank")), bits)
+                for bits in self.s.budgets]
 
     def llama_rows(self, lossless: Path) -> None:
         from converters.exporters.gguf_export import export_gguf

@@ -13,6 +13,10 @@ STYLE = {"resmoe": ("tab:blue", "o", "resmoe --bits (data-free)"),
          "resmoe-cal-sparse": ("tab:brown", "*", "resmoe --bits --calibration --sparse-residuals"),
          "resmoe-lowrank": ("tab:olive", "<", "resmoe --bits --lowrank-residuals"),
          "resmoe-cal-lowrank": ("tab:pink", ">", "resmoe --bits --calibration --lowrank-residuals"),
+         "d2moe": ("black", "h", "d2moe --keep (Fisher base, whitened low-rank deltas)"),
+         "d2moe-sharev": ("dimgray", "H", "d2moe --keep --share-v"),
+         "resmoe-svd": ("darkblue", "1", "resmoe --keep --residual svd"),
+         "resmoe-prune": ("steelblue", "2", "resmoe --keep (pruned residuals)"),
          "llama.cpp": ("tab:green", "P", "llama.cpp k-quants"),
          "hqq": ("tab:orange", "^", "HQQ"),
          "gptq": ("tab:red", "v", "GPTQ (llm-compressor)")}
@@ -35,8 +39,11 @@ Families: `resmoe` (`resmoe-convert --bits B`, data-free), `resmoe-cal` (the sam
 `--calibration benchmarks/fixtures/calibration.txt`), `quant` (`--method quant --bits B`: the same
 quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse` (`resmoe` and
 `resmoe-cal` with `--sparse-residuals`: sparse residuals among the allocator's choices),
-`resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`), all run in the
-torch runtime (materialize, float32);
+`resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`); `d2moe`
+(`--method d2moe --keep F --calibration calibration.txt`: Fisher-weighted base, whitened low-rank
+deltas in the source dtype), `d2moe-sharev` (the same with `--share-v`), `resmoe-svd` (`--keep F
+--residual svd`) and `resmoe-prune` (`--keep F`), at the paper's 40-60% compression (F = 0.4, 0.5,
+0.6); all run in the torch runtime (materialize, float32);
 `llama.cpp` (the original exported to GGUF and quantized by llama.cpp's quantizer, run in
 llama.cpp); `hqq` (package `hqq`, groups of 64, data-free) and `gptq` (package `llmcompressor`,
 GPTQ on the expert projections only, groups of 64, asymmetric, calibrated on `calibration.txt`:

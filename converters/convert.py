@@ -64,6 +64,8 @@ class ConvertOptions:
     calibration: str | None = None  # --calibration: text file for GPTQ and output-error allocation
     sparse_residuals: bool = False  # --sparse-residuals: sparse residual choices for the --bits allocator
     lowrank_residuals: bool = False  # --lowrank-residuals: low-rank residual choices for the --bits allocator
+    share_v: bool = False  # --share-v: d2moe, one input-side delta factor per matrix for all experts of a layer
+    prune_base: float | None = None  # --prune-base F: d2moe, the base's intermediate channels removed (fraction)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,7 +131,7 @@ class Plan:
             raise ConversionError(f"--base-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.base_dtype!r}")
         if o.base_dtype is not None and o.method != "resmoe":
             raise ConversionError("--base-dtype sets the dtype of the barycenter: it applies to --method resmoe")
-        residual = o.residual or ("svd" if o.method == "svd" or o.delta_format == "lowrank" else "prune")
+        residual = o.residual or ("svd" if o.method in ("svd", "d2moe") or o.delta_format == "lowrank" else "prune")
         if o.lossless:
             if o.keep is not None or o.residual_keep is not None or o.rank is not None:
                 raise ConversionError("--lossless keeps everything: do not combine it with --keep, "
@@ -153,10 +155,15 @@ class Plan:
         if o.rank is not None and residual != "svd":
             raise ConversionError("--rank applies to --residual svd (or --method svd)")
         check_method_flags(o)
+        check_d2moe_flags(o)
         self.encoder = get_encoder(o.method, EncoderOptions(budget, residual, o.residual_scope, o.rank,
                                                              o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
                                                              else o.max_iter))
-        self.emit = EmitOptions(o.value_dtype, o.delta_format, Quant(), o.base_dtype)
+        if o.method == "d2moe":
+            self.encoder.share_v = o.share_v
+        # d2moe stores its deltas as factors (the runtime's products), never densified by auto
+        fmt = "lowrank" if o.method == "d2moe" and o.delta_format == "auto" else o.delta_format
+        self.emit = EmitOptions(o.value_dtype, fmt, Quant(), o.base_dtype)
         #: --lossless with the fields encoding (spec 5.11); an explicit --delta-format or --value-dtype fp32
         #: keeps the float32 residuals of spec 6.3
         self.fields = o.lossless and o.delta_format == "auto" and o.value_dtype is None
@@ -268,6 +275,9 @@ class Plan:
         if self.bits:
             info = {"name": self.options.method, "bits": self.options.bits, "quantizer": "kquant",
                     "calibration": "gptq" if self.options.calibration else None, "writer": f"resmoe {__version__}"}
+        if self.options.method == "d2moe":
+            info.update({"base": "fisher", "calibration": "fisher+whitening", "share_v": self.options.share_v,
+                         "prune_base": self.options.prune_base})
         if self.options.method == "resmoe":
             info["barycenter"] = {"solver": "exact assignment, alternating", "max_iter": e.max_iter}
         return info
@@ -293,6 +303,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 from .quantized import convert_layers_bits
 
                 report["allocation"] = convert_layers_bits(plan, w, report["layers"], progress)
+            elif plan.options.method == "d2moe":
+                from .delta import convert_layers_d2moe
+
+                report["calibration"] = convert_layers_d2moe(plan, w, report["layers"], progress)
             else:
                 bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
                 for lay in bar:
@@ -376,8 +390,8 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
 
 def check_bits_flags(o: ConvertOptions) -> bool:
     """Whether this is a --bits conversion; refuses the flags it cannot take, before any work."""
-    if o.calibration is not None and o.bits is None:
-        raise ConversionError("--calibration calibrates the --bits quantizer: give --bits too")
+    if o.calibration is not None and o.bits is None and o.method != "d2moe":
+        raise ConversionError("--calibration calibrates the --bits quantizer (or d2moe's base): give --bits too")
     for flag, on in (("--sparse-residuals", o.sparse_residuals), ("--lowrank-residuals", o.lowrank_residuals)):
         if on and (o.bits is None or o.method != "resmoe"):
             raise ConversionError(f"{flag} is a choice of the --bits allocator for --method resmoe: give --bits")
@@ -398,6 +412,26 @@ def check_bits_flags(o: ConvertOptions) -> bool:
     if given:
         raise ConversionError(f"--bits chooses the size and every encoding itself: do not combine it with {given[0]}")
     return True
+
+
+def check_d2moe_flags(o: ConvertOptions) -> None:
+    """Refuse d2moe without calibration text, and its own flags with other methods, before any work."""
+    if o.method != "d2moe":
+        for flag, on in (("--share-v", o.share_v), ("--prune-base", o.prune_base is not None)):
+            if on:
+                raise ConversionError(f"{flag} is a D²-MoE option: use it with --method d2moe")
+        return
+    if o.calibration is None:
+        raise ConversionError("--method d2moe merges the experts by Fisher information and whitens the deltas by "
+                              "their inputs, both from text: give --calibration FILE.txt")
+    if o.lossless:
+        raise ConversionError("--lossless is not available with --method d2moe (its deltas are low rank)")
+    if o.delta_format not in ("auto", "lowrank"):
+        raise ConversionError(f"--method d2moe stores its deltas as low-rank factors: --delta-format must be auto or "
+                              f"lowrank, not {o.delta_format}")
+    if o.prune_base is not None and not (isinstance(o.prune_base, (int, float)) and math.isfinite(o.prune_base)
+                                         and 0 < o.prune_base < 1):
+        raise ConversionError(f"--prune-base must be a fraction in (0, 1) of the base's channels, got {o.prune_base}")
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:

@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                          "matrix and expert whether to keep a base and every bit width")
     ap.add_argument("--calibration", metavar="FILE.txt",
                     help="with --bits: text (tokenized with the checkpoint's tokenizer) run through the source "
-                         "model; GPTQ on each expert's routed inputs and an output-error allocation")
+                         "model; GPTQ on each expert's routed inputs and an output-error allocation. With --method "
+                         "d2moe (required): Fisher information, routing frequencies and the deltas' whitening")
     ap.add_argument("--sparse-residuals", action="store_true",
                     help="with --bits: also let the allocator store residuals sparse (a bitmap of their largest "
                          "entries, values ternary/q2/q3); off by default: on benchmarks/EVAL.md's upcycled fixture "
@@ -45,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lowrank-residuals", action="store_true",
                     help="with --bits: also let the allocator store residuals as low-rank factors (5, 10 or 25%% of "
                          "the singular directions, q3/q4 factors); off by default (see benchmarks/results/EVAL.md)")
+    ap.add_argument("--share-v", action="store_true",
+                    help="d2moe: one input-side factor per delta matrix, shared by all experts of a layer")
+    ap.add_argument("--prune-base", type=float, metavar="F",
+                    help="d2moe: remove the fraction F of the base's intermediate channels (calibration scores, in "
+                         "multiples of 64 where the size allows); the budget's freed parameters go to the deltas")
     ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
     ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
                     help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
-                              sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals)
+                              sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals,
+                              share_v=a.share_v, prune_base=a.prune_base)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)

@@ -105,6 +105,7 @@ class LayerwiseModel:
         base = self.model.base_model_prefix if self.model.base_model is not self.model else ""
         experts = {s.name for lay in moe_layouts for s in lay.sources}
         self.outer: list[tuple[str, str]] = []  # (checkpoint name, parameter) of embeddings, final norm
+        self.head: list[tuple[str, str]] = []  # the language-model head's own tensors (absent when tied)
         self.own: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(self.layers))}
         for name in ckpt.tensors:
             if name in experts:
@@ -117,6 +118,8 @@ class LayerwiseModel:
                 self.own[i].append((name, key))
             elif key.startswith(f"{base}.") or not base:
                 self.outer.append((name, key))
+            else:
+                self.head.append((name, key))
         self.moe: dict[int, list[tuple[Any, str]]] = {}
         for lay in moe_layouts:
             path = self.names.module(lay.prefix)
@@ -215,6 +218,19 @@ class LayerwiseModel:
                 except _Stop:
                     pass
         return hidden, calls
+
+    def load_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm and language-model head (tied to the embeddings where the config says so), loaded
+        after :meth:`embed`: a function from the last decoder layer's output to logits."""
+        self._set(self.head)
+        self.model.tie_weights()
+        head = self.model.get_output_embeddings()
+        norm = getattr(self.model.base_model, "norm", None)
+        if head is None or norm is None:
+            raise ConversionError(f"--calibration: {type(self.model).__name__} has no final norm and output "
+                                  f"embeddings to compute the language-model loss with")
+        self._check_loaded([head, norm], "the language-model head")
+        return lambda h: head(norm(h))
 
     def run_layer(self, layer: nn.Module, i: int, hidden: Spill, calls: dict, window: int) -> None:
         """Decoder layer ``i`` on every window of ``hidden``, its outputs written back in place."""

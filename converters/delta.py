@@ -1,0 +1,50 @@
+"""The ``--method d2moe`` conversion: calibrate (forward and Fisher backward, one decoder layer at a time),
+then encode and write each compressed layer against its Fisher-weighted base."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from resmoe_format import Writer
+
+from .emit import emit_layer
+from .quantized import _release
+
+
+def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """Write every compressed layer of ``plan`` with D²-MoE; append one report entry per layer to
+    ``layer_reports`` and return the calibration summary."""
+    import transformers
+
+    from resmoe_format.torch.kinds import kind_for
+
+    from .convert import layer_entry, load_experts
+    from .encoders import fisher
+    from .encoders.d2moe import D2Stats, ExpertGrams
+
+    t0 = time.perf_counter()
+    kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
+    stats = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device, progress)
+    t_cal = time.perf_counter() - t0
+    tokens = {}
+    for lay in tqdm(plan.layouts, desc="d2moe", unit="layer", disable=not progress):
+        t1 = time.perf_counter()
+        st = stats.pop(lay.index)
+        experts = load_experts(plan, lay)
+        plan.encoder.stats = D2Stats(st.base, st.freq, ExpertGrams(st.inputs, experts, kind, plan.device),
+                                     kind.output)
+        dtype = lay.matrices[0].dtype
+        result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
+        plan.encoder.stats = None
+        layer, mstats = emit_layer(lay, result, aligned, dtype, plan.emit)
+        w.add_layer(layer)
+        entry = layer_entry(lay, mstats, None)
+        entry["routing_frequency"] = [float(f) for f in st.freq]
+        entry["seconds"] = time.perf_counter() - t1
+        layer_reports.append(entry)
+        tokens[str(lay.index)] = {"tokens": st.inputs.tokens}
+        del layer, result, aligned, experts, st
+        _release(plan)
+    return {"calibration_seconds": t_cal, "tokens": tokens}
