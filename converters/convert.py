@@ -125,6 +125,7 @@ class Plan:
         self.options = o
         self.out = Path(out)
         self.bits = check_bits_flags(o)
+        check_d2moe_flags(o)
         if o.value_dtype is not None and o.value_dtype not in VALUE_DTYPES:
             raise ConversionError(f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {o.value_dtype!r}")
         if o.base_dtype is not None and o.base_dtype not in VALUE_DTYPES:
@@ -155,7 +156,6 @@ class Plan:
         if o.rank is not None and residual != "svd":
             raise ConversionError("--rank applies to --residual svd (or --method svd)")
         check_method_flags(o)
-        check_d2moe_flags(o)
         self.encoder = get_encoder(o.method, EncoderOptions(budget, residual, o.residual_scope, o.rank,
                                                              o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
                                                              else o.max_iter))

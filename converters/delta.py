@@ -10,7 +10,11 @@ from tqdm import tqdm
 from resmoe_format import Writer
 
 from .emit import emit_layer
-from .quantized import _release
+from .quantized import memo_key, release_layer
+
+#: the calibration statistics of the last source, so that a library caller converting one source at several
+#: budgets (benchmarks/eval.py) runs the forward and Fisher passes once
+_MEMO: dict[tuple, dict] = {}
 
 
 def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
@@ -26,12 +30,17 @@ def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], p
 
     t0 = time.perf_counter()
     kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
-    stats = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device, progress)
+    key = memo_key(plan)
+    if key not in _MEMO:
+        _MEMO.clear()
+        _MEMO[key] = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
+                                    progress)
+    stats = _MEMO[key]
     t_cal = time.perf_counter() - t0
     tokens = {}
     for lay in tqdm(plan.layouts, desc="d2moe", unit="layer", disable=not progress):
         t1 = time.perf_counter()
-        st = stats.pop(lay.index)
+        st = stats[lay.index]
         experts = load_experts(plan, lay)
         plan.encoder.stats = D2Stats(st.base, st.freq, ExpertGrams(st.inputs, experts, kind, plan.device),
                                      kind.output)
@@ -46,5 +55,5 @@ def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], p
         layer_reports.append(entry)
         tokens[str(lay.index)] = {"tokens": st.inputs.tokens}
         del layer, result, aligned, experts, st
-        _release(plan)
+        release_layer(plan)
     return {"calibration_seconds": t_cal, "tokens": tokens}

@@ -76,11 +76,35 @@ def _lowrank(part: LowRankPart, fmt: str, vd: str, quant: Quant | None, leader: 
     raise ConversionError(f"--residual svd stores factors: --delta-format must be auto, lowrank or dense, not {fmt}")
 
 
-def _own_bytes(e: Encoded, earlier: dict[str, Encoded | None]) -> int:
-    """Bytes this record adds to the file: a U shared with an earlier record is not counted again."""
-    shared = {id(x.parts[p]) for x in earlier.values() if x is not None and x.encoding == "lowrank"
-              for p in ("u", "u_scales") if p in x.parts}
-    return sum(a.nbytes for p, a in e.parts.items() if not (p in ("u", "u_scales") and id(a) in shared))
+def _new_bytes(e: Encoded, counted: set[int]) -> int:
+    """Bytes this record adds to the file: part arrays already stored for an earlier record (a shared low-rank
+    factor, spec 4.8) are not counted again."""
+    fresh = [a for a in e.parts.values() if id(a) not in counted]
+    counted.update(id(a) for a in fresh)
+    return sum(a.nbytes for a in fresh)
+
+
+def _new_params(part, counted: set[int]) -> int:
+    """Parameters a residual part adds: a low-rank factor shared with earlier parts counts once."""
+    if not isinstance(part, LowRankPart):
+        return part.params
+    fresh = [t for t in (part.u, part.v) if id(t) not in counted]
+    counted.update(id(t) for t in fresh)
+    return sum(t.numel() for t in fresh)
+
+
+def _share_factors(part: LowRankPart, e: Encoded, m: str, leaders: dict[tuple[str, int], Encoded]) -> None:
+    """A factor tensor of ``part`` that an earlier expert's record of matrix ``m`` holds (the very same object)
+    is stored once: ``e`` takes that record's arrays for all of the factor's parts (spec 4.8, version 5.0)."""
+    from resmoe_format.container import FACTOR_PARTS
+
+    for factor in ("u", "v"):
+        key = (m, id(getattr(part, factor)))
+        leader = leaders.setdefault(key, e)
+        if leader is not e and leader.encoding == e.encoding == "lowrank":
+            for p in FACTOR_PARTS[factor]:
+                if p in e.parts:
+                    e.parts[p] = leader.parts[p]
 
 
 def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
@@ -107,6 +131,9 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
                       "bytes": base[m.name].nbytes if m.name in base else 0,
                       "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
              for m in layout.matrices}
+    counted_bytes: set[int] = set()
+    counted_params: set[int] = set()
+    leaders: dict[tuple[str, int], Encoded] = {}  # (matrix, id of a factor tensor) -> its first record
     for k, parts in enumerate(result.residuals):
         enc: dict[str, Encoded | None] = {}
         for m in layout.matrices:
@@ -128,6 +155,8 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
                 if part.shared_u and fmt != "dense" and (leader is None or leader.encoding != "lowrank"):
                     raise ConversionError(f"matrix {m.name} shares the U of {part.shared_u}, which is not low rank")
                 e = _lowrank(part, fmt, vd, quant, leader)
+                if not part.shared_u:
+                    _share_factors(part, e, m.name, leaders)
             enc[m.name] = e
             truth = _np(aligned[k][m.name]).astype(np.float64)
             got = combine(base_np.get(m.name), codecs.decode(e) if e is not None else None, dtype)
@@ -135,9 +164,10 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             norm = float(np.linalg.norm(truth))
             st["rel_error"].append(float(np.linalg.norm(diff) / norm) if norm else float(np.linalg.norm(diff)))
             st["params"] += int(np.prod(m.shape))
-            st["kept"] += part.params if part is not None else 0
-            st["residual_kept"] += part.params if part is not None else 0
-            st["bytes"] += _own_bytes(e, {k: v for k, v in enc.items() if k != m.name}) if e is not None else 0
+            kept = _new_params(part, counted_params) if part is not None else 0
+            st["kept"] += kept
+            st["residual_kept"] += kept
+            st["bytes"] += _new_bytes(e, counted_bytes) if e is not None else 0
         residuals.append(enc)
         result.residuals[k] = {}
         aligned[k] = {}

@@ -27,7 +27,8 @@ _MEMO: dict[tuple, tuple[list[LayerTable], BitsConverter]] = {}
 MEMO_SIZE = 2
 
 
-def _memo_key(plan) -> tuple:
+def memo_key(plan) -> tuple:
+    """What identifies a measurement: the source files, method, calibration file, options and layers."""
     o = plan.options
     files = sorted({(str(i.file), i.file.stat().st_mtime_ns, i.file.stat().st_size)
                     for i in plan.ckpt.tensors.values()})
@@ -39,7 +40,7 @@ def _memo_key(plan) -> tuple:
             tuple(lay.index for lay in plan.layouts), str(plan.device), plan.encoder.options.max_iter)
 
 
-def _release(plan) -> None:
+def release_layer(plan) -> None:
     gc.collect()
     plan.ckpt.release()
     trim_heap()
@@ -63,7 +64,7 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
     tables = []
     for lay in tqdm(plan.layouts, desc="measuring", unit="layer", disable=not progress):
         tables.append(conv.analyze(lay, load_experts(plan, lay)))
-        _release(plan)
+        release_layer(plan)
     return tables, conv
 
 
@@ -74,7 +75,7 @@ def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], pr
 
     o = plan.options
     t0 = time.perf_counter()
-    key = _memo_key(plan)
+    key = memo_key(plan)
     if key in _MEMO:
         tables, conv = _MEMO[key]
     else:
@@ -97,7 +98,7 @@ def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], pr
         entry["seconds"] = time.perf_counter() - t1
         layer_reports.append(entry)
         del layer
-        _release(plan)
+        release_layer(plan)
     weights = plan.expert_weights()
     achieved = total_bytes(tables, choices)
     tokens = None

@@ -20,7 +20,7 @@ from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
 from .codecs.fields import Predictor, uses_predictor
-from .schema import (BASE_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
+from .schema import (BASE_VERSION_STR, CROSS_FACTORS_VERSION, CROSS_FACTORS_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
                      KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
                      LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
@@ -60,15 +60,21 @@ class Role:
 #: Parts of a lowrank residual record that other lowrank records of the same expert may share
 #: (spec 4.8, version 2.0 and later; ``u_group_scales`` with k-quant values, 3.0 and later).
 SHAREABLE_PARTS = ("u", "u_scales", "u_group_scales")
+#: The two factors of a lowrank record, each with its parts: either may be shared by the records of one matrix
+#: in several experts of a layer (spec 4.8, cross-expert factors, version 5.0 and later).
+FACTOR_PARTS = {"u": SHAREABLE_PARTS, "v": ("v", "v_scales", "v_group_scales")}
 
 
-def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
+def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool = False) -> dict[str, Role]:
     """Map every tensor the schema references to its role; a name used twice is an error.
 
     With ``allow_shared`` (files of major version 2 and later) the one exception of spec 4.8
     holds: the ``u`` (and ``u_scales``, ``u_group_scales``) part of a ``lowrank`` residual record
     may name the same tensor as that part of other lowrank records of the same layer and expert,
-    if they agree in value dtype and quantization and share all of U's parts together.
+    if they agree in value dtype and quantization and share all of U's parts together. With ``allow_cross``
+    (major version 5 and later) a factor (``u`` or ``v`` with its scale parts) of a lowrank residual record may
+    also name the same tensors as that factor of the records of the same matrix in other experts of the layer,
+    if they agree in value dtype, quantization and rank.
     """
     roles: dict[str, Role] = {}
 
@@ -86,6 +92,8 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
         for t in c.record.tensors.values():
             put(t, Role("passthrough"))
     for lay in schema.layers:
+        cross: dict[str, tuple] = {}  # lowrank residual tensor -> (expert, matrix, part, dtype, quant, rank)
+        cross_group: dict[tuple[str, str], tuple] = {}  # (factor, tensor) -> the factor's tensors
         for ref in lay.base.values():
             for part, t in ref.tensors.items():
                 put(t, Role(_category(part, ref, t, base=True), lay.index))
@@ -101,6 +109,16 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
                 for part, t in ref.tensors.items():
                     key = (part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None),
                            (lay.matrix(m).shape2d[0], ref.params.get("rank")))
+                    xkey = (m, part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None),
+                            ref.params.get("rank"))
+                    if allow_cross and ref.encoding == "lowrank" and t in cross and cross[t][0] != k:
+                        if cross[t][1:] != xkey:
+                            raise RmoeFormatError(
+                                f"layer {lay.index}: tensor {t} is shared by the low-rank records of expert "
+                                f"{cross[t][0]} matrix {cross[t][1]} and expert {k} matrix {m}, which differ in "
+                                f"matrix, part, value dtype, quantization or rank (a cross-expert factor is one "
+                                f"matrix's)")
+                        continue
                     if lowrank and part in SHAREABLE_PARTS and t in shared:
                         if shared[t][1:4] != key[:3]:
                             raise RmoeFormatError(
@@ -114,6 +132,16 @@ def tensor_roles(schema: Schema, allow_shared: bool = False) -> dict[str, Role]:
                     put(t, Role(_category(part, ref, t), lay.index, k))
                     if lowrank and part in SHAREABLE_PARTS:
                         shared[t] = (m, *key)
+                    if allow_cross and ref.encoding == "lowrank":
+                        cross[t] = (k, *xkey)
+                if allow_cross and ref.encoding == "lowrank":
+                    for factor, parts in FACTOR_PARTS.items():
+                        group = tuple(ref.tensors.get(p) for p in parts)
+                        if any(cross_group.setdefault((factor, t), group) != group for t in group if t):
+                            raise RmoeFormatError(
+                                f"layer {lay.index} expert {k} matrix {m}: low-rank records that share a factor "
+                                f"across experts must share all its parts ({', '.join(parts)}), and the reverse "
+                                f"(tensors {', '.join(t for t in group if t)})")
                 if lowrank:
                     group = tuple(ref.tensors.get(p) for p in SHAREABLE_PARTS)
                     if any(partner.setdefault((p, t), group) != group for p, t in zip(SHAREABLE_PARTS, group) if t):
@@ -137,10 +165,24 @@ def records(lay: LayerSpec):
                 yield f"layer {lay.index} expert {k} matrix {m}", ref
 
 
+def cross_shared(lay: LayerSpec) -> bool:
+    """Whether some tensor of a layer's lowrank residual records is named by the records of two experts."""
+    owner: dict[str, int] = {}
+    for k, res in enumerate(lay.residuals):
+        for ref in res.values():
+            if ref is not None and ref.encoding == "lowrank":
+                for t in ref.tensors.values():
+                    if owner.setdefault(t, k) != k:
+                        return True
+    return False
+
+
 def lowest_version(schema: Schema) -> str:
     """The lowest version that expresses ``schema`` (spec 1.4): 4.0 when a record is ``fields`` or a base is
     of kind ``predictor`` (spec 5.11), else 3.0 when a record has k-quant values (spec 5.10), else 2.0 when a
     tensor is referenced by more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    if any(cross_shared(lay) for lay in schema.layers):
+        return CROSS_FACTORS_VERSION_STR
     if schema.coded or any(uses_fields(lay) for lay in schema.layers):
         return FIELDS_VERSION_STR
     if any(kquant.is_kquant(ref.value_dtype) for lay in schema.layers for _, ref in records(lay)):
@@ -209,7 +251,14 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
                 raise RmoeFormatError(f"layer {lay.index}: the fields encoding and the predictor base kind need "
                                       f".rmoe version {FIELDS_VERSION_STR} or later; this file is major version "
                                       f"{major}")
-    roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0])
+    if major < CROSS_FACTORS_VERSION[0]:
+        for lay in schema.layers:
+            if cross_shared(lay):
+                raise RmoeFormatError(f"layer {lay.index}: a low-rank factor shared by several experts needs .rmoe "
+                                      f"version {CROSS_FACTORS_VERSION_STR} or later; this file is major version "
+                                      f"{major}")
+    roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0],
+                         allow_cross=major >= CROSS_FACTORS_VERSION[0])
     missing = [n for n in roles if n not in tensors]
     if missing:
         raise RmoeFormatError(f"schema references tensor {missing[0]} which the file does not hold")
@@ -671,12 +720,13 @@ class Writer:
                                           f"layer; tensors are never shared across layers (spec 4.8), pass a copy")
                 if id(arr) in first:
                     k0, m0, p0, enc0, name0 = first[id(arr)]
-                    if not (k is not None and k == k0 and part == p0 and part in SHAREABLE_PARTS
+                    across = k is not None and k0 is not None and k != k0 and m == m0 and part == p0
+                    if not ((k is not None and k == k0 and part == p0 and part in SHAREABLE_PARTS or across)
                             and enc.encoding == enc0 == "lowrank"):
                         raise RmoeFormatError(
                             f"{where(k, m, part)} is the same array object as {where(k0, m0, p0)}: only the u, "
-                            f"u_scales and u_group_scales of lowrank residual records of one expert can be shared "
-                            f"(spec 4.8); "
+                            f"u_scales and u_group_scales of lowrank residual records of one expert, or a factor of "
+                            f"one matrix's lowrank records in several experts, can be shared (spec 4.8); "
                             f"pass a copy to store it twice")
                     tensors[part] = name0
                     continue
@@ -720,7 +770,7 @@ class Writer:
         for s in spec.sources:
             claim_output(outputs, s.name, f"layer {i}")
         # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
-        tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
+        tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True, allow_cross=True)
         pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
         _check_layer(spec, pseudo, 2**62)
         for name, arr in arrays.items():

@@ -19,8 +19,9 @@ FORMAT_NAME = "rmoe"
 #: The newest version this library reads and writes (spec 1.4). The writer writes the lowest
 #: version that expresses a file: ``BASE_VERSION`` unless it shares a low-rank factor (spec 4.8),
 #: which needs ``SHARED_FACTORS_VERSION``, or stores k-quant values (spec 5.10), which need ``KQUANT_VERSION``,
-#: or has a ``fields`` record or a ``predictor`` base (spec 5.11), which need ``FIELDS_VERSION``.
-VERSION = (4, 0)
+#: or has a ``fields`` record or a ``predictor`` base (spec 5.11), which need ``FIELDS_VERSION``, or shares a
+#: low-rank factor across the experts of a layer (spec 4.8), which needs ``CROSS_FACTORS_VERSION``.
+VERSION = (5, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
 #: The version of every file that uses no feature added after 1.0.
 BASE_VERSION = (1, 0)
@@ -34,8 +35,11 @@ KQUANT_VERSION_STR = f"{KQUANT_VERSION[0]}.{KQUANT_VERSION[1]}"
 #: The first version with the ``fields`` encoding and the ``predictor`` base kind (spec 5.11, 4.7).
 FIELDS_VERSION = (4, 0)
 FIELDS_VERSION_STR = f"{FIELDS_VERSION[0]}.{FIELDS_VERSION[1]}"
+#: The first version in which the records of one matrix in several experts may share a low-rank factor (spec 4.8).
+CROSS_FACTORS_VERSION = (5, 0)
+CROSS_FACTORS_VERSION_STR = f"{CROSS_FACTORS_VERSION[0]}.{CROSS_FACTORS_VERSION[1]}"
 #: Major versions this reader understands (any minor version of each).
-READ_MAJORS = (1, 2, 3, 4)
+READ_MAJORS = (1, 2, 3, 4, 5)
 BASE_KINDS = ("barycenter", "mean", "weighted", "none", "predictor")
 #: Base kinds whose matrices are not added to the residuals (spec 6.1): none, and predictor (5.11).
 UNADDED_BASE_KINDS = ("none", "predictor")

@@ -17,6 +17,18 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olm
 DTYPES = TORCH_DTYPES
 
 
+#: the characters of :func:`tokenizer_json` (ids 3 to 57 of the tiny models' vocabulary of 64)
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,\n"
+
+
+def tokenizer_json() -> str:
+    """A character-level tokenizer.json for the tiny checkpoints (what --calibration tokenizes with)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[UNK]": 0, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    return Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]")).to_str()
+
+
 def _small(layers: int) -> dict:
     return dict(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                 num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -20,9 +20,8 @@ from converters.errors import ConversionError
 from resmoe_format import accounting
 from resmoe_format.codecs import kquant
 from resmoe_format.restore import restore_matrix
-from hf_models import build_checkpoint
+from hf_models import build_checkpoint, tokenizer_json
 
-CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,\n"
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 3
 
 
@@ -179,13 +178,6 @@ def test_base_is_dropped_where_it_does_not_pay(tmp_path):
     reports = {m: convert(src, tmp_path / f"{m}.rmoe", ConvertOptions(method=m, bits=3.0), progress=False)
                for m in ("resmoe", "quant")}
     assert reports["resmoe"]["allocation"]["predicted_error"] <= reports["quant"]["allocation"]["predicted_error"]
-
-
-def tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models
-
-    vocab = {"[UNK]": 0, **{c: i + 3 for i, c in enumerate(CHARS)}}
-    return Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]")).to_str()
 
 
 def test_calibrated_bits_runs_gptq_on_routed_inputs(tmp_path, upcycled_bf16):

@@ -100,17 +100,19 @@ class DenseResidual(Residual):
 
 
 class LowRankResidual(Residual):
-    """Factors U (n, r) and V (r, H), tensors or packed k-quant values; U may be shared."""
+    """Factors U (n, r) and V (r, H), tensors or packed k-quant values; either may be shared with other records
+    (``u_shared``, ``v_shared``: held, and counted, by an earlier record)."""
 
-    def __init__(self, u: torch.Tensor | PackedValues, v: torch.Tensor | PackedValues, u_shared: bool):
-        self.u, self.v, self.u_shared = u, v, u_shared
+    def __init__(self, u: torch.Tensor | PackedValues, v: torch.Tensor | PackedValues, u_shared: bool,
+                 v_shared: bool = False):
+        self.u, self.v, self.u_shared, self.v_shared = u, v, u_shared, v_shared
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) as tensors."""
         return as_tensor(self.u), as_tensor(self.v)
 
     def nbytes(self) -> int:
-        return (0 if self.u_shared else held_nbytes(self.u)) + held_nbytes(self.v)
+        return (0 if self.u_shared else held_nbytes(self.u)) + (0 if self.v_shared else held_nbytes(self.v))
 
     def apply_in(self, x):
         u, v = self.factors()
@@ -223,26 +225,27 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
                   base: np.ndarray | None = None, held: np.ndarray | None = None) -> Residual:
     """Decode one residual record into the operator its encoding multiplies fastest with; k-quant values
     stay packed; other element-wise records as :func:`rounded_residual` of ``base`` (decoded) and ``held``
-    (the barycenter multiplied by). ``shared`` maps a low-rank U tensor's name to what holds it."""
+    (the barycenter multiplied by). ``shared`` maps a low-rank factor tensor's name to what holds it."""
     spec = lay.matrix(matrix)
     enc = reader.encoded(ref, spec)
     kq = kquant.is_kquant(ref.value_dtype)
     if ref.encoding == "lowrank":
-        key = ref.tensors["u"]
+        ukey, vkey = ref.tensors["u"], ref.tensors["v"]
         (m, n), r = enc.shape, ref.params["rank"]
-        u = shared.get(key)
+        u, v = shared.get(ukey), shared.get(vkey)
         if kq:
             if u is None:
                 u = PackedValues.from_parts(enc.parts, "u", (m, r), ref.value_dtype, ref.quant, device, ref.tensors,
                                             dtype)
-            v = PackedValues.from_parts(enc.parts, "v", (r, n), ref.value_dtype, ref.quant, device, ref.tensors, dtype)
-        else:
+            if v is None:
+                v = PackedValues.from_parts(enc.parts, "v", (r, n), ref.value_dtype, ref.quant, device, ref.tensors,
+                                            dtype)
+        elif u is None or v is None:
             u_np, v_np = codecs.CODECS["lowrank"].factors(enc, ref.tensors)
-            if u is None:
-                u = torch.from_numpy(u_np).to(device=device, dtype=dtype)
-            v = torch.from_numpy(v_np).to(device=device, dtype=dtype)
-        shared[key] = u
-        return LowRankResidual(u, v, shared_u(lay, ref))
+            u = torch.from_numpy(u_np).to(device=device, dtype=dtype) if u is None else u
+            v = torch.from_numpy(v_np).to(device=device, dtype=dtype) if v is None else v
+        shared[ukey], shared[vkey] = u, v
+        return LowRankResidual(u, v, not_first(lay, ref, "u"), not_first(lay, ref, "v"))
     if kq and ref.encoding == "dense":
         return DenseResidual(PackedValues.from_parts(enc.parts, "values", enc.shape, ref.value_dtype, ref.quant,
                                                      device, ref.tensors, dtype))
@@ -256,11 +259,12 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
     return DenseResidual(torch.from_numpy(d).to(device=device, dtype=dtype))
 
 
-def shared_u(lay: LayerSpec, ref: EncodedRef) -> bool:
-    """Whether ``ref``'s U is also another record's U (counted once, on the first record)."""
-    key = ref.tensors["u"]
+def not_first(lay: LayerSpec, ref: EncodedRef, part: str) -> bool:
+    """Whether ``ref``'s factor ``part`` (u or v) is also an earlier record's (held and counted once, on the
+    first record that names it)."""
+    key = ref.tensors[part]
     for expert in lay.residuals:
         for r in expert.values():
-            if r is not None and r.encoding == "lowrank" and r.tensors.get("u") == key:
+            if r is not None and r.encoding == "lowrank" and r.tensors.get(part) == key:
                 return r is not ref
     return False

@@ -1,0 +1,228 @@
+"""--method d2moe: Fisher-weighted base, activation-whitened low-rank deltas, --share-v; stored, run, refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import resmoe_format
+from converters import delta
+from converters.cli.convert import main as convert_main
+from converters.convert import ConvertOptions, convert
+from converters.encoders.d2moe import matrix_ranks, shared_whitened_svd, whitened_svd
+from converters.encoders.fisher import fisher_merge
+from converters.errors import ConversionError
+from hf_models import ARCHS, build_checkpoint, tokenizer_json
+from resmoe_format import MatrixSpec
+from resmoe_format.restore import restore_expert
+from resmoe_format.torch import load_model
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 12)
+#: architectures the default run converts end to end (the others with -m slow): a plain decoder, one with a
+#: dense first layer, shared experts and MLA, and one with expert biases
+_FAST = ("mixtral", "deepseek_v3", "gpt_oss")
+DECODERS = [a if a in _FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS if a != "switch"]
+
+
+def _experts(rng, n=3, shape=(6, 5)):
+    return [{"w": torch.from_numpy(rng.standard_normal(shape).astype(np.float32))} for _ in range(n)]
+
+
+def test_fisher_merge_with_equal_fisher_and_frequency_is_the_plain_average():
+    rng = np.random.default_rng(0)
+    ex = _experts(rng)
+    same = torch.from_numpy(rng.random((6, 5)).astype(np.float32) + 0.1)
+    got = fisher_merge(ex, [{"w": same} for _ in ex], np.full(3, 1 / 3))
+    torch.testing.assert_close(got["w"], sum(e["w"] for e in ex) / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_fisher_merge_weights_each_element_by_fisher_times_frequency():
+    rng = np.random.default_rng(1)
+    ex = _experts(rng, 2, (2, 2))
+    f = [{"w": torch.tensor([[1.0, 0.0], [3.0, 1.0]])}, {"w": torch.tensor([[1.0, 2.0], [1.0, 0.0]])}]
+    freq = np.array([0.25, 0.75])
+    got = fisher_merge(ex, f, freq)["w"]
+    w0, w1 = ex[0]["w"], ex[1]["w"]
+    want = torch.stack([
+        torch.stack([(0.25 * w0[0, 0] + 0.75 * w1[0, 0]) / 1.0, w1[0, 1]]),
+        torch.stack([(0.75 * w0[1, 0] + 0.75 * w1[1, 0]) / 1.5, w0[1, 1]])])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # no Fisher information anywhere for an element: the frequency-weighted mean
+    zero = fisher_merge(ex, [{"w": torch.zeros(2, 2)}] * 2, freq)["w"]
+    torch.testing.assert_close(zero, 0.25 * w0 + 0.75 * w1, rtol=1e-6, atol=1e-6)
+
+
+def _gram(rng, dim, tokens=40):
+    x = rng.standard_normal((tokens, dim)) * rng.random(dim) * 3
+    return torch.from_numpy(x.T @ x)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_whitened_svd_at_full_rank_restores_the_delta(axis):
+    rng = np.random.default_rng(2)
+    delta = torch.from_numpy(rng.standard_normal((12, 7)).astype(np.float32))
+    part = whitened_svd(delta, _gram(rng, 7 if axis == 1 else 12), 7, axis)
+    torch.testing.assert_close(part.u @ part.v, delta, rtol=1e-4, atol=1e-4)
+
+
+def test_whitened_svd_truncation_minimises_the_output_error_not_the_weight_error():
+    rng = np.random.default_rng(3)
+    delta = torch.from_numpy(rng.standard_normal((16, 10)))
+    x = torch.from_numpy(rng.standard_normal((200, 10)) * np.geomspace(10, 0.01, 10))
+    w = whitened_svd(delta.float(), x.T @ x, 3, 1)
+    u, s, vt = torch.linalg.svd(delta)
+    plain = (u[:, :3] * s[:3]) @ vt[:3]
+    out_err = {name: torch.linalg.norm((delta - d.double()) @ x.T).item()
+               for name, d in (("whitened", w.u @ w.v), ("plain", plain))}
+    assert out_err["whitened"] < 0.9 * out_err["plain"]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_shared_factor_svd_at_full_rank_restores_every_delta(axis):
+    rng = np.random.default_rng(4)
+    deltas = [torch.from_numpy(rng.standard_normal((4, 9)).astype(np.float32)) for _ in range(3)]
+    if axis == 0:
+        deltas = [d.T.contiguous() for d in deltas]  # (9, 4): the input axis is 0
+    parts = shared_whitened_svd(deltas, _gram(rng, 9), 9, axis)
+    shared = [p.v if axis == 1 else p.u for p in parts]
+    assert all(t is shared[0] for t in shared)
+    for d, p in zip(deltas, parts):
+        torch.testing.assert_close(p.u @ p.v, d, rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_follow_the_budget():
+    specs = [MatrixSpec("gate", [24, 16], "bf16", 0), MatrixSpec("up", [24, 16], "bf16", 0),
+             MatrixSpec("down", [24, 16], "bf16", 0)]
+    assert matrix_ranks(specs, 3 * 40 * 4, 8, False) == {"gate": 4, "up": 4, "down": 4}
+    # a shared (r, 16) factor costs 16 r / 8 per expert: more rank for the same budget
+    assert matrix_ranks(specs, 3 * 40 * 4, 8, True) == {"gate": 6, "up": 6, "down": 6}
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+def _source(tmp_path, arch="mixtral", dtype="bf16", **kw):
+    src = build_checkpoint(arch, tmp_path / f"{arch}_{dtype}", dtype, num_layers=3, **kw)
+    (src / "tokenizer.json").write_text(tokenizer_json())
+    cal = tmp_path / "cal.txt"
+    cal.write_text(TEXT)
+    return src, str(cal)
+
+
+def _logits(path, mode, dtype="fp32"):
+    ids = torch.tensor([[5, 9, 12, 30, 7, 22, 41, 3, 17, 26]])
+    with torch.no_grad():
+        return load_model(path, mode=mode, dtype=dtype)(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_every_architecture_converts_and_runs_in_every_mode(tmp_path, arch):
+    src, cal = _source(tmp_path, arch)
+    out = tmp_path / "d.rmoe"
+    report = convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal), progress=False)
+    assert report["summary"]["expert_bytes_fraction"] <= 0.5 + 1e-3
+    with resmoe_format.open(out) as r:
+        for lay in r.layers:
+            assert lay.base_kind == "weighted" and lay.permutations is None
+            assert all(ref.encoding == "lowrank" for res in lay.residuals for m, ref in res.items()
+                       if ref is not None and len(lay.matrix(m).shape) == 2)
+    ref = _logits(out, "materialize")
+    for mode in ("lazy", "fused"):
+        got = _logits(out, mode)
+        # fused multiplies by B + U V before its rounding to bf16 (spec 6.7): within that, not bit for bit
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max(), mode
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_deterministic_and_better_than_plain_svd_at_equal_parameters(tmp_path, dtype):
+    src, cal = _source(tmp_path, dtype=dtype)
+    a, b = tmp_path / "a.rmoe", tmp_path / "b.rmoe"
+    rep = convert(src, a, ConvertOptions(method="d2moe", keep=0.5, calibration=cal), progress=False)
+    delta._MEMO.clear()  # calibrate again: the statistics themselves must be deterministic
+    convert(src, b, ConvertOptions(method="d2moe", keep=0.5, calibration=cal), progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    assert rep["method"]["name"] == "d2moe" and rep["method"]["base"] == "fisher"
+    assert all(abs(sum(lay["routing_frequency"]) - 1) < 1e-9 for lay in rep["layers"])
+    # fp32: fused computes with exactly the restored weights
+    if dtype == "fp32":
+        torch.testing.assert_close(_logits(a, "fused"), _logits(a, "materialize"), rtol=1e-4, atol=1e-4)
+
+
+def test_share_v_stores_one_input_factor_per_matrix_as_version_5(tmp_path):
+    src, cal = _source(tmp_path)
+    out = tmp_path / "s.rmoe"
+    rep = convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, share_v=True), progress=False)
+    with resmoe_format.open(out) as r:
+        assert r.version == (5, 0)
+        lay = r.layers[0]
+        for m in ("gate", "up"):
+            assert len({res[m].tensors["v"] for res in lay.residuals}) == 1
+            assert len({res[m].tensors["u"] for res in lay.residuals}) == lay.num_experts
+        assert len({res["down"].tensors["u"] for res in lay.residuals}) == 1
+        restored = restore_expert(r, lay.index, 1)
+        assert set(restored) == {"gate", "up", "down"}
+    assert rep["summary"]["expert_bytes_fraction"] <= 0.5 + 1e-3
+    torch.testing.assert_close(_logits(out, "fused", "fp32"), _logits(out, "materialize", "fp32"),
+                               rtol=0.05, atol=0.05)
+    torch.testing.assert_close(_logits(out, "lazy", "fp32"), _logits(out, "materialize", "fp32"))
+
+
+def test_a_version_4_file_may_not_share_a_factor_across_experts(tmp_path):
+    from filecraft import rewrite
+
+    src, cal = _source(tmp_path)
+    out = tmp_path / "s.rmoe"
+    convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, share_v=True), progress=False)
+    bad = tmp_path / "v4.rmoe"
+
+    def meta(m):
+        m["rmoe_version"] = "4.0"
+    rewrite(out, bad, edit_meta=meta)
+    with pytest.raises(resmoe_format.RmoeFormatError, match="shared by several experts needs .rmoe version 5.0"):
+        resmoe_format.open(bad)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _source(tmp_path_factory.mktemp("small"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "d2moe", "--keep", "0.5"], "give --calibration FILE.txt"),
+    (["--method", "d2moe", "--calibration", "CAL", "--keep", "0.26"], "not rank 1 of any delta"),
+    (["--method", "d2moe", "--calibration", "CAL", "--rank", "0"], "--rank must be a positive integer"),
+    (["--method", "d2moe", "--calibration", "CAL", "--delta-format", "csr16"], "must be auto or lowrank"),
+    (["--method", "d2moe", "--calibration", "CAL", "--lossless"], "not available with --method d2moe"),
+    (["--method", "d2moe", "--calibration", "CAL", "--bits", "3"], "--bits applies to --method resmoe"),
+    (["--share-v"], "--share-v is a D²-MoE option"),
+    (["--method", "d2moe", "--calibration", "CAL", "--prune-base", "1.5"], "--prune-base must be a fraction"),
+])
+def test_bad_flags_are_refused_before_any_output(tmp_path, small, capsys, args, message):
+    src, cal = small
+    out = tmp_path / "x.rmoe"
+    args = [cal if a == "CAL" else a for a in args]
+    assert convert_main([str(src), str(out), "-q", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_text_that_leaves_an_expert_without_tokens_names_it(tmp_path, small):
+    src, _ = small
+    cal = tmp_path / "same.txt"
+    cal.write_text("a" * 300)  # one token repeated: every position routes to the same experts in layer 0
+    out = tmp_path / "x.rmoe"
+    with pytest.raises(ConversionError, match=r"routes no token to expert\(s\) \d"):
+        convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=str(cal)), progress=False)
+    assert not out.exists()
+
+
+def test_report_json_round_trips(tmp_path, small):
+    src, cal = small
+    rep_path = tmp_path / "r.json"
+    assert convert_main([str(src), str(tmp_path / "o.rmoe"), "-q", "--method", "d2moe", "--calibration", cal,
+                         "--keep", "0.5", "--report", str(rep_path)]) == 0
+    rep = json.loads(rep_path.read_text())
+    assert rep["calibration"]["tokens"] and rep["method"]["share_v"] is False
