@@ -160,7 +160,7 @@ class Plan:
                                                              o.lossless, DEFAULT_MAX_ITER if o.max_iter is None
                                                              else o.max_iter))
         if o.method == "d2moe":
-            self.encoder.share_v = o.share_v
+            self.encoder.share_v, self.encoder.prune_base = o.share_v, o.prune_base
         # d2moe stores its deltas as factors (the runtime's products), never densified by auto
         fmt = "lowrank" if o.method == "d2moe" and o.delta_format == "auto" else o.delta_format
         self.emit = EmitOptions(o.value_dtype, fmt, Quant(), o.base_dtype)

@@ -125,11 +125,18 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
     base = {m: codecs.encode(_np(b), "dense", bd, options.quant if bd == "int8" else None)
             for m, b in result.base.items()}
     base_np = {m: codecs.decode(e) for m, e in base.items()}
+    if result.base_channels is not None:  # the base restoration adds: zero on the pruned channels (spec 4.7)
+        for m in layout.matrices:
+            if m.name in base_np and m.neuron_axis is not None:
+                full = np.zeros(m.shape, np.float32)
+                full[result.base_channels] = base_np[m.name].reshape(m.kept(len(result.base_channels)).shape)
+                base_np[m.name] = full.reshape(m.shape2d)
     rounded_base = bd != dtype  # the stored barycenter differs from the one the residuals were taken from
     residuals: list[dict[str, Encoded | None]] = []
     stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
                       "bytes": base[m.name].nbytes if m.name in base else 0,
-                      "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
+                      "base_params": int(np.prod(result.base[m.name].shape)) if m.name in base else 0,
+                      "rel_error": []}
              for m in layout.matrices}
     counted_bytes: set[int] = set()
     counted_params: set[int] = set()
@@ -174,5 +181,5 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
     for st in stats.values():
         st["kept"] += st.pop("base_params")
     layer = MoELayer(layout.index, layout.num_neurons, list(layout.matrices), result.base_kind, base, residuals,
-                     result.permutations, list(layout.sources), layout.prefix)
+                     result.permutations, list(layout.sources), layout.prefix, base_channels=result.base_channels)
     return layer, stats

@@ -97,6 +97,8 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
         for ref in lay.base.values():
             for part, t in ref.tensors.items():
                 put(t, Role(_category(part, ref, t, base=True), lay.index))
+        if lay.base_channels is not None:
+            put(lay.base_channels, Role("permutations", lay.index))
         for k, p in enumerate(lay.permutations or []):
             put(p, Role("permutations", lay.index, k))
         for k, res in enumerate(lay.residuals):
@@ -181,7 +183,7 @@ def lowest_version(schema: Schema) -> str:
     """The lowest version that expresses ``schema`` (spec 1.4): 4.0 when a record is ``fields`` or a base is
     of kind ``predictor`` (spec 5.11), else 3.0 when a record has k-quant values (spec 5.10), else 2.0 when a
     tensor is referenced by more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
-    if any(cross_shared(lay) for lay in schema.layers):
+    if any(cross_shared(lay) or lay.base_channels is not None for lay in schema.layers):
         return CROSS_FACTORS_VERSION_STR
     if schema.coded or any(uses_fields(lay) for lay in schema.layers):
         return FIELDS_VERSION_STR
@@ -253,6 +255,9 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
                                       f"{major}")
     if major < CROSS_FACTORS_VERSION[0]:
         for lay in schema.layers:
+            if lay.base_channels is not None:
+                raise RmoeFormatError(f"layer {lay.index}: a base with pruned channels needs .rmoe version "
+                                      f"{CROSS_FACTORS_VERSION_STR} or later; this file is major version {major}")
             if cross_shared(lay):
                 raise RmoeFormatError(f"layer {lay.index}: a low-rank factor shared by several experts needs .rmoe "
                                       f"version {CROSS_FACTORS_VERSION_STR} or later; this file is major version "
@@ -298,16 +303,26 @@ def _parts_info(ref: EncodedRef, tensors: dict[str, TensorEntry]) -> dict[str, t
 
 def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: int) -> None:
     check_predictors(lay)
+    pdt = permutation_dtype(lay.num_neurons)
+    kept = None
+    if lay.base_channels is not None:
+        t = tensors[lay.base_channels]
+        if t.dtype != pdt or len(t.shape) != 1 or not 1 <= t.shape[0] <= lay.num_neurons:
+            raise RmoeFormatError(f"tensor {t.name}: the base channels of {lay.num_neurons} neurons must be {pdt} "
+                                  f"[c] with 1 <= c <= {lay.num_neurons}, got {t.dtype} {list(t.shape)}")
+        kept = t.shape[0]
     for m in lay.matrices:
         rows, cols = m.shape2d
         if rows * cols > max_elements:
             raise RmoeFormatError(f"layer {lay.index} matrix {m.name}: {rows} x {cols} elements exceed the "
                                   f"reader's limit of {max_elements} (max_matrix_elements)")
-        refs = ([lay.base[m.name]] if m.name in lay.base else []) + [r[m.name] for r in lay.residuals if r[m.name]]
-        for ref in refs:
+        if m.name in lay.base:
+            ref = lay.base[m.name]
+            codecs.check_layout(ref.encoding, m.kept(kept).shape2d, ref.value_dtype, ref.quant, ref.params,
+                                _parts_info(ref, tensors), ref.tensors)
+        for ref in (r[m.name] for r in lay.residuals if r[m.name]):
             codecs.check_layout(ref.encoding, m.shape2d, ref.value_dtype, ref.quant, ref.params,
                                 _parts_info(ref, tensors), ref.tensors)
-    pdt = permutation_dtype(lay.num_neurons)
     for p in lay.permutations or []:
         t = tensors[p]
         if t.dtype != pdt or t.shape != (lay.num_neurons,):
@@ -501,8 +516,29 @@ class Reader:
         if matrix not in lay.base:
             lay.matrix(matrix)  # an unknown matrix name is an error
             return None
-        ref = lay.base[matrix]
-        return codecs.decode(self.encoded(ref, lay.matrix(matrix)), ref.tensors)
+        ref, spec = lay.base[matrix], lay.matrix(matrix)
+        channels = self.base_channels(layer)
+        if channels is None or spec.neuron_axis is None:
+            return codecs.decode(self.encoded(ref, spec), ref.tensors)
+        kept = codecs.decode(self.encoded(ref, spec.kept(channels.size)), ref.tensors)
+        full = np.zeros(spec.shape, np.float32)
+        index = [slice(None)] * len(spec.shape)
+        index[spec.neuron_axis] = channels
+        full[tuple(index)] = kept.reshape(spec.kept(channels.size).shape)
+        return full.reshape(spec.shape2d)
+
+    @_guard
+    def base_channels(self, layer: int) -> np.ndarray | None:
+        """The neuron indices the layer's base keeps (spec 4.7, checked: strictly increasing, below n), or
+        None when it keeps all."""
+        lay = self.layer(layer)
+        if lay.base_channels is None:
+            return None
+        c = self.tensor(lay.base_channels).astype(np.int64)
+        if c.size and (c[0] < 0 or c[-1] >= lay.num_neurons or np.any(np.diff(c) <= 0)):
+            raise RmoeFormatError(f"tensor {lay.base_channels}: base channels must be strictly increasing neuron "
+                                  f"indices below {lay.num_neurons}")
+        return c
 
     def addend(self, layer: int, matrix: str) -> np.ndarray | None:
         """The base matrix restoration adds to the residuals (spec 6.1): None for base kinds none and predictor."""
@@ -621,6 +657,8 @@ class MoELayer:
     prefix: str = ""
     #: method-specific data; an entry's "tensors" maps names to arrays written with the layer
     extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the neuron indices a pruned base keeps (spec 4.7, version 5.0), strictly increasing; None: all
+    base_channels: np.ndarray | None = None
 
 
 def _header_cost(c: CodedTensor) -> int:
@@ -750,6 +788,14 @@ class Writer:
                 arrays[perms[-1]] = p.astype(pdt)
         residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None) for m, e in r.items()}
                      for k, r in enumerate(layer.residuals)]
+        channels = None
+        if layer.base_channels is not None:
+            c = np.asarray(layer.base_channels, dtype=np.int64)
+            if c.ndim != 1 or not c.size or c[0] < 0 or c[-1] >= layer.num_neurons or np.any(np.diff(c) <= 0):
+                raise RmoeFormatError(f"layer {i}: base channels must be strictly increasing neuron indices below "
+                                      f"{layer.num_neurons}")
+            channels = f"{pre}.base.channels"
+            arrays[channels] = c.astype(dtypes.by_name(permutation_dtype(layer.num_neurons)).np)
         extensions = {}
         for key, val in layer.extensions.items():
             val = dict(val)
@@ -761,7 +807,7 @@ class Writer:
                 val["tensors"] = names
             extensions[key] = val
         spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
-                         layer.base_kind, base, perms, residuals, list(layer.sources), extensions)
+                         layer.base_kind, base, perms, residuals, list(layer.sources), extensions, channels)
         spec = LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
         clash = [n for n in arrays if n in self._out.entries]
         if clash:

@@ -112,6 +112,15 @@ class MatrixSpec:
     def shape2d(self) -> tuple[int, int]:
         return (1, self.shape[0]) if len(self.shape) == 1 else (self.shape[0], self.shape[1])
 
+    def kept(self, channels: int | None) -> "MatrixSpec":
+        """This matrix as a base with pruned channels stores it (spec 4.7): ``channels`` entries along the
+        neuron axis (itself when ``channels`` is None or the matrix has no neuron axis)."""
+        if channels is None or self.neuron_axis is None:
+            return self
+        shape = list(self.shape)
+        shape[self.neuron_axis] = channels
+        return MatrixSpec(self.name, tuple(shape), self.dtype, self.neuron_axis)
+
 
 @dataclass
 class EncodedRef:
@@ -211,6 +220,8 @@ class LayerSpec:
     residuals: list[dict[str, EncodedRef | None]]
     sources: list[SourceSpec]
     extensions: dict[str, Any] = field(default_factory=dict)
+    #: the tensor of the neuron indices the base keeps (spec 4.7 ``channels``, version 5.0); None: all of them
+    base_channels: str | None = None
 
     @property
     def adds_base(self) -> bool:
@@ -227,7 +238,8 @@ class LayerSpec:
         d = {
             "index": self.index, "prefix": self.prefix, "num_experts": self.num_experts,
             "num_neurons": self.num_neurons, "matrices": [m.to_json() for m in self.matrices],
-            "base": {"kind": self.base_kind, "matrices": {k: v.to_json() for k, v in self.base.items()}},
+            "base": {"kind": self.base_kind, "matrices": {k: v.to_json() for k, v in self.base.items()},
+                     **({"channels": self.base_channels} if self.base_channels is not None else {})},
             "permutations": self.permutations,
             "residuals": [{k: (v.to_json() if v else None) for k, v in r.items()} for r in self.residuals],
             "sources": [s.to_json() for s in self.sources],
@@ -266,6 +278,11 @@ class LayerSpec:
             raise RmoeFormatError(f"{where}.base: unknown matrices {sorted(set(base) - set(names))}")
         if kind not in UNADDED_BASE_KINDS and set(base) != set(names):
             raise RmoeFormatError(f"{where}.base: needs exactly the matrices {names}, has {sorted(base)}")
+        channels = b.get("channels")
+        if channels is not None:
+            channels = _name(channels, f"{where}.base.channels")
+            if kind in UNADDED_BASE_KINDS:
+                raise RmoeFormatError(f"{where}.base.channels: a base of kind {kind} has no channels to keep")
         perms = d.get("permutations")
         if perms is not None:
             if not isinstance(perms, list) or len(perms) != E:
@@ -291,7 +308,7 @@ class LayerSpec:
             for part, t in _obj(val.get("tensors", {}), f"{where}.extensions.{key}.tensors").items():
                 _name(t, f"{where}.extensions.{key}.tensors.{part}")
         return cls(index, _req(d, "prefix", where, str, True, ""), E, n, mats, kind, base, perms,
-                   residuals, sources, ext)
+                   residuals, sources, ext, channels)
 
 
 @dataclass

@@ -226,3 +226,93 @@ def test_report_json_round_trips(tmp_path, small):
                          "--keep", "0.5", "--report", str(rep_path)]) == 0
     rep = json.loads(rep_path.read_text())
     assert rep["calibration"]["tokens"] and rep["method"]["share_v"] is False
+
+
+# ---- --prune-base ------------------------------------------------------------------------------------------
+
+def test_pruned_count_uses_multiples_of_64_where_the_size_allows():
+    from converters.encoders.d2moe import pruned_count
+
+    assert pruned_count(2048, 0.3) == 576 and pruned_count(24, 0.5) == 12 and pruned_count(100, 0.9) == 90
+    assert pruned_count(4, 0.99) == 3  # one channel stays
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_prune_base_removes_channels_from_the_stored_base_and_runs_in_every_mode(tmp_path, dtype):
+    src, cal = _source(tmp_path, dtype=dtype)
+    plain, pruned = tmp_path / "p.rmoe", tmp_path / "q.rmoe"
+    convert(src, plain, ConvertOptions(method="d2moe", keep=0.5, calibration=cal), progress=False)
+    rep = convert(src, pruned, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, prune_base=0.5,
+                                              share_v=True), progress=False)
+    assert rep["method"]["prune_base"] == 0.5
+    with resmoe_format.open(plain) as a, resmoe_format.open(pruned) as b:
+        assert b.version == (5, 0)
+        for la, lb in zip(a.layers, b.layers):
+            c = b.base_channels(lb.index)
+            assert c.size == lb.num_neurons - lb.num_neurons // 2 and np.all(np.diff(c) > 0)
+            for m in ("gate", "up", "down"):
+                assert b.tensor(lb.base[m].tensors["values"]).shape[0] == c.size
+                full = b.base(lb.index, m)
+                dropped = np.setdiff1d(np.arange(lb.num_neurons), c)
+                assert not full[dropped].any()
+            # the freed base parameters went to the deltas: higher rank at the same budget
+            assert (lb.residuals[0]["gate"].params["rank"] > la.residuals[0]["gate"].params["rank"])
+    assert rep["summary"]["keep"] <= 0.5 + 1e-3
+    ref = _logits(pruned, "materialize")
+    tol = 1e-4 if dtype == "fp32" else 0.05  # fp32: fused multiplies by exactly the restored weights
+    assert (_logits(pruned, "fused") - ref).abs().max() <= tol * max(1.0, ref.abs().max())
+    torch.testing.assert_close(_logits(pruned, "lazy"), ref)
+
+
+def test_pruned_and_shared_files_export_to_onnx_and_round_trip_gguf_rmoe(tmp_path):
+    from converters.exporters.onnx_export import export_onnx
+    from test_export_onnx import assert_matches
+
+    src, cal = _source(tmp_path, dtype="fp32")
+    out = tmp_path / "q.rmoe"
+    convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, prune_base=0.5, share_v=True),
+            progress=False)
+    onnx_path = export_onnx(out, tmp_path / "m.onnx", "lowrank")
+    assert_matches(onnx_path, out, "fused")
+    from converters.cli.export import main as export_main
+
+    assert export_main([str(out), "--to", "gguf-rmoe", str(tmp_path / "q.gguf")]) == 0
+    assert export_main([str(tmp_path / "q.gguf"), "--to", "rmoe", str(tmp_path / "back.rmoe")]) == 0
+    assert (tmp_path / "back.rmoe").read_bytes() == out.read_bytes()
+
+
+def test_a_version_4_file_may_not_prune_base_channels(tmp_path):
+    from filecraft import rewrite
+
+    src, cal = _source(tmp_path)
+    out = tmp_path / "q.rmoe"
+    convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, prune_base=0.5), progress=False)
+
+    def meta(m):
+        m["rmoe_version"] = "4.0"
+    rewrite(out, tmp_path / "v4.rmoe", edit_meta=meta)
+    with pytest.raises(resmoe_format.RmoeFormatError, match="pruned channels needs .rmoe version 5.0"):
+        resmoe_format.open(tmp_path / "v4.rmoe")
+
+
+def test_hostile_base_channels_are_refused(tmp_path):
+    from filecraft import rewrite, split
+
+    src, cal = _source(tmp_path, dtype="fp32")
+    out = tmp_path / "q.rmoe"
+    convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=cal, prune_base=0.5), progress=False)
+    with resmoe_format.open(out) as r:
+        name = r.layers[0].base_channels
+        c = r.tensor(name).copy()
+    bad = c.copy()
+    bad[1] = bad[0]  # not strictly increasing
+
+    start, end = split(out)[0][name]["data_offsets"]
+
+    def data(buf):
+        buf[start:end] = bad.tobytes()
+        return buf
+    rewrite(out, tmp_path / "bad.rmoe", edit_data=data)
+    with resmoe_format.open(tmp_path / "bad.rmoe", verify_checksums=False) as r:
+        with pytest.raises(resmoe_format.RmoeFormatError, match="strictly increasing"):
+            r.base(r.layers[0].index, "gate")

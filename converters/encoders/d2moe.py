@@ -29,6 +29,10 @@ from ..errors import ConversionError
 from .methods import Encoder, register
 from .parts import LowRankPart, SparsePart
 
+#: channels are pruned from the base in multiples of this, where the layer has at least twice as many
+PRUNE_MULTIPLE = 64
+#: the per-batch probe looks at this fraction of each calibration window's tokens, those of largest norm
+PROBE_FRACTION = 0.1
 #: eigenvalues of X^T X are clamped to at least this fraction of their mean before the Cholesky factor
 CLAMP = 1e-5
 
@@ -98,6 +102,45 @@ def matrix_ranks(specs: list[MatrixSpec], budget: int, num_experts: int, share_v
     return ranks
 
 
+def pruned_count(n: int, fraction: float) -> int:
+    """How many of ``n`` base channels ``--prune-base fraction`` removes: floor(fraction n), in multiples of
+    PRUNE_MULTIPLE where n allows, at most n - 1."""
+    k = math.floor(fraction * n + 1e-9)
+    if n >= 2 * PRUNE_MULTIPLE and k >= PRUNE_MULTIPLE:
+        k = k // PRUNE_MULTIPLE * PRUNE_MULTIPLE
+    return min(k, n - 1)
+
+
+def channel_scores(x: torch.Tensor, base: dict[str, torch.Tensor], kind, window: int) -> torch.Tensor:
+    """Importance of each of the base's intermediate channels (higher: keep), semi-dynamic as D²-MoE scores them.
+
+    h = act(x B_in^T) are the base's intermediate activations on every calibration token the layer saw. The
+    static statistic is mean(h_c^2) over all tokens; each window (a batch) adds a probe, mean(h_c^2) over its
+    PROBE_FRACTION tokens of largest norm, and the two mix as the reference's ``dynaratio`` does:
+    (s^2 + p^2) / (s + p). A channel scores sqrt of that, averaged over the windows, times the L1 norm of its
+    row of the output matrix (Wanda-style: activation size times the weights it feeds)."""
+    x = x.double()
+    pre = []
+    for j, name in enumerate(kind.inputs):
+        p = x @ base[name].double().T
+        if kind.input_biases:
+            p = p + base[kind.input_biases[j]].double()
+        pre.append(p)
+    h2 = kind.activate(pre).square()
+    static = h2.mean(0)
+    norms = x.norm(dim=1)
+    total = torch.zeros_like(static)
+    windows = 0
+    for start in range(0, x.shape[0], window):
+        rows = slice(start, start + window)
+        k = max(1, math.ceil(PROBE_FRACTION * h2[rows].shape[0]))
+        probe = h2[rows][norms[rows].topk(k).indices].mean(0)
+        mixed = (static.square() + probe.square()) / (static + probe).clamp(min=1e-30)
+        total += mixed.sqrt()
+        windows += 1
+    return total / windows * base[kind.output].double().abs().sum(1)
+
+
 @dataclass
 class D2Stats:
     """One layer's calibration: Fisher-merged base, routing frequencies, per-expert input Grams."""
@@ -120,7 +163,14 @@ class D2MoE(Encoder):
     supports_lossless = False
     residual_kind = "svd"
     share_v = False
+    #: --prune-base: the fraction of the base's channels removed (None: none)
+    prune_base: float | None = None
     stats: D2Stats | None = None
+
+    def base_params(self, specs: list[MatrixSpec]) -> int:
+        n = next((m.shape[m.neuron_axis] for m in specs if m.neuron_axis is not None), 0)
+        kept = n - pruned_count(n, self.prune_base) if self.prune_base and n else n
+        return sum(int(np.prod(m.kept(kept).shape)) for m in specs)
 
     def check_layer(self, specs: list[MatrixSpec], num_experts: int) -> None:
         super().check_layer(specs, num_experts)
@@ -139,6 +189,22 @@ class D2MoE(Encoder):
         stats = self.stats
         base = {m.name: round_to(stats.base[m.name].to(experts[0][m.name].device), dtype) for m in specs}
         hess = stats.hessians  # per expert: matrix name -> X^T X of its input
+        channels = None
+        if self.prune_base:
+            n = next(m.shape[0] for m in specs if m.neuron_axis == 0)
+            from .calibrate import WINDOW
+
+            scores = channel_scores(hess.x, base, hess.kind, WINDOW)
+            keep = n - pruned_count(n, self.prune_base)
+            channels = torch.sort(torch.topk(scores, keep).indices).values.cpu().numpy()
+            dropped = torch.ones(n, dtype=torch.bool, device=scores.device)
+            dropped[torch.from_numpy(channels).to(scores.device)] = False
+            # the deltas are taken against the base as restoration adds it (zero on the pruned channels), so the
+            # low-rank deltas can take up part of what pruning removes
+            for m in specs:
+                if m.neuron_axis == 0:
+                    base[m.name] = base[m.name].clone()
+                    base[m.name][dropped] = 0
         E = len(experts)
         budget = self.residual_budget(specs, E)
         ranks = ({m.name: self.options.rank for m in specs if len(m.shape) == 2} if self.options.rank is not None
@@ -171,7 +237,10 @@ class D2MoE(Encoder):
                 for m in mats:
                     residuals[k][m.name] = whitened_svd(e[m.name] - base[m.name], g[m.name], ranks[m.name],
                                                         0 if m.name == stats.output else 1)
-        return LayerResult(self.base_kind, base, None, residuals), experts
+        if channels is not None:
+            idx = torch.from_numpy(channels).to(scores.device)
+            base = {m.name: base[m.name].index_select(0, idx) if m.neuron_axis == 0 else base[m.name] for m in specs}
+        return LayerResult(self.base_kind, base, None, residuals, base_channels=channels), experts
 
 
 class ExpertGrams:

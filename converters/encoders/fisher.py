@@ -11,8 +11,8 @@ information is the squared gradient summed over windows (one window, one sample)
 
     W_base = sum_j F_j f_j W_j / sum_k F_k f_k        (element-wise; f_j the routing frequency)
 
-is accumulated as its numerator and denominator, so memory holds two matrices per expert matrix and not
-E Fisher tensors, and both are dropped once the layer's base is formed.
+is formed once the layer's windows are done; the layer's Fisher tensors (as large as its experts) are
+dropped with it.
 """
 from __future__ import annotations
 
@@ -28,30 +28,33 @@ from .layerwise import LayerwiseModel, Spill
 
 
 class FisherMerge:
-    """Running numerator and denominator of the Fisher- and frequency-weighted merge of E experts."""
+    """The Fisher information of E experts, accumulated window by window, and their merge.
+
+    Per window only the squared gradient is added (one addition per weight); the weighting by frequency
+    and the element-wise normalisation happen once, in :meth:`result`."""
 
     def __init__(self, experts: list[dict[str, torch.Tensor]], freq: np.ndarray):
         self.experts, self.freq = experts, np.asarray(freq, dtype=np.float64)
-        first = experts[0]
-        self.num = {m: torch.zeros_like(t, dtype=torch.float64) for m, t in first.items()}
-        self.den = {m: torch.zeros_like(t, dtype=torch.float64) for m, t in first.items()}
+        self.fisher = [{m: torch.zeros_like(t, dtype=torch.float32) for m, t in e.items()} for e in experts]
 
     def add(self, expert: int, fisher: dict[str, torch.Tensor]) -> None:
         """Add Fisher information (squared gradients) of ``expert``'s matrices."""
-        f = float(self.freq[expert])
         for m, g2 in fisher.items():
-            w = g2.to(torch.float64) * f
-            self.num[m] += w * self.experts[expert][m].to(torch.float64)
-            self.den[m] += w
+            self.fisher[expert][m] += g2
 
     def result(self) -> dict[str, torch.Tensor]:
         """The merged base (float32); where no expert has Fisher information, the frequency-weighted mean."""
         out = {}
         total = float(self.freq.sum())
-        for m in self.num:
-            mean = sum(float(self.freq[j]) * e[m].to(torch.float64) for j, e in enumerate(self.experts)) / total
-            den = self.den[m]
-            out[m] = torch.where(den > 0, self.num[m] / torch.where(den > 0, den, 1.0), mean).float()
+        for m in self.fisher[0]:
+            num = den = mean = 0
+            for j, e in enumerate(self.experts):
+                f = float(self.freq[j])
+                w = self.fisher[j][m].double() * f
+                num = num + w * e[m].double()
+                den = den + w
+                mean = mean + f * e[m].double()
+            out[m] = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), mean / total).float()
         return out
 
 

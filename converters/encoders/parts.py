@@ -52,3 +52,5 @@ class LayerResult:
     residuals: list[dict[str, Part | None]]
     lossless: bool = False
     stats: dict = field(default_factory=dict)
+    #: the neuron indices a pruned base keeps (``base`` then holds only those along the neuron axis); None: all
+    base_channels: np.ndarray | None = None

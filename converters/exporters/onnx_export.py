@@ -153,6 +153,10 @@ class LowRankExperts(nn.Module):
         factors = [[None if op is None else op.factors() for op in row] for row in ops]  # k-quant ones dequantized
         R = max([f[1].shape[0] for row in factors for f in row if f is not None] + [1])
         base_out = as_tensor(fused.base_out) if fused.base_out is not None else None
+        base_in = as_tensor(fused.base_in) if fused.base_in is not None else None
+        if fused.kept is not None:  # a pruned base (spec 4.7): the graph multiplies by it with zero rows
+            base_in = torch.zeros(M * n, base_in.shape[1]).index_copy_(0, fused.kept_cols, base_in)
+            base_out = torch.zeros(n, base_out.shape[1]).index_copy_(0, fused.kept, base_out)
         H = base_out.shape[1] if base_out is not None else next(
             f[1].shape[1] for row in factors for f in row if f is not None)  # FusedExperts: base or residuals
         u_in = torch.zeros(E, 1 if shared else M, R, n)  # U.T per expert (and per input unless shared)
@@ -173,7 +177,7 @@ class LowRankExperts(nn.Module):
                     v_in[e, :, i * R:i * R + r] = v.T
                 else:
                     v_out[e, :r] = v
-        base_in = as_tensor(fused.base_in).T.contiguous() if fused.base_in is not None else None
+        base_in = base_in.T.contiguous() if base_in is not None else None
         biases = (fused.bias_in, fused.bias_out) if fused.biased else (None, None)
         return cls(kind, E, n, u_in, v_in, u_out, v_out, base_in, base_out, *biases)
 

@@ -169,8 +169,15 @@ class FusedExperts(CompressedExperts):
         exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
         held = {m: combine(b, None, lay.matrix(m).dtype).astype(np.float32) if exact[m] else b
                 for m, b in base.items()}
+        # a base with pruned channels (spec 4.7) is held and multiplied on its kept channels only
+        channels = reader.base_channels(self.layer) if has_base else None
+        self.kept = self.kept_cols = None
         if has_base:
             pieces = {m: self._held_base(reader, lay, m, held[m], exact[m]) for m in mats}
+            if channels is not None and not any(isinstance(p, PackedValues) for p in pieces.values()):
+                self.kept = torch.from_numpy(channels).to(device)
+                self.kept_cols = torch.cat([self.kept + i * n for i in range(len(kind.inputs))])
+                pieces = {m: p.index_select(0, self.kept) for m, p in pieces.items()}
             inputs = [pieces[m] for m in kind.inputs]
             self.base_in = (StackedRows(inputs) if any(isinstance(p, PackedValues) for p in inputs)
                             else torch.cat(inputs))
@@ -227,10 +234,15 @@ class FusedExperts(CompressedExperts):
         (spec 6.7): its own products applied to identity matrices, for checks."""
         kind, n, M = self.kind, self.n, len(self.kind.inputs)
         eye = torch.eye(self.hidden, dtype=self.dtype, device=self.device)
-        pre = as_tensor(self.base_in).T.clone() if self.base_in is not None else eye.new_zeros(self.hidden, M * n)
+        pre = eye.new_zeros(self.hidden, M * n)
+        out = eye.new_zeros(n, self.hidden)
+        if self.base_in is not None:
+            cols = self.kept_cols if self.kept is not None else slice(None)
+            rows = self.kept if self.kept is not None else slice(None)
+            pre[:, cols] = as_tensor(self.base_in).T
+            out[rows] = as_tensor(self.base_out)
         for a, b, op in self.in_ops[e]:
             pre[:, a:b] += op.apply_in(eye)
-        out = as_tensor(self.base_out).clone() if self.base_out is not None else eye.new_zeros(n, self.hidden)
         if self.out_ops[e] is not None:
             out += self.out_ops[e].apply_out(torch.eye(n, dtype=self.dtype, device=self.device))
         mats = {m: pre[:, i * n:(i + 1) * n].T for i, m in enumerate(kind.inputs)} | {kind.output: out}
@@ -254,8 +266,12 @@ class FusedExperts(CompressedExperts):
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
         for e, rows, slots in self.groups(index):
             xe = xd[rows]
-            pre = shared_in[rows] if shared_in is not None else torch.zeros(len(rows), width, dtype=dt,
-                                                                             device=x.device)
+            if shared_in is None or self.kept is not None:
+                pre = torch.zeros(len(rows), width, dtype=dt, device=x.device)
+                if shared_in is not None:
+                    pre[:, self.kept_cols] = shared_in[rows]
+            else:
+                pre = shared_in[rows]
             for a, b, op in self.in_ops[e]:
                 pre[:, a:b] += op.apply_in(xe)
             if self.biased:
@@ -270,5 +286,5 @@ class FusedExperts(CompressedExperts):
             if y is not None:
                 out.index_add_(0, rows, y)
         if hsum is not None:
-            out += hsum @ as_tensor(self.base_out)
+            out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
         return out
