@@ -67,9 +67,11 @@ PEER_BITS = (2, 3, 4)
 #: parameter budgets (--keep) of the rows compared with D²-MoE: the paper's 40-60% compression
 KEEPS = (0.4, 0.5, 0.6)
 RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "resmoe-lowrank",
-                 "resmoe-cal-lowrank", "d2moe", "d2moe-sharev", "resmoe-svd", "resmoe-prune")
+                 "resmoe-cal-lowrank", "d2moe", "d2moe-sharev", "d2moe-prune", "resmoe-svd", "resmoe-prune")
 #: families whose rows are --keep budgets (the others are --bits budgets)
-KEEP_FAMILIES = ("d2moe", "d2moe-sharev", "resmoe-svd", "resmoe-prune")
+KEEP_FAMILIES = ("d2moe", "d2moe-sharev", "d2moe-prune", "resmoe-svd", "resmoe-prune")
+#: d2moe-prune's --prune-base (the reference's default pruning ratio)
+PRUNE_BASE = 0.2
 FAMILIES = (*RMOE_FAMILIES, "llama.cpp", "hqq", "gptq")
 
 
@@ -199,6 +201,8 @@ class Run:
         if family in KEEP_FAMILIES:
             make = {"d2moe": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal),
                     "d2moe-sharev": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal, share_v=True),
+                    "d2moe-prune": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal,
+                                                            prune_base=PRUNE_BASE),
                     "resmoe-svd": lambda k: ConvertOptions(method="resmoe", keep=k, residual="svd"),
                     "resmoe-prune": lambda k: ConvertOptions(method="resmoe", keep=k)}[family]
             return [(f"--keep {k:g}", make(k), None) for k in self.s.keeps]

@@ -15,6 +15,7 @@ STYLE = {"resmoe": ("tab:blue", "o", "resmoe --bits (data-free)"),
          "resmoe-cal-lowrank": ("tab:pink", ">", "resmoe --bits --calibration --lowrank-residuals"),
          "d2moe": ("black", "h", "d2moe --keep (Fisher base, whitened low-rank deltas)"),
          "d2moe-sharev": ("dimgray", "H", "d2moe --keep --share-v"),
+         "d2moe-prune": ("silver", "d", "d2moe --keep --prune-base 0.2"),
          "resmoe-svd": ("darkblue", "1", "resmoe --keep --residual svd"),
          "resmoe-prune": ("steelblue", "2", "resmoe --keep (pruned residuals)"),
          "llama.cpp": ("tab:green", "P", "llama.cpp k-quants"),
@@ -41,7 +42,8 @@ quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse`
 `resmoe-cal` with `--sparse-residuals`: sparse residuals among the allocator's choices),
 `resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`); `d2moe`
 (`--method d2moe --keep F --calibration calibration.txt`: Fisher-weighted base, whitened low-rank
-deltas in the source dtype), `d2moe-sharev` (the same with `--share-v`), `resmoe-svd` (`--keep F
+deltas in the source dtype), `d2moe-sharev` (the same with `--share-v`), `d2moe-prune` (with
+`--prune-base 0.2`, the reference's default ratio), `resmoe-svd` (`--keep F
 --residual svd`) and `resmoe-prune` (`--keep F`), at the paper's 40-60% compression (F = 0.4, 0.5,
 0.6); all run in the torch runtime (materialize, float32);
 `llama.cpp` (the original exported to GGUF and quantized by llama.cpp's quantizer, run in
