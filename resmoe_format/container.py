@@ -93,7 +93,9 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
             put(t, Role("passthrough"))
     for lay in schema.layers:
         cross: dict[str, tuple] = {}  # lowrank residual tensor -> (expert, matrix, part, dtype, quant, rank)
-        cross_group: dict[tuple[str, str], tuple] = {}  # (factor, tensor) -> the factor's tensors
+        cross_group: dict[tuple[str, str], tuple] = {}  # (factor, tensor) -> (first expert, the factor's tensors)
+        within: set[str] = set()  # tensors shared by records of several matrices of one expert
+        crossed: set[str] = set()  # tensors shared across experts
         for ref in lay.base.values():
             for part, t in ref.tensors.items():
                 put(t, Role(_category(part, ref, t, base=True), lay.index))
@@ -114,6 +116,12 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
                     xkey = (m, part, ref.value_dtype, json.dumps(ref.quant.to_json() if ref.quant else None),
                             ref.params.get("rank"))
                     if allow_cross and ref.encoding == "lowrank" and t in cross and cross[t][0] != k:
+                        if t in within:
+                            raise RmoeFormatError(
+                                f"layer {lay.index}: tensor {t} is shared by expert {cross[t][0]}'s records of "
+                                f"several matrices and by expert {k}: a factor shared across experts cannot also be "
+                                f"the u of another matrix's record")
+                        crossed.add(t)
                         if cross[t][1:] != xkey:
                             raise RmoeFormatError(
                                 f"layer {lay.index}: tensor {t} is shared by the low-rank records of expert "
@@ -122,6 +130,12 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
                                 f"matrix's)")
                         continue
                     if lowrank and part in SHAREABLE_PARTS and t in shared:
+                        if t in crossed:
+                            raise RmoeFormatError(
+                                f"layer {lay.index} expert {k}: tensor {t} is shared across experts and by the "
+                                f"records of {shared[t][0]} and {m}: a factor shared across experts cannot also be "
+                                f"the u of another matrix's record")
+                        within.add(t)
                         if shared[t][1:4] != key[:3]:
                             raise RmoeFormatError(
                                 f"layer {lay.index} expert {k}: tensor {t} is shared by the low-rank records of "
@@ -136,14 +150,6 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
                         shared[t] = (m, *key)
                     if allow_cross and ref.encoding == "lowrank":
                         cross[t] = (k, *xkey)
-                if allow_cross and ref.encoding == "lowrank":
-                    for factor, parts in FACTOR_PARTS.items():
-                        group = tuple(ref.tensors.get(p) for p in parts)
-                        if any(cross_group.setdefault((factor, t), group) != group for t in group if t):
-                            raise RmoeFormatError(
-                                f"layer {lay.index} expert {k} matrix {m}: low-rank records that share a factor "
-                                f"across experts must share all its parts ({', '.join(parts)}), and the reverse "
-                                f"(tensors {', '.join(t for t in group if t)})")
                 if lowrank:
                     group = tuple(ref.tensors.get(p) for p in SHAREABLE_PARTS)
                     if any(partner.setdefault((p, t), group) != group for p, t in zip(SHAREABLE_PARTS, group) if t):
@@ -151,6 +157,18 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
                             f"layer {lay.index} expert {k} matrix {m}: low-rank records that share u must share "
                             f"u_scales too (and u_group_scales, with k-quant values), and the reverse "
                             f"(tensors {', '.join(t for t in group if t)})")
+                if allow_cross and ref.encoding == "lowrank":
+                    for factor, parts in FACTOR_PARTS.items():
+                        group = tuple(ref.tensors.get(p) for p in parts)
+                        for t in group:
+                            if not t:
+                                continue
+                            k0, g0 = cross_group.setdefault((factor, t), (k, group))
+                            if k0 != k and g0 != group:
+                                raise RmoeFormatError(
+                                    f"layer {lay.index} expert {k} matrix {m}: low-rank records that share a factor "
+                                    f"across experts must share all its parts ({', '.join(parts)}), and the "
+                                    f"reverse (tensors {', '.join(x for x in group if x)})")
         for ext in lay.extensions.values():
             for t in ext.get("tensors", {}).values():
                 put(t, Role("extensions", lay.index))

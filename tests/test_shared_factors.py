@@ -257,7 +257,8 @@ def _adopt(s, name, layer_i=0):
 
 REJECTED = {
     # (edit of the schema, expected message)
-    "across experts": (lambda s: _point(s, (0, 1, "gate"), (0, 0, "gate")), "referenced twice"),
+    # a 2.0 file: cross-expert factors need 5.0 (and expert 0's u is shared by its matrices, which 5.0 forbids too)
+    "across experts": (lambda s: _point(s, (0, 1, "gate"), (0, 0, "gate")), "needs .rmoe version 5.0"),
     "across layers": (lambda s: _point(s, (1, 0, "gate"), (0, 0, "gate")), "referenced twice"),
     "a v part": (lambda s: _point(s, (0, 0, "up"), (0, 0, "gate"), "v"), "referenced twice"),
     "u as another record's v": (lambda s: _point(s, (0, 0, "up"), (0, 0, "gate"), "u", "v"), "referenced twice"),
@@ -341,16 +342,29 @@ def test_shared_u_must_fit_every_record(tmp_path):
 
 # --- the writer's rules --------------------------------------------------------------------
 
-def test_writer_rejects_a_u_shared_across_experts(tmp_path):
+def test_writer_rejects_a_u_shared_across_experts_and_matrices(tmp_path):
+    """Expert 0's u serves its three matrices (2.0): another expert may not share it too (5.0 shares one
+    matrix's factor across experts, never a factor that is also another matrix's)."""
     lay = layer(np.random.default_rng(20))
     lay.residuals[1]["gate"].parts["u"] = lay.residuals[0]["gate"].parts["u"]
     with Writer(tmp_path / "w.rmoe", {"architecture": "t"}) as w:
-        with pytest.raises(RmoeFormatError, match="expert 1 matrix gate part u is the same array object as "
-                                                  "layer 0 expert 0 matrix gate part u"):
+        with pytest.raises(RmoeFormatError, match="cannot also be the u of another matrix's record"):
             w.add_layer(lay)
         w.add_layer(layer(np.random.default_rng(21)))  # the writer is still usable
     with resmoe_format.open(tmp_path / "w.rmoe") as r:
         r.verify()
+
+
+def test_one_matrix_factor_shared_across_experts_is_a_5_0_file(tmp_path):
+    lay = layer(np.random.default_rng(23), share=False)
+    for recs in lay.residuals[1:]:
+        recs["gate"].parts["v"] = lay.residuals[0]["gate"].parts["v"]
+    p = write(tmp_path / "x.rmoe", lay)
+    with resmoe_format.open(p) as r:
+        assert r.version == (5, 0)
+        r.verify()
+        names = {res["gate"].tensors["v"] for res in r.layers[0].residuals}
+        assert names == {"rmoe.layers.0.experts.0.gate.v"}
 
 
 def test_writer_rejects_a_u_shared_across_layers(tmp_path):
