@@ -223,7 +223,8 @@ class Plan:
         if b >= src_bits:
             raise ConversionError(f"--bits {b:g} is not below the source's {src_bits:g} bits per expert weight: "
                                   f"nothing would be saved")
-        cheapest = 8 * min_bytes(shape_tables(self.layouts, self.options.method == "resmoe")) / weights
+        m = self.options.method
+        cheapest = 8 * min_bytes(shape_tables(self.layouts, m in ("resmoe", "d2moe"), m == "resmoe")) / weights
         if b < cheapest:
             raise ConversionError(f"--bits {b:g} is below what the cheapest encoding reaches for these experts "
                                   f"({cheapest:.4f} bits per expert weight with --method {self.options.method})")
@@ -275,6 +276,9 @@ class Plan:
         if self.bits:
             info = {"name": self.options.method, "bits": self.options.bits, "quantizer": "kquant",
                     "calibration": "gptq" if self.options.calibration else None, "writer": f"resmoe {__version__}"}
+            if self.options.method == "d2moe":
+                info.update({"calibration": "fisher+whitening", "base": "fisher"})
+                return info
         if self.options.method == "d2moe":
             info.update({"base": "fisher", "calibration": "fisher+whitening", "share_v": self.options.share_v,
                          "prune_base": self.options.prune_base})
@@ -401,8 +405,11 @@ def check_bits_flags(o: ConvertOptions) -> bool:
         return False
     if not (isinstance(o.bits, (int, float)) and math.isfinite(o.bits) and o.bits > 0):
         raise ConversionError(f"--bits must be a positive number of bits per expert weight, got {o.bits}")
-    if o.method not in ("resmoe", "quant"):
-        raise ConversionError(f"--bits applies to --method resmoe and --method quant, not {o.method}")
+    if o.method not in ("resmoe", "quant", "d2moe"):
+        raise ConversionError(f"--bits applies to --method resmoe, quant and d2moe, not {o.method}")
+    if o.method == "d2moe" and (o.share_v or o.prune_base is not None):
+        raise ConversionError("--bits with --method d2moe allocates per-expert k-quant factors: --share-v and "
+                              "--prune-base are not available with it yet")
     given = [flag for flag, on in (("--keep", o.keep is not None), ("--residual-keep", o.residual_keep is not None),
                                    ("--rank", o.rank is not None), ("--residual", o.residual is not None),
                                    ("--residual-scope", o.residual_scope != "expert"),

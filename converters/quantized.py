@@ -51,9 +51,20 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
     from .convert import load_experts
 
     o = plan.options
-    conv = BitsConverter(use_base=o.method == "resmoe", device=plan.device, max_iter=plan.encoder.options.max_iter,
-                         sparse=o.sparse_residuals, lowrank=o.lowrank_residuals)
-    if o.calibration is not None:
+    conv = BitsConverter(use_base=o.method in ("resmoe", "d2moe"), device=plan.device,
+                         max_iter=plan.encoder.options.max_iter, sparse=o.sparse_residuals, lowrank=o.lowrank_residuals)
+    if o.method == "d2moe":
+        import transformers
+
+        from resmoe_format.torch.kinds import kind_for
+
+        from .encoders import fisher
+
+        stats = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device, progress)
+        conv.inputs = {i: st.inputs for i, st in stats.items()}
+        conv.fisher_bases = {i: st.base for i, st in stats.items()}
+        conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
+    elif o.calibration is not None:
         import transformers
 
         from resmoe_format.torch.kinds import kind_for

@@ -214,7 +214,7 @@ def small(tmp_path_factory) -> Path:
     (["--bits", "16"], "not below the source's 16 bits"),
     (["--bits", "nan"], "positive number"),
     (["--method", "quant"], "--method quant quantizes to a bit budget"),
-    (["--method", "prune", "--bits", "3"], "--bits applies to --method resmoe and --method quant"),
+    (["--method", "prune", "--bits", "3"], "--bits applies to --method resmoe, quant and d2moe"),
     (["--bits", "3", "--value-dtype", "int8"], "do not combine it with --value-dtype"),
     (["--bits", "3", "--residual", "svd"], "do not combine it with --residual"),
     (["--calibration", "CAL"], "give --bits too"),

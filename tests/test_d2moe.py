@@ -196,7 +196,7 @@ def small(tmp_path_factory):
     (["--method", "d2moe", "--calibration", "CAL", "--rank", "0"], "--rank must be a positive integer"),
     (["--method", "d2moe", "--calibration", "CAL", "--delta-format", "csr16"], "must be auto or lowrank"),
     (["--method", "d2moe", "--calibration", "CAL", "--lossless"], "not available with --method d2moe"),
-    (["--method", "d2moe", "--calibration", "CAL", "--bits", "3"], "--bits applies to --method resmoe"),
+    (["--method", "svd", "--bits", "3"], "--bits applies to --method resmoe, quant and d2moe"),
     (["--share-v"], "--share-v is a D²-MoE option"),
     (["--method", "d2moe", "--calibration", "CAL", "--prune-base", "1.5"], "--prune-base must be a fraction"),
 ])
@@ -316,3 +316,37 @@ def test_hostile_base_channels_are_refused(tmp_path):
     with resmoe_format.open(tmp_path / "bad.rmoe", verify_checksums=False) as r:
         with pytest.raises(resmoe_format.RmoeFormatError, match="strictly increasing"):
             r.base(r.layers[0].index, "gate")
+
+
+# ---- --bits ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_bits_quantizes_the_fisher_base_and_whitened_factors_within_the_budget(tmp_path, dtype):
+    src, cal = _source(tmp_path, dtype=dtype, num_experts=8)
+    out = tmp_path / "b.rmoe"
+    rep = convert(src, out, ConvertOptions(method="d2moe", bits=3.0, calibration=cal), progress=False)
+    alloc = rep["allocation"]
+    assert alloc["bits_per_expert_weight"] <= 3.0 and rep["method"]["base"] == "fisher"
+    with resmoe_format.open(out) as r:
+        assert r.version == (3, 0)
+        kinds = {lay.base_kind for lay in r.layers}
+        assert kinds <= {"weighted", "none"}
+        for lay in r.layers:
+            assert lay.permutations is None
+            for m, b in lay.base.items():  # residuals over a Fisher base are low rank (or none); a matrix
+                if b.encoding == "lowrank" and b.params["rank"] == 0:  # without a base is stored directly
+                    continue
+                assert all(res[m] is None or res[m].encoding == "lowrank" for res in lay.residuals)
+        from resmoe_format.accounting import account
+        acc = account(r)
+        assert acc.expert_bytes == alloc["expert_bytes"]
+    ref = _logits(out, "materialize")
+    for mode in ("lazy", "fused"):
+        assert (_logits(out, mode) - ref).abs().max() <= 0.05 * max(1.0, ref.abs().max()), mode
+
+
+def test_bits_with_share_v_is_refused(tmp_path, small, capsys):
+    src, cal = small
+    assert convert_main([str(src), str(tmp_path / "x.rmoe"), "-q", "--method", "d2moe", "--calibration", cal,
+                         "--bits", "3", "--share-v"]) == 2
+    assert "not available with it yet" in capsys.readouterr().err

@@ -25,9 +25,11 @@ DENSITIES = (0.5, 0.25, 0.1)
 #: widths of a sparse residual's kept values
 SPARSE_WIDTHS = ("ternary", "q2", "q3")
 #: a low-rank residual keeps this share of min(rows, cols) singular directions as factors U, V
-RANKS = (0.25, 0.1, 0.05)
+RANKS = (0.5, 0.25, 0.1, 0.05)
 #: widths of a low-rank residual's factors
-LOWRANK_WIDTHS = ("q3", "q4")
+LOWRANK_WIDTHS = ("q3", "q4", "q5")
+#: the low-rank forms ``--lowrank-residuals`` offers resmoe (d2moe, whose residuals are only low rank, gets all)
+RESMOE_RANKS, RESMOE_LOWRANK_WIDTHS = (0.25, 0.1, 0.05), ("q3", "q4")
 #: forms of a residual over a base: None (no residual, the expert is the base), a width (dense),
 #: ``"width@density"`` (sparse: a bitmap of the kept entries and their values at that width) or
 #: ``"width@rFRACTION"`` (low rank: factors U, V at that width)

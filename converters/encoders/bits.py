@@ -25,8 +25,8 @@ from resmoe_format.dtypes import by_name
 from resmoe_format.restore import combine
 
 from . import kq_torch
-from .allocate import (BASE, DIRECT, RESIDUAL, LayerChoice, LayerTable, MatrixTable, kept, rank_of,
-                       residual_form)
+from .allocate import (BASE, DIRECT, RESIDUAL, RESMOE_LOWRANK_WIDTHS, RESMOE_RANKS, LayerChoice, LayerTable,
+                       MatrixTable, kept, rank_of, residual_form)
 from .calibrate import ExpertHessians, LayerInputs, expert_hessians
 
 #: the group layout of every k-quant record the converter writes: 64-value groups, 6-bit group
@@ -60,8 +60,9 @@ def permutation_bytes(lay) -> int:
     return lay.num_experts * lay.num_neurons * by_name(permutation_dtype(lay.num_neurons)).itemsize
 
 
-def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
-    """Tables with every byte count and zero errors: enough to find the cheapest allocation."""
+def shape_tables(layouts, use_base: bool, permuted: bool = True) -> list[LayerTable]:
+    """Tables with every byte count and zero errors: enough to find the cheapest allocation (``permuted``:
+    a layer with a base pays its permutations; d2moe's Fisher base has none)."""
     out = []
     for lay in layouts:
         mats = []
@@ -73,7 +74,7 @@ def shape_tables(layouts, use_base: bool) -> list[LayerTable]:
                 t.residual_bytes = np.array([record_bytes(shape2d(m), w) for w in RESIDUAL])
                 t.residual_error = {w: np.zeros((lay.num_experts, len(RESIDUAL))) for w in BASE}
             mats.append(t)
-        out.append(LayerTable(lay.index, permutation_bytes(lay) if use_base else 0, mats))
+        out.append(LayerTable(lay.index, permutation_bytes(lay) if use_base and permuted else 0, mats))
     return out
 
 
@@ -147,13 +148,33 @@ def lowrank_factors(r: torch.Tensor, label: str, svd: tuple | None = None) -> tu
     return (u[:, :, :k] * root[:, None, :]).float(), (root[:, :, None] * vh[:, :k, :]).float()
 
 
-def lowrank_record(r: torch.Tensor, label: str) -> tuple[Encoded, torch.Tensor]:
+def whitened_svd(r: torch.Tensor, hessians: list[torch.Tensor], axis: int) -> tuple:
+    """Per expert of ``r`` (E, rows, cols) a triple (L, s, R) with r ~= L diag(s) R whose truncations are
+    D²-MoE's activation-whitened ones (:mod:`.d2moe`): the SVD of r S (input axis 1) or r^T S (axis 0), S the
+    clamped Cholesky factor of the expert's input Gram, mapped back; stacked like ``torch.linalg.svd``'s."""
+    from .d2moe import whitening
+
+    ls, ss, rs = [], [], []
+    for e in range(r.shape[0]):
+        w, w_inv = whitening(hessians[e])
+        m = r[e].double() if axis == 1 else r[e].double().T
+        u, sig, vh = torch.linalg.svd(m @ w, full_matrices=False)
+        vh = vh @ w_inv
+        left, right = (u, vh) if axis == 1 else (vh.T, u.T)
+        ls.append(left)
+        ss.append(sig)
+        rs.append(right)
+    return torch.stack(ls), torch.stack(ss), torch.stack(rs)
+
+
+def lowrank_record(r: torch.Tensor, label: str, svd: tuple | None = None) -> tuple[Encoded, torch.Tensor]:
     """One expert's low-rank residual ``r`` (rows, cols) as a lowrank record with k-quant factors, and
-    what it restores (decoded by the codec, so exactly what the file gives)."""
+    what it restores (decoded by the codec, so exactly what the file gives). ``svd``: a (1, ...)-stacked
+    triple as :func:`lowrank_factors` takes (a whitened one for d2moe)."""
     from resmoe_format import codecs
 
     width = residual_form(label).width
-    u, v = lowrank_factors(r[None], label)
+    u, v = lowrank_factors(r[None], label, svd)
     qu = kq_torch.rtn(u[0].reshape(-1), width, LAYOUT)
     qv = kq_torch.rtn(v[0].reshape(-1), width, LAYOUT)
     parts = {**qu.parts(width, LAYOUT, "u"), **qv.parts(width, LAYOUT, "v")}
@@ -214,12 +235,30 @@ class BitsConverter:
     max_iter: int = 100
     sparse: bool = False  # measure the sparse residual choices too (--sparse-residuals)
     lowrank: bool = False  # and the low-rank ones (--lowrank-residuals)
-    _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray]]] = field(default_factory=dict)
+    #: d2moe: per layer the Fisher-merged base (from :func:`.fisher.collect`): the base, no permutations,
+    #: residuals none or whitened low rank only
+    fisher_bases: dict[int, dict[str, torch.Tensor]] | None = None
+    _bases: dict[int, tuple[dict[str, torch.Tensor], list[np.ndarray] | None]] = field(default_factory=dict)
+
+    @property
+    def d2moe(self) -> bool:
+        return self.fisher_bases is not None
 
     def offers(self, label: str) -> bool:
         """Whether a residual label is among this conversion's choices."""
         f = residual_form(label)
-        return (f.density is None or self.sparse) and (f.rank is None or self.lowrank)
+        if self.d2moe:
+            return f.rank is not None
+        if f.rank is not None:
+            return self.lowrank and f.rank in RESMOE_RANKS and f.width in RESMOE_LOWRANK_WIDTHS
+        return f.density is None or self.sparse
+
+    def _svd(self, resid: torch.Tensor, t: "Target") -> tuple:
+        """The SVD triple low-rank labels truncate: whitened by the experts' input Grams for d2moe (where
+        the matrix is 2-D and calibrated), else the plain one."""
+        if self.d2moe and t.hessians is not None and t.axis is not None:
+            return whitened_svd(resid, t.hessians, t.axis)
+        return torch.linalg.svd(resid.double(), full_matrices=False)
 
     # ---- shared by both passes -------------------------------------------------------
     def _hessians(self, lay, experts: list[dict[str, torch.Tensor]]) -> list[ExpertHessians] | None:
@@ -234,7 +273,11 @@ class BitsConverter:
         """(base, permutations, targets) of a layer; the base and permutations are computed once
         (first pass) and reused (second pass). ``hs``: the experts' Hessians, in source order."""
         base = perms = None
-        if with_base:
+        if with_base and self.d2moe:
+            from .methods import round_to
+
+            base = {m: round_to(t.to(self.device), dtype) for m, t in self.fisher_bases[lay.index].items()}
+        elif with_base:
             if lay.index not in self._bases:
                 from .budget import Budget
                 from .methods import EncoderOptions, ResMoE
@@ -261,7 +304,7 @@ class BitsConverter:
         """Measured rate–distortion points of one layer."""
         dtype = lay.matrices[0].dtype
         hs = self._hessians(lay, experts)
-        plain = self._prepare(lay, experts, dtype, False, hs)[2] if self.use_base else None
+        plain = self._prepare(lay, experts, dtype, False, hs)[2] if self.use_base and not self.d2moe else None
         base, _, targets = self._prepare(lay, experts, dtype, self.use_base, hs)
         mats = []
         for i, t in enumerate(targets):
@@ -284,12 +327,12 @@ class BitsConverter:
                             cols.append(np.full(t.w.shape[0], np.inf))  # a form the flags do not offer
                             continue
                         if rw is not None and residual_form(rw).rank is not None and svd is None:
-                            svd = torch.linalg.svd(resid.double(), full_matrices=False)  # once for every rank
+                            svd = self._svd(resid, t)  # once for every rank
                         got = b.expand_as(t.w) if rw is None else b + residual_values(resid, rw, imp, svd)
                         cols.append(t.errors(got))
                     mt.residual_error[bw] = np.stack(cols, axis=1)
             mats.append(mt)
-        return LayerTable(lay.index, permutation_bytes(lay) if base is not None else 0, mats)
+        return LayerTable(lay.index, permutation_bytes(lay) if base is not None and not self.d2moe else 0, mats)
 
     # ---- pass 2 ----------------------------------------------------------------------
     def encode(self, lay, experts: list[dict[str, torch.Tensor]], choice: LayerChoice
@@ -332,7 +375,10 @@ class BitsConverter:
                         rec, r_t = sparse_record(target, width, None if imp is None else imp[e], rc)
                         st["residual_kept"] += rec.params["nnz"]
                     elif form.rank is not None:
-                        rec, r_t = lowrank_record(target, width)
+                        svd = None
+                        if self.d2moe and t.hessians is not None and t.axis is not None:
+                            svd = whitened_svd(target[None], [t.hessians[e]], t.axis)
+                        rec, r_t = lowrank_record(target, width, svd)
                         st["residual_kept"] += rec.params["rank"] * (rc[0] + rc[1])
                     else:
                         if t.hessians is not None and t.axis is not None:
@@ -356,7 +402,7 @@ class BitsConverter:
                 st["params"] += values_of(m)
             st["kept"] = st["residual_kept"] + (values_of(m) if choice.uses_base and mc.base else 0)
             stats[m.name] = st
-        kind = "barycenter" if choice.uses_base else "none"
+        kind = ("weighted" if self.d2moe else "barycenter") if choice.uses_base else "none"
         layer = MoELayer(lay.index, lay.num_neurons, list(lay.matrices), kind, base_rec, residuals,
                          perms if choice.uses_base else None, list(lay.sources), lay.prefix)
         return layer, stats
