@@ -350,3 +350,27 @@ def test_bits_with_share_v_is_refused(tmp_path, small, capsys):
     assert convert_main([str(src), str(tmp_path / "x.rmoe"), "-q", "--method", "d2moe", "--calibration", cal,
                          "--bits", "3", "--share-v"]) == 2
     assert "not available with it yet" in capsys.readouterr().err
+
+
+def test_bits_keeps_the_fisher_base_where_experts_share_most_of_their_weights(tmp_path):
+    """Experts that are one expert plus small noise: the allocator keeps the base and low-rank deltas."""
+    from safetensors.torch import load_file, save_file
+
+    src, cal = _source(tmp_path)
+    f = src / "model.safetensors"
+    t = load_file(f)
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in t if ".experts.0." in k]:
+        for e in range(1, 4):
+            w = t[key].float()
+            t[key.replace(".experts.0.", f".experts.{e}.")] = (w + 0.05 * w.std() * torch.randn(w.shape, generator=g)
+                                                               ).to(t[key].dtype)
+    save_file(t, f, metadata={"format": "pt"})
+    out = tmp_path / "b.rmoe"
+    rep = convert(src, out, ConvertOptions(method="d2moe", bits=2.5, calibration=cal), progress=False)
+    assert rep["allocation"]["bits_per_expert_weight"] <= 2.5
+    with resmoe_format.open(out) as r:
+        weighted = [lay for lay in r.layers if lay.base_kind == "weighted"]
+        assert weighted
+        assert any(ref is not None and ref.encoding == "lowrank" and ref.params["rank"] > 0
+                   for lay in weighted for res in lay.residuals for ref in res.values())
