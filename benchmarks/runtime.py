@@ -39,6 +39,8 @@ DECODE = 32
 #: the k-quant file: resmoe-convert --bits KQUANT_BITS
 KQUANT_BITS = 3.0
 KQUANT = f"resmoe --bits {KQUANT_BITS:g}"
+#: bytes of benchmarks/fixtures/calibration.txt the d2moe files calibrate on (--only-d2moe)
+D2MOE_CALIBRATION = 8192
 
 
 def _rss() -> tuple[int, int]:
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--only-d2moe", action="store_true",
+                    help="only the dense model, d2moe --keep 0.5 (plain; --share-v --prune-base 0.2) and resmoe at "
+                         "the same --keep (pruned and svd residuals), fused; results go to runtime_d2moe.json, "
+                         "RUNTIME_D2MOE.md and runtime_d2moe.png")
     ap.add_argument("--only-kquant", action="store_true",
                     help=f"only the dense model and the {KQUANT} file (materialize and fused); results go to "
                          f"runtime_kquant.json, RUNTIME_KQUANT.md and runtime_kquant.png")
@@ -196,9 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         variants = {KQUANT: variants[KQUANT]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if a.only_d2moe:
+            cal = Path(tmp) / "calibration.txt"
+            cal.write_bytes((Path(__file__).parent / "fixtures" / "calibration.txt").read_bytes()[:D2MOE_CALIBRATION])
+            variants = {"d2moe keep 0.5": ConvertOptions(method="d2moe", keep=0.5, calibration=str(cal)),
+                        "d2moe keep 0.5 --share-v --prune-base 0.2": ConvertOptions(
+                            method="d2moe", keep=0.5, calibration=str(cal), share_v=True, prune_base=0.2),
+                        "resmoe keep 0.5": ConvertOptions(keep=0.5),
+                        "resmoe-svd keep 0.5": ConvertOptions(keep=0.5, residual="svd")}
+            modes = {"d2moe keep 0.5": ("materialize", "fused")}
         src = Path(tmp) / "src"
         dense_bytes = write_mixtral_checkpoint(src, a.layers, a.hidden, a.inter, a.experts, vocab=a.vocab,
                                                dtype=torch.float32)
+        if a.only_d2moe:
+            from converters.example import write_byte_tokenizer
+
+            write_byte_tokenizer(src)
         expert_dense = a.layers * a.experts * 3 * a.hidden * a.inter * 4
         print(f"dense checkpoint: {dense_bytes / 2**20:.0f} MiB, experts {expert_dense / 2**20:.0f} MiB", flush=True)
         baseline = run_child("baseline", src, "none", a.vocab)["rss"]
@@ -218,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"hidden": a.hidden, "inter": a.inter, "layers": a.layers, "experts": a.experts, "top_k": 2,
             "vocab": a.vocab, "dtype": "fp32", "prefill_tokens": PREFILL, "decode_steps": DECODE,
             "baseline_rss": baseline, "dense_bytes": dense_bytes, "expert_dense_bytes": expert_dense}
-    suffix = ("_quick" if a.quick else "") + ("_kquant" if a.only_kquant else "")
+    suffix = ("_quick" if a.quick else "") + ("_kquant" if a.only_kquant else "") + ("_d2moe" if a.only_d2moe else "")
     res = {"provenance": prov, "meta": meta, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"runtime{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -316,6 +335,20 @@ def report(res: dict, png: str) -> str:
             f"{(b['csr_values'] + idx_mem - f['file_residual_values'] - f['file_residual_indices']) / MIB:.0f} MiB "
             f"the CSR adds over the file, {(idx_mem - f['file_residual_indices']) / MIB:.0f} MiB are indices and "
             f"{(b['csr_values'] - f['file_residual_values']) / MIB:.0f} MiB values.", ""]
+    d2 = [(v, r) for (v, mode), r in find.items() if v.startswith("d2moe") and mode == "fused"]
+    if d2:
+        lines += ["## D²-MoE in fused mode against dense and resmoe at the same `--keep`", "",
+                  "Fused d2moe multiplies every token by the base once (by its kept channels only with "
+                  "`--prune-base`) and then by each routed expert's low-rank delta (U, V held as float32 "
+                  "factors; a shared V once per layer). Calibrated on the first "
+                  f"{D2MOE_CALIBRATION} bytes of `benchmarks/fixtures/calibration.txt`.", ""]
+        for v, r in d2 + [(v, r) for (v, mode), r in find.items() if v.startswith("resmoe") and mode == "fused"]:
+            held = sum(x for k, x in r.get("fused_bytes", {}).items() if k not in ("non_expert", "csr_entries"))
+            lines.append(f"- `{v}`, fused: decode b1 {_versus(r, dense, 'decode_b1')}; b8 "
+                         f"{_versus(r, dense, 'decode_b8')}; RSS after load {r['rss_after_load'] / MIB:.0f} MiB "
+                         f"(dense {dense['rss_after_load'] / MIB:.0f} MiB), experts held {held / MIB:.0f} MiB for "
+                         f"{r['expert_bytes'] / MIB:.0f} MiB in the file.")
+        lines.append("")
     kq_mat, kq_fused = find.get((KQUANT, "materialize")), find.get((KQUANT, "fused"))
     if kq_mat and kq_fused:
         held = sum(v for k, v in kq_fused["fused_bytes"].items() if k not in ("non_expert", "csr_entries"))
