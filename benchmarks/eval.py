@@ -67,7 +67,12 @@ PEER_BITS = (2, 3, 4)
 #: parameter budgets (--keep) of the rows compared with D²-MoE: the paper's 40-60% compression
 KEEPS = (0.4, 0.5, 0.6)
 RMOE_FAMILIES = ("resmoe", "resmoe-cal", "quant", "resmoe-sparse", "resmoe-cal-sparse", "resmoe-lowrank",
-                 "resmoe-cal-lowrank", "d2moe", "d2moe-sharev", "d2moe-prune", "resmoe-svd", "resmoe-prune")
+                 "resmoe-cal-lowrank", "d2moe", "d2moe-sharev", "d2moe-prune", "d2moe-bits", "resmoe-svd",
+                 "resmoe-prune")
+#: the d2moe families calibrate (forward and Fisher backward passes) on this many bytes of calibration.txt
+D2MOE_CALIBRATION = 16384
+#: --bits budgets of the d2moe-bits family
+D2MOE_BITS = (2.5, 3.0, 4.0)
 #: families whose rows are --keep budgets (the others are --bits budgets)
 KEEP_FAMILIES = ("d2moe", "d2moe-sharev", "d2moe-prune", "resmoe-svd", "resmoe-prune")
 #: d2moe-prune's --prune-base (the reference's default pruning ratio)
@@ -198,6 +203,11 @@ class Run:
         from converters.convert import ConvertOptions
 
         cal = str(self.calibration)
+        if family.startswith("d2moe"):
+            cal = str(self.tmp / "calibration_d2moe.txt")
+            Path(cal).write_bytes(CALIBRATION.read_bytes()[:min(D2MOE_CALIBRATION, self.s.calibration_bytes or 1 << 62)])
+        if family == "d2moe-bits":
+            return [(f"--bits {b:g}", ConvertOptions(method="d2moe", bits=b, calibration=cal), b) for b in D2MOE_BITS]
         if family in KEEP_FAMILIES:
             make = {"d2moe": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal),
                     "d2moe-sharev": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal, share_v=True),

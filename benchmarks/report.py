@@ -16,6 +16,7 @@ STYLE = {"resmoe": ("tab:blue", "o", "resmoe --bits (data-free)"),
          "d2moe": ("black", "h", "d2moe --keep (Fisher base, whitened low-rank deltas)"),
          "d2moe-sharev": ("dimgray", "H", "d2moe --keep --share-v"),
          "d2moe-prune": ("silver", "d", "d2moe --keep --prune-base 0.2"),
+         "d2moe-bits": ("sienna", "8", "d2moe --bits (k-quant base and factors)"),
          "resmoe-svd": ("darkblue", "1", "resmoe --keep --residual svd"),
          "resmoe-prune": ("steelblue", "2", "resmoe --keep (pruned residuals)"),
          "llama.cpp": ("tab:green", "P", "llama.cpp k-quants"),
@@ -41,8 +42,9 @@ Families: `resmoe` (`resmoe-convert --bits B`, data-free), `resmoe-cal` (the sam
 quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse` (`resmoe` and
 `resmoe-cal` with `--sparse-residuals`: sparse residuals among the allocator's choices),
 `resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`); `d2moe`
-(`--method d2moe --keep F --calibration calibration.txt`: Fisher-weighted base, whitened low-rank
-deltas in the source dtype), `d2moe-sharev` (the same with `--share-v`), `d2moe-prune` (with
+(`--method d2moe --keep F --calibration`: Fisher-weighted base, whitened low-rank deltas in the
+source dtype; the d2moe families calibrate on the first 16 KiB of `calibration.txt`, 64 windows, to
+bound the Fisher pass's time), `d2moe-bits` (`--method d2moe --bits B`, B = 2.5, 3, 4), `d2moe-sharev` (the same with `--share-v`), `d2moe-prune` (with
 `--prune-base 0.2`, the reference's default ratio), `resmoe-svd` (`--keep F
 --residual svd`) and `resmoe-prune` (`--keep F`), at the paper's 40-60% compression (F = 0.4, 0.5,
 0.6); all run in the torch runtime (materialize, float32);

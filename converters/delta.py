@@ -17,6 +17,18 @@ from .quantized import memo_key, release_layer
 _MEMO: dict[tuple, dict] = {}
 
 
+def calibration_stats(plan, progress: bool) -> dict:
+    """:func:`.encoders.fisher.collect` for ``plan``, memoised (the last source, calibration and layers)."""
+    from .encoders import fisher
+
+    key = memo_key(plan)
+    if key not in _MEMO:
+        _MEMO.clear()
+        _MEMO[key] = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
+                                    progress)
+    return _MEMO[key]
+
+
 def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
     """Write every compressed layer of ``plan`` with D²-MoE; append one report entry per layer to
     ``layer_reports`` and return the calibration summary."""
@@ -25,17 +37,11 @@ def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], p
     from resmoe_format.torch.kinds import kind_for
 
     from .convert import layer_entry, load_experts
-    from .encoders import fisher
     from .encoders.d2moe import D2Stats, ExpertGrams
 
     t0 = time.perf_counter()
     kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
-    key = memo_key(plan)
-    if key not in _MEMO:
-        _MEMO.clear()
-        _MEMO[key] = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
-                                    progress)
-    stats = _MEMO[key]
+    stats = calibration_stats(plan, progress)
     t_cal = time.perf_counter() - t0
     tokens = {}
     for lay in tqdm(plan.layouts, desc="d2moe", unit="layer", disable=not progress):

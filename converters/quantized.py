@@ -58,9 +58,9 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
 
         from resmoe_format.torch.kinds import kind_for
 
-        from .encoders import fisher
+        from .delta import calibration_stats
 
-        stats = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device, progress)
+        stats = calibration_stats(plan, progress)
         conv.inputs = {i: st.inputs for i, st in stats.items()}
         conv.fisher_bases = {i: st.base for i, st in stats.items()}
         conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
