@@ -366,6 +366,11 @@ def write_reports(out: Path, prov: dict) -> None:
                                                "readme": targets.readme_lines(checks), "targets": checks,
                                                "rows": rows}, indent=1) + "\n")
     (out / "EVAL.md").write_text(report.markdown(rows, checks, prov, sources))
+    comparison = report.d2moe_comparison(rows)
+    if comparison:
+        (out / "d2moe.json").write_text(json.dumps({"provenance": prov, "readme": report.d2moe_findings(comparison),
+                                                    "comparison": comparison}, indent=1) + "
+")
     for fx in sorted({r["fixture"] for r in rows}):
         report.plot(rows, fx, out / f"eval_{fx}.png")
     log(f"wrote {out / 'EVAL.md'}")

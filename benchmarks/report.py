@@ -89,6 +89,7 @@ def markdown(rows: list[dict], checks: list[dict], prov: dict, sources: dict) ->
     for fx in sorted({r["fixture"] for r in rows}):
         out += ["", f"## {fx}", "", *table([r for r in rows if r["fixture"] == fx]), "",
                 f"![perplexity and KL divergence against bits per expert weight](eval_{fx}.png)"]
+    out += d2moe_section(d2moe_comparison(rows))
     out += ["", how(prov).replace("## How this was made", "## How this report was made"),
             "## Where the rows come from", ""]
     for fname, provs in sources.items():
@@ -153,3 +154,88 @@ def plot(rows: list[dict], fixture: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: the families D²-MoE is compared with at equal --keep, and the quantized ones it is compared with at equal bytes
+KEEP_PEERS = ("resmoe-svd", "resmoe-prune")
+D2MOE = ("d2moe", "d2moe-sharev", "d2moe-prune")
+QUANTIZED = ("resmoe", "resmoe-cal", "quant", "resmoe-lowrank", "resmoe-cal-lowrank", "llama.cpp", "hqq", "gptq")
+#: the paper's claim: more than 13% better than other compressors at equal compression
+CLAIM = 0.13
+
+
+def d2moe_comparison(rows: list[dict]) -> list[dict]:
+    """Per fixture and --keep: the d2moe rows against resmoe's at the same keep, and every d2moe row (keep and
+    --bits) against the best quantized row at equal or fewer bits. ``gain``: the share of the best resmoe row's
+    perplexity increase over the original that d2moe avoids (the paper's "> 13% better", read on perplexity)."""
+    out = []
+    for fx in sorted({r["fixture"] for r in rows if r["family"] in D2MOE + ("d2moe-bits",)}):
+        rs = [r for r in rows if r["fixture"] == fx]
+        orig = next((r for r in rs if r["family"] == "original"), None)
+        if orig is None:
+            continue
+        for r in sorted((r for r in rs if r["family"] in D2MOE + ("d2moe-bits",)),
+                        key=lambda r: (r["family"], targets.bits(r))):
+            c = {"fixture": fx, "family": r["family"], "setting": r["setting"], "bits": targets.bits(r),
+                 "ppl": r["ppl"], "kld": r["kld"], "original_ppl": orig["ppl"]}
+            peers = [p for p in rs if p["family"] in KEEP_PEERS and p["setting"] == r["setting"]]
+            if peers:
+                best = min(peers, key=lambda p: p["ppl"])
+                c.update(peer=targets.name(best), peer_ppl=best["ppl"], peer_kld=best["kld"],
+                         peer_bits=targets.bits(best),
+                         gain=1 - (r["ppl"] - orig["ppl"]) / (best["ppl"] - orig["ppl"])
+                         if best["ppl"] > orig["ppl"] else None)
+            q = targets.best(rs, QUANTIZED, targets.bits(r))
+            if q is not None:
+                c.update(quantized=targets.name(q), quantized_ppl=q["ppl"], quantized_kld=q["kld"],
+                         quantized_bits=targets.bits(q))
+            out.append(c)
+    return out
+
+
+def d2moe_section(comparison: list[dict]) -> list[str]:
+    """EVAL.md's D²-MoE section from :func:`d2moe_comparison`."""
+    if not comparison:
+        return []
+    out = ["", "## D²-MoE against resmoe at equal `--keep` and against the quantized rows at equal bytes", "",
+           "`vs resmoe`: the best of `resmoe-svd` and `resmoe-prune` at the same `--keep`, and the share of its "
+           "perplexity increase over the original that the d2moe row avoids (the paper claims more than "
+           f"{CLAIM:.0%} better than other compressors at equal compression). `best quantized`: the "
+           "lowest-perplexity row of any quantized family (resmoe and quant `--bits`, llama.cpp, HQQ, GPTQ) at "
+           "equal or fewer bits per expert weight.", "",
+           "| fixture | d2moe row | bits | ppl | KLD | vs resmoe (same keep) | ppl | share of its increase avoided "
+           "| best quantized at <= bits | ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparison:
+        gain = f"{c['gain']:+.1%}" if c.get("gain") is not None else ""
+        out.append(f"| {c['fixture']} | {c['family']} {c['setting']} | {c['bits']:.3f} | {c['ppl']:.4f} | "
+                   f"{c['kld']:.5f} | {c.get('peer', '')} | {c['peer_ppl']:.4f} | {gain} | " if "peer" in c else
+                   f"| {c['fixture']} | {c['family']} {c['setting']} | {c['bits']:.3f} | {c['ppl']:.4f} | "
+                   f"{c['kld']:.5f} | | | | ")
+        out[-1] += (f"{c['quantized']} ({c['quantized_bits']:.3f} bits) | {c['quantized_ppl']:.4f} |"
+                    if "quantized" in c else "| |")
+    out += ["", *d2moe_findings(comparison)]
+    return out
+
+
+def d2moe_findings(comparison: list[dict]) -> list[str]:
+    """Plain sentences: where the claim holds and where it does not, and the equal-bytes verdict."""
+    lines = []
+    for fx in sorted({c["fixture"] for c in comparison}):
+        cs = [c for c in comparison if c["fixture"] == fx and c["family"] == "d2moe" and c.get("gain") is not None]
+        if cs:
+            held = [c for c in cs if c["gain"] >= CLAIM]
+            lines.append(f"- `{fx}`: plain d2moe avoids "
+                         + ", ".join(f"{c['gain']:.0%} at {c['setting']}" for c in cs)
+                         + f" of the best resmoe row's perplexity increase: the {CLAIM:.0%} claim "
+                         + ("holds at every budget" if len(held) == len(cs) else
+                            "holds at none of the budgets" if not held else
+                            f"holds at {', '.join(c['setting'] for c in held)} only") + ".")
+        beaten = [c for c in comparison if c["fixture"] == fx and "quantized" in c and c["quantized_ppl"] <= c["ppl"]]
+        every = [c for c in comparison if c["fixture"] == fx and "quantized" in c]
+        if every:
+            lines.append(f"- `{fx}`: at equal or fewer bytes a quantized row has perplexity at or below the d2moe "
+                         f"row in {len(beaten)} of {len(every)} cases"
+                         + (f" (e.g. {beaten[0]['quantized']} at {beaten[0]['quantized_bits']:.2f} bits: "
+                            f"{beaten[0]['quantized_ppl']:.4f} against {beaten[0]['family']} {beaten[0]['setting']} "
+                            f"at {beaten[0]['bits']:.2f} bits: {beaten[0]['ppl']:.4f})" if beaten else "") + ".")
+    return lines
