@@ -374,3 +374,14 @@ def test_bits_keeps_the_fisher_base_where_experts_share_most_of_their_weights(tm
         assert weighted
         assert any(ref is not None and ref.encoding == "lowrank" and ref.params["rank"] > 0
                    for lay in weighted for res in lay.residuals for ref in res.values())
+
+
+def test_an_encoder_decoder_model_is_refused_before_any_work(tmp_path):
+    src = build_checkpoint("switch", tmp_path / "switch", "fp32")
+    (src / "tokenizer.json").write_text(tokenizer_json())
+    cal = tmp_path / "cal.txt"
+    cal.write_text(TEXT)
+    out = tmp_path / "x.rmoe"
+    with pytest.raises(ConversionError, match="decoder-only"):
+        convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=str(cal)), progress=False)
+    assert not out.exists()
