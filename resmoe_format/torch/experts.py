@@ -42,8 +42,8 @@ from ..schema import LayerSpec
 from ..codecs import kquant
 from .kinds import ExpertKind
 from .kquant import PackedValues
-from .residuals import (SPARSE_ENCODINGS, Residual, SparseResidual, StackedRows, as_tensor, held_nbytes, load_residual,
-                        rounded_residual, unrounded)
+from .residuals import (SPARSE_ENCODINGS, LowRankResidual, Residual, SparseResidual, StackedRows, as_tensor,
+                        held_nbytes, load_residual, rounded_residual, unrounded)
 from .tensors import TORCH_DTYPES, to_torch
 
 
@@ -264,6 +264,7 @@ class FusedExperts(CompressedExperts):
         shared_in = nn.functional.linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
+        xv: dict[int, torch.Tensor] = {}
         for e, rows, slots in self.groups(index):
             xe = xd[rows]
             if shared_in is None or self.kept is not None:
@@ -273,7 +274,14 @@ class FusedExperts(CompressedExperts):
             else:
                 pre = shared_in[rows]
             for a, b, op in self.in_ops[e]:
-                pre[:, a:b] += op.apply_in(xe)
+                if isinstance(op, LowRankResidual) and op.v_shared_across:
+                    # a V shared by the layer's experts (spec 4.8): x V^T once for all tokens, then U per expert
+                    key = id(op.v)
+                    if key not in xv:
+                        xv[key] = xd @ as_tensor(op.v).T
+                    pre[:, a:b] += xv[key][rows] @ as_tensor(op.u).T
+                else:
+                    pre[:, a:b] += op.apply_in(xe)
             if self.biased:
                 pre += self.bias_in[e]
             w = weights[rows, slots, None].to(dt)

@@ -104,8 +104,10 @@ class LowRankResidual(Residual):
     (``u_shared``, ``v_shared``: held, and counted, by an earlier record)."""
 
     def __init__(self, u: torch.Tensor | PackedValues, v: torch.Tensor | PackedValues, u_shared: bool,
-                 v_shared: bool = False):
+                 v_shared: bool = False, v_shared_across: bool = False):
         self.u, self.v, self.u_shared, self.v_shared = u, v, u_shared, v_shared
+        #: V is also other experts' V (a cross-expert factor): fused mode multiplies every token by it once
+        self.v_shared_across = v_shared_across
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) as tensors."""
@@ -245,7 +247,9 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
             u = torch.from_numpy(u_np).to(device=device, dtype=dtype) if u is None else u
             v = torch.from_numpy(v_np).to(device=device, dtype=dtype) if v is None else v
         shared[ukey], shared[vkey] = u, v
-        return LowRankResidual(u, v, not_first(lay, ref, "u"), not_first(lay, ref, "v"))
+        across = sum(r is not None and r.encoding == "lowrank" and r.tensors.get("v") == vkey
+                     for res in lay.residuals for r in res.values()) > 1
+        return LowRankResidual(u, v, not_first(lay, ref, "u"), not_first(lay, ref, "v"), across)
     if kq and ref.encoding == "dense":
         return DenseResidual(PackedValues.from_parts(enc.parts, "values", enc.shape, ref.value_dtype, ref.quant,
                                                      device, ref.tensors, dtype))
