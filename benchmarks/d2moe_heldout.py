@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 rep = convert(src, out, make(k), progress=False)
                 seconds = time.perf_counter() - t
                 res = ref.score(kld.torch_logits(load_model(out, mode="materialize", dtype="fp32"), windows))
-                rows.append({"method": name, "keep": k, "expert_bytes_fraction": rep["summary"]["expert_bytes_fraction"],
-                             "seconds_to_make": round(seconds, 1), **res})
+                rows.append({"method": name, "keep": k, "seconds_to_make": round(seconds, 1),
+                             "expert_bytes_fraction": rep["summary"]["expert_bytes_fraction"], **res})
                 print(f"{name:13} keep {k}: ppl {res['ppl']:.4f} KLD {res['kld']:.5f}", flush=True)
                 out.unlink()
     findings = []
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         gain = 1 - d2["kld"] / best["kld"] if best["kld"] > 0 else None
         findings.append({"keep": k, "d2moe_kld": d2["kld"], "peer": best["method"], "peer_kld": best["kld"],
                          "kld_gain": gain, "claim_holds": gain is not None and gain >= CLAIM})
-    readme = (f"on a held-out architecture (a small OLMoE built by transformers, untrained) d2moe's KL divergence "
-              f"from the original is " + ", ".join(
+    readme = ("on a held-out architecture (a small OLMoE built by transformers, untrained) d2moe's KL divergence "
+              "from the original is " + ", ".join(
                   f"{f['kld_gain']:.0%} below {f['peer']}'s at --keep {f['keep']:g}" if f["kld_gain"] >= 0 else
                   f"{-f['kld_gain']:.0%} above {f['peer']}'s at --keep {f['keep']:g}" for f in findings))
     RESULTS.mkdir(exist_ok=True)

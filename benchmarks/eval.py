@@ -182,7 +182,7 @@ class Run:
         return self.rows
 
     def rmoe_rows(self, family: str) -> None:
-        from converters.convert import ConvertOptions, convert
+        from converters.convert import convert
         from resmoe_format.torch import load_model
 
         out = self.tmp / f"{self.name}_{family}.rmoe"
@@ -205,7 +205,8 @@ class Run:
         cal = str(self.calibration)
         if family.startswith("d2moe"):
             cal = str(self.tmp / "calibration_d2moe.txt")
-            Path(cal).write_bytes(CALIBRATION.read_bytes()[:min(D2MOE_CALIBRATION, self.s.calibration_bytes or 1 << 62)])
+            size = min(D2MOE_CALIBRATION, self.s.calibration_bytes or D2MOE_CALIBRATION)
+            Path(cal).write_bytes(CALIBRATION.read_bytes()[:size])
         if family == "d2moe-bits":
             return [(f"--bits {b:g}", ConvertOptions(method="d2moe", bits=b, calibration=cal), b) for b in D2MOE_BITS]
         if family in KEEP_FAMILIES:
@@ -369,8 +370,7 @@ def write_reports(out: Path, prov: dict) -> None:
     comparison = report.d2moe_comparison(rows)
     if comparison:
         (out / "d2moe.json").write_text(json.dumps({"provenance": prov, "readme": report.d2moe_findings(comparison),
-                                                    "comparison": comparison}, indent=1) + "
-")
+                                                    "comparison": comparison}, indent=1) + "\n")
     for fx in sorted({r["fixture"] for r in rows}):
         report.plot(rows, fx, out / f"eval_{fx}.png")
     log(f"wrote {out / 'EVAL.md'}")
