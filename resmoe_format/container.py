@@ -21,8 +21,9 @@ from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
 from .codecs.fields import Predictor, uses_predictor
 from .schema import (BASE_VERSION_STR, CROSS_FACTORS_VERSION, CROSS_FACTORS_VERSION_STR, FIELDS_VERSION,
-                     FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
-                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
+                     FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION,
+                     SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
+                     claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
