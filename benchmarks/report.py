@@ -46,8 +46,8 @@ quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse`
 source dtype; the d2moe families calibrate on the first 16 KiB of `calibration.txt`, 64 windows, to
 bound the Fisher pass's time), `d2moe-bits` (`--method d2moe --bits B`, B = 2.5, 3, 4),
 `d2moe-sharev` (`d2moe` with `--share-v`), `d2moe-prune` (with `--prune-base 0.2`, the reference's
-default ratio), `resmoe-svd` (`--keep F --residual svd`) and `resmoe-prune` (`--keep F`), at the paper's 40-60% compression (F = 0.4, 0.5,
-0.6); all run in the torch runtime (materialize, float32);
+default ratio), `resmoe-svd` (`--keep F --residual svd`) and `resmoe-prune` (`--keep F`), at the
+paper's 40-60% compression (F = 0.4, 0.5, 0.6); all run in the torch runtime (materialize, float32);
 `llama.cpp` (the original exported to GGUF and quantized by llama.cpp's quantizer, run in
 llama.cpp); `hqq` (package `hqq`, groups of 64, data-free) and `gptq` (package `llmcompressor`,
 GPTQ on the expert projections only, groups of 64, asymmetric, calibrated on `calibration.txt`:
