@@ -20,9 +20,9 @@ from resmoe_format.restore import restore_expert
 from resmoe_format.torch import load_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 12)
-#: architectures the default run converts end to end (the others with -m slow): a plain decoder, one with a
-#: dense first layer, shared experts and MLA, and one with expert biases
-_FAST = ("mixtral", "deepseek_v3", "gpt_oss")
+#: architectures the default run converts end to end (the others with -m slow): one with a dense first layer,
+#: shared experts and MLA, and one with expert biases (Mixtral runs in the other tests)
+_FAST = ("deepseek_v3", "gpt_oss")
 DECODERS = [a if a in _FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS if a != "switch"]
 
 
@@ -134,7 +134,7 @@ def test_every_architecture_converts_and_runs_in_every_mode(tmp_path, arch):
         assert (got - ref).abs().max() <= 0.05 * ref.abs().max(), mode
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [pytest.param("bf16", marks=pytest.mark.slow), "fp32"])
 def test_deterministic_and_better_than_plain_svd_at_equal_parameters(tmp_path, dtype):
     src, cal = _source(tmp_path, dtype=dtype)
     a, b = tmp_path / "a.rmoe", tmp_path / "b.rmoe"
@@ -237,7 +237,7 @@ def test_pruned_count_uses_multiples_of_64_where_the_size_allows():
     assert pruned_count(4, 0.99) == 3  # one channel stays
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
 def test_prune_base_removes_channels_from_the_stored_base_and_runs_in_every_mode(tmp_path, dtype):
     src, cal = _source(tmp_path, dtype=dtype)
     plain, pruned = tmp_path / "p.rmoe", tmp_path / "q.rmoe"
@@ -320,7 +320,7 @@ def test_hostile_base_channels_are_refused(tmp_path):
 
 # ---- --bits ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
 def test_bits_quantizes_the_fisher_base_and_whitened_factors_within_the_budget(tmp_path, dtype):
     src, cal = _source(tmp_path, dtype=dtype, num_experts=8)
     out = tmp_path / "b.rmoe"
