@@ -208,12 +208,13 @@ class Run:
             size = min(D2MOE_CALIBRATION, self.s.calibration_bytes or D2MOE_CALIBRATION)
             Path(cal).write_bytes(CALIBRATION.read_bytes()[:size])
         if family == "d2moe-bits":
-            return [(f"--bits {b:g}", ConvertOptions(method="d2moe", bits=b, calibration=cal), b) for b in D2MOE_BITS]
+            return [(f"--bits {b:g}", ConvertOptions(method="d2moe", bits=b, calibration=cal,
+                                                     allow_unrouted_experts=True), b) for b in D2MOE_BITS]
         if family in KEEP_FAMILIES:
-            make = {"d2moe": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal),
-                    "d2moe-sharev": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal, share_v=True),
-                    "d2moe-prune": lambda k: ConvertOptions(method="d2moe", keep=k, calibration=cal,
-                                                            prune_base=PRUNE_BASE),
+            d2 = {"method": "d2moe", "calibration": cal, "allow_unrouted_experts": True}
+            make = {"d2moe": lambda k: ConvertOptions(keep=k, **d2),
+                    "d2moe-sharev": lambda k: ConvertOptions(keep=k, share_v=True, **d2),
+                    "d2moe-prune": lambda k: ConvertOptions(keep=k, prune_base=PRUNE_BASE, **d2),
                     "resmoe-svd": lambda k: ConvertOptions(method="resmoe", keep=k, residual="svd"),
                     "resmoe-prune": lambda k: ConvertOptions(method="resmoe", keep=k)}[family]
             return [(f"--keep {k:g}", make(k), None) for k in self.s.keeps]

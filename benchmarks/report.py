@@ -44,7 +44,8 @@ quantizer and allocator without a base), `resmoe-sparse` and `resmoe-cal-sparse`
 `resmoe-lowrank` and `resmoe-cal-lowrank` (the same with `--lowrank-residuals`); `d2moe`
 (`--method d2moe --keep F --calibration`: Fisher-weighted base, whitened low-rank deltas in the
 source dtype; the d2moe families calibrate on the first 16 KiB of `calibration.txt`, 64 windows, to
-bound the Fisher pass's time), `d2moe-bits` (`--method d2moe --bits B`, B = 2.5, 3, 4),
+bound the Fisher pass's time, with `--allow-unrouted-experts`: qwen3_moe_fine has experts no text
+routes to), `d2moe-bits` (`--method d2moe --bits B`, B = 2.5, 3, 4),
 `d2moe-sharev` (`d2moe` with `--share-v`), `d2moe-prune` (with `--prune-base 0.2`, the reference's
 default ratio), `resmoe-svd` (`--keep F --residual svd`) and `resmoe-prune` (`--keep F`), at the
 paper's 40-60% compression (F = 0.4, 0.5, 0.6); all run in the torch runtime (materialize, float32);

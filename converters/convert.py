@@ -66,6 +66,7 @@ class ConvertOptions:
     lowrank_residuals: bool = False  # --lowrank-residuals: low-rank residual choices for the --bits allocator
     share_v: bool = False  # --share-v: d2moe, one input-side delta factor per matrix for all experts of a layer
     prune_base: float | None = None  # --prune-base F: d2moe, the base's intermediate channels removed (fraction)
+    allow_unrouted_experts: bool = False  # d2moe: an expert no calibration token reaches gets no Fisher weight
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,7 +282,8 @@ class Plan:
                 return info
         if self.options.method == "d2moe":
             info.update({"base": "fisher", "calibration": "fisher+whitening", "share_v": self.options.share_v,
-                         "prune_base": self.options.prune_base})
+                         "prune_base": self.options.prune_base,
+                         "allow_unrouted_experts": self.options.allow_unrouted_experts})
         if self.options.method == "resmoe":
             info["barycenter"] = {"solver": "exact assignment, alternating", "max_iter": e.max_iter}
         return info
@@ -424,7 +426,8 @@ def check_bits_flags(o: ConvertOptions) -> bool:
 def check_d2moe_flags(o: ConvertOptions) -> None:
     """Refuse d2moe without calibration text, and its own flags with other methods, before any work."""
     if o.method != "d2moe":
-        for flag, on in (("--share-v", o.share_v), ("--prune-base", o.prune_base is not None)):
+        for flag, on in (("--share-v", o.share_v), ("--prune-base", o.prune_base is not None),
+                         ("--allow-unrouted-experts", o.allow_unrouted_experts)):
             if on:
                 raise ConversionError(f"{flag} is a D²-MoE option: use it with --method d2moe")
         return

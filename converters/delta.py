@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from tqdm import tqdm
 
 from resmoe_format import Writer
@@ -25,7 +27,7 @@ def calibration_stats(plan, progress: bool) -> dict:
     if key not in _MEMO:
         _MEMO.clear()
         _MEMO[key] = fisher.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
-                                    progress)
+                                    progress, plan.options.allow_unrouted_experts)
     return _MEMO[key]
 
 
@@ -57,6 +59,7 @@ def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], p
         w.add_layer(layer)
         entry = layer_entry(lay, mstats, None)
         entry["routing_frequency"] = [float(f) for f in st.freq]
+        entry["unrouted_experts"] = [int(e) for e in np.flatnonzero(st.freq == 0)]
         entry["seconds"] = time.perf_counter() - t1
         layer_reports.append(entry)
         tokens[str(lay.index)] = {"tokens": st.inputs.tokens}

@@ -36,7 +36,7 @@ def memo_key(plan) -> tuple:
     if o.calibration is not None:
         st = Path(o.calibration).stat()
         cal = (str(Path(o.calibration).resolve()), st.st_mtime_ns, st.st_size)
-    return (tuple(files), o.method, cal, o.sparse_residuals, o.lowrank_residuals,
+    return (tuple(files), o.method, cal, o.sparse_residuals, o.lowrank_residuals, o.allow_unrouted_experts,
             tuple(lay.index for lay in plan.layouts), str(plan.device), plan.encoder.options.max_iter)
 
 

@@ -198,6 +198,7 @@ def small(tmp_path_factory):
     (["--method", "d2moe", "--calibration", "CAL", "--lossless"], "not available with --method d2moe"),
     (["--method", "svd", "--bits", "3"], "--bits applies to --method resmoe, quant and d2moe"),
     (["--share-v"], "--share-v is a D²-MoE option"),
+    (["--allow-unrouted-experts"], "--allow-unrouted-experts is a D²-MoE option"),
     (["--method", "d2moe", "--calibration", "CAL", "--prune-base", "1.5"], "--prune-base must be a fraction"),
 ])
 def test_bad_flags_are_refused_before_any_output(tmp_path, small, capsys, args, message):
@@ -217,6 +218,19 @@ def test_text_that_leaves_an_expert_without_tokens_names_it(tmp_path, small):
     with pytest.raises(ConversionError, match=r"routes no token to expert\(s\) \d"):
         convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=str(cal)), progress=False)
     assert not out.exists()
+    # a dead expert (no text reaches it): converted on request, with no Fisher weight and an unwhitened delta
+    rep = convert(src, out, ConvertOptions(method="d2moe", keep=0.5, calibration=str(cal), allow_unrouted_experts=True),
+                  progress=False)
+    assert rep["layers"][0]["unrouted_experts"] and all(np.isfinite(e) for lay in rep["layers"]
+                                                        for st in lay["matrices"].values() for e in st["rel_error"])
+    torch.testing.assert_close(_logits(out, "fused"), _logits(out, "materialize"), rtol=0.05, atol=0.05)
+
+
+def test_a_zero_gram_whitens_by_the_identity():
+    from converters.encoders.d2moe import whitening
+
+    s, s_inv = whitening(torch.zeros(5, 5))
+    assert torch.equal(s, torch.eye(5, dtype=torch.float64)) and torch.equal(s_inv, s)
 
 
 def test_report_json_round_trips(tmp_path, small):

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prune-base", type=float, metavar="F",
                     help="d2moe: remove the fraction F of the base's intermediate channels (calibration scores, in "
                          "multiples of 64 where the size allows); the budget's freed parameters go to the deltas")
+    ap.add_argument("--allow-unrouted-experts", action="store_true",
+                    help="d2moe: convert even when the calibration text routes no token to some expert (a dead "
+                         "expert): it gets no weight in the Fisher merge and an unwhitened delta; the report lists it")
     ap.add_argument("--residual", choices=RESIDUALS, help="residual compression (default prune; svd for --method svd)")
     ap.add_argument("--residual-scope", choices=SCOPES, default="expert",
                     help="expert: one pruning threshold / one SVD over each expert's whole residual design matrix "
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                               lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
                               sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals,
-                              share_v=a.share_v, prune_base=a.prune_base)
+                              share_v=a.share_v, prune_base=a.prune_base,
+                              allow_unrouted_experts=a.allow_unrouted_experts)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)

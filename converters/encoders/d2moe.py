@@ -38,10 +38,14 @@ CLAMP = 1e-5
 
 
 def whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S^-1) with S S^T = X^T X after clamping its eigenvalues (float64, S lower triangular)."""
+    """(S, S^-1) with S S^T = X^T X after clamping its eigenvalues (float64, S lower triangular); the identity
+    for a zero Gram (an expert no calibration token reached: its SVD is not whitened)."""
     h = h.double()
     h = (h + h.T) / 2
     lam, q = torch.linalg.eigh(h)
+    if float(lam.max()) <= 0:
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        return eye, eye
     floor = max(float(lam.mean()), 1e-30) * CLAMP
     hc = (q * lam.clamp(min=floor)) @ q.T
     s = torch.linalg.cholesky((hc + hc.T) / 2)

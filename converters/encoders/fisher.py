@@ -67,15 +67,18 @@ def fisher_merge(experts: list[dict[str, torch.Tensor]], fishers: list[dict[str,
     return acc.result()
 
 
-def routing_frequency(inputs: LayerInputs, num_experts: int, layer: int) -> np.ndarray:
-    """Each expert's share of the routed (token, slot) pairs; refuses an expert that got no token."""
+def routing_frequency(inputs: LayerInputs, num_experts: int, layer: int, allow_unrouted: bool = False
+                      ) -> np.ndarray:
+    """Each expert's share of the routed (token, slot) pairs; refuses an expert that got no token unless
+    ``allow_unrouted`` (then its share is 0: no weight in the merge, and its delta is not whitened)."""
     idx = inputs.index.reshape(-1)
     counts = np.bincount(idx[idx < num_experts].numpy(), minlength=num_experts)
     none = [int(e) for e in np.flatnonzero(counts == 0)]
-    if none:
+    if none and not allow_unrouted:
         raise ConversionError(f"--calibration: the text routes no token to expert(s) {', '.join(map(str, none))} of "
                               f"layer {layer} ({inputs.tokens} tokens); d2moe needs every expert's inputs and Fisher "
-                              f"information: give a longer or more varied calibration text")
+                              f"information: give a longer or more varied calibration text, or "
+                              f"--allow-unrouted-experts for experts no text reaches")
     return counts / counts.sum()
 
 
@@ -151,9 +154,10 @@ def _copy(src: Spill) -> Spill:
     return out
 
 
-def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False
-            ) -> dict[int, LayerStats]:
-    """Routed inputs, routing frequencies and Fisher-merged bases of the compressed ``layouts``."""
+def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False,
+            allow_unrouted: bool = False) -> dict[int, LayerStats]:
+    """Routed inputs, routing frequencies and Fisher-merged bases of the compressed ``layouts``
+    (``allow_unrouted``: see :func:`routing_frequency`)."""
     from tqdm import tqdm
 
     from ..disassemble import expert_matrices
@@ -183,7 +187,8 @@ def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, p
             run.drop_layer(i)
         for r in rec:
             inputs[r.lay.index] = LayerInputs(r.rows, r.filled, torch.cat(r.index))
-            freq[r.lay.index] = routing_frequency(inputs[r.lay.index], r.lay.num_experts, r.lay.index)
+            freq[r.lay.index] = routing_frequency(inputs[r.lay.index], r.lay.num_experts, r.lay.index,
+                                                  allow_unrouted)
     logits_of = run.load_head()
     targets = torch.from_numpy(ids).to(device)
     grad = Spill(*hidden.shape)
