@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from resmoe_format import Writer, publish
+from resmoe_format import Writer, publish, shards
+from resmoe_format.shards import open_writer
 from resmoe_format.codecs import Quant
 from resmoe_format.container import permutation_dtype
 from resmoe_format.dtypes import by_name
@@ -64,6 +66,7 @@ class ConvertOptions:
     calibration: str | None = None  # --calibration: text file for GPTQ and output-error allocation
     sparse_residuals: bool = False  # --sparse-residuals: sparse residual choices for the --bits allocator
     lowrank_residuals: bool = False  # --lowrank-residuals: low-rank residual choices for the --bits allocator
+    max_shard_size: str | int | None = None  # --max-shard-size: a sharded output (spec 11) of shards this large
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,11 +167,14 @@ class Plan:
             raise ConversionError("--compress-passthrough codes the non-expert tensors exactly: it goes with "
                                   "--lossless (and no --delta-format or --value-dtype)")
         self.device = resolve_device(o.device)
+        self.max_shard_size = check_shard_size(o.max_shard_size)
         self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
         try:
-            check_paths([*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())],
-                        files=[out])
+            inputs = [*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())]
+            check_paths(inputs, files=output_files(out, self.max_shard_size))
+            if self.max_shard_size is not None:
+                check_shard_inputs(out, inputs)
             self.adapter = adapter_for(self.ckpt.config, self.ckpt.tensors)
             layouts = self.moe_layouts = self.adapter.moe_layers()
             chosen = set(select_layers(o.layers, [lay.index for lay in layouts]))
@@ -281,7 +287,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
                               "method": plan.method_info(), "device": str(plan.device), "layers": []}
     try:
-        with Writer(plan.out, report["model"], report["method"]) as w:
+        with open_writer(plan.out, report["model"], report["method"], plan.max_shard_size) as w:
             for rel, data in sorted(plan.ckpt.files().items()):
                 w.add_file(rel, data)
             for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
@@ -305,7 +311,11 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     finally:
         plan.ckpt.close()
     report["seconds"] = time.perf_counter() - t_start
-    report["summary"] = summarize(report, Path(out).stat().st_size)
+    outputs = getattr(w, "outputs", None) or [plan.out]
+    if len(outputs) > 1:
+        report["shards"] = [str(p) for p in outputs[:-1]]
+        report["index"] = str(outputs[-1])
+    report["summary"] = summarize(report, sum(p.stat().st_size for p in outputs))
     frac = report["summary"]["expert_bytes_fraction"]
     if frac is not None and frac > 1 and not plan.options.lossless:
         flag = "--rank" if plan.options.rank is not None else plan.encoder.options.budget.flag().split()[0]
@@ -372,6 +382,33 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
             "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
             "rel_error_mean": float(np.mean(errs)) if errs else None,
             "rel_error_max": float(np.max(errs)) if errs else None, "file_bytes": file_size}
+
+
+def check_shard_size(size: str | int | None) -> int | None:
+    """``--max-shard-size`` in bytes (None: one file); a bad size is a ConversionError."""
+    if size is None:
+        return None
+    try:
+        return shards.parse_size(size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+
+
+def output_files(out: str | Path, max_shard_size: int | None) -> list[Path]:
+    """The output paths known before the run: the file, and with sharding its index."""
+    return [Path(out)] + ([shards.index_path(out)] if max_shard_size is not None else [])
+
+
+def check_shard_inputs(out: str | Path, inputs) -> None:
+    """Refuse a sharded output whose shard names (``OUT-00001-of-0000N.rmoe``, N unknown yet) could be an input."""
+    from .paths import PathError
+
+    parent = os.path.realpath(Path(out).parent)
+    for p in inputs:
+        for form in {os.path.abspath(p), os.path.realpath(p)}:
+            if os.path.dirname(form) == parent and shards.is_shard_of(out, os.path.basename(form)):
+                raise PathError(f"output {out}: its shards would be named like the input {p}; refusing to "
+                                f"overwrite an input")
 
 
 def check_bits_flags(o: ConvertOptions) -> bool:

@@ -544,14 +544,19 @@ class Reader:
 
 
 def open(path: str | os.PathLike, verify_checksums: bool = True,  # noqa: A001
-         max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> Reader:
+         max_matrix_elements: int = MAX_MATRIX_ELEMENTS, shard_only: bool = False) -> "Reader":
     """Open a .rmoe file: validates the header and schema, mmaps the data.
 
     Tensor checksums are checked when a tensor is first read; pass
     ``verify_checksums=False`` to skip that (the layout checks always run).
     ``max_matrix_elements`` bounds the size of one decoded expert matrix.
+    A sharded file (spec 11) opens whole from its index ``OUT.rmoe.index.json`` or from any of its
+    shards (the index beside it is found and every shard checked) as a
+    :class:`resmoe_format.shards.ShardedReader`; ``shard_only=True`` opens one shard as the plain file it is.
     """
-    return Reader(path, verify_checksums, max_matrix_elements)
+    from .shards import open_path
+
+    return open_path(path, verify_checksums, max_matrix_elements, shard_only)
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,7 +587,26 @@ def _header_cost(c: CodedTensor) -> int:
         - (2 * len(c.name) + entry + 4)
 
 
-class Writer:
+class Finishing:
+    """``with`` for writers: ``close()`` when the block succeeds, ``abort()`` when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Writer(Finishing):
     """Streams a .rmoe file to disk layer by layer and publishes it atomically.
 
     Tensors go to temporary spill files beside the target as they are added; ``close()``
@@ -735,11 +759,15 @@ class Writer:
         return spec
 
     # --- finishing -------------------------------------------------------------------
-    def close(self) -> None:
-        """Finish the file and move it into place atomically."""
-        if self._out.closed:
-            return
-        try:
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data added so far (before the checksum table)."""
+        return self._out.data_bytes
+
+    def prepare(self, minor: int = 0) -> tuple[str, str]:
+        """Add the checksum table and build the schema: (version, schema JSON text). The version is the lowest
+        that expresses the file (spec 1.4) with minor ``minor`` (1: a shard of a sharded file, spec 11)."""
+        if getattr(self, "_prepared", None) is None:
             # place the checksum tensor first, then fill it in final data order
             self._put(CHECKSUM_TENSOR, np.zeros(len(self._out.entries), dtype=np.uint32))
             crcs = np.array([self._out.crc(t.name) for t in self._out.layout() if t.name != CHECKSUM_TENSOR],
@@ -748,29 +776,37 @@ class Writer:
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
                             {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)},
                             coded=self._coded)
-            schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
-            raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
+            version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
+            if minor:
+                version = f"{parse_version(version)[0]}.{minor}"
+            schema.version = version
+            self._prepared = version, json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
+        return self._prepared
+
+    def commit(self, target: str | os.PathLike | None = None, extra: dict[str, str] | None = None, minor: int = 0,
+               publish: bool = True) -> Path:
+        """Finish the file at ``target`` (default: the writer's path) with ``extra`` ``__metadata__`` keys after
+        the four of spec 3; ``publish=False`` leaves the fsynced hidden temporary and returns its path."""
+        try:
+            version, raw = self.prepare(minor)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
                 check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62,
                                     major=parse_version(version)[0])
                 return {META_FORMAT: FORMAT_NAME, META_VERSION: version, META_SCHEMA: raw,
-                        META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
+                        META_SCHEMA_CRC: str(crc32(raw.encode("utf-8"))), **(extra or {})}
 
-            self._out.commit(metadata)
+            return self._out.commit(metadata, target, publish)
         finally:
             self._out.abort()
+
+    def close(self) -> None:
+        """Finish the file and move it into place atomically."""
+        if not self._out.closed:
+            self.commit()
 
     def abort(self) -> None:
         """Discard everything written; the target path is not touched."""
         self._out.abort()
 
-    def __enter__(self) -> "Writer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 

@@ -64,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
                     "tensors (embeddings, attention, norms) too, where that saves bytes")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when present)")
     ap.add_argument("--max-iter", type=int, help="resmoe: barycenter iterations at most (default 100)")
+    ap.add_argument("--max-shard-size", metavar="SIZE",
+                    help="write OUT-00001-of-0000N.rmoe ... and OUT.rmoe.index.json, shards of at most SIZE bytes of "
+                         "tensor data (50GB, 500MB, 1.5GiB; a layer is never split, one larger than SIZE gets a "
+                         "shard of its own); a model that fits in one is written as the plain OUT")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
     ap.add_argument("--list-layers", action="store_true", help="print the model's MoE layers (the indices --layers "
@@ -166,19 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the output file OUT is required (or --list-layers)")
 
     def body() -> int:
-        from ..convert import ConvertOptions, convert, write_report
+        from ..convert import ConvertOptions, check_shard_size, convert, output_files, write_report
         from ..paths import check_paths, checkpoint_inputs
 
         if a.list_layers:
             Console(file=sys.stdout).print(list_layers(a.src, a.config))
             return 0
-        check_paths(checkpoint_inputs(a.src, a.config), files=[a.out, a.report])
+        check_paths(checkpoint_inputs(a.src, a.config),
+                    files=[*output_files(a.out, check_shard_size(a.max_shard_size)), a.report])
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
-                              sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals)
+                              sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals,
+                              max_shard_size=a.max_shard_size)
         report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)
