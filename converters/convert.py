@@ -121,7 +121,7 @@ class Plan:
     """A checked conversion: what to read, which layers to compress, with which encoder."""
 
     def __init__(self, src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None,
-                 progress: bool = False):
+                 progress: bool = False, check: bool = True):
         o = options
         self.options = o
         self.out = Path(out)
@@ -171,7 +171,7 @@ class Plan:
         self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
         try:
-            inputs = [*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())]
+            self.inputs = inputs = [*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())]
             check_paths(inputs, files=output_files(out, self.max_shard_size))
             if self.max_shard_size is not None:
                 check_shard_inputs(out, inputs)
@@ -196,7 +196,8 @@ class Plan:
                                   f"parameters), whatever --keep says (--keep {o.keep} only bounds it)", stacklevel=2)
             compressed = {s.name for lay in self.layouts for s in lay.sources}
             self.passthrough = [n for n in self.ckpt.tensors if n not in compressed]
-            self.check_weights(progress)
+            if check:  # False: the caller checks each tensor as it reads it (distributed ranks)
+                self.check_weights(progress)
         except BaseException:
             self.ckpt.close()
             raise
@@ -284,17 +285,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     """Convert ``src`` to ``out``; returns the report (see ``--report``)."""
     plan = Plan(src, out, options or ConvertOptions(), config, progress)
     t_start = time.perf_counter()
-    report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
-                              "method": plan.method_info(), "device": str(plan.device), "layers": []}
+    report = new_report(plan)
     try:
         with open_writer(plan.out, report["model"], report["method"], plan.max_shard_size) as w:
-            for rel, data in sorted(plan.ckpt.files().items()):
-                w.add_file(rel, data)
-            for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
-                t = plan.ckpt.get(name)
-                w.add_passthrough(name, to_numpy(t), coded=plan.options.compress_passthrough)
-                del t
-            plan.ckpt.release()
+            write_head(plan, w, progress)
             if plan.bits:
                 from .quantized import convert_layers_bits
 
@@ -303,13 +297,42 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
                 for lay in bar:
                     bar.set_postfix_str(f"layer {lay.index}")
-                    report["layers"].append(lossless.convert_layer(plan, lay, w) if plan.fields
-                                            else _convert_layer(plan, lay, w))
-                    gc.collect()
-                    plan.ckpt.release()
-                    trim_heap()
+                    report["layers"].append(convert_layer(plan, lay, w))
     finally:
         plan.ckpt.close()
+    return finish_report(plan, report, w, t_start)
+
+
+def new_report(plan: Plan) -> dict[str, Any]:
+    """The report's head (``--report``); the layers' entries are appended as they are written."""
+    return {"source": str(plan.src), "output": str(plan.out), "model": plan.model_info(),
+            "method": plan.method_info(), "device": str(plan.device), "layers": []}
+
+
+def write_head(plan: Plan, w: Writer, progress: bool = False, check: bool = False) -> None:
+    """Embed the checkpoint's files and write its passthrough tensors (``check``: refuse NaN or Inf in them)."""
+    for rel, data in sorted(plan.ckpt.files().items()):
+        w.add_file(rel, data)
+    for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
+        t = plan.ckpt.get(name)
+        if check:
+            check_finite(name, t)
+        w.add_passthrough(name, to_numpy(t), coded=plan.options.compress_passthrough)
+        del t
+    plan.ckpt.release()
+
+
+def convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
+    """Compress one layer (not ``--bits``) into ``w``; its report entry. Memory is released afterwards."""
+    entry = lossless.convert_layer(plan, lay, w) if plan.fields else _convert_layer(plan, lay, w)
+    gc.collect()
+    plan.ckpt.release()
+    trim_heap()
+    return entry
+
+
+def finish_report(plan: Plan, report: dict[str, Any], w, t_start: float) -> dict[str, Any]:
+    """The report's totals once ``w`` is closed (warns when the experts came out larger than their source)."""
     report["seconds"] = time.perf_counter() - t_start
     outputs = getattr(w, "outputs", None) or [plan.out]
     if len(outputs) > 1:
@@ -320,7 +343,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     if frac is not None and frac > 1 and not plan.options.lossless:
         flag = "--rank" if plan.options.rank is not None else plan.encoder.options.budget.flag().split()[0]
         warnings.warn(f"the compressed experts take {frac:.1%} of their source size (indices and permutations "
-                      f"included): nothing is saved; lower {flag} or use a smaller --value-dtype", stacklevel=2)
+                      f"included): nothing is saved; lower {flag} or use a smaller --value-dtype", stacklevel=3)
     return report
 
 
