@@ -67,6 +67,7 @@ class ConvertOptions:
     sparse_residuals: bool = False  # --sparse-residuals: sparse residual choices for the --bits allocator
     lowrank_residuals: bool = False  # --lowrank-residuals: low-rank residual choices for the --bits allocator
     max_shard_size: str | int | None = None  # --max-shard-size: a sharded output (spec 11) of shards this large
+    stream_experts: bool | None = None  # read a layer's experts one at a time (None: for layers over 1 GiB in fp32)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -324,7 +325,14 @@ def write_head(plan: Plan, w: Writer, progress: bool = False, check: bool = Fals
 
 def convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
     """Compress one layer (not ``--bits``) into ``w``; its report entry. Memory is released afterwards."""
-    entry = lossless.convert_layer(plan, lay, w) if plan.fields else _convert_layer(plan, lay, w)
+    from .streamed import convert_layer_streamed, streams
+
+    if plan.fields:
+        entry = lossless.convert_layer(plan, lay, w)
+    elif streams(plan, lay):
+        entry = convert_layer_streamed(plan, lay, w)
+    else:
+        entry = _convert_layer(plan, lay, w)
     gc.collect()
     plan.ckpt.release()
     trim_heap()

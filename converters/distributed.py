@@ -105,37 +105,32 @@ def part_key(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _Capture:
-    """Stands in for the writer while one layer is compressed: keeps the layer."""
-
-    layer: MoELayer | None = None
-
-    def add_layer(self, layer: MoELayer) -> None:
-        self.layer = layer
+def part_writer(path: Path, index: int, key: str) -> Writer:
+    """The writer of one finished layer's part: a one-layer .rmoe file carrying the key; its report entry
+    goes into ``writer.method["part"]["report"]`` before it is closed."""
+    return Writer(path, {"part_of": "resmoe-convert"}, {"part": {"key": key, "layer": index, "report": None}})
 
 
-def write_part(path: Path, layer: MoELayer, entry: dict[str, Any], key: str) -> None:
-    """One finished layer as a part: a one-layer .rmoe file carrying the key and its report entry."""
-    with Writer(path, {"part_of": "resmoe-convert"}, {"part": {"key": key, "layer": layer.index,
-                                                               "report": entry}}) as w:
-        w.add_layer(layer)
-
-
-def read_part(path: Path, key: str, index: int) -> tuple[MoELayer, dict[str, Any]]:
-    """A part as the layer the writer took and its report entry; RmoeFormatError if it is not a complete,
-    verified part of layer ``index`` made with ``key``."""
-    with resmoe_format.open(path, shard_only=True) as r:
+def open_part(path: Path, key: str, index: int) -> Reader:
+    """A part, open; RmoeFormatError unless it is a complete, verified part of layer ``index`` made with
+    ``key``."""
+    r = resmoe_format.open(path, shard_only=True)
+    try:
         meta = r.schema.method.get("part")
         if not isinstance(meta, dict) or meta.get("key") != key or meta.get("layer") != index \
-                or [lay.index for lay in r.layers] != [index]:
+                or [lay.index for lay in r.layers] != [index] or not isinstance(meta.get("report"), dict):
             raise RmoeFormatError(f"{path}: not a part of layer {index} of this conversion")
         r.verify(records=False)
-        return layer_from(r, r.layers[0]), meta["report"]
+    except BaseException:
+        r.close()
+        raise
+    return r
 
 
-def layer_from(r: Reader, spec) -> MoELayer:
-    """The :class:`MoELayer` a file's layer was written from: the same parts in the same order, a
-    tensor named by several records given as one array (so the writer shares it again)."""
+def stream_part(r: Reader, w) -> None:
+    """Write a part's layer into ``w`` expert by expert (:meth:`Writer.add_layer_stream`): the same parts in
+    the same order, a tensor named by several records of an expert given as one array (shared again)."""
+    spec = r.layers[0]
     arrays: dict[str, Any] = {}
 
     def get(name: str):
@@ -147,13 +142,24 @@ def layer_from(r: Reader, spec) -> MoELayer:
         return Encoded(ref.encoding, spec.matrix(m).shape2d, ref.value_dtype,
                        {p: get(t) for p, t in ref.tensors.items()}, dict(ref.params), ref.quant)
 
+    def experts():
+        for res in spec.residuals:
+            arrays.clear()
+            yield {m: (enc(ref, m) if ref is not None else None) for m, ref in res.items()}
+            r.release()
+
     base = {m: enc(ref, m) for m, ref in spec.base.items()}
     perms = None if spec.permutations is None else [get(p) for p in spec.permutations]
-    residuals = [{m: (enc(ref, m) if ref is not None else None) for m, ref in res.items()} for res in spec.residuals]
-    ext = {k: ({**v, "tensors": {p: get(t) for p, t in v["tensors"].items()}} if "tensors" in v else dict(v))
-           for k, v in spec.extensions.items()}
-    return MoELayer(spec.index, spec.num_neurons, list(spec.matrices), spec.base_kind, base, residuals, perms,
-                    list(spec.sources), spec.prefix, ext)
+    layer = MoELayer(spec.index, spec.num_neurons, list(spec.matrices), spec.base_kind, base, [], perms,
+                     list(spec.sources), spec.prefix)
+    if spec.extensions:
+        layer.residuals = list(experts())
+        layer.extensions = {k: ({**v, "tensors": {p: get(t) for p, t in v["tensors"].items()}} if "tensors" in v
+                                else dict(v)) for k, v in spec.extensions.items()}
+        w.add_layer(layer)
+        return
+    ck = r.schema.checksum["tensor"]
+    w.add_layer_stream(layer, experts(), sum(t.nbytes for n, t in r.header.tensors.items() if n != ck))
 
 
 def prepare_work(work: Path, resume: bool) -> None:
@@ -233,16 +239,14 @@ def _run(src, out, options, config, progress, resume, rank, world, group) -> dic
             path = part_path(work, lay.index)
             if resume and path.exists():
                 try:
-                    read_part(path, key, lay.index)
+                    open_part(path, key, lay.index).close()
                     continue
                 except RmoeFormatError:
                     path.unlink()
             for s in lay.sources:
                 check_finite(s.name, plan.ckpt.get(s.name))
-            cap = _Capture()
-            entry = convert_layer(plan, lay, cap)
-            write_part(path, cap.layer, entry, key)
-            del cap
+            with part_writer(path, lay.index, key) as pw:
+                pw.method["part"]["report"] = convert_layer(plan, lay, pw)
         _barrier(group)
         if rank != 0:
             return None
@@ -262,13 +266,13 @@ def assemble(plan: Plan, work: Path, key: str, progress: bool = False) -> dict[s
         for lay in tqdm(plan.layouts, desc="assembling", unit="layer", disable=not progress):
             path = part_path(work, lay.index)
             try:
-                layer, entry = read_part(path, key, lay.index)
+                r = open_part(path, key, lay.index)
             except RmoeFormatError as e:
                 raise ConversionError(f"layer {lay.index}: its part is missing or damaged ({e}); rerun with "
                                       f"--resume") from None
-            w.add_layer(layer)
-            report["layers"].append(entry)
-            del layer
+            with r:
+                stream_part(r, w)
+                report["layers"].append(r.schema.method["part"]["report"])
     return finish_report(plan, report, w, t0)
 
 

@@ -83,43 +83,46 @@ def _own_bytes(e: Encoded, earlier: dict[str, Encoded | None]) -> int:
     return sum(a.nbytes for p, a in e.parts.items() if not (p in ("u", "u_scales") and id(a) in shared))
 
 
-def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
-               dtype: str, options: EmitOptions) -> tuple[MoELayer, dict]:
-    """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error).
+class LayerEmitter:
+    """Turns one layer's records into bytes, expert by expert, and keeps the statistics: the base at once,
+    then :meth:`expert` for each expert in order, then :meth:`stats`."""
 
-    Consumes ``result.residuals`` and ``aligned``: each expert's dense tensors are dropped
-    once its records are encoded, so memory holds one expert's work at a time."""
-    if result.lossless:  # exact residuals: float32, or the source dtype when there is no base (x itself)
-        vd = "fp32" if result.base else dtype
-    else:
-        vd = options.value_dtype or dtype
-    quant = options.quant if vd == "int8" else None
-    bd = options.base_dtype or dtype
-    fmt = options.delta_format
-    if result.lossless and fmt not in ELEMENTWISE:
-        raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format {fmt} cannot")
-    base = {m: codecs.encode(_np(b), "dense", bd, options.quant if bd == "int8" else None)
-            for m, b in result.base.items()}
-    base_np = {m: codecs.decode(e) for m, e in base.items()}
-    rounded_base = bd != dtype  # the stored barycenter differs from the one the residuals were taken from
-    residuals: list[dict[str, Encoded | None]] = []
-    stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
-                      "bytes": base[m.name].nbytes if m.name in base else 0,
-                      "base_params": int(np.prod(m.shape)) if m.name in base else 0, "rel_error": []}
-             for m in layout.matrices}
-    for k, parts in enumerate(result.residuals):
+    def __init__(self, layout: LayerLayout, result: LayerResult, dtype: str, options: EmitOptions):
+        if result.lossless:  # exact residuals: float32, or the source dtype when there is no base (x itself)
+            self.vd = "fp32" if result.base else dtype
+        else:
+            self.vd = options.value_dtype or dtype
+        self.quant = options.quant if self.vd == "int8" else None
+        bd = options.base_dtype or dtype
+        self.fmt = options.delta_format
+        if result.lossless and self.fmt not in ELEMENTWISE:
+            raise ConversionError(f"--lossless stores exact residuals element-wise; --delta-format {self.fmt} cannot")
+        self.layout, self.dtype = layout, dtype
+        self.base = {m: codecs.encode(_np(b), "dense", bd, options.quant if bd == "int8" else None)
+                     for m, b in result.base.items()}
+        self.base_np = {m: codecs.decode(e) for m, e in self.base.items()}
+        self.rounded_base = bd != dtype  # the stored barycenter differs from the one the residuals were taken from
+        self._stats = {m.name: {"shape": list(m.shape), "dtype": m.dtype, "params": 0, "kept": 0, "residual_kept": 0,
+                                "bytes": self.base[m.name].nbytes if m.name in self.base else 0,
+                                "base_params": int(np.prod(m.shape)) if m.name in self.base else 0, "rel_error": []}
+                       for m in layout.matrices}
+
+    def expert(self, parts: dict, aligned: dict[str, torch.Tensor]) -> dict[str, Encoded | None]:
+        """One expert's records from its residual parts; ``aligned`` (its matrices in base order) measures
+        the error of what the file restores."""
+        base, base_np, fmt, vd, quant = self.base, self.base_np, self.fmt, self.vd, self.quant
         enc: dict[str, Encoded | None] = {}
-        for m in layout.matrices:
+        for m in self.layout.matrices:
             part = parts.get(m.name)
-            st = stats[m.name]
+            st = self._stats[m.name]
             if part is None and m.name not in base:  # nothing kept and no base: store an empty residual
                 zeros = torch.zeros(m.shape)
                 part = SparsePart(zeros, zeros.bool())
             if part is None:
                 e = None
             elif isinstance(part, SparsePart):
-                if rounded_base and m.name in base_np:  # kept entries: exact against the stored barycenter
-                    exact = _np(aligned[k][m.name]).reshape(base_np[m.name].shape) - base_np[m.name]
+                if self.rounded_base and m.name in base_np:  # kept entries: exact against the stored barycenter
+                    exact = _np(aligned[m.name]).reshape(base_np[m.name].shape) - base_np[m.name]
                     mask = part.mask.cpu()
                     part = SparsePart(torch.from_numpy(exact).reshape(part.values.shape) * mask, mask)
                 e = _sparse(part, fmt, vd, quant)
@@ -129,8 +132,8 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
                     raise ConversionError(f"matrix {m.name} shares the U of {part.shared_u}, which is not low rank")
                 e = _lowrank(part, fmt, vd, quant, leader)
             enc[m.name] = e
-            truth = _np(aligned[k][m.name]).astype(np.float64)
-            got = combine(base_np.get(m.name), codecs.decode(e) if e is not None else None, dtype)
+            truth = _np(aligned[m.name]).astype(np.float64)
+            got = combine(base_np.get(m.name), codecs.decode(e) if e is not None else None, self.dtype)
             diff = truth.reshape(-1) - got.astype(np.float64).reshape(-1)
             norm = float(np.linalg.norm(truth))
             st["rel_error"].append(float(np.linalg.norm(diff) / norm) if norm else float(np.linalg.norm(diff)))
@@ -138,11 +141,27 @@ def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str,
             st["kept"] += part.params if part is not None else 0
             st["residual_kept"] += part.params if part is not None else 0
             st["bytes"] += _own_bytes(e, {k: v for k, v in enc.items() if k != m.name}) if e is not None else 0
-        residuals.append(enc)
+        return enc
+
+    def stats(self) -> dict:
+        """Per-matrix statistics (params kept, bytes, relative errors), once every expert is emitted."""
+        for st in self._stats.values():
+            st["kept"] += st.pop("base_params", 0)
+        return self._stats
+
+
+def emit_layer(layout: LayerLayout, result: LayerResult, aligned: list[dict[str, torch.Tensor]],
+               dtype: str, options: EmitOptions) -> tuple[MoELayer, dict]:
+    """The MoELayer to write and its per-matrix statistics (params kept, bytes, relative error).
+
+    Consumes ``result.residuals`` and ``aligned``: each expert's dense tensors are dropped
+    once its records are encoded, so memory holds one expert's work at a time."""
+    em = LayerEmitter(layout, result, dtype, options)
+    residuals: list[dict[str, Encoded | None]] = []
+    for k, parts in enumerate(result.residuals):
+        residuals.append(em.expert(parts, aligned[k]))
         result.residuals[k] = {}
         aligned[k] = {}
-    for st in stats.values():
-        st["kept"] += st.pop("base_params")
-    layer = MoELayer(layout.index, layout.num_neurons, list(layout.matrices), result.base_kind, base, residuals,
+    layer = MoELayer(layout.index, layout.num_neurons, list(layout.matrices), result.base_kind, em.base, residuals,
                      result.permutations, list(layout.sources), layout.prefix)
-    return layer, stats
+    return layer, em.stats()

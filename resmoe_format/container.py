@@ -10,7 +10,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -675,6 +675,24 @@ class Writer(Finishing):
         but ``u``/``u_scales``; pass a copy to store an array twice. Equal but distinct arrays
         are never shared. Permutations and extension tensors are always stored as given.
         """
+        return self._write_layer(layer, layer.residuals, streamed=False)
+
+    def add_layer_stream(self, layer: MoELayer, experts: Iterable[dict[str, Encoded | None]],
+                         nbytes: int | None = None) -> LayerSpec:
+        """:meth:`add_layer` with the residual records given one expert at a time (``layer.residuals`` is
+        ignored; ``layer.extensions`` must be empty), so that memory holds one expert's records. The base and
+        permutations are checked and written first, then each expert's records as they come; the file is
+        byte for byte what :meth:`add_layer` writes. A refused record leaves the writer unusable (aborted).
+        ``nbytes`` (the layer's tensor bytes, if known) is for :class:`~resmoe_format.shards.ShardedWriter`."""
+        if layer.extensions:
+            raise RmoeFormatError(f"layer {layer.index}: extensions cannot be written with add_layer_stream")
+        try:
+            return self._write_layer(layer, experts, streamed=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write_layer(self, layer: MoELayer, experts: Iterable[dict[str, Encoded | None]], streamed: bool) -> LayerSpec:
         i = layer.index
         if any(lay.index == i for lay in self._layers):
             raise RmoeFormatError(f"layer {i} written twice")
@@ -683,6 +701,7 @@ class Writer(Finishing):
         # id(part array) -> (expert or None for the base, matrix, part, encoding, tensor name) of its first use
         first: dict[int, tuple[int | None, str, str, str, str]] = {}
         used: list[Any] = []  # the part arrays of this layer, remembered (weakly) once it is written
+        written: dict[str, TensorEntry] = {}  # streamed: what is already on disk, for the checks
 
         def where(k: int | None, m: str, part: str) -> str:
             return f"layer {i} {'base' if k is None else f'expert {k}'} matrix {m} part {part}"
@@ -710,6 +729,29 @@ class Writer(Finishing):
                 used.append(arr)
             return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
 
+        def spec_of(residuals, perms=None, extensions=None, whole: bool = False) -> LayerSpec:
+            """The layer's spec, or (not ``whole``) a part of it to check: some records, no sources."""
+            spec = LayerSpec(i, layer.prefix, len(residuals), layer.num_neurons, list(layer.matrices),
+                             layer.base_kind, base, perms, residuals, list(layer.sources) if whole else [],
+                             extensions or {})
+            return LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
+
+        def check(spec: LayerSpec) -> None:
+            # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
+            tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
+            pseudo = {**written, **{n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0)
+                                    for n, a in arrays.items()}}
+            _check_layer(spec, pseudo, 2**62)
+
+        def put_all() -> None:
+            clash = [n for n in arrays if n in self._out.entries]
+            if clash:
+                raise RmoeFormatError(f"tensor {clash[0]} written twice")
+            for name, arr in arrays.items():
+                self._put(name, arr)
+                written[name] = TensorEntry(name, dtypes.of_array(arr).name, arr.shape, 0, 0)
+            arrays.clear()
+
         base = {m: ref(f"{pre}.base.{m}", e, None, m) for m, e in layer.base.items()}
         perms = None
         if layer.permutations is not None:
@@ -722,8 +764,21 @@ class Writer(Finishing):
                                           f"0..{layer.num_neurons - 1}")
                 perms.append(f"{pre}.experts.{k}.permutation")
                 arrays[perms[-1]] = p.astype(pdt)
-        residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None) for m, e in r.items()}
-                     for k, r in enumerate(layer.residuals)]
+        residuals = []
+        if streamed:  # the base and permutations now, then each expert's records checked and written as they come
+            if base:
+                check(spec_of([{m.name: None for m in layer.matrices}]))  # the base alone
+            put_all()
+            for k, r in enumerate(experts):
+                if perms is not None and k >= len(perms):
+                    raise RmoeFormatError(f"layer {i}: more experts than permutations ({len(perms)})")
+                residuals.append({m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None)
+                                  for m, e in r.items()})
+                check(spec_of([residuals[-1]]))
+                put_all()
+        else:
+            residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None)
+                          for m, e in r.items()} for k, r in enumerate(experts)]
         extensions = {}
         for key, val in layer.extensions.items():
             val = dict(val)
@@ -734,21 +789,12 @@ class Writer(Finishing):
                     arrays[names[part]] = np.asarray(arr)
                 val["tensors"] = names
             extensions[key] = val
-        spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
-                         layer.base_kind, base, perms, residuals, list(layer.sources), extensions)
-        spec = LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
-        clash = [n for n in arrays if n in self._out.entries]
-        if clash:
-            raise RmoeFormatError(f"tensor {clash[0]} written twice")
+        spec = spec_of(residuals, perms, extensions, whole=True)
         outputs = dict(self._outputs)
         for s in spec.sources:
             claim_output(outputs, s.name, f"layer {i}")
-        # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
-        tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True)
-        pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
-        _check_layer(spec, pseudo, 2**62)
-        for name, arr in arrays.items():
-            self._put(name, arr)
+        check(spec)
+        put_all()
         self._layers.append(spec)
         self._outputs = outputs
         for arr in used:

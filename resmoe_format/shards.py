@@ -166,6 +166,30 @@ class ShardedWriter(Finishing):
         self._outputs = outputs
         return spec
 
+    def add_layer_stream(self, layer: MoELayer, experts, nbytes: int | None = None) -> LayerSpec:
+        """:meth:`Writer.add_layer_stream` into the current shard or a new one. ``nbytes``, the layer's tensor
+        bytes, places it as :meth:`add_layer` would; without it the size of the previous layer written this way
+        is taken (layers of one model are alike), and the first such layer starts a new shard unless the
+        current one is empty, so a shard can exceed the limit by the difference between two layers' sizes."""
+        if layer.index in self._layers:
+            raise RmoeFormatError(f"layer {layer.index} written twice")
+        outputs = dict(self._outputs)
+        for s in layer.sources:
+            claim_output(outputs, s.name, f"layer {layer.index}")
+        guess = nbytes if nbytes is not None else getattr(self, "_streamed", self.max_shard_size + 1)
+        w = self._room(guess, f"layer {layer.index}")
+        before = w.data_bytes
+        spec = w.add_layer_stream(layer, experts)
+        if nbytes is None:  # the guess is replaced by what was written
+            self._streamed = w.data_bytes - before
+            what = f"layer {layer.index}"
+            self._oversized = [x for x in self._oversized if x[0] != what]
+            if self._streamed > self.max_shard_size:
+                self._oversized.append((what, self._streamed, len(self._writers)))
+        self._layers.add(layer.index)
+        self._outputs = outputs
+        return spec
+
     def close(self) -> None:
         """Write every shard and the index, each atomically, the index last (or the one plain file)."""
         if self.outputs or not self._writers:

@@ -1,0 +1,107 @@
+"""Bounded memory per layer: a layer's experts streamed from the memory-mapped checkpoint.
+
+For a layer too large to hold in float32 (``STREAM_BYTES``, or ``ConvertOptions.stream_experts``), the
+barycenter iteration (:func:`~converters.encoders.barycenter.streamed_barycenter`) reads each expert once
+per iteration and keeps only the barycenter, its running sum and the best iterate; then each expert is
+read once more, aligned, its residual compressed, encoded and written (``add_layer_stream``) before the
+next is read. Memory holds O(1) experts whatever their number; the file is byte for byte the in-memory
+path's. Methods resmoe, prune and svd (not ``--lossless``, ``--bits`` or merge, which keep their
+in-memory paths).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from resmoe_format import MoELayer
+
+from .disassemble import expert_matrices
+from .emit import LayerEmitter
+from .encoders.barycenter import streamed_barycenter
+from .encoders.methods import design, neuron_specs, round_to, split_design
+from .encoders.parts import LayerResult
+
+#: Layers whose experts take more than this in float32 are streamed by default.
+STREAM_BYTES = 1 << 30
+STREAMED_METHODS = ("resmoe", "prune", "svd")
+
+
+def streams(plan, lay) -> bool:
+    """Whether ``lay`` is converted expert by expert (``ConvertOptions.stream_experts``; None: by size)."""
+    o = plan.options
+    if o.lossless or o.bits is not None or o.method not in STREAMED_METHODS:
+        return False
+    if o.stream_experts is not None:
+        return o.stream_experts
+    return lay.num_experts * sum(int(np.prod(m.shape)) for m in lay.matrices) * 4 > STREAM_BYTES
+
+
+class ExpertSource:
+    """A layer's experts read one at a time from the checkpoint: canonical float32 tensors on the plan's
+    device; the checkpoint's pages are released after each read."""
+
+    def __init__(self, plan, lay):
+        self.plan, self.lay = plan, lay
+        self.raw = expert_matrices(lay, plan.ckpt.get)  # views of the mapped file: nothing read yet
+        self.reads = 0
+
+    def __call__(self, k: int) -> dict[str, torch.Tensor]:
+        out = {m: t.to(self.plan.device, torch.float32) for m, t in self.raw[k].items()}
+        if self.plan.device.type == "cpu":
+            out = {m: t.clone() if t.data_ptr() == self.raw[k][m].data_ptr() else t for m, t in out.items()}
+        self.reads += 1
+        self.plan.ckpt.release()
+        return out
+
+
+def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
+    """Write one layer expert by expert into ``w`` (a Writer or ShardedWriter); its report entry."""
+    from .convert import layer_entry
+
+    t0 = time.perf_counter()
+    enc = plan.encoder
+    specs = list(lay.matrices)
+    dtype = specs[0].dtype
+    src = ExpertSource(plan, lay)
+    e = lay.num_experts
+    base: dict[str, torch.Tensor] = {}
+    perms = None
+    if enc.name == "resmoe":
+        neur = neuron_specs(specs)
+        res = streamed_barycenter(lambda k: design(src(k), neur), e, max_iter=enc.options.max_iter)
+        perms = [np.asarray(p, dtype=np.int64) for p in res.permutations]
+        base = split_design(res.barycenter, neur)
+        others = [m for m in specs if m.neuron_axis != 0]
+        if others:  # small (biases): stacked as the in-memory path does
+            experts = [src(k) for k in range(e)]
+            for m in others:
+                base[m.name] = torch.stack([x[m.name] for x in experts]).mean(0)
+            del experts
+        base = {k: round_to(v, dtype) for k, v in base.items()}
+        enc.last_barycenter = {"objective": res.objective, "iterations": res.iterations}
+    budget = enc.residual_budget(specs, e)
+    em = LayerEmitter(lay, LayerResult(enc.base_kind, base, perms, []), dtype, plan.emit)
+
+    def records() -> Iterator[dict]:
+        for k in range(e):
+            x = src(k)
+            if perms is not None:
+                idx = torch.from_numpy(perms[k]).to(plan.device)
+                aligned = {**split_design(design(x, neur).index_select(0, idx), neur),
+                           **{m.name: x[m.name] for m in specs if m.neuron_axis != 0}}
+            else:
+                aligned = x
+            r = {m.name: (aligned[m.name] - base[m.name]) if base else aligned[m.name] for m in specs}
+            yield em.expert(enc.compress(r, specs, budget), aligned)
+
+    w.add_layer_stream(MoELayer(lay.index, lay.num_neurons, specs, enc.base_kind, em.base, [], perms,
+                                list(lay.sources), lay.prefix), records())
+    entry = layer_entry(lay, em.stats(), perms)
+    if enc.name == "resmoe":
+        entry["barycenter"] = enc.last_barycenter
+    entry["streamed"] = {"expert_reads": src.reads}
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
