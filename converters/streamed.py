@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from resmoe_format import MoELayer
+from resmoe_format.memory import large_blocks_unmapped
 
 from .disassemble import expert_matrices
 from .emit import LayerEmitter
 from .encoders.barycenter import streamed_barycenter
-from .encoders.methods import design, neuron_specs, round_to, split_design
+from .encoders.methods import neuron_specs, round_to, split_design
 from .encoders.parts import LayerResult
 
 #: Layers whose experts take more than this in float32 are streamed by default.
@@ -48,6 +49,21 @@ class ExpertSource:
         self.raw = expert_matrices(lay, plan.ckpt.get)  # views of the mapped file: nothing read yet
         self.reads = 0
 
+    def design(self, k: int, neur) -> torch.Tensor:
+        """Expert k's design matrix (:func:`~converters.encoders.methods.design`), filled in place from the
+        source dtype: one (n, d) float32 buffer, no per-matrix copies."""
+        raw = self.raw[k]
+        n = raw[neur[0].name].shape[0]
+        widths = [raw[m.name].reshape(n, -1).shape[1] for m in neur]
+        out = torch.empty((n, sum(widths)), dtype=torch.float32, device=self.plan.device)
+        at = 0
+        for m, w in zip(neur, widths):
+            out[:, at:at + w].copy_(raw[m.name].reshape(n, -1))
+            at += w
+        self.reads += 1
+        self.plan.ckpt.release()
+        return out
+
     def __call__(self, k: int) -> dict[str, torch.Tensor]:
         out = {m: t.to(self.plan.device, torch.float32) for m, t in self.raw[k].items()}
         if self.plan.device.type == "cpu":
@@ -62,19 +78,24 @@ def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
     from .convert import layer_entry
 
     t0 = time.perf_counter()
+    large_blocks_unmapped()
     enc = plan.encoder
     specs = list(lay.matrices)
     dtype = specs[0].dtype
     src = ExpertSource(plan, lay)
     e = lay.num_experts
+    timing: dict[str, Any] = {}
     base: dict[str, torch.Tensor] = {}
     perms = None
+    neur = neuron_specs(specs)
+    others = [m for m in specs if m.neuron_axis != 0]
     if enc.name == "resmoe":
-        neur = neuron_specs(specs)
-        res = streamed_barycenter(lambda k: design(src(k), neur), e, max_iter=enc.options.max_iter)
+        marks = [time.perf_counter()]
+        res = streamed_barycenter(lambda k: src.design(k, neur), e, max_iter=enc.options.max_iter,
+                                  progress=lambda it, obj: marks.append(time.perf_counter()))
+        timing["iteration_seconds"] = [b - a for a, b in zip(marks, marks[1:])]
         perms = [np.asarray(p, dtype=np.int64) for p in res.permutations]
         base = split_design(res.barycenter, neur)
-        others = [m for m in specs if m.neuron_axis != 0]
         if others:  # small (biases): stacked as the in-memory path does
             experts = [src(k) for k in range(e)]
             for m in others:
@@ -82,26 +103,34 @@ def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
             del experts
         base = {k: round_to(v, dtype) for k, v in base.items()}
         enc.last_barycenter = {"objective": res.objective, "iterations": res.iterations}
+        del res
     budget = enc.residual_budget(specs, e)
     em = LayerEmitter(lay, LayerResult(enc.base_kind, base, perms, []), dtype, plan.emit)
 
     def records() -> Iterator[dict]:
         for k in range(e):
-            x = src(k)
             if perms is not None:
                 idx = torch.from_numpy(perms[k]).to(plan.device)
-                aligned = {**split_design(design(x, neur).index_select(0, idx), neur),
-                           **{m.name: x[m.name] for m in specs if m.neuron_axis != 0}}
+                aligned = split_design(src.design(k, neur).index_select(0, idx), neur)
+                if others:
+                    x = src(k)
+                    aligned.update({m.name: x[m.name] for m in others})
+                    del x
             else:
-                aligned = x
+                aligned = src(k)
             r = {m.name: (aligned[m.name] - base[m.name]) if base else aligned[m.name] for m in specs}
-            yield em.expert(enc.compress(r, specs, budget), aligned)
+            parts = enc.compress(r, specs, budget)
+            del r
+            out = em.expert(parts, aligned)
+            del parts, aligned
+            yield out
 
+    t1 = time.perf_counter()
     w.add_layer_stream(MoELayer(lay.index, lay.num_neurons, specs, enc.base_kind, em.base, [], perms,
                                 list(lay.sources), lay.prefix), records())
     entry = layer_entry(lay, em.stats(), perms)
     if enc.name == "resmoe":
         entry["barycenter"] = enc.last_barycenter
-    entry["streamed"] = {"expert_reads": src.reads}
+    entry["streamed"] = {"expert_reads": src.reads, **timing, "encode_seconds": time.perf_counter() - t1}
     entry["seconds"] = time.perf_counter() - t0
     return entry

@@ -702,6 +702,8 @@ class Writer(Finishing):
         first: dict[int, tuple[int | None, str, str, str, str]] = {}
         used: list[Any] = []  # the part arrays of this layer, remembered (weakly) once it is written
         written: dict[str, TensorEntry] = {}  # streamed: what is already on disk, for the checks
+        # streamed: the part arrays of earlier experts, held weakly (they may be freed, and their ids reused)
+        gone: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
         def where(k: int | None, m: str, part: str) -> str:
             return f"layer {i} {'base' if k is None else f'expert {k}'} matrix {m} part {part}"
@@ -709,6 +711,10 @@ class Writer(Finishing):
         def ref(prefix: str, enc: Encoded, k: int | None, m: str) -> EncodedRef:
             tensors = {}
             for part, arr in enc.parts.items():
+                if gone.get(id(arr)) is arr:
+                    raise RmoeFormatError(f"{where(k, m, part)}: the same array object was written with an earlier "
+                                          f"expert; only the u, u_scales and u_group_scales of one expert can be "
+                                          f"shared (spec 4.8), pass a copy")
                 if self._earlier.get(id(arr)) is arr:
                     raise RmoeFormatError(f"{where(k, m, part)}: the same array object was written with an earlier "
                                           f"layer; tensors are never shared across layers (spec 4.8), pass a copy")
@@ -743,6 +749,15 @@ class Writer(Finishing):
                                     for n, a in arrays.items()}}
             _check_layer(spec, pseudo, 2**62)
 
+        def remember(arrs: list[Any]) -> None:
+            for arr in arrs:
+                try:
+                    self._earlier[id(arr)] = arr
+                    if streamed:
+                        gone[id(arr)] = arr
+                except TypeError:  # not weakly referenceable (not an ndarray): cannot be tracked
+                    pass
+
         def put_all() -> None:
             clash = [n for n in arrays if n in self._out.entries]
             if clash:
@@ -751,6 +766,10 @@ class Writer(Finishing):
                 self._put(name, arr)
                 written[name] = TensorEntry(name, dtypes.of_array(arr).name, arr.shape, 0, 0)
             arrays.clear()
+            if streamed:  # the records of one expert are written: hold them weakly only
+                remember(used)
+                used.clear()
+                first.clear()
 
         base = {m: ref(f"{pre}.base.{m}", e, None, m) for m, e in layer.base.items()}
         perms = None
@@ -797,11 +816,7 @@ class Writer(Finishing):
         put_all()
         self._layers.append(spec)
         self._outputs = outputs
-        for arr in used:
-            try:
-                self._earlier[id(arr)] = arr
-            except TypeError:  # not weakly referenceable (not an ndarray): cannot be tracked
-                pass
+        remember(used)
         return spec
 
     # --- finishing -------------------------------------------------------------------

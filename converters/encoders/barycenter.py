@@ -130,8 +130,8 @@ def align(target: torch.Tensor, design: torch.Tensor) -> np.ndarray:
     return assignment(target @ design.T)
 
 
-def _row_chunks(rows: torch.Tensor, d: int):
-    step = max(1, _CHUNK_ELEMS // max(1, d))
+def _row_chunks(rows: torch.Tensor, d: int, elems: int = _CHUNK_ELEMS):
+    step = max(1, elems // max(1, d))
     for s in range(0, rows.numel(), step):
         yield s, rows[s:s + step]
 
@@ -336,7 +336,7 @@ def streamed_barycenter(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     start = int(init) % e
-    b = design(start).detach().to(torch.float32).clone()
+    b = design(start).detach().to(torch.float32)  # never written in place: no copy needed
     if b.ndim != 2 or b.numel() == 0:
         raise ValueError(f"designs must be non-empty (n, d) matrices, got shape {tuple(b.shape)}")
     n, d = b.shape
@@ -368,7 +368,7 @@ def streamed_barycenter(
                     calls += 1
                     new[k] = torch.from_numpy(_solve(sim)).to(dev)
                 del sim
-            for at, r in _row_chunks(rows, d):
+            for at, r in _row_chunks(rows, d, _CHUNK_ELEMS // 4):
                 b64 = b.index_select(0, r).to(torch.float64)
                 diff = x.index_select(0, new[k].index_select(0, r)).to(torch.float64).sub_(b64)
                 dist[k, at:at + r.numel()] = torch.linalg.vector_norm(diff, dim=1).square_()
@@ -380,12 +380,13 @@ def streamed_barycenter(
             progress(it, obj)
         if best is not None and not obj < best[0]:
             break
-        best = (obj, b.clone(), new)
+        best = (obj, b, new)  # b is never written again: the next one is the new running sum
         if perms is not None and bool((new == perms).all()):
             break
         if it == max_iter:
             break
         b = acc.div_(e)
+        del acc
         perms = new
     assert best is not None
     obj, b_best, p_best = best
