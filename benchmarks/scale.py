@@ -138,7 +138,12 @@ def main() -> int:
     ap.add_argument("--in-memory", type=int, nargs="*", default=[8], help="also convert these E in memory")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", default=None, help="scratch directory (default: the system's)")
+    ap.add_argument("--render", action="store_true", help="only rewrite SCALE.md and the README sentence from "
+                    "results/scale.json")
     a = ap.parse_args()
+    if a.render:
+        save(json.loads((RESULTS / "scale.json").read_text()))
+        return 0
     import torch
 
     prov = collect(("numpy", "torch", "scipy"), gpu="none lent to this session: CPU only" if not
@@ -171,11 +176,37 @@ def main() -> int:
                   "upcycled_hours": project(iters) / 3600,
                   "ten_iterations_with_solver_hours": project(10, lap) / 3600, "lap_seconds": lap}
     doc = {"provenance": prov, "baseline_rss_bytes": baseline, "rows": rows, "projection": projection}
+    save(doc)
+    return 0
+
+
+def save(doc: dict) -> None:
+    """scale.json (with the README's sentence) and SCALE.md."""
+    doc["readme"] = readme(doc)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")
     (RESULTS / "SCALE.md").write_text(render(doc))
     print((RESULTS / "SCALE.md").read_text())
-    return 0
+
+
+def readme(doc: dict) -> str:
+    """The README's figures (benchmarks/readme_figures.py copies them)."""
+    gib = 2 ** 30
+    streamed = [r for r in doc["rows"] if r["streamed"]]
+    memory = [r for r in doc["rows"] if not r["streamed"]]
+    peaks = [r["peak_rss_bytes"] / gib for r in streamed]
+    last = streamed[-1]
+    text = (f"on one synthetic upcycled layer with DeepSeek-V3's expert shapes (bf16), peak RSS "
+            f"{min(peaks):.2f}-{max(peaks):.2f} GiB from {streamed[0]['experts']} to {last['experts']} experts "
+            f"({streamed[0]['source_bytes'] / 1e9:.1f} to {last['source_bytes'] / 1e9:.1f} GB of experts)")
+    if memory:
+        text += (f", where the in-memory path peaks at {memory[0]['peak_rss_bytes'] / gib:.2f} GiB with "
+                 f"{memory[0]['experts']}")
+    return (text + f"; {last['seconds_per_expert_iteration']:.1f} s per expert per barycenter iteration and "
+            f"{last['encode_seconds_per_expert']:.1f} s per expert to encode on 2 shared CPU cores, so a whole "
+            f"DeepSeek-V3 (58 layers of 256 experts) would take about {doc['projection']['upcycled_hours']:.0f} "
+            f"to {doc['projection']['ten_iterations_with_solver_hours']:.0f} hours in one process (no GPU was lent "
+            f"to this session)")
 
 
 def render(doc: dict) -> str:

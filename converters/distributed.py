@@ -192,6 +192,13 @@ def _device(options: ConvertOptions, local_rank: int) -> ConvertOptions:
     return options
 
 
+def check_distributable(options: ConvertOptions) -> None:
+    """Refuse what the layer-parallel path does not run: ``--bits`` (one allocation over all layers)."""
+    if options.bits is not None:
+        raise ConversionError("--bits allocates one budget over all layers; it does not run with --workers, "
+                              "--resume or torchrun yet")
+
+
 def run_rank(src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None,
              progress: bool = False, resume: bool = False) -> dict[str, Any] | None:
     """This process's share of a distributed conversion (torch.distributed initialised from the environment
@@ -201,11 +208,11 @@ def run_rank(src: str | Path, out: str | Path, options: ConvertOptions, config: 
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", rank))
-    if options.bits is not None:
-        raise ConversionError("--bits allocates one budget over all layers; it does not run with --workers, "
-                              "--resume or torchrun yet")
+    check_distributable(options)
     group = world > 1
     if group and not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL for CUDA tensors (each rank on its own GPU), gloo for CPU ones
+            torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=_timeout())
     try:
         return _run(src, out, _device(options, local), config, progress, resume, rank, world, group)
@@ -318,6 +325,7 @@ def convert_workers(src: str | Path, out: str | Path, options: ConvertOptions, c
 
     if workers < 1:
         raise ConversionError(f"--workers must be at least 1, got {workers}")
+    check_distributable(options)
     Plan(src, out, options, config, check=False).ckpt.close()  # every check that needs no weights, here and now
     if workers == 1:
         return run_rank(src, out, options, config, progress, resume)

@@ -42,17 +42,32 @@ def streams(plan, lay) -> bool:
 
 class ExpertSource:
     """A layer's experts read one at a time from the checkpoint: canonical float32 tensors on the plan's
-    device; the checkpoint's pages are released after each read."""
+    device. Each read maps only the sources that hold the expert, copies its matrices out and unmaps
+    them again, so the pages read never accumulate in the process."""
 
     def __init__(self, plan, lay):
         self.plan, self.lay = plan, lay
-        self.raw = expert_matrices(lay, plan.ckpt.get)  # views of the mapped file: nothing read yet
         self.reads = 0
+
+    def _views(self, k: int) -> dict[str, torch.Tensor]:
+        """Expert k's matrices as views of the mapped source tensors (the other experts' are on meta)."""
+        from resmoe_format.torch.tensors import TORCH_DTYPES
+
+        ck = self.plan.ckpt
+        needed = {s.name for s in self.lay.sources if s.expert == "all" or s.expert == k}
+
+        def get(name: str) -> torch.Tensor:
+            if name in needed:
+                return ck.get(name)
+            info = ck.tensors[name]
+            return torch.empty(info.shape, dtype=TORCH_DTYPES.get(info.dtype), device="meta")
+
+        return expert_matrices(self.lay, get)[k]
 
     def design(self, k: int, neur) -> torch.Tensor:
         """Expert k's design matrix (:func:`~converters.encoders.methods.design`), filled in place from the
         source dtype: one (n, d) float32 buffer, no per-matrix copies."""
-        raw = self.raw[k]
+        raw = self._views(k)
         n = raw[neur[0].name].shape[0]
         widths = [raw[m.name].reshape(n, -1).shape[1] for m in neur]
         out = torch.empty((n, sum(widths)), dtype=torch.float32, device=self.plan.device)
@@ -60,17 +75,20 @@ class ExpertSource:
         for m, w in zip(neur, widths):
             out[:, at:at + w].copy_(raw[m.name].reshape(n, -1))
             at += w
-        self.reads += 1
-        self.plan.ckpt.release()
+        del raw
+        self._done()
         return out
 
     def __call__(self, k: int) -> dict[str, torch.Tensor]:
-        out = {m: t.to(self.plan.device, torch.float32) for m, t in self.raw[k].items()}
-        if self.plan.device.type == "cpu":
-            out = {m: t.clone() if t.data_ptr() == self.raw[k][m].data_ptr() else t for m, t in out.items()}
+        raw = self._views(k)
+        out = {m: t.to(self.plan.device, torch.float32, copy=True) for m, t in raw.items()}
+        del raw
+        self._done()
+        return out
+
+    def _done(self) -> None:
         self.reads += 1
         self.plan.ckpt.release()
-        return out
 
 
 def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
@@ -83,6 +101,8 @@ def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
     specs = list(lay.matrices)
     dtype = specs[0].dtype
     src = ExpertSource(plan, lay)
+    expert_matrices(lay, plan.ckpt.get)  # every source's shape and dtype checked, as the in-memory path does
+    plan.ckpt.release()
     e = lay.num_experts
     timing: dict[str, Any] = {}
     base: dict[str, torch.Tensor] = {}
