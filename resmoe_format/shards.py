@@ -285,8 +285,8 @@ def find_index(shard: str | os.PathLike, metadata: dict[str, str]) -> Path:
     index = shard.parent / name
     if not index.is_file():
         raise RmoeFormatError(f"{shard} is shard {metadata.get(META_SHARD)} of {metadata.get(META_SHARD_COUNT)} of a "
-                              f"sharded .rmoe file, and its index {index} is missing (open(path, shard_only=True) "
-                              f"reads this shard alone)")
+                              f"sharded .rmoe file, and its index {index} is missing (resmoe_format.open(path, "
+                              f"shard_only=True) or resmoe-inspect --shard-only read this shard alone)")
     return index
 
 

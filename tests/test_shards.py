@@ -101,6 +101,9 @@ def test_inspect_sums_the_shards_and_the_index(outputs, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["file_size"] == sum(doc["bytes"].values())
     assert len(doc["shards"]) == 3 and doc["index_bytes"] == outputs["index"].stat().st_size
+    assert inspect_main([str(shards_of(outputs["index"])[0]), "--json", "--shard-only"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["file_size"] == shards_of(outputs["index"])[0].stat().st_size and "shards" not in alone
 
 
 def test_a_model_that_fits_is_one_plain_file(outputs, tmp_path):
@@ -201,3 +204,16 @@ def test_output_shards_never_overwrite_an_input(tmp_path):
     check_shard_inputs(tmp_path / "n.rmoe", [tmp_path / "m-00001-of-00002.rmoe"])
     assert shard_path(tmp_path / "m.rmoe", 3, 12).name == "m-00003-of-00012.rmoe"
     assert convert_main(["nowhere", str(tmp_path / "o.rmoe"), "--max-shard-size", "1 furlong"]) == 2
+
+
+def test_a_shard_goes_to_gguf_rmoe_and_back(outputs, tmp_path):
+    pytest.importorskip("gguf")
+    from resmoe_format.errors import GgufRmoeError
+    from resmoe_format.gguf_rmoe import gguf_to_rmoe, rmoe_to_gguf
+
+    shard = shards_of(outputs["index"])[1]
+    rmoe_to_gguf(shard, tmp_path / "s.gguf")
+    gguf_to_rmoe(tmp_path / "s.gguf", tmp_path / shard.name)
+    assert (tmp_path / shard.name).read_bytes() == shard.read_bytes()
+    with pytest.raises(GgufRmoeError, match="index of a sharded .rmoe file"):
+        rmoe_to_gguf(outputs["index"], tmp_path / "i.gguf")

@@ -80,11 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--verify", action="store_true", help="also decode and check every layer record")
     check.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of every tensor; the output "
                        "then says the checksums were not verified")
+    ap.add_argument("--shard-only", action="store_true", help="a shard of a sharded file alone, as the plain .rmoe "
+                    "file it is (without it, a shard opens the whole set through its index)")
     a = ap.parse_args(argv)
     verified = "none" if a.no_verify else "records" if a.verify else "checksums"
 
     def body() -> int:
-        with resmoe_format.open(a.file) as r:
+        with resmoe_format.open(a.file, shard_only=a.shard_only) as r:
             if not a.no_verify:
                 r.verify(records=a.verify)
             acc = account(r)
