@@ -49,12 +49,13 @@ class ExpertSource:
         self.plan, self.lay = plan, lay
         self.reads = 0
 
-    def _views(self, k: int) -> dict[str, torch.Tensor]:
-        """Expert k's matrices as views of the mapped source tensors (the other experts' are on meta)."""
+    def _views(self, k: int | None) -> dict[str, torch.Tensor]:
+        """Expert k's matrices from the source tensors that hold it (reading a tensor reads all of it: the
+        other experts' come from their headers alone, on the meta device); None: every source on meta."""
         from resmoe_format.torch.tensors import TORCH_DTYPES
 
         ck = self.plan.ckpt
-        needed = {s.name for s in self.lay.sources if s.expert == "all" or s.expert == k}
+        needed = {s.name for s in self.lay.sources if k is not None and s.expert in ("all", k)}
 
         def get(name: str) -> torch.Tensor:
             if name in needed:
@@ -62,7 +63,11 @@ class ExpertSource:
             info = ck.tensors[name]
             return torch.empty(info.shape, dtype=TORCH_DTYPES.get(info.dtype), device="meta")
 
-        return expert_matrices(self.lay, get)[k]
+        return expert_matrices(self.lay, get)[k or 0]
+
+    def check(self) -> None:
+        """Every source's shape and dtype, from the headers (what the in-memory path checks as it reads)."""
+        self._views(None)
 
     def design(self, k: int, neur) -> torch.Tensor:
         """Expert k's design matrix (:func:`~converters.encoders.methods.design`), filled in place from the
@@ -101,8 +106,7 @@ def convert_layer_streamed(plan, lay, w) -> dict[str, Any]:
     specs = list(lay.matrices)
     dtype = specs[0].dtype
     src = ExpertSource(plan, lay)
-    expert_matrices(lay, plan.ckpt.get)  # every source's shape and dtype checked, as the in-memory path does
-    plan.ckpt.release()
+    src.check()
     e = lay.num_experts
     timing: dict[str, Any] = {}
     base: dict[str, torch.Tensor] = {}
