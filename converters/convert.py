@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from resmoe_format import Writer, publish
+from resmoe_format import Writer, publish, shards
+from resmoe_format.shards import open_writer
 from resmoe_format.codecs import Quant
 from resmoe_format.container import permutation_dtype
 from resmoe_format.dtypes import by_name
@@ -40,6 +42,8 @@ from .layers import select_layers
 from .paths import check_paths, checkpoint_inputs
 
 VALUE_DTYPES = ("bf16", "fp16", "fp32", "int8")
+#: The NaN/Inf check releases the checkpoint's pages after reading this many bytes.
+CHECK_RELEASE_BYTES = 64 << 20
 
 
 @dataclass
@@ -67,6 +71,8 @@ class ConvertOptions:
     share_v: bool = False  # --share-v: d2moe, one input-side delta factor per matrix for all experts of a layer
     prune_base: float | None = None  # --prune-base F: d2moe, the base's intermediate channels removed (fraction)
     allow_unrouted_experts: bool = False  # d2moe: an expert no calibration token reaches gets no Fisher weight
+    max_shard_size: str | int | None = None  # --max-shard-size: a sharded output (spec 11) of shards this large
+    stream_experts: bool | None = None  # read a layer's experts one at a time (None: for layers over 1 GiB in fp32)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +127,7 @@ class Plan:
     """A checked conversion: what to read, which layers to compress, with which encoder."""
 
     def __init__(self, src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None,
-                 progress: bool = False):
+                 progress: bool = False, check: bool = True):
         o = options
         self.options = o
         self.out = Path(out)
@@ -172,11 +178,14 @@ class Plan:
             raise ConversionError("--compress-passthrough codes the non-expert tensors exactly: it goes with "
                                   "--lossless (and no --delta-format or --value-dtype)")
         self.device = resolve_device(o.device)
+        self.max_shard_size = check_shard_size(o.max_shard_size)
         self.src = Path(src)
         self.ckpt = Checkpoint(src, config)
         try:
-            check_paths([*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())],
-                        files=[out])
+            self.inputs = inputs = [*checkpoint_inputs(src, config), *(i.file for i in self.ckpt.tensors.values())]
+            check_paths(inputs, files=output_files(out, self.max_shard_size))
+            if self.max_shard_size is not None:
+                check_shard_inputs(out, inputs)
             self.adapter = adapter_for(self.ckpt.config, self.ckpt.tensors)
             layouts = self.moe_layouts = self.adapter.moe_layers()
             chosen = set(select_layers(o.layers, [lay.index for lay in layouts]))
@@ -198,7 +207,8 @@ class Plan:
                                   f"parameters), whatever --keep says (--keep {o.keep} only bounds it)", stacklevel=2)
             compressed = {s.name for lay in self.layouts for s in lay.sources}
             self.passthrough = [n for n in self.ckpt.tensors if n not in compressed]
-            self.check_weights(progress)
+            if check:  # False: the caller checks each tensor as it reads it (distributed ranks)
+                self.check_weights(progress)
         except BaseException:
             self.ckpt.close()
             raise
@@ -245,11 +255,15 @@ class Plan:
     def check_weights(self, progress: bool = False) -> None:
         """Refuse NaN or Inf anywhere in the checkpoint before the output is created (one
         streamed read pass; pages are released as it goes)."""
-        for i, name in enumerate(tqdm(self.ckpt.tensors, desc="checking", unit="tensor", disable=not progress,
-                                      leave=False)):
-            check_finite(name, self.ckpt.get(name))
-            if i % 64 == 63:
+        touched = 0
+        for name in tqdm(self.ckpt.tensors, desc="checking", unit="tensor", disable=not progress, leave=False):
+            t = self.ckpt.get(name)
+            check_finite(name, t)
+            touched += t.numel() * t.element_size()
+            del t
+            if touched >= CHECK_RELEASE_BYTES:  # by bytes, not tensors: 64 of DeepSeek-V3's experts are 1.9 GB
                 self.ckpt.release()
+                touched = 0
         self.ckpt.release()
 
     def model_info(self) -> dict[str, Any]:
@@ -294,17 +308,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     """Convert ``src`` to ``out``; returns the report (see ``--report``)."""
     plan = Plan(src, out, options or ConvertOptions(), config, progress)
     t_start = time.perf_counter()
-    report: dict[str, Any] = {"source": str(src), "output": str(out), "model": plan.model_info(),
-                              "method": plan.method_info(), "device": str(plan.device), "layers": []}
+    report = new_report(plan)
     try:
-        with Writer(plan.out, report["model"], report["method"]) as w:
-            for rel, data in sorted(plan.ckpt.files().items()):
-                w.add_file(rel, data)
-            for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
-                t = plan.ckpt.get(name)
-                w.add_passthrough(name, to_numpy(t), coded=plan.options.compress_passthrough)
-                del t
-            plan.ckpt.release()
+        with open_writer(plan.out, report["model"], report["method"], plan.max_shard_size) as w:
+            write_head(plan, w, progress)
             if plan.bits:
                 from .quantized import convert_layers_bits
 
@@ -317,20 +324,60 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
                 bar = tqdm(plan.layouts, desc=f"{plan.options.method}", unit="layer", disable=not progress)
                 for lay in bar:
                     bar.set_postfix_str(f"layer {lay.index}")
-                    report["layers"].append(lossless.convert_layer(plan, lay, w) if plan.fields
-                                            else _convert_layer(plan, lay, w))
-                    gc.collect()
-                    plan.ckpt.release()
-                    trim_heap()
+                    report["layers"].append(convert_layer(plan, lay, w))
     finally:
         plan.ckpt.close()
+    return finish_report(plan, report, w, t_start)
+
+
+def new_report(plan: Plan) -> dict[str, Any]:
+    """The report's head (``--report``); the layers' entries are appended as they are written."""
+    return {"source": str(plan.src), "output": str(plan.out), "model": plan.model_info(),
+            "method": plan.method_info(), "device": str(plan.device), "layers": []}
+
+
+def write_head(plan: Plan, w: Writer, progress: bool = False, check: bool = False) -> None:
+    """Embed the checkpoint's files and write its passthrough tensors (``check``: refuse NaN or Inf in them)."""
+    for rel, data in sorted(plan.ckpt.files().items()):
+        w.add_file(rel, data)
+    for name in tqdm(plan.passthrough, desc="passthrough", unit="tensor", disable=not progress, leave=False):
+        t = plan.ckpt.get(name)
+        if check:
+            check_finite(name, t)
+        w.add_passthrough(name, to_numpy(t), coded=plan.options.compress_passthrough)
+        del t
+    plan.ckpt.release()
+
+
+def convert_layer(plan: Plan, lay, w: Writer) -> dict[str, Any]:
+    """Compress one layer (not ``--bits``) into ``w``; its report entry. Memory is released afterwards."""
+    from .streamed import convert_layer_streamed, streams
+
+    if plan.fields:
+        entry = lossless.convert_layer(plan, lay, w)
+    elif streams(plan, lay):
+        entry = convert_layer_streamed(plan, lay, w)
+    else:
+        entry = _convert_layer(plan, lay, w)
+    gc.collect()
+    plan.ckpt.release()
+    trim_heap()
+    return entry
+
+
+def finish_report(plan: Plan, report: dict[str, Any], w, t_start: float) -> dict[str, Any]:
+    """The report's totals once ``w`` is closed (warns when the experts came out larger than their source)."""
     report["seconds"] = time.perf_counter() - t_start
-    report["summary"] = summarize(report, Path(out).stat().st_size)
+    outputs = getattr(w, "outputs", None) or [plan.out]
+    if len(outputs) > 1:
+        report["shards"] = [str(p) for p in outputs[:-1]]
+        report["index"] = str(outputs[-1])
+    report["summary"] = summarize(report, sum(p.stat().st_size for p in outputs))
     frac = report["summary"]["expert_bytes_fraction"]
     if frac is not None and frac > 1 and not plan.options.lossless:
         flag = "--rank" if plan.options.rank is not None else plan.encoder.options.budget.flag().split()[0]
         warnings.warn(f"the compressed experts take {frac:.1%} of their source size (indices and permutations "
-                      f"included): nothing is saved; lower {flag} or use a smaller --value-dtype", stacklevel=2)
+                      f"included): nothing is saved; lower {flag} or use a smaller --value-dtype", stacklevel=3)
     return report
 
 
@@ -392,6 +439,33 @@ def summarize(report: dict[str, Any], file_size: int) -> dict[str, Any]:
             "expert_bytes_fraction": (stored / src_bytes) if src_bytes else None,
             "rel_error_mean": float(np.mean(errs)) if errs else None,
             "rel_error_max": float(np.max(errs)) if errs else None, "file_bytes": file_size}
+
+
+def check_shard_size(size: str | int | None) -> int | None:
+    """``--max-shard-size`` in bytes (None: one file); a bad size is a ConversionError."""
+    if size is None:
+        return None
+    try:
+        return shards.parse_size(size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+
+
+def output_files(out: str | Path, max_shard_size: int | None) -> list[Path]:
+    """The output paths known before the run: the file, and with sharding its index."""
+    return [Path(out)] + ([shards.index_path(out)] if max_shard_size is not None else [])
+
+
+def check_shard_inputs(out: str | Path, inputs) -> None:
+    """Refuse a sharded output whose shard names (``OUT-00001-of-0000N.rmoe``, N unknown yet) could be an input."""
+    from .paths import PathError
+
+    parent = os.path.realpath(Path(out).parent)
+    for p in inputs:
+        for form in {os.path.abspath(p), os.path.realpath(p)}:
+            if os.path.dirname(form) == parent and shards.is_shard_of(out, os.path.basename(form)):
+                raise PathError(f"output {out}: its shards would be named like the input {p}; refusing to "
+                                f"overwrite an input")
 
 
 def check_bits_flags(o: ConvertOptions) -> bool:

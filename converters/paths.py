@@ -75,6 +75,14 @@ def checkpoint_inputs(src: PathLike, config: PathLike | None = None) -> list[Pat
     return out
 
 
+def rmoe_inputs(path: PathLike) -> list[Path]:
+    """Everything reading a .rmoe input touches: the file, or a sharded file's index and every shard
+    (spec 11: the index or any shard opens the set)."""
+    from resmoe_format.shards import input_paths
+
+    return input_paths(path)
+
+
 def _check_parent(out: Path, what: str) -> None:
     parent = out.parent  # Path("x").parent is Path(".")
     if not parent.exists():
@@ -141,4 +149,4 @@ def check_written(outdir: PathLike, names: Iterable[str], inputs: Iterable[PathL
             raise PathError(f"{target} is an existing directory; cannot write the file {rel} there")
 
 
-__all__ = ["PathError", "check_paths", "check_written", "checkpoint_inputs"]
+__all__ = ["PathError", "check_paths", "check_written", "checkpoint_inputs", "rmoe_inputs"]

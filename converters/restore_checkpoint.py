@@ -8,7 +8,7 @@ import resmoe_format
 from resmoe_format import publish, restore
 from resmoe_format.stream import StreamingWriter
 
-from .paths import check_paths, check_written
+from .paths import check_paths, check_written, rmoe_inputs
 
 WEIGHTS = "model.safetensors"
 
@@ -22,11 +22,12 @@ def restore_checkpoint(src: str | Path, outdir: str | Path, original_order: bool
     directory; each file is then replaced atomically, and none may be an input. Tensors stream
     layer by layer. Unsafe paths raise :class:`converters.paths.PathError` before any work.
     """
-    check_paths([src], dirs=[outdir], force=force)
+    inputs = rmoe_inputs(src)
+    check_paths(inputs, dirs=[outdir], force=force)
     out = Path(outdir)
     with resmoe_format.open(src, verify_checksums) as r:
         if out.is_dir() and any(out.iterdir()):
-            check_written(out, [WEIGHTS, *r.files], [src])
+            check_written(out, [WEIGHTS, *r.files], inputs)
             _write(r, out, original_order)
         else:
             with publish.atomic_dir(os.path.realpath(out)) as tmp:

@@ -60,7 +60,16 @@ class Accounting:
 
 
 def account(reader: Reader) -> Accounting:
-    """Attribute every byte of an open .rmoe file (reads the header only)."""
+    """Attribute every byte of an open .rmoe file (reads the header only). A sharded file (spec 11) sums
+    its shards, and its index file counts as ``header``; the categories add up to all of its bytes."""
+    shards = getattr(reader, "shards", None)
+    if shards is not None:
+        parts = [account(r) for r in shards]
+        total = {c: sum(a.bytes[c] for a in parts) for c in CATEGORIES}
+        total["header"] += reader.index_size
+        assert sum(total.values()) == reader.file_size, "accounting does not cover the files"
+        return Accounting(reader.file_size, total, sum(a.expert_weights for a in parts),
+                          sum(a.source_expert_bytes for a in parts), [lay for a in parts for lay in a.layers])
     total = {c: 0 for c in CATEGORIES}
     total["header"] = reader.header.data_start
     per_layer: dict[int, dict[str, int]] = {}

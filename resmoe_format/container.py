@@ -10,7 +10,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -648,14 +648,19 @@ class Reader:
 
 
 def open(path: str | os.PathLike, verify_checksums: bool = True,  # noqa: A001
-         max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> Reader:
+         max_matrix_elements: int = MAX_MATRIX_ELEMENTS, shard_only: bool = False) -> "Reader":
     """Open a .rmoe file: validates the header and schema, mmaps the data.
 
     Tensor checksums are checked when a tensor is first read; pass
     ``verify_checksums=False`` to skip that (the layout checks always run).
     ``max_matrix_elements`` bounds the size of one decoded expert matrix.
+    A sharded file (spec 11) opens whole from its index ``OUT.rmoe.index.json`` or from any of its
+    shards (the index beside it is found and every shard checked) as a
+    :class:`resmoe_format.shards.ShardedReader`; ``shard_only=True`` opens one shard as the plain file it is.
     """
-    return Reader(path, verify_checksums, max_matrix_elements)
+    from .shards import open_path
+
+    return open_path(path, verify_checksums, max_matrix_elements, shard_only)
 
 
 # ---------------------------------------------------------------------------------------
@@ -688,7 +693,26 @@ def _header_cost(c: CodedTensor) -> int:
         - (2 * len(c.name) + entry + 4)
 
 
-class Writer:
+class Finishing:
+    """``with`` for writers: ``close()`` when the block succeeds, ``abort()`` when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Writer(Finishing):
     """Streams a .rmoe file to disk layer by layer and publishes it atomically.
 
     Tensors go to temporary spill files beside the target as they are added; ``close()``
@@ -757,6 +781,24 @@ class Writer:
         but ``u``/``u_scales``; pass a copy to store an array twice. Equal but distinct arrays
         are never shared. Permutations and extension tensors are always stored as given.
         """
+        return self._write_layer(layer, layer.residuals, streamed=False)
+
+    def add_layer_stream(self, layer: MoELayer, experts: Iterable[dict[str, Encoded | None]],
+                         nbytes: int | None = None) -> LayerSpec:
+        """:meth:`add_layer` with the residual records given one expert at a time (``layer.residuals`` is
+        ignored; ``layer.extensions`` must be empty), so that memory holds one expert's records. The base and
+        permutations are checked and written first, then each expert's records as they come; the file is
+        byte for byte what :meth:`add_layer` writes. A refused record leaves the writer unusable (aborted).
+        ``nbytes`` (the layer's tensor bytes, if known) is for :class:`~resmoe_format.shards.ShardedWriter`."""
+        if layer.extensions:
+            raise RmoeFormatError(f"layer {layer.index}: extensions cannot be written with add_layer_stream")
+        try:
+            return self._write_layer(layer, experts, streamed=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write_layer(self, layer: MoELayer, experts: Iterable[dict[str, Encoded | None]], streamed: bool) -> LayerSpec:
         i = layer.index
         if any(lay.index == i for lay in self._layers):
             raise RmoeFormatError(f"layer {i} written twice")
@@ -765,6 +807,9 @@ class Writer:
         # id(part array) -> (expert or None for the base, matrix, part, encoding, tensor name) of its first use
         first: dict[int, tuple[int | None, str, str, str, str]] = {}
         used: list[Any] = []  # the part arrays of this layer, remembered (weakly) once it is written
+        written: dict[str, TensorEntry] = {}  # streamed: what is already on disk, for the checks
+        # streamed: the part arrays of earlier experts, held weakly (they may be freed, and their ids reused)
+        gone: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
         def where(k: int | None, m: str, part: str) -> str:
             return f"layer {i} {'base' if k is None else f'expert {k}'} matrix {m} part {part}"
@@ -772,6 +817,10 @@ class Writer:
         def ref(prefix: str, enc: Encoded, k: int | None, m: str) -> EncodedRef:
             tensors = {}
             for part, arr in enc.parts.items():
+                if gone.get(id(arr)) is arr:
+                    raise RmoeFormatError(f"{where(k, m, part)}: the same array object was written with an earlier "
+                                          f"expert; only the u, u_scales and u_group_scales of one expert can be "
+                                          f"shared (spec 4.8), pass a copy")
                 if self._earlier.get(id(arr)) is arr:
                     raise RmoeFormatError(f"{where(k, m, part)}: the same array object was written with an earlier "
                                           f"layer; tensors are never shared across layers (spec 4.8), pass a copy")
@@ -793,6 +842,43 @@ class Writer:
                 used.append(arr)
             return EncodedRef(enc.encoding, enc.value_dtype, tensors, dict(enc.params), enc.quant)
 
+        def spec_of(residuals, perms=None, extensions=None, whole: bool = False) -> LayerSpec:
+            """The layer's spec, or (not ``whole``) a part of it to check: some records, no sources."""
+            spec = LayerSpec(i, layer.prefix, len(residuals), layer.num_neurons, list(layer.matrices),
+                             layer.base_kind, base, perms, residuals, list(layer.sources) if whole else [],
+                             extensions or {}, channels)
+            return LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
+
+        def check(spec: LayerSpec) -> None:
+            # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
+            tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True,
+                         allow_cross=True)
+            pseudo = {**written, **{n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0)
+                                    for n, a in arrays.items()}}
+            _check_layer(spec, pseudo, 2**62)
+
+        def remember(arrs: list[Any]) -> None:
+            for arr in arrs:
+                try:
+                    self._earlier[id(arr)] = arr
+                    if streamed:
+                        gone[id(arr)] = arr
+                except TypeError:  # not weakly referenceable (not an ndarray): cannot be tracked
+                    pass
+
+        def put_all() -> None:
+            clash = [n for n in arrays if n in self._out.entries]
+            if clash:
+                raise RmoeFormatError(f"tensor {clash[0]} written twice")
+            for name, arr in arrays.items():
+                self._put(name, arr)
+                written[name] = TensorEntry(name, dtypes.of_array(arr).name, arr.shape, 0, 0)
+            arrays.clear()
+            if streamed:  # the records of one expert are written: hold them weakly only
+                remember(used)
+                used.clear()
+                first.clear()
+
         base = {m: ref(f"{pre}.base.{m}", e, None, m) for m, e in layer.base.items()}
         perms = None
         if layer.permutations is not None:
@@ -805,16 +891,29 @@ class Writer:
                                           f"0..{layer.num_neurons - 1}")
                 perms.append(f"{pre}.experts.{k}.permutation")
                 arrays[perms[-1]] = p.astype(pdt)
-        residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None) for m, e in r.items()}
-                     for k, r in enumerate(layer.residuals)]
         channels = None
         if layer.base_channels is not None:
-            c = np.asarray(layer.base_channels, dtype=np.int64)
-            if c.ndim != 1 or not c.size or c[0] < 0 or c[-1] >= layer.num_neurons or np.any(np.diff(c) <= 0):
+            ch = np.asarray(layer.base_channels, dtype=np.int64)
+            if ch.ndim != 1 or not ch.size or ch[0] < 0 or ch[-1] >= layer.num_neurons or np.any(np.diff(ch) <= 0):
                 raise RmoeFormatError(f"layer {i}: base channels must be strictly increasing neuron indices below "
                                       f"{layer.num_neurons}")
             channels = f"{pre}.base.channels"
-            arrays[channels] = c.astype(dtypes.by_name(permutation_dtype(layer.num_neurons)).np)
+            arrays[channels] = ch.astype(dtypes.by_name(permutation_dtype(layer.num_neurons)).np)
+        residuals = []
+        if streamed:  # the base and permutations now, then each expert's records checked and written as they come
+            if base:
+                check(spec_of([{m.name: None for m in layer.matrices}]))  # the base alone
+            put_all()
+            for k, r in enumerate(experts):
+                if perms is not None and k >= len(perms):
+                    raise RmoeFormatError(f"layer {i}: more experts than permutations ({len(perms)})")
+                residuals.append({m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None)
+                                  for m, e in r.items()})
+                check(spec_of([residuals[-1]]))
+                put_all()
+        else:
+            residuals = [{m: (ref(f"{pre}.experts.{k}.{m}", e, k, m) if e is not None else None)
+                          for m, e in r.items()} for k, r in enumerate(experts)]
         extensions = {}
         for key, val in layer.extensions.items():
             val = dict(val)
@@ -825,36 +924,27 @@ class Writer:
                     arrays[names[part]] = np.asarray(arr)
                 val["tensors"] = names
             extensions[key] = val
-        spec = LayerSpec(i, layer.prefix, len(layer.residuals), layer.num_neurons, list(layer.matrices),
-                         layer.base_kind, base, perms, residuals, list(layer.sources), extensions, channels)
-        spec = LayerSpec.from_json(json.loads(json.dumps(spec.to_json())), f"layer {i}")
-        clash = [n for n in arrays if n in self._out.entries]
-        if clash:
-            raise RmoeFormatError(f"tensor {clash[0]} written twice")
+        spec = spec_of(residuals, perms, extensions, whole=True)
         outputs = dict(self._outputs)
         for s in spec.sources:
             claim_output(outputs, s.name, f"layer {i}")
-        # the rules of spec 4.8 on this layer alone (value dtype, quant, u with u_scales), then every part's shape
-        tensor_roles(Schema({}, {}, [], [], [spec], {"tensor": CHECKSUM_TENSOR}), allow_shared=True, allow_cross=True)
-        pseudo = {n: TensorEntry(n, dtypes.of_array(a).name, a.shape, 0, 0) for n, a in arrays.items()}
-        _check_layer(spec, pseudo, 2**62)
-        for name, arr in arrays.items():
-            self._put(name, arr)
+        check(spec)
+        put_all()
         self._layers.append(spec)
         self._outputs = outputs
-        for arr in used:
-            try:
-                self._earlier[id(arr)] = arr
-            except TypeError:  # not weakly referenceable (not an ndarray): cannot be tracked
-                pass
+        remember(used)
         return spec
 
     # --- finishing -------------------------------------------------------------------
-    def close(self) -> None:
-        """Finish the file and move it into place atomically."""
-        if self._out.closed:
-            return
-        try:
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data added so far (before the checksum table)."""
+        return self._out.data_bytes
+
+    def prepare(self, minor: int = 0) -> tuple[str, str]:
+        """Add the checksum table and build the schema: (version, schema JSON text). The version is the lowest
+        that expresses the file (spec 1.4) with minor ``minor`` (1: a shard of a sharded file, spec 11)."""
+        if getattr(self, "_prepared", None) is None:
             # place the checksum tensor first, then fill it in final data order
             self._put(CHECKSUM_TENSOR, np.zeros(len(self._out.entries), dtype=np.uint32))
             crcs = np.array([self._out.crc(t.name) for t in self._out.layout() if t.name != CHECKSUM_TENSOR],
@@ -863,29 +953,37 @@ class Writer:
             schema = Schema(self.model, self.method, self._files, self._passthrough, self._layers,
                             {"algorithm": "crc32", "tensor": CHECKSUM_TENSOR, "crc32": crc32(crcs)},
                             coded=self._coded)
-            schema.version = version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
-            raw = json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
+            version = lowest_version(schema)  # spec 1.4: 1.0 unless a tensor is shared or k-quant
+            if minor:
+                version = f"{parse_version(version)[0]}.{minor}"
+            schema.version = version
+            self._prepared = version, json.dumps(schema.to_json(), separators=(",", ":"), ensure_ascii=False)
+        return self._prepared
+
+    def commit(self, target: str | os.PathLike | None = None, extra: dict[str, str] | None = None, minor: int = 0,
+               publish: bool = True) -> Path:
+        """Finish the file at ``target`` (default: the writer's path) with ``extra`` ``__metadata__`` keys after
+        the four of spec 3; ``publish=False`` leaves the fsynced hidden temporary and returns its path."""
+        try:
+            version, raw = self.prepare(minor)
 
             def metadata(entries: list[TensorEntry]) -> dict[str, str]:
                 check_schema_layout(Schema.from_json(json.loads(raw)), {t.name: t for t in entries}, 2**62,
                                     major=parse_version(version)[0])
                 return {META_FORMAT: FORMAT_NAME, META_VERSION: version, META_SCHEMA: raw,
-                        META_SCHEMA_CRC: str(crc32(raw.encode("utf-8")))}
+                        META_SCHEMA_CRC: str(crc32(raw.encode("utf-8"))), **(extra or {})}
 
-            self._out.commit(metadata)
+            return self._out.commit(metadata, target, publish)
         finally:
             self._out.abort()
+
+    def close(self) -> None:
+        """Finish the file and move it into place atomically."""
+        if not self._out.closed:
+            self.commit()
 
     def abort(self) -> None:
         """Discard everything written; the target path is not touched."""
         self._out.abort()
 
-    def __enter__(self) -> "Writer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 

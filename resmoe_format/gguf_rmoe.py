@@ -135,7 +135,10 @@ def rmoe_to_gguf(src: str | Path, out: str | Path) -> Path:
     _check_out(out)
     gguf = _gguf()
     try:
-        with container.open(src) as r:
+        if src.name.endswith(".json"):  # a sharded file's index (spec 11): each shard is a .rmoe file of its own
+            raise GgufRmoeError(f"{src} is the index of a sharded .rmoe file; a compressed GGUF holds one .rmoe "
+                                f"file: export each shard")
+        with container.open(src, shard_only=True) as r:
             with open(src, "rb") as f:
                 f.seek(8)
                 raw_header = f.read(r.header.header_len)
@@ -477,6 +480,6 @@ def _write_rmoe(reader, head: bytes, rows: list[tuple[_Row, int]], want_crc: int
         raise GgufRmoeError(f"the rebuilt .rmoe file has CRC-32 {crc}, {K_CRC} says {want_crc} "
                               "(corrupt tensor data or metadata)")
     try:
-        container.open(path).close()
+        container.open(path, shard_only=True).close()  # a shard (spec 11) is checked as the file it is
     except RmoeFormatError as e:
         raise GgufRmoeError(f"the rebuilt .rmoe file is not valid: {e}") from None

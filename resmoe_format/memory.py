@@ -14,3 +14,14 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def large_blocks_unmapped(threshold: int = 4 << 20) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, returned to the
+    OS when freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the threshold as large blocks
+    are freed); a no-op elsewhere. Streaming one expert after another then reuses memory instead of growing
+    the heap with blocks that differ in size a little."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

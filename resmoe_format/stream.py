@@ -17,7 +17,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import RmoeFormatError
-from .publish import atomic_open
+from .publish import atomic_open, create_temp, fsync_path
 from .safetensors_header import TensorEntry, encode_header
 
 _CLASSES = (8, 4, 2, 1)
@@ -91,23 +91,46 @@ class StreamingWriter:
         out.sort(key=lambda t: (t.begin, t.end))
         return out
 
-    def commit(self, metadata: dict[str, str] | Callable[[list[TensorEntry]], dict[str, str]]) -> None:
-        """Write header + data to a temporary file and rename it over the target."""
+    def commit(self, metadata: dict[str, str] | Callable[[list[TensorEntry]], dict[str, str]],
+               target: str | os.PathLike | None = None, publish: bool = True) -> Path:
+        """Write header + data to a temporary file beside ``target`` (default: the writer's path) and
+        rename it over the target; with ``publish=False`` the fsynced temporary is left for the caller
+        to publish (or remove) and its path returned."""
         if self.closed:
             raise RuntimeError("writer is closed")
+        target = self.path if target is None else Path(target)
         try:
             entries = self.layout()
             meta = metadata(entries) if callable(metadata) else metadata
             head = encode_header(meta, entries)
-            with atomic_open(self.path) as out:
-                out.write(head)
-                for c in _CLASSES:
-                    sp = self._spills[c]
-                    sp.flush()
-                    sp.seek(0)
-                    _copy(sp, out, self._pos[c])
+            if publish:
+                with atomic_open(target) as out:
+                    self._write(out, head)
+                return target
+            tmp = create_temp(target)
+            try:
+                with open(tmp, "wb") as out:
+                    self._write(out, head)
+                fsync_path(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            return tmp
         finally:
             self.abort()
+
+    def _write(self, out, head: bytes) -> None:
+        out.write(head)
+        for c in _CLASSES:
+            sp = self._spills[c]
+            sp.flush()
+            sp.seek(0)
+            _copy(sp, out, self._pos[c])
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data put so far."""
+        return sum(self._pos.values())
 
     def abort(self) -> None:
         """Drop everything written so far; the target is not touched."""

@@ -164,3 +164,35 @@ def test_killed_at_random_moments(inputs, tmp_path, name):
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_killed_at_random_moments_full(inputs, tmp_path, name):
     run_kills(name, inputs, tmp_path, timed=24, partial_delays=[0.0, 0.001, 0.003, 0.01, 0.03], seed=2)
+
+
+@pytest.mark.slow
+def test_sharded_convert_killed_at_random_moments(inputs, tmp_path):
+    """--max-shard-size (spec 11.6): after a kill, either no shard and no index (hidden temporaries only), the
+    complete set of an uninterrupted run, or (killed between the renames) complete shards without their index,
+    which readers refuse."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["{in}/src", "{out}/o.rmoe", "-q", "--max-shard-size", "20KB"]
+    cmd = Command("convert-sharded", "converters.cli.convert", args, "o.rmoe.index.json")
+    t0 = time.perf_counter()
+    p = start(cmd, inputs, out)
+    _, err = p.communicate()
+    elapsed = time.perf_counter() - t0
+    assert p.returncode == 0, err.decode()
+    want = digest(out)
+    assert len(want) > 2
+    shutil.rmtree(out)
+    rng = random.Random(5)
+    outcomes = []
+    for at, after in [((i + rng.random()) / 8 * elapsed, None) for i in range(8)] + [(None, d) for d in (0.0, 0.002)]:
+        out.mkdir()
+        what = kill_run(cmd, inputs, out, at, after)
+        got = {n: h for n, h in digest(out).items() if not re.match(r"^\..*\.(partial|spill)-[A-Za-z0-9_]+$", n)}
+        assert all(want.get(n) == h for n, h in got.items()), f"{what}: {sorted(got)} differ from the uninterrupted run"
+        if got and "o.rmoe.index.json" not in got:  # killed between the renames: the shards alone are refused
+            with pytest.raises(resmoe_format.RmoeFormatError, match="its index .* is missing"):
+                resmoe_format.open(out / sorted(got)[0])
+        outcomes.append("complete" if got == want else "partial" if got else "none")
+        shutil.rmtree(out)
+    print(f"sharded convert: run {elapsed:.2f} s; outcomes {outcomes}")

@@ -73,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
                     "tensors (embeddings, attention, norms) too, where that saves bytes")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when present)")
     ap.add_argument("--max-iter", type=int, help="resmoe: barycenter iterations at most (default 100)")
+    ap.add_argument("--max-shard-size", metavar="SIZE", help="shards OUT-00001-of-0000N.rmoe ... and "
+                    "OUT.rmoe.index.json of at most SIZE (50GB, 500MB, 1.5GiB) of tensor data each (spec 11)")
+    ap.add_argument("--workers", type=int, metavar="N", help="N local ranks on torch.distributed, the same bytes "
+                    "(under torchrun every process is a rank); finished layers wait in OUT.parts/")
+    ap.add_argument("--resume", action="store_true", help="reuse the finished layers in OUT.parts/ of a failed "
+                    "--workers, torchrun or --resume run")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
     ap.add_argument("--list-layers", action="store_true", help="print the model's MoE layers (the indices --layers "
@@ -175,22 +181,35 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the output file OUT is required (or --list-layers)")
 
     def body() -> int:
-        from ..convert import ConvertOptions, convert, write_report
+        from ..convert import ConvertOptions, check_shard_size, convert, output_files, write_report
+        from ..errors import ConversionError
         from ..paths import check_paths, checkpoint_inputs
 
         if a.list_layers:
             Console(file=sys.stdout).print(list_layers(a.src, a.config))
             return 0
-        check_paths(checkpoint_inputs(a.src, a.config), files=[a.out, a.report])
+        check_paths(checkpoint_inputs(a.src, a.config),
+                    files=[*output_files(a.out, check_shard_size(a.max_shard_size)), a.report])
         opts = ConvertOptions(method=a.method, keep=a.keep, residual_keep=a.residual_keep, residual=a.residual,
                               residual_scope=a.residual_scope, rank=a.rank, layers=a.layers,
                               value_dtype=a.value_dtype, base_dtype=a.base_dtype, delta_format=a.delta_format,
                               lossless=a.lossless, compress_passthrough=a.compress_passthrough,
                               device=a.device, max_iter=a.max_iter, bits=a.bits, calibration=a.calibration,
                               sparse_residuals=a.sparse_residuals, lowrank_residuals=a.lowrank_residuals,
-                              share_v=a.share_v, prune_base=a.prune_base,
-                              allow_unrouted_experts=a.allow_unrouted_experts)
-        report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
+                              max_shard_size=a.max_shard_size, share_v=a.share_v,
+                              prune_base=a.prune_base, allow_unrouted_experts=a.allow_unrouted_experts)
+        from ..distributed import convert_workers, in_torchrun, run_rank
+
+        if in_torchrun():
+            if a.workers is not None:
+                raise ConversionError("--workers starts its own ranks; under torchrun give --nproc-per-node instead")
+            report = run_rank(a.src, a.out, opts, a.config, not a.quiet, a.resume)
+            if report is None:  # not rank 0: rank 0 writes the output, the report and the summary
+                return 0
+        elif a.workers is not None or a.resume:
+            report = convert_workers(a.src, a.out, opts, a.config, a.workers or 1, not a.quiet, a.resume)
+        else:
+            report = convert(a.src, a.out, opts, a.config, progress=not a.quiet)
         if a.report:
             write_report(report, a.report)
         if not a.quiet:

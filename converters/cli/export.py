@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="resmoe-export", description="Export a .rmoe file to another format.",
                                  epilog="targets:\n" + "\n".join(f"  {k:12} {v}" for k, v in TARGETS.items()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("file", help=".rmoe file (a compressed .gguf for --to rmoe)")
+    ap.add_argument("file", help=".rmoe file, or the index or any shard of a sharded one (a compressed .gguf for "
+                    "--to rmoe)")
     ap.add_argument("--to", required=True, help=f"target format: {', '.join(TARGETS)}")
     ap.add_argument("out", help="output path (a directory for safetensors and compressed-tensors)")
     ap.add_argument("--type", default="f32", help="GGUF tensor type (default f32)")
@@ -49,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def body() -> int:
-        from ..paths import check_paths
+        from ..paths import check_paths, rmoe_inputs
 
+        inputs = rmoe_inputs(a.file)
         if a.to == "safetensors":
-            check_paths([a.file], dirs=[a.out], force=a.force)
+            check_paths(inputs, dirs=[a.out], force=a.force)
         elif a.to == "compressed-tensors":
-            check_paths([a.file], dirs=[a.out], forceable=False)
+            check_paths(inputs, dirs=[a.out], forceable=False)
         else:
-            check_paths([a.file], files=[a.out, a.out + ".data" if a.to == "onnx" else None])
+            check_paths(inputs, files=[a.out, a.out + ".data" if a.to == "onnx" else None])
         if a.to == "gguf":
             from ..exporters.gguf_export import export_gguf
 

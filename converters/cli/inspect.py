@@ -73,29 +73,37 @@ def render(acc: Accounting, model: dict, console: Console, per_layer: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="resmoe-inspect", description="True byte accounting of a .rmoe file.")
-    ap.add_argument("file", help=".rmoe file")
+    ap.add_argument("file", help=".rmoe file (of a sharded file: its index or any shard)")
     ap.add_argument("--json", action="store_true", help="print the accounting as JSON")
     ap.add_argument("--layers", action="store_true", help="also show a per-layer table")
     check = ap.add_mutually_exclusive_group()
     check.add_argument("--verify", action="store_true", help="also decode and check every layer record")
     check.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of every tensor; the output "
                        "then says the checksums were not verified")
+    ap.add_argument("--shard-only", action="store_true", help="a shard of a sharded file alone, as the plain .rmoe "
+                    "file it is (without it, a shard opens the whole set through its index)")
     a = ap.parse_args(argv)
     verified = "none" if a.no_verify else "records" if a.verify else "checksums"
 
     def body() -> int:
-        with resmoe_format.open(a.file) as r:
+        with resmoe_format.open(a.file, shard_only=a.shard_only) as r:
             if not a.no_verify:
                 r.verify(records=a.verify)
             acc = account(r)
+            shards = [{"file": str(s.path), "bytes": s.file_size} for s in getattr(r, "shards", [])]
             if a.json:
                 doc = {"file": a.file, "version": ".".join(map(str, r.version)), "model": r.model,
                        "method": r.schema.method, "verified": verified, **acc.to_json()}
+                if shards:  # spec 11: the sums cover every shard, and the index counts as header
+                    doc.update(index=str(r.path), index_bytes=r.index_size, shards=shards)
                 json.dump(doc, sys.stdout, indent=2)
                 print()
             else:
                 caption = (f".rmoe {'.'.join(map(str, r.version))}, method {r.schema.method.get('name', '?')}, "
                            f"source dtype {r.model.get('source_dtype', '?')}")
+                if shards:
+                    caption += (f"; {len(shards)} shards and the index {r.path.name} ({r.index_size:,} bytes, "
+                                f"counted as header)")
                 render(acc, r.model, Console(), a.layers, caption)
                 print(VERIFIED[verified])
         return 0

@@ -10,7 +10,7 @@ from .common import run_cli
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="resmoe-restore", description="Restore a .rmoe file to a safetensors "
                                  "checkpoint (model.safetensors, config.json, tokenizer files).")
-    ap.add_argument("file", help=".rmoe file")
+    ap.add_argument("file", help=".rmoe file, or the index or any shard of a sharded one")
     ap.add_argument("outdir", help="output directory")
     ap.add_argument("--original-order", action="store_true",
                     help="undo the neuron permutations (a lossless file then restores bit for bit)")

@@ -40,6 +40,7 @@ __all__ = [
     "objective",
     "pot_barycenter",
     "pot_free_support",
+    "streamed_barycenter",
     "wasserstein_barycenter",
 ]
 
@@ -129,8 +130,8 @@ def align(target: torch.Tensor, design: torch.Tensor) -> np.ndarray:
     return assignment(target @ design.T)
 
 
-def _row_chunks(rows: torch.Tensor, d: int):
-    step = max(1, _CHUNK_ELEMS // max(1, d))
+def _row_chunks(rows: torch.Tensor, d: int, elems: int = _CHUNK_ELEMS):
+    step = max(1, elems // max(1, d))
     for s in range(0, rows.numel(), step):
         yield s, rows[s:s + step]
 
@@ -313,6 +314,85 @@ def wasserstein_barycenter(
         history=history,
         solver_calls=assign.solver_calls,
     )
+
+
+def streamed_barycenter(
+    design: Callable[[int], torch.Tensor],
+    num_experts: int,
+    init: int = 0,
+    max_iter: int = 100,
+    progress: Callable[[int, float], None] | None = None,
+) -> BarycenterResult:
+    """:func:`wasserstein_barycenter` with the experts read one at a time: ``design(k)`` gives expert k's
+    (n, d) design matrix, read again every iteration (from a memory-mapped checkpoint), so memory holds the
+    barycenter, its running sum, the best iterate and one expert, whatever the number of experts.
+
+    One pass per iteration: each expert is assigned to the barycenter, its squared distances and its
+    aligned rows summed; the same arithmetic in the same order as :func:`wasserstein_barycenter` without
+    the similarity cache (``cache_bytes=0``), so the same result, bit for bit."""
+    e = num_experts
+    if e < 1:
+        raise ValueError(f"streamed_barycenter needs at least one expert, got {e}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    start = int(init) % e
+    b = design(start).detach().to(torch.float32)  # never written in place: no copy needed
+    if b.ndim != 2 or b.numel() == 0:
+        raise ValueError(f"designs must be non-empty (n, d) matrices, got shape {tuple(b.shape)}")
+    n, d = b.shape
+    dev = b.device
+    ident = torch.arange(n, device=dev)
+    rows = torch.arange(n, device=dev)
+    dist = torch.zeros((e, n), dtype=torch.float64, device=dev)
+    perms: torch.Tensor | None = None
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    history: list[float] = []
+    calls = 0
+    it = 0
+    for it in range(1, max_iter + 1):
+        new = torch.empty((e, n), dtype=torch.int64, device=dev)
+        acc = torch.zeros((n, d), dtype=torch.float32, device=dev)
+        for k in range(e):
+            x = design(k).detach().to(device=dev, dtype=torch.float32)
+            if tuple(x.shape) != (n, d):
+                raise ValueError(f"expert {k}: design {tuple(x.shape)}, expert {start}'s is {(n, d)}")
+            if it == 1 and k == start:
+                new[k] = ident
+            else:
+                sim = b @ x.T
+                top, arg = sim.max(dim=1)
+                _Assigner._check(top)
+                if bool(_is_permutation(arg)):
+                    new[k] = arg
+                else:
+                    calls += 1
+                    new[k] = torch.from_numpy(_solve(sim)).to(dev)
+                del sim
+            for at, r in _row_chunks(rows, d, _CHUNK_ELEMS // 4):
+                b64 = b.index_select(0, r).to(torch.float64)
+                diff = x.index_select(0, new[k].index_select(0, r)).to(torch.float64).sub_(b64)
+                dist[k, at:at + r.numel()] = torch.linalg.vector_norm(diff, dim=1).square_()
+                acc[at:at + r.numel()] += x.index_select(0, new[k].index_select(0, r))
+            del x
+        obj = float(dist.sum()) / (e * n)
+        history.append(obj)
+        if progress is not None:
+            progress(it, obj)
+        if best is not None and not obj < best[0]:
+            break
+        best = (obj, b, new)  # b is never written again: the next one is the new running sum
+        if perms is not None and bool((new == perms).all()):
+            break
+        if it == max_iter:
+            break
+        b = acc.div_(e)
+        del acc
+        perms = new
+    assert best is not None
+    obj, b_best, p_best = best
+    p_cpu = p_best.cpu().numpy().astype(np.int64)
+    return BarycenterResult(barycenter=b_best, permutations=[p_cpu[k].copy() for k in range(e)], objective=obj,
+                            iterations=it, history=history, solver_calls=calls)
 
 
 def aligned_objective(barycenter, designs) -> float:

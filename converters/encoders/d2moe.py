@@ -82,8 +82,8 @@ def shared_whitened_svd(deltas: list[torch.Tensor], hessian: torch.Tensor, rank:
     out = []
     for j in range(len(deltas)):
         own = p[j * rows:(j + 1) * rows].float()
-        out.append(LowRankPart(own.contiguous(), shared) if input_axis == 1
-                   else LowRankPart(shared, own.T.contiguous()))
+        out.append(LowRankPart(own.contiguous(), shared, shared_across="v") if input_axis == 1
+                   else LowRankPart(shared, own.T.contiguous(), shared_across="u"))
     return out
 
 

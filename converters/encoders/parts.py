@@ -28,6 +28,8 @@ class LowRankPart:
     v: torch.Tensor
     shared_u: str | None = None
     owner: bool = False
+    #: "u" or "v": that factor is the very same tensor in this matrix's parts of every expert of the layer
+    shared_across: str | None = None
 
     @property
     def params(self) -> int:

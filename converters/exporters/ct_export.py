@@ -102,9 +102,9 @@ def export_compressed_tensors(src: str | os.PathLike, outdir: str | os.PathLike,
     from resmoe_format.torch.tensors import to_torch
 
     from ..convert import to_numpy
-    from ..paths import check_paths
+    from ..paths import check_paths, rmoe_inputs
 
-    check_paths([src], dirs=[outdir], forceable=False)
+    check_paths(rmoe_inputs(src), dirs=[outdir], forceable=False)
     sch = quant_scheme(scheme, group_size)
     fmt = _format()
     sch.format = fmt
