@@ -462,6 +462,9 @@ class ShardedReader:
     def addend(self, layer: int, matrix: str) -> np.ndarray | None:
         return self._layer_reader(layer).addend(layer, matrix)
 
+    def base_channels(self, layer: int) -> np.ndarray | None:
+        return self._layer_reader(layer).base_channels(layer)
+
     def residual(self, layer: int, expert: int, matrix: str) -> np.ndarray | None:
         return self._layer_reader(layer).residual(layer, expert, matrix)
 
