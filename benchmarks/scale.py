@@ -140,9 +140,13 @@ def main() -> int:
     ap.add_argument("--tmp", default=None, help="scratch directory (default: the system's)")
     ap.add_argument("--render", action="store_true", help="only rewrite SCALE.md and the README sentence from "
                     "results/scale.json")
+    ap.add_argument("--note", help="with --render: a note on the conditions of the run, kept in the results")
     a = ap.parse_args()
     if a.render:
-        save(json.loads((RESULTS / "scale.json").read_text()))
+        doc = json.loads((RESULTS / "scale.json").read_text())
+        if a.note is not None:
+            doc["note"] = a.note
+        save(doc)
         return 0
     import torch
 
@@ -249,6 +253,8 @@ def render(doc: dict) -> str:
               f"divide it by the number of ranks (layers are independent), memory per rank as above.", "",
               "No GPU was lent to this session: no GPU measurement was made (the CUDA code path, `--device cuda`, "
               "is exercised only on CPU by the tests; benchmarks/barycenter.py --device cuda stays to be run).", ""]
+    if doc.get("note"):
+        lines += [f"Note: {doc['note']}", ""]
     return "\n".join(lines) + "\n" + markdown(doc["provenance"])
 
 
