@@ -150,7 +150,7 @@ def main() -> int:
         return 0
     import torch
 
-    prov = collect(("numpy", "torch", "scipy"), gpu="none lent to this session: CPU only" if not
+    prov = collect(("numpy", "torch", "scipy"), timing_runs=1, gpu="none lent to this session: CPU only" if not
                    torch.cuda.is_available() else torch.cuda.get_device_name(0))
     baseline = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
                                   check=True).stdout)
