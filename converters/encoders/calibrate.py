@@ -11,8 +11,10 @@ so that no expert is quantized against a handful of samples.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,22 +119,33 @@ def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, p
 
     ``moe_layouts``: every MoE layer of the checkpoint; ``layouts``: the compressed ones.
     """
-    from tqdm import tqdm
-
     from .layerwise import LayerwiseModel
 
     run = LayerwiseModel(ckpt, moe_layouts, device)
     wanted = {lay.index for lay in layouts}
-    at = {lay.index: (i, path) for i, pairs in run.moe.items() for lay, path in pairs if lay.index in wanted}
-    last = max(i for i, _ in at.values())
-    hidden, calls = run.embed(ids, WINDOW, last)
+    last = max(i for i, pairs in run.moe.items() for lay, _ in pairs if lay.index in wanted)
+    return forward(run, wanted, ids, last, progress)[2]
+
+
+def forward(run, wanted: set[int], ids: np.ndarray, upto: int, progress: bool = False, desc: str = "calibrating",
+            before: Callable[[int, Spill], None] | None = None,
+            recorded: Callable[[Any, LayerInputs], None] | None = None) -> tuple[Spill, dict, dict[int, LayerInputs]]:
+    """Decoder layers 0..``upto`` of ``run`` (a :class:`.layerwise.LayerwiseModel`) over ``ids``, recording the
+    experts modules of the MoE layers ``wanted``: (the last layer's output hidden states, what the layers are
+    passed, the recorded inputs by layer). ``before(i, hidden)`` sees each layer's input; ``recorded(layout,
+    inputs)`` each layer's recording as soon as it is made."""
+    from tqdm import tqdm
+
+    hidden, calls = run.embed(ids, WINDOW, upto)
     got: dict[int, LayerInputs] = {}
-    for i in tqdm(range(last + 1), desc="calibrating", unit="layer", disable=not progress, leave=False):
+    for i in tqdm(range(upto + 1), desc=desc, unit="layer", disable=not progress, leave=False):
         layer = run.load_layer(i)
         here = [(lay, path) for lay, path in run.moe.get(i, []) if lay.index in wanted]
         rec = [_Recorder(lay, run.kind, ids.size, hidden.shape[1]) for lay, path in here]
         hooks = [run.model.get_submodule(path).register_forward_pre_hook(r, with_kwargs=True)
                  for r, (_, path) in zip(rec, here)]
+        if before is not None:
+            before(i, hidden)
         try:
             run.run_layer(layer, i, hidden, calls, WINDOW)
         finally:
@@ -141,7 +154,9 @@ def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, p
             run.drop_layer(i)
         for r in rec:
             got[r.lay.index] = LayerInputs(r.rows, r.filled, torch.cat(r.index))
-    return got
+            if recorded is not None:
+                recorded(r.lay, got[r.lay.index])
+    return hidden, calls, got
 
 
 @dataclass
@@ -169,13 +184,7 @@ def expert_hessians(inputs: LayerInputs, experts: list[dict[str, torch.Tensor]],
             rows = torch.cat([rows, others])
         xe = x[rows]
         h_in = xe.T @ xe / xe.shape[0]
-        pre = []
-        for j, name in enumerate(kind.inputs):
-            p = xe @ mats[name].T
-            if kind.input_biases:
-                p = p + mats[kind.input_biases[j]]
-            pre.append(p)
-        h = kind.activate(pre)
+        h = kind.intermediate(xe, mats)
         h_out = h.T @ h / h.shape[0]
         hs = {name: h_in for name in kind.inputs}
         hs[kind.output] = h_out

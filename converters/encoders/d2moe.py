@@ -124,13 +124,7 @@ def channel_scores(x: torch.Tensor, base: dict[str, torch.Tensor], kind, window:
     (s^2 + p^2) / (s + p). A channel scores sqrt of that, averaged over the windows, times the L1 norm of its
     row of the output matrix (Wanda-style: activation size times the weights it feeds)."""
     x = x.double()
-    pre = []
-    for j, name in enumerate(kind.inputs):
-        p = x @ base[name].double().T
-        if kind.input_biases:
-            p = p + base[kind.input_biases[j]].double()
-        pre.append(p)
-    h2 = kind.activate(pre).square()
+    h2 = kind.intermediate(x, base).square()
     static = h2.mean(0)
     norms = x.norm(dim=1)
     total = torch.zeros_like(static)
@@ -264,11 +258,5 @@ class ExpertGrams:
         rows = torch.nonzero((self.inputs.index == e).any(dim=1).to(self.device)).reshape(-1)
         xe = self.x[rows].double()
         h_in = xe.T @ xe
-        pre = []
-        for j, name in enumerate(kind.inputs):
-            p = xe @ mats[name].double().T
-            if kind.input_biases:
-                p = p + mats[kind.input_biases[j]].double()
-            pre.append(p)
-        h = kind.activate(pre)
+        h = kind.intermediate(xe, mats)
         return {**{name: h_in for name in kind.inputs}, kind.output: h.T @ h}

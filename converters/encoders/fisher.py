@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConversionError
-from .calibrate import WINDOW, LayerInputs, _Recorder
+from . import calibrate
+from .calibrate import WINDOW, LayerInputs
 from .layerwise import LayerwiseModel, Spill
 
 
@@ -122,13 +123,7 @@ class _GradCapture:
                 continue
             leaves = {m: t.detach().requires_grad_() for m, t in experts[e].items()}
             xe = self.x[rows]
-            pre = []
-            for j, name in enumerate(kind.inputs):
-                p = xe @ leaves[name].T
-                if kind.input_biases:
-                    p = p + leaves[kind.input_biases[j]]
-                pre.append(p)
-            y = kind.activate(pre) @ leaves[kind.output]
+            y = kind.intermediate(xe, leaves) @ leaves[kind.output]
             if kind.output_bias:
                 y = y + leaves[kind.output_bias]
             s = (y * (self.weights[rows, slots, None] * self.grad[rows])).sum()
@@ -167,28 +162,18 @@ def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, p
     where = {i: [(lay, path) for lay, path in pairs if lay.index in wanted] for i, pairs in run.moe.items()}
     where = {i: here for i, here in where.items() if here}
     first, top = min(where), len(run.layers) - 1
-    hidden, calls = run.embed(ids, WINDOW, top)
     saved: dict[int, Spill] = {}
-    inputs: dict[int, LayerInputs] = {}
     freq: dict[int, np.ndarray] = {}
-    for i in tqdm(range(top + 1), desc="calibrating (forward)", unit="layer", disable=not progress, leave=False):
-        layer = run.load_layer(i)
-        here = where.get(i, [])
-        rec = [_Recorder(lay, run.kind, ids.size, hidden.shape[1]) for lay, _ in here]
-        hooks = [run.model.get_submodule(path).register_forward_pre_hook(r, with_kwargs=True)
-                 for r, (_, path) in zip(rec, here)]
+
+    def keep(i: int, hidden: Spill) -> None:
         if i >= first:
             saved[i] = _copy(hidden)
-        try:
-            run.run_layer(layer, i, hidden, calls, WINDOW)
-        finally:
-            for h in hooks:
-                h.remove()
-            run.drop_layer(i)
-        for r in rec:
-            inputs[r.lay.index] = LayerInputs(r.rows, r.filled, torch.cat(r.index))
-            freq[r.lay.index] = routing_frequency(inputs[r.lay.index], r.lay.num_experts, r.lay.index,
-                                                  allow_unrouted)
+
+    def frequency(lay, got: LayerInputs) -> None:
+        freq[lay.index] = routing_frequency(got, lay.num_experts, lay.index, allow_unrouted)
+
+    hidden, calls, inputs = calibrate.forward(run, wanted, ids, top, progress, "calibrating (forward)", keep,
+                                              frequency)
     logits_of = run.load_head()
     targets = torch.from_numpy(ids).to(device)
     grad = Spill(*hidden.shape)

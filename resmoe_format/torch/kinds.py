@@ -72,6 +72,16 @@ class ExpertKind:
     def activate(self, pre: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def intermediate(self, x: torch.Tensor, mats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """h = activate(x W_m^T + b_m) for the input matrices ``mats`` (canonical), in ``x``'s dtype."""
+        pre = []
+        for j, name in enumerate(self.inputs):
+            p = x @ mats[name].to(x.dtype).T
+            if self.input_biases:
+                p = p + mats[self.input_biases[j]].to(x.dtype)
+            pre.append(p)
+        return self.activate(pre)
+
     def routing(self, num_experts: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x (T, H), expert index (T, k), weight (T, k)) from the experts module's forward arguments.
