@@ -1,9 +1,10 @@
 """D²-MoE: a Fisher-weighted base per layer and each expert's delta as an activation-whitened low-rank product.
 
 For an expert matrix that maps inputs X (rows: that expert's routed calibration tokens) the delta
-D = W_j - W_base is compressed as SVD-LLM does: S = Cholesky factor of X^T X (float64, eigenvalues clamped
-from below), D S = U Sigma V^T, and D ~= (U_r Sigma_r^1/2)(Sigma_r^1/2 V_r^T S^-1): the truncation keeps
-the directions that matter for the outputs ||D X^T|| rather than for ||D||. At full rank the product is D.
+D = W_j - W_base is compressed as SVD-LLM does: S = Cholesky factor of X^T X (float64, eigenvalues
+lifted by 1e-5 of their mean), D S = U Sigma V^T, and D ~= (U_r Sigma_r^1/2)(Sigma_r^1/2 V_r^T S^-1): the
+truncation keeps the directions that matter for the outputs ||D X^T|| rather than for ||D||.
+At full rank the product is D.
 
 Orientation: matrices are canonical (neuron axis first, spec 4.14). An input matrix (gate, up) is (n, H)
 and maps x (H) to n, so its input axis is 1; the output matrix (down) is stored (n, H) transposed and maps
@@ -33,23 +34,45 @@ from .parts import LowRankPart, SparsePart
 PRUNE_MULTIPLE = 64
 #: the per-batch probe looks at this fraction of each calibration window's tokens, those of largest norm
 PROBE_FRACTION = 0.1
-#: eigenvalues of X^T X are clamped to at least this fraction of their mean before the Cholesky factor
+#: X^T X gets this fraction of its mean eigenvalue added to the diagonal before the Cholesky factor
 CLAMP = 1e-5
 
 
+#: the last few (Gram, whitening) pairs: gate and up of an expert share one Gram object (held here, so
+#: identity is a safe key), and the --bits path asks for each matrix's whitening once per base width
+_RECENT: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+_RECENT_SIZE = 2
+
+
 def whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S^-1) with S S^T = X^T X after clamping its eigenvalues (float64, S lower triangular); the identity
-    for a zero Gram (an expert no calibration token reached: its SVD is not whitened)."""
-    h = h.double()
-    h = (h + h.T) / 2
-    lam, q = torch.linalg.eigh(h)
-    if float(lam.max()) <= 0:
-        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    """(S, S^-1) with S S^T = X^T X + floor I, floor = CLAMP times the mean eigenvalue (float64, S lower
+    triangular): every eigenvalue is lifted to at least the floor. The identity for a zero Gram (an expert no
+    calibration token reached: its SVD is not whitened). Repeated calls with the same tensor are answered
+    from a small cache."""
+    for seen, white in _RECENT:
+        if seen is h:
+            return white
+    white = _whitening(h)
+    _RECENT.insert(0, (h, white))
+    del _RECENT[_RECENT_SIZE:]
+    return white
+
+
+def _whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = h.double()
+    g = (g + g.T) / 2
+    n = g.shape[0]
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    mean = float(torch.diagonal(g).sum()) / n  # the mean eigenvalue, without an eigendecomposition
+    if not mean > 0:
         return eye, eye
-    floor = max(float(lam.mean()), 1e-30) * CLAMP
-    hc = (q * lam.clamp(min=floor)) @ q.T
-    s = torch.linalg.cholesky((hc + hc.T) / 2)
-    s_inv = torch.linalg.solve_triangular(s, torch.eye(s.shape[0], dtype=s.dtype, device=s.device), upper=False)
+    floor = mean * CLAMP
+    s, info = torch.linalg.cholesky_ex(g + floor * eye)
+    if int(info) != 0:  # rounding left it indefinite: clamp the eigenvalues themselves (slow, exact)
+        lam, q = torch.linalg.eigh(g)
+        hc = (q * (lam.clamp(min=0) + floor)) @ q.T
+        s = torch.linalg.cholesky((hc + hc.T) / 2)
+    s_inv = torch.linalg.solve_triangular(s, eye, upper=False)
     return s, s_inv
 
 
