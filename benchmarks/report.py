@@ -231,6 +231,15 @@ def d2moe_findings(comparison: list[dict]) -> list[str]:
                          + ("holds at every budget" if len(held) == len(cs) else
                             "holds at none of the budgets" if not held else
                             f"holds at {', '.join(c['setting'] for c in held)} only") + ".")
+        for fam, flag in (("d2moe-sharev", "`--share-v`"), ("d2moe-prune", "`--prune-base`")):
+            plain = {p["setting"]: p for p in comparison if p["fixture"] == fx and p["family"] == "d2moe"}
+            pairs = [(c, plain[c["setting"]]) for c in comparison
+                     if c["fixture"] == fx and c["family"] == fam and c["setting"] in plain]
+            if pairs:
+                better = sum(c["ppl"] < p["ppl"] for c, p in pairs)
+                lines.append(f"- `{fx}`: {flag} against plain d2moe at the same keep, perplexity "
+                             + ", ".join(f"{c['ppl']:.4f} against {p['ppl']:.4f} at {c['setting']}" for c, p in pairs)
+                             + f": lower in {better} of {len(pairs)}.")
         beaten = [c for c in comparison if c["fixture"] == fx and "quantized" in c and c["quantized_ppl"] <= c["ppl"]]
         every = [c for c in comparison if c["fixture"] == fx and "quantized" in c]
         if every:
