@@ -11,6 +11,20 @@ ranks; it publishes the file atomically and removes the work directory. A failed
 directory; ``--resume`` reuses every part that is complete, verified and made from the same source and
 flags, and computes only the rest.
 
+Calibrated conversions (``--calibration`` with ``--bits``, ``--method d2moe``): rank 0 first runs the
+calibration, which is sequential through the decoder layers (the forward pass, and d2moe's Fisher backward
+pass), and writes each compressed layer's statistics as a checksummed record ``cal-00003.safetensors``
+(:mod:`.workfiles`) as soon as that layer's are complete; after a barrier each rank reads only its layers'.
+``--bits`` runs its two passes layer-parallel: each rank measures its layers and writes each table as a
+record ``table-00003.safetensors``; after a barrier every rank reads all tables and runs the one allocation
+(deterministic: the same tables in layer order give the same choices), then encodes its layers into parts.
+``--resume`` reuses verified records as it reuses parts, and the calibration passes run only as far as the
+layers still missing their work need.
+
+The bytes depend on the number of intra-op threads on real-sized layers (BLAS splits long reductions among
+them), so the ranks of ``--workers`` keep the single-process run's count; under torchrun (which sets
+``OMP_NUM_THREADS=1``) set ``OMP_NUM_THREADS`` to that count for the same bytes.
+
 Launch: ``resmoe-convert ... --workers N`` starts N local ranks (torch.multiprocessing); under
 ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every process is a rank and the work directory must be on a
 filesystem all nodes share. The process group is gloo for CPU tensors and NCCL for CUDA ones.

@@ -176,7 +176,7 @@ def _same_as_single(cal_src, tmp_path, options: ConvertOptions, workers: int) ->
     return got
 
 
-@pytest.mark.parametrize("method, calibrated", [("quant", False), ("quant", True),
+@pytest.mark.parametrize("method, calibrated", [("quant", False), pytest.param("quant", True, marks=pytest.mark.slow),
                                                 pytest.param("resmoe", False, marks=pytest.mark.slow),
                                                 pytest.param("resmoe", True, marks=pytest.mark.slow)])
 def test_bits_two_ranks_give_the_same_bytes_and_report(cal_src, tmp_path, method, calibrated):
