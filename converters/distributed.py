@@ -16,8 +16,9 @@ calibration, which is sequential through the decoder layers (the forward pass, a
 pass), and writes each compressed layer's statistics as a checksummed record ``cal-00003.safetensors``
 (:mod:`.workfiles`) as soon as that layer's are complete; after a barrier each rank reads only its layers'.
 ``--bits`` runs its two passes layer-parallel: each rank measures its layers and writes each table as a
-record ``table-00003.safetensors``; after a barrier every rank reads all tables and runs the one allocation
-(deterministic: the same tables in layer order give the same choices), then encodes its layers into parts.
+record ``table-00003.safetensors`` (resmoe's barycenter and permutations in ``base-00003.safetensors``);
+after a barrier every rank reads all tables and runs the one allocation (deterministic: the same tables in
+layer order give the same choices), then encodes its layers into parts.
 ``--resume`` reuses verified records as it reuses parts, and the calibration passes run only as far as the
 layers still missing their work need.
 
@@ -41,8 +42,8 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -148,7 +149,8 @@ def open_part(path: Path, key: str, index: int) -> Reader:
 
 def stream_part(r: Reader, w) -> None:
     """Write a part's layer into ``w`` expert by expert (:meth:`Writer.add_layer_stream`): the same parts in
-    the same order, a tensor named by several records of an expert given as one array (shared again)."""
+    the same order, a tensor named by several records given as one array (shared again); a layer with
+    extensions or with tensors shared across experts (``--share-v``) is written whole."""
     spec = r.layers[0]
     arrays: dict[str, Any] = {}
 
@@ -161,17 +163,27 @@ def stream_part(r: Reader, w) -> None:
         return Encoded(ref.encoding, spec.matrix(m).shape2d, ref.value_dtype,
                        {p: get(t) for p, t in ref.tensors.items()}, dict(ref.params), ref.quant)
 
+    seen: set[str] = set()
+    shared = False  # a tensor several experts' records name (--share-v): written once, so the layer at once
+    for res in spec.residuals:
+        names = {t for ref in res.values() if ref is not None for t in ref.tensors.values()}
+        shared = shared or bool(names & seen)
+        seen |= names
+
     def experts():
         for res in spec.residuals:
-            arrays.clear()
+            if not shared:
+                arrays.clear()
             yield {m: (enc(ref, m) if ref is not None else None) for m, ref in res.items()}
-            r.release()
+            if not shared:
+                r.release()
 
     base = {m: enc(ref, m) for m, ref in spec.base.items()}
     perms = None if spec.permutations is None else [get(p) for p in spec.permutations]
     layer = MoELayer(spec.index, spec.num_neurons, list(spec.matrices), spec.base_kind, base, [], perms,
-                     list(spec.sources), spec.prefix)
-    if spec.extensions:
+                     list(spec.sources), spec.prefix,
+                     base_channels=None if spec.base_channels is None else get(spec.base_channels))
+    if spec.extensions or shared:
         layer.residuals = list(experts())
         layer.extensions = {k: ({**v, "tensors": {p: get(t) for p, t in v["tensors"].items()}} if "tensors" in v
                                 else dict(v)) for k, v in spec.extensions.items()}
@@ -267,8 +279,7 @@ def _run(src, out, options, config, progress, resume, rank, world, group) -> dic
         else:
             for lay in _bar(plan, mine, world, progress):
                 if not _finished(work, key, lay, resume):
-                    for s in lay.sources:
-                        check_finite(s.name, plan.ckpt.get(s.name))
+                    check_layer(plan, lay)
                     _write_part(work, key, lay, lambda pw, lay=lay: convert_layer(plan, lay, pw))
         _barrier(group)
         if rank != 0:
@@ -282,6 +293,13 @@ def _run(src, out, options, config, progress, resume, rank, world, group) -> dic
 
 def _bar(plan: Plan, layouts, world: int, progress: bool, desc: str | None = None):
     return tqdm(layouts, desc=f"rank 0 of {world}: {desc or plan.options.method}", unit="layer", disable=not progress)
+
+
+def check_layer(plan: Plan, lay) -> None:
+    """Refuse NaN or Inf in a layer's experts before any work on it (a single-process run checks every tensor
+    before it writes anything)."""
+    for s in lay.sources:
+        check_finite(s.name, plan.ckpt.get(s.name))
 
 
 def _finished(work: Path, key: str, lay, resume: bool, remove: bool = True) -> bool:
@@ -322,13 +340,15 @@ def calibrate_work(plan: Plan, work: Path, key: str, resume: bool, progress: boo
             return True
         if workfiles.valid(workfiles.record_path(work, workfiles.CAL, lay.index), workfiles.CAL, key, lay.index):
             return False
-        table = not plan.bits or workfiles.valid(workfiles.record_path(work, workfiles.TABLE, lay.index),
-                                                 workfiles.TABLE, key, lay.index)
+        table = not plan.bits or workfiles.table_done(work, key, lay.index)[0]
         return not (table and _finished(work, key, lay, resume, remove=False))
 
     need = [lay for lay in plan.layouts if needed(lay)]
     if not need:
         return
+    for lay in need:  # the model runs on them
+        check_layer(plan, lay)
+        plan.ckpt.release()
     if plan.options.method == "d2moe":
         fisher.collect(plan.ckpt, plan.moe_layouts, need, plan.calibration_ids, plan.device, progress,
                        plan.options.allow_unrouted_experts,
@@ -359,28 +379,31 @@ def _bits(plan: Plan, work: Path, key: str, mine, resume: bool, group: bool, pro
         return st.inputs.tokens
 
     for lay in tqdm(mine, desc="measuring", unit="layer", disable=not progress):
-        path = workfiles.record_path(work, workfiles.TABLE, lay.index)
-        if resume and workfiles.valid(path, workfiles.TABLE, key, lay.index):
-            continue
+        if resume:  # the table is reused; so is its base, unless the part that needs it must be encoded again
+            table, base = workfiles.table_done(work, key, lay.index)
+            if table and (base or _finished(work, key, lay, resume, remove=False)):
+                continue
+        check_layer(plan, lay)
         tokens = calibrated(lay)
         table = conv.analyze(lay, load_experts(plan, lay))
         workfiles.save_table(work, key, table, conv._bases.pop(lay.index, None), tokens)
         release_layer(plan)
     _barrier(group)
-    loaded = [workfiles.load_table(work, key, lay.index, plan.device) for lay in plan.layouts]
-    tables = [t for t, _, _ in loaded]
+    loaded = [workfiles.load_table(work, key, lay.index) for lay in plan.layouts]
+    tables = [t for t, _ in loaded]
     choices, lam = allocate_bits(plan, tables)
     t_measure = time.perf_counter() - t0
     ours = {lay.index for lay in mine}
-    for lay, choice, (_, base, _) in zip(plan.layouts, choices, loaded):
+    for lay, choice in zip(plan.layouts, choices):
         if lay.index not in ours or _finished(work, key, lay, resume):
             continue
         calibrated(lay)
+        base = workfiles.load_base(work, key, lay.index, plan.device)
         if base is not None:
             conv._bases[lay.index] = base
         _write_part(work, key, lay, lambda pw, lay=lay, choice=choice: encode_layer(plan, conv, lay, choice, pw))
         conv._bases.pop(lay.index, None)
-    tokens = {str(lay.index): {"tokens": n} for lay, (_, _, n) in zip(plan.layouts, loaded)} \
+    tokens = {str(lay.index): {"tokens": n} for lay, (_, n) in zip(plan.layouts, loaded)} \
         if plan.calibration_ids is not None else None
     return lambda _: {"allocation": allocation_report(plan, tables, choices, lam, t_measure, tokens)}
 
@@ -394,6 +417,7 @@ def _d2moe(plan: Plan, work: Path, key: str, mine, resume: bool, progress: bool)
     for lay in tqdm(mine, desc="d2moe", unit="layer", disable=not progress):
         if _finished(work, key, lay, resume):
             continue
+        check_layer(plan, lay)
         st = workfiles.load_calibration(work, key, lay, plan.device)
         _write_part(work, key, lay, lambda pw, lay=lay, st=st: d2moe_layer(plan, lay, st, kind, pw), st.inputs.tokens)
         del st

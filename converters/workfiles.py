@@ -6,8 +6,9 @@ atomically (a half-written record is only a hidden temporary).
 rank 0's forward pass (and d2moe's Fisher backward pass): the layer's routed inputs ``x`` (tokens, hidden,
 float32) and ``index`` (tokens, k), and for d2moe the routing frequencies ``freq`` and the Fisher-merged base
 ``base.<matrix>``. ``table-00003.safetensors``: layer 3's rate–distortion table
-(:class:`.encoders.allocate.LayerTable`, its arrays ``m<i>.*``) and, for ``--method resmoe``, the barycenter
-``base.<matrix>`` and permutations ``perm.<k>`` that pass 2 encodes against.
+(:class:`.encoders.allocate.LayerTable`, its arrays ``m<i>.*``; every rank reads every table), and for
+``--method resmoe`` ``base-00003.safetensors``: the barycenter ``base.<matrix>`` and permutations ``perm.<k>``
+that pass 2 encodes against (read by the rank that encodes the layer).
 
 A record's safetensors metadata ``resmoe-work`` (JSON) holds its kind, the conversion's key
 (:func:`.distributed.part_key`), the layer, its fields and the CRC-32 of every tensor; it is used only when
@@ -33,7 +34,7 @@ from .encoders.fisher import LayerStats
 from .errors import ConversionError
 
 META = "resmoe-work"
-CAL, TABLE = "cal", "table"
+CAL, TABLE, BASE = "cal", "table", "base"
 
 
 def record_path(work: Path, kind: str, index: int) -> Path:
@@ -92,7 +93,7 @@ def _load(work: Path, kind: str, key: str, index: int) -> tuple[dict[str, np.nda
     try:
         return load_record(path, kind, key, index)
     except RmoeFormatError as e:
-        what = "calibration record" if kind == CAL else "rate–distortion table"
+        what = {CAL: "calibration record", TABLE: "rate–distortion table", BASE: "--bits base record"}[kind]
         raise ConversionError(f"layer {index}: its {what} is missing or damaged ({e}); rerun with --resume") from None
 
 
@@ -131,8 +132,8 @@ def load_calibration(work: Path, key: str, lay, device: torch.device) -> LayerSt
 # ---- --bits tables -------------------------------------------------------------------------------------------
 
 def save_table(work: Path, key: str, table: LayerTable, base: tuple | None, tokens: int | None) -> None:
-    """A layer's rate–distortion table, its (barycenter, permutations) ``base`` if any, and its calibration
-    token count (None without calibration)."""
+    """A layer's rate–distortion table with its calibration token count (None without calibration), and its
+    (barycenter, permutations) ``base`` if any as a record of its own."""
     tensors: dict[str, np.ndarray] = {}
     mats = []
     for i, t in enumerate(table.matrices):
@@ -144,21 +145,30 @@ def save_table(work: Path, key: str, table: LayerTable, base: tuple | None, toke
         for bw, e in t.residual_error.items():
             tensors[f"{p}residual_error.{bw}"] = e
         mats.append({"name": t.name, "base_bytes": t.base_bytes, "residual_error": list(t.residual_error)})
-    fields: dict[str, Any] = {"permutation_bytes": table.permutation_bytes, "matrices": mats, "tokens": tokens,
-                              "base": None, "permutations": None}
     if base is not None:
         b, perms = base
-        tensors.update({f"base.{m}": v.detach().cpu().numpy() for m, v in b.items()})
-        fields["base"] = list(b)
-        if perms is not None:
-            tensors.update({f"perm.{k}": np.asarray(q) for k, q in enumerate(perms)})
-            fields["permutations"] = len(perms)
+        tb = {f"base.{m}": v.detach().cpu().numpy() for m, v in b.items()}
+        tb.update({f"perm.{k}": np.asarray(q) for k, q in enumerate(perms or [])})
+        save_record(record_path(work, BASE, table.index), BASE, key, table.index, tb,
+                    {"matrices": list(b), "permutations": None if perms is None else len(perms)})
+    fields = {"permutation_bytes": table.permutation_bytes, "matrices": mats, "tokens": tokens,
+              "base": base is not None}
     save_record(record_path(work, TABLE, table.index), TABLE, key, table.index, tensors, fields)
 
 
-def load_table(work: Path, key: str, index: int, device: torch.device) -> tuple[LayerTable, tuple | None, int | None]:
-    """(table, (barycenter, permutations) or None, calibration tokens or None) of layer ``index``;
-    ConversionError when the record is missing or damaged."""
+def table_done(work: Path, key: str, index: int) -> tuple[bool, bool]:
+    """(whether layer ``index``'s table record is there and verified, whether its base record is too or it has
+    none)."""
+    try:
+        _, fields = load_record(record_path(work, TABLE, index), TABLE, key, index)
+    except RmoeFormatError:
+        return False, False
+    return True, not fields["base"] or valid(record_path(work, BASE, index), BASE, key, index)
+
+
+def load_table(work: Path, key: str, index: int) -> tuple[LayerTable, int | None]:
+    """(table, calibration tokens or None) of layer ``index``; ConversionError when the record is missing or
+    damaged."""
     t, fields = _load(work, TABLE, key, index)
     mats = []
     for i, m in enumerate(fields["matrices"]):
@@ -166,12 +176,18 @@ def load_table(work: Path, key: str, index: int, device: torch.device) -> tuple[
         mats.append(MatrixTable(m["name"], t[p + "direct_bytes"], t[p + "direct_error"], t.get(p + "aligned_error"),
                                 {k: int(v) for k, v in m["base_bytes"].items()}, t.get(p + "residual_bytes"),
                                 {bw: t[f"{p}residual_error.{bw}"] for bw in m["residual_error"]}))
-    base = None
-    if fields["base"] is not None:
-        perms = None if fields["permutations"] is None else [t[f"perm.{k}"] for k in range(fields["permutations"])]
-        base = ({m: torch.from_numpy(t[f"base.{m}"]).to(device) for m in fields["base"]}, perms)
-    return LayerTable(index, int(fields["permutation_bytes"]), mats), base, fields["tokens"]
+    return LayerTable(index, int(fields["permutation_bytes"]), mats), fields["tokens"]
+
+
+def load_base(work: Path, key: str, index: int, device: torch.device) -> tuple | None:
+    """Layer ``index``'s (barycenter, permutations) if its table says it has one; ConversionError when a record
+    is missing or damaged."""
+    if not _load(work, TABLE, key, index)[1]["base"]:
+        return None
+    t, fields = _load(work, BASE, key, index)
+    perms = None if fields["permutations"] is None else [t[f"perm.{k}"] for k in range(fields["permutations"])]
+    return {m: torch.from_numpy(t[f"base.{m}"]).to(device) for m in fields["matrices"]}, perms
 
 
 __all__ = ["record_path", "save_record", "load_record", "valid", "save_calibration", "load_calibration",
-           "save_table", "load_table", "CAL", "TABLE"]
+           "save_table", "table_done", "load_table", "load_base", "CAL", "TABLE", "BASE"]
