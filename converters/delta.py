@@ -12,7 +12,7 @@ from tqdm import tqdm
 from resmoe_format import Writer
 
 from .emit import emit_layer
-from .quantized import memo_key, release_layer
+from .quantized import expert_kind, memo_key, release_layer
 
 #: the calibration statistics of the last source, so that a library caller converting one source at several
 #: budgets (benchmarks/eval.py) runs the forward and Fisher passes once
@@ -31,38 +31,40 @@ def calibration_stats(plan, progress: bool) -> dict:
     return _MEMO[key]
 
 
-def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
-    """Write every compressed layer of ``plan`` with D²-MoE; append one report entry per layer to
-    ``layer_reports`` and return the calibration summary."""
-    import transformers
-
-    from resmoe_format.torch.kinds import kind_for
-
+def d2moe_layer(plan, lay, st, kind, w: Writer) -> dict[str, Any]:
+    """One compressed layer with D²-MoE against its calibration statistics ``st`` (a :class:`.encoders.fisher.
+    LayerStats`) into ``w``; its report entry. Memory is released afterwards."""
     from .convert import layer_entry, load_experts
     from .encoders.d2moe import D2Stats, ExpertGrams
 
+    t1 = time.perf_counter()
+    experts = load_experts(plan, lay)
+    plan.encoder.stats = D2Stats(st.base, st.freq, ExpertGrams(st.inputs, experts, kind, plan.device), kind.output)
+    dtype = lay.matrices[0].dtype
+    try:
+        result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
+    finally:
+        plan.encoder.stats = None
+    layer, mstats = emit_layer(lay, result, aligned, dtype, plan.emit)
+    w.add_layer(layer)
+    entry = layer_entry(lay, mstats, None)
+    entry["routing_frequency"] = [float(f) for f in st.freq]
+    entry["unrouted_experts"] = [int(e) for e in np.flatnonzero(st.freq == 0)]
+    entry["seconds"] = time.perf_counter() - t1
+    del layer, result, aligned, experts
+    release_layer(plan)
+    return entry
+
+
+def convert_layers_d2moe(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """Write every compressed layer of ``plan`` with D²-MoE; append one report entry per layer to
+    ``layer_reports`` and return the calibration summary."""
     t0 = time.perf_counter()
-    kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
+    kind = expert_kind(plan)
     stats = calibration_stats(plan, progress)
     t_cal = time.perf_counter() - t0
     tokens = {}
     for lay in tqdm(plan.layouts, desc="d2moe", unit="layer", disable=not progress):
-        t1 = time.perf_counter()
-        st = stats[lay.index]
-        experts = load_experts(plan, lay)
-        plan.encoder.stats = D2Stats(st.base, st.freq, ExpertGrams(st.inputs, experts, kind, plan.device),
-                                     kind.output)
-        dtype = lay.matrices[0].dtype
-        result, aligned = plan.encoder.encode(experts, lay.matrices, dtype)
-        plan.encoder.stats = None
-        layer, mstats = emit_layer(lay, result, aligned, dtype, plan.emit)
-        w.add_layer(layer)
-        entry = layer_entry(lay, mstats, None)
-        entry["routing_frequency"] = [float(f) for f in st.freq]
-        entry["unrouted_experts"] = [int(e) for e in np.flatnonzero(st.freq == 0)]
-        entry["seconds"] = time.perf_counter() - t1
-        layer_reports.append(entry)
-        tokens[str(lay.index)] = {"tokens": st.inputs.tokens}
-        del layer, result, aligned, experts, st
-        release_layer(plan)
+        layer_reports.append(d2moe_layer(plan, lay, stats[lay.index], kind, w))
+        tokens[str(lay.index)] = {"tokens": stats[lay.index].inputs.tokens}
     return {"calibration_seconds": t_cal, "tokens": tokens}

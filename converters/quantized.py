@@ -17,7 +17,7 @@ from resmoe_format import Writer
 from resmoe_format.memory import trim_heap
 
 from .encoders import calibrate
-from .encoders.allocate import LayerTable, allocate, total_bytes, total_error
+from .encoders.allocate import LayerChoice, LayerTable, allocate, total_bytes, total_error
 from .encoders.bits import LAYOUT, BitsConverter
 from .errors import ConversionError
 
@@ -46,32 +46,41 @@ def release_layer(plan) -> None:
     trim_heap()
 
 
+def bits_converter(plan) -> BitsConverter:
+    """The --bits converter of ``plan``, without calibration statistics (the caller sets ``inputs`` and, for
+    d2moe, ``fisher_bases``: all layers' in one process, one layer's at a time in a distributed rank)."""
+    o = plan.options
+    conv = BitsConverter(use_base=o.method in ("resmoe", "d2moe"), device=plan.device,
+                         max_iter=plan.encoder.options.max_iter, sparse=o.sparse_residuals, lowrank=o.lowrank_residuals)
+    if o.calibration is not None:
+        conv.kind = expert_kind(plan)
+    return conv
+
+
+def expert_kind(plan):
+    """The runtime's expert kind of ``plan``'s model (how its experts are called and what they compute)."""
+    import transformers
+
+    from resmoe_format.torch.kinds import kind_for
+
+    return kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
+
+
 def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
     """Pass 1: the rate–distortion table of every layer (after recording calibration inputs)."""
     from .convert import load_experts
 
     o = plan.options
-    conv = BitsConverter(use_base=o.method in ("resmoe", "d2moe"), device=plan.device,
-                         max_iter=plan.encoder.options.max_iter, sparse=o.sparse_residuals, lowrank=o.lowrank_residuals)
+    conv = bits_converter(plan)
     if o.method == "d2moe":
-        import transformers
-
-        from resmoe_format.torch.kinds import kind_for
-
         from .delta import calibration_stats
 
         stats = calibration_stats(plan, progress)
         conv.inputs = {i: st.inputs for i, st in stats.items()}
         conv.fisher_bases = {i: st.base for i, st in stats.items()}
-        conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
     elif o.calibration is not None:
-        import transformers
-
-        from resmoe_format.torch.kinds import kind_for
-
         conv.inputs = calibrate.collect(plan.ckpt, plan.moe_layouts, plan.layouts, plan.calibration_ids, plan.device,
                                         progress)
-        conv.kind = kind_for(transformers.AutoConfig.for_model(**plan.ckpt.config))
     tables = []
     for lay in tqdm(plan.layouts, desc="measuring", unit="layer", disable=not progress):
         tables.append(conv.analyze(lay, load_experts(plan, lay)))
@@ -79,12 +88,45 @@ def _measure(plan, progress: bool) -> tuple[list[LayerTable], BitsConverter]:
     return tables, conv
 
 
+def allocate_bits(plan, tables: list[LayerTable]) -> tuple[list[LayerChoice], float]:
+    """:func:`.encoders.allocate.allocate` of ``plan``'s budget over ``tables`` (layer order): (choices, multiplier)."""
+    try:
+        return allocate(tables, plan.budget_bytes())
+    except ValueError as e:
+        raise ConversionError(f"--bits {plan.options.bits:g}: {e}") from None
+
+
+def encode_layer(plan, conv: BitsConverter, lay, choice: LayerChoice, w: Writer) -> dict[str, Any]:
+    """Pass 2 for one layer: encode it as ``choice`` says into ``w``; its report entry."""
+    from .convert import layer_entry, load_experts
+
+    t1 = time.perf_counter()
+    layer, stats = conv.encode(lay, load_experts(plan, lay), choice)
+    w.add_layer(layer)
+    entry = layer_entry(lay, stats, layer.permutations)
+    entry["base"] = choice.uses_base
+    entry["seconds"] = time.perf_counter() - t1
+    del layer
+    release_layer(plan)
+    return entry
+
+
+def allocation_report(plan, tables: list[LayerTable], choices: list[LayerChoice], lam: float, t_measure: float,
+                      tokens: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's ``allocation`` section (``tokens``: calibration tokens by layer, or None)."""
+    o = plan.options
+    weights = plan.expert_weights()
+    achieved = total_bytes(tables, choices)
+    return {"budget_bits": o.bits, "budget_bytes": plan.budget_bytes(), "expert_bytes": achieved,
+            "bits_per_expert_weight": 8 * achieved / weights, "expert_weights": weights,
+            "predicted_error": total_error(choices), "lagrange_multiplier": lam,
+            "error_measure": "output (calibrated)" if o.calibration else "squared weight error",
+            "layout": LAYOUT.to_json(), "measure_seconds": t_measure, "calibration": tokens}
+
+
 def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
     """Write every compressed layer of ``plan`` under its --bits budget; append one report entry per
     layer to ``layer_reports`` and return the allocation summary."""
-    from .convert import layer_entry, load_experts
-
-    o = plan.options
     t0 = time.perf_counter()
     key = memo_key(plan)
     if key in _MEMO:
@@ -94,29 +136,10 @@ def convert_layers_bits(plan, w: Writer, layer_reports: list[dict[str, Any]], pr
         while len(_MEMO) >= MEMO_SIZE:
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = (tables, conv)
-    budget = plan.budget_bytes()
-    try:
-        choices, lam = allocate(tables, budget)
-    except ValueError as e:
-        raise ConversionError(f"--bits {o.bits:g}: {e}") from None
+    choices, lam = allocate_bits(plan, tables)
     t_measure = time.perf_counter() - t0
     for lay, choice in zip(tqdm(plan.layouts, desc="encoding", unit="layer", disable=not progress), choices):
-        t1 = time.perf_counter()
-        layer, stats = conv.encode(lay, load_experts(plan, lay), choice)
-        w.add_layer(layer)
-        entry = layer_entry(lay, stats, layer.permutations)
-        entry["base"] = choice.uses_base
-        entry["seconds"] = time.perf_counter() - t1
-        layer_reports.append(entry)
-        del layer
-        release_layer(plan)
-    weights = plan.expert_weights()
-    achieved = total_bytes(tables, choices)
-    tokens = None
-    if conv.inputs:
-        tokens = {str(i): {"tokens": x.tokens} for i, x in conv.inputs.items()}
-    return {"budget_bits": o.bits, "budget_bytes": budget, "expert_bytes": achieved,
-            "bits_per_expert_weight": 8 * achieved / weights, "expert_weights": weights,
-            "predicted_error": total_error(choices), "lagrange_multiplier": lam,
-            "error_measure": "output (calibrated)" if o.calibration else "squared weight error",
-            "layout": LAYOUT.to_json(), "measure_seconds": t_measure, "calibration": tokens}
+        layer_reports.append(encode_layer(plan, conv, lay, choice, w))
+    tokens = {str(lay.index): {"tokens": conv.inputs[lay.index].tokens} for lay in plan.layouts} if conv.inputs \
+        else None
+    return allocation_report(plan, tables, choices, lam, t_measure, tokens)

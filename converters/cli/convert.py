@@ -76,9 +76,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", metavar="SIZE", help="shards OUT-00001-of-0000N.rmoe ... and "
                     "OUT.rmoe.index.json of at most SIZE (50GB, 500MB, 1.5GiB) of tensor data each (spec 11)")
     ap.add_argument("--workers", type=int, metavar="N", help="N local ranks on torch.distributed, the same bytes "
-                    "(under torchrun every process is a rank); finished layers wait in OUT.parts/")
-    ap.add_argument("--resume", action="store_true", help="reuse the finished layers in OUT.parts/ of a failed "
-                    "--workers, torchrun or --resume run")
+                    "(under torchrun every process is a rank; every method and flag, --bits and calibration "
+                    "included); finished layers, calibration records and --bits tables wait in OUT.parts/")
+    ap.add_argument("--resume", action="store_true", help="reuse the finished layers and records in OUT.parts/ of "
+                    "a failed --workers, torchrun or --resume run")
     ap.add_argument("--report", metavar="FILE.json", help="write per-layer, per-matrix errors, sizes and times")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary table")
     ap.add_argument("--list-layers", action="store_true", help="print the model's MoE layers (the indices --layers "

@@ -112,19 +112,20 @@ class _Recorder:
         self.index.append(idx.detach().reshape(x.shape[0], -1).cpu())
 
 
-def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False
-            ) -> dict[int, LayerInputs]:
+def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False,
+            recorded: Callable[[Any, LayerInputs], None] | None = None) -> dict[int, LayerInputs]:
     """Run the source model over ``ids`` one decoder layer at a time and record each compressed
     layer's expert inputs (spilled to unnamed temporary files, not held in memory).
 
-    ``moe_layouts``: every MoE layer of the checkpoint; ``layouts``: the compressed ones.
+    ``moe_layouts``: every MoE layer of the checkpoint; ``layouts``: the compressed ones (a layer's inputs do
+    not depend on which others are recorded); ``recorded``: as for :func:`forward`.
     """
     from .layerwise import LayerwiseModel
 
     run = LayerwiseModel(ckpt, moe_layouts, device)
     wanted = {lay.index for lay in layouts}
     last = max(i for i, pairs in run.moe.items() for lay, _ in pairs if lay.index in wanted)
-    return forward(run, wanted, ids, last, progress)[2]
+    return forward(run, wanted, ids, last, progress, recorded=recorded)[2]
 
 
 def forward(run, wanted: set[int], ids: np.ndarray, upto: int, progress: bool = False, desc: str = "calibrating",

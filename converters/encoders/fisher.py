@@ -16,7 +16,9 @@ dropped with it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,9 +152,12 @@ def _copy(src: Spill) -> Spill:
 
 
 def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, progress: bool = False,
-            allow_unrouted: bool = False) -> dict[int, LayerStats]:
+            allow_unrouted: bool = False, done: Callable[[Any, LayerStats], None] | None = None
+            ) -> dict[int, LayerStats]:
     """Routed inputs, routing frequencies and Fisher-merged bases of the compressed ``layouts``
-    (``allow_unrouted``: see :func:`routing_frequency`)."""
+    (``allow_unrouted``: see :func:`routing_frequency`). ``done(layout, stats)``: each layer's statistics as
+    soon as its Fisher pass ends, then dropped (nothing is returned for it), so that only one layer's base
+    is held at a time; a layer's statistics do not depend on which other layers are in ``layouts``."""
     from tqdm import tqdm
 
     from ..disassemble import expert_matrices
@@ -215,6 +220,11 @@ def collect(ckpt, moe_layouts, layouts, ids: np.ndarray, device: torch.device, p
                 cap.remove()
             run.drop_layer(i)
         for (lay, _), acc in zip(here, merges):
-            stats[lay.index] = LayerStats(inputs[lay.index], freq[lay.index], acc.result())
+            st = LayerStats(inputs[lay.index], freq[lay.index], acc.result())
+            if done is None:
+                stats[lay.index] = st
+            else:
+                done(lay, st)
+                del inputs[lay.index], st
         del saved[i], caps, merges, mats
     return stats
