@@ -32,6 +32,7 @@ filesystem all nodes share. The process group is gloo for CPU tensors and NCCL f
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -487,6 +488,22 @@ def _spawned(rank: int, world: int, port: int, args: tuple, result: str, threads
         Path(result).write_text(json.dumps(report))
 
 
+@contextlib.contextmanager
+def _passive_waits():
+    """Spawned ranks inherit ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy: N ranks of the
+    single-process thread count oversubscribe the cores, and OpenMP threads that spin at every barrier
+    while another rank holds the core slow each parallel region many times over. The policy changes no
+    result, only how idle threads wait."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    if before is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def convert_workers(src: str | Path, out: str | Path, options: ConvertOptions, config: str | Path | None = None,
                     workers: int = 2, progress: bool = False, resume: bool = False) -> dict[str, Any]:
     """``resmoe-convert --workers N``: N local ranks (spawned processes, gloo/NCCL on localhost); the report.
@@ -503,7 +520,7 @@ def convert_workers(src: str | Path, out: str | Path, options: ConvertOptions, c
         return run_rank(src, out, options, config, progress, resume)
     from resmoe_format.publish import scratch_path
 
-    with scratch_path(out) as result:
+    with scratch_path(out) as result, _passive_waits():
         try:
             mp.start_processes(_spawned, (workers, _free_port(), (src, out, options, config, progress, resume),
                                           str(result), torch.get_num_threads()), nprocs=workers, join=True,
