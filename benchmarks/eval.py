@@ -370,7 +370,8 @@ def write_reports(out: Path, prov: dict) -> None:
     (out / "EVAL.md").write_text(report.markdown(rows, checks, prov, sources))
     comparison = report.d2moe_comparison(rows)
     if comparison:
-        (out / "d2moe.json").write_text(json.dumps({"provenance": prov, "readme": report.d2moe_findings(comparison),
+        (out / "d2moe.json").write_text(json.dumps({"provenance": prov, "readme": [line.removeprefix("- ") for line in
+                                                                                  report.d2moe_findings(comparison)],
                                                     "comparison": comparison}, indent=1) + "\n")
     for fx in sorted({r["fixture"] for r in rows}):
         report.plot(rows, fx, out / f"eval_{fx}.png")
