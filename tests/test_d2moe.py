@@ -98,6 +98,8 @@ def test_ranks_follow_the_budget():
     assert matrix_ranks(specs, 3 * 40 * 4, 8, False) == {"gate": 4, "up": 4, "down": 4}
     # a shared (r, 16) factor costs 16 r / 8 per expert: more rank for the same budget
     assert matrix_ranks(specs, 3 * 40 * 4, 8, True) == {"gate": 6, "up": 6, "down": 6}
+    # the output matrix's shared factor is its (24, r) side: 16 r of its own plus 24 r / 8, so rank 8
+    assert matrix_ranks(specs, 3 * 40 * 4, 8, True, output="down") == {"gate": 6, "up": 6, "down": 8}
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

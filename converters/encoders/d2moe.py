@@ -110,9 +110,12 @@ def shared_whitened_svd(deltas: list[torch.Tensor], hessian: torch.Tensor, rank:
     return out
 
 
-def matrix_ranks(specs: list[MatrixSpec], budget: int, num_experts: int, share_v: bool) -> dict[str, int]:
+def matrix_ranks(specs: list[MatrixSpec], budget: int, num_experts: int, share_v: bool,
+                 output: str | None = None) -> dict[str, int]:
     """Each 2-D matrix's rank under ``budget`` parameters per expert (biases first, kept whole), the budget
-    split in proportion to the matrices' sizes; with ``share_v`` a shared (r, in) factor costs 1/E per expert."""
+    split in proportion to the matrices' sizes; with ``share_v`` a shared factor costs 1/E per expert. The
+    shared factor is on the input side of the map: (r, cols) of a canonical (rows, cols) input matrix, but
+    (rows, r) of the ``output`` matrix, whose canonical form is its map transposed."""
     mats = [m for m in specs if len(m.shape) == 2]
     left = budget - sum(m.shape[0] for m in specs if len(m.shape) == 1)
     size = sum(m.shape[0] * m.shape[1] for m in mats)
@@ -121,9 +124,10 @@ def matrix_ranks(specs: list[MatrixSpec], budget: int, num_experts: int, share_v
         rows, cols = m.shape
         share = max(0, left) * rows * cols / size
         if share_v:
-            # per expert: out x r of its own, plus 1/E of the shared in x r (out, in: rows, cols of the map)
-            r = math.floor(num_experts * share / (num_experts * rows + cols))
-            ranks[m.name] = min(r, min(num_experts * rows, cols))
+            own, shared = (cols, rows) if m.name == output else (rows, cols)
+            # per expert: own x r of its own, plus 1/E of the shared x r
+            r = math.floor(num_experts * share / (num_experts * own + shared))
+            ranks[m.name] = min(r, min(num_experts * own, shared))
         else:
             ranks[m.name] = min(math.floor(share / (rows + cols)), min(rows, cols))
     return ranks
@@ -229,7 +233,7 @@ class D2MoE(Encoder):
         E = len(experts)
         budget = self.residual_budget(specs, E)
         ranks = ({m.name: self.options.rank for m in specs if len(m.shape) == 2} if self.options.rank is not None
-                 else matrix_ranks(specs, budget, E, self.share_v))
+                 else matrix_ranks(specs, budget, E, self.share_v, stats.output))
         residuals: list[dict] = [{} for _ in experts]
         mats = [m for m in specs if len(m.shape) == 2 and ranks[m.name] > 0]
         for m in specs:
