@@ -172,6 +172,7 @@ def test_base_is_kept_where_it_pays_and_beats_plain_quantization(tmp_path, upcyc
     assert errs["resmoe"] < 0.7 * errs["quant"]
 
 
+@pytest.mark.slow
 def test_base_is_dropped_where_it_does_not_pay(tmp_path):
     """Unrelated experts: resmoe --bits allocates as --method quant does, never worse."""
     src = build_checkpoint("mixtral", tmp_path / "src", "bf16")
@@ -370,6 +371,7 @@ def test_lowrank_residual_measured_is_what_the_record_restores(label):
         assert np.linalg.norm(restored.numpy() - best.numpy()) < 0.5 * np.linalg.norm(best.numpy())
 
 
+@pytest.mark.slow
 def test_lowrank_residuals_are_stored_as_chosen(tmp_path, upcycled_bf16):
     out = tmp_path / "m.rmoe"
     report = convert(upcycled_bf16, out, ConvertOptions(bits=2.0, lowrank_residuals=True), progress=False)

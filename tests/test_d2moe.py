@@ -280,6 +280,7 @@ def test_prune_base_removes_channels_from_the_stored_base_and_runs_in_every_mode
     torch.testing.assert_close(_logits(pruned, "lazy"), ref)
 
 
+@pytest.mark.slow
 def test_pruned_and_shared_files_export_to_onnx_and_round_trip_gguf_rmoe(tmp_path):
     from converters.exporters.onnx_export import export_onnx
     from test_export_onnx import assert_matches
@@ -368,6 +369,7 @@ def test_bits_with_share_v_is_refused(tmp_path, small, capsys):
     assert "not available with it yet" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bits_keeps_the_fisher_base_where_experts_share_most_of_their_weights(tmp_path):
     """Experts that are one expert plus small noise: the allocator keeps the base and low-rank deltas."""
     from safetensors.torch import load_file, save_file

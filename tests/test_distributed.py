@@ -192,6 +192,7 @@ def test_bits_two_ranks_give_the_same_bytes_and_report(cal_src, tmp_path, method
     assert (rep["allocation"]["calibration"] is not None) == calibrated
 
 
+@pytest.mark.slow
 def test_d2moe_two_ranks_give_the_same_bytes_and_report(cal_src, tmp_path):
     rep = _same_as_single(cal_src, tmp_path, ConvertOptions(method="d2moe", keep=0.5,
                                                             calibration=str(cal_src["cal"])), 2)

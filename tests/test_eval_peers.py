@@ -67,6 +67,7 @@ def test_hqq_counts_packed_codes_and_fp16_scales_and_zeros(tiny):
     assert bits == 2.5 and 0.3 < np.mean(rel_errors(m, original)) < 0.6
 
 
+@pytest.mark.slow
 def test_gptq_quantizes_only_experts_and_counts_pack_quantized_bytes(tiny):
     pytest.importorskip("llmcompressor")
     original = load(tiny)

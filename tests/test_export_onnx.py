@@ -136,12 +136,13 @@ def test_dense_export_matches_the_runtime(tmp_path_factory, tmp_path, arch, meth
     assert_matches(out, rmoe, "materialize")
 
 
-#: every low-rank method and scope (resmoe's matrix scope with int8 factors), biases (gpt_oss), in fp32 and
-#: bf16 (and Mixtral's expert-scope factors in test_lowrank_graph_keeps_factors_and_is_smaller); slow: the
-#: other architectures
+#: every low-rank method and scope (resmoe's matrix scope with int8 factors), biases (gpt_oss), in bf16 (and
+#: Mixtral's expert-scope factors in test_lowrank_graph_keeps_factors_and_is_smaller); slow: the same in fp32,
+#: and the other architectures
 _LOWRANK = [("gpt_oss", "resmoe-svd"), ("mixtral", "resmoe-svd-matrix-int8"), ("mixtral", "svd"),
             ("gpt_oss", "svd-matrix")]
-_LOWRANK_CASES = [pytest.param(a, m, d, id=f"{a}-{m}-{d}") for d in DTYPES for a, m in _LOWRANK]
+_LOWRANK_CASES = [pytest.param(a, m, d, marks=pytest.mark.slow if d == "fp32" else (), id=f"{a}-{m}-{d}")
+                  for d in DTYPES for a, m in _LOWRANK]
 _LOWRANK_CASES += [pytest.param(a, "resmoe-svd", d, marks=pytest.mark.slow, id=f"{a}-resmoe-svd-{d}")
                    for d in DTYPES for a in ONNX_ARCHS if a not in ("gpt_oss", "mixtral")]
 
@@ -154,6 +155,7 @@ def test_lowrank_export_matches_the_fused_runtime(tmp_path_factory, tmp_path, ar
     assert_matches(out, rmoe, "fused")
 
 
+@pytest.mark.slow
 def test_lowrank_graph_keeps_factors_and_is_smaller(tmp_path_factory, tmp_path):
     import onnx
 
