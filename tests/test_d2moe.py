@@ -100,6 +100,8 @@ def test_ranks_follow_the_budget():
     assert matrix_ranks(specs, 3 * 40 * 4, 8, True) == {"gate": 6, "up": 6, "down": 6}
     # the output matrix's shared factor is its (24, r) side: 16 r of its own plus 24 r / 8, so rank 8
     assert matrix_ranks(specs, 3 * 40 * 4, 8, True, output="down") == {"gate": 6, "up": 6, "down": 8}
+    # however large the budget, no rank exceeds the matrix's smaller side (the lowrank record's bound)
+    assert matrix_ranks(specs, 6 * 24 * 16, 8, True, output="down") == {"gate": 16, "up": 16, "down": 16}
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def matrix_ranks(specs: list[MatrixSpec], budget: int, num_experts: int, share_v
             own, shared = (cols, rows) if m.name == output else (rows, cols)
             # per expert: own x r of its own, plus 1/E of the shared x r
             r = math.floor(num_experts * share / (num_experts * own + shared))
-            ranks[m.name] = min(r, min(num_experts * own, shared))
+            ranks[m.name] = min(r, rows, cols)  # the format's bound (spec 5.3): a factor's rank is at most min(m, n)
         else:
             ranks[m.name] = min(math.floor(share / (rows + cols)), min(rows, cols))
     return ranks
