@@ -137,16 +137,21 @@ class LazyExperts(CompressedExperts):
         trim_heap()  # the decode temporaries are as large as the expert: give them back
         return out
 
-    def _run(self, x, index, weights):
+    def _run(self, x, index, weights, xin=None, hscale=None):
+        """``xin``: one input per input matrix instead of ``x`` (compressed experts, :mod:`.ce`), and ``hscale``
+        (T, n) multiplies the activations."""
         kind = self.kind
         out = torch.zeros(x.shape[0], x.shape[1], dtype=self.dtype, device=x.device)
         xd = x.to(self.dtype)
         for e, rows, slots in self.groups(index):
             w = self.cache.get((self.layer, e), lambda e=e: self.restore(e), self.expert_bytes)
-            xe = xd[rows]
+            xs = [xd[rows]] * len(kind.inputs) if xin is None else [t[rows] for t in xin]
             pre = [nn.functional.linear(xe, w[m], w[b] if self.biased else None)
-                   for m, b in zip(kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
-            y = kind.activate(pre) @ w[kind.output]
+                   for xe, m, b in zip(xs, kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
+            h = kind.activate(pre)
+            if hscale is not None:
+                h = h * hscale[rows]
+            y = h @ w[kind.output]
             if self.biased:
                 y = y + w[kind.output_bias]
             out.index_add_(0, rows, y * weights[rows, slots, None].to(self.dtype))
@@ -257,10 +262,14 @@ class FusedExperts(CompressedExperts):
         total += sum(op.nbytes() for ops in self.in_ops for _, _, op in ops)
         return total + sum(op.nbytes() for op in self.out_ops if op is not None)
 
-    def _run(self, x, index, weights):
+    def _run(self, x, index, weights, xin=None, hscale=None):
+        """``xin``: one input per input matrix instead of ``x`` (compressed experts, :mod:`.ce`), and ``hscale``
+        (T, n) multiplies the activations; the residual products then run once per input."""
         kind, n, dt = self.kind, self.n, self.dtype
         xd = x.to(dt)
         T, width = x.shape[0], len(kind.inputs) * n
+        if xin is not None:
+            return self._run_scaled(xd, index, weights, [t.to(dt) for t in xin], hscale.to(dt))
         shared_in = nn.functional.linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
@@ -286,6 +295,51 @@ class FusedExperts(CompressedExperts):
                 pre += self.bias_in[e]
             w = weights[rows, slots, None].to(dt)
             hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(kind.inputs))]) * w
+            if hsum is not None:
+                hsum.index_add_(0, rows, hw)
+            y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
+            if self.biased:
+                y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
+            if y is not None:
+                out.index_add_(0, rows, y)
+        if hsum is not None:
+            out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
+        return out
+
+    def _run_scaled(self, xd, index, weights, xin, hscale):
+        """:meth:`_run` with input ``xin[i]`` for input matrix i and activations scaled by ``hscale``."""
+        kind, n, dt = self.kind, self.n, self.dtype
+        T, M = xd.shape[0], len(kind.inputs)
+        width = M * n
+        shared_in = None
+        if self.base_in is not None:
+            base = as_tensor(self.base_in)
+            rows_per = base.shape[0] // M  # n, or the kept channels of a pruned base
+            shared_in = torch.cat([nn.functional.linear(xin[i], base[i * rows_per:(i + 1) * rows_per])
+                                   for i in range(M)], dim=1)
+        hsum = torch.zeros(T, n, dtype=dt, device=xd.device) if self.base_out is not None else None
+        out = torch.zeros(T, xd.shape[1], dtype=dt, device=xd.device)
+        for e, rows, slots in self.groups(index):
+            xs = [t[rows] for t in xin]
+            if shared_in is None or self.kept is not None:
+                pre = torch.zeros(len(rows), width, dtype=dt, device=xd.device)
+                if shared_in is not None:
+                    pre[:, self.kept_cols] = shared_in[rows]
+            else:
+                pre = shared_in[rows].clone()
+            for a, b, op in self.in_ops[e]:
+                for i in range(M):  # the columns of input i within [a, b): from input i
+                    lo, hi = max(a, i * n), min(b, (i + 1) * n)
+                    if lo >= hi:
+                        continue
+                    if b - a == hi - lo:
+                        pre[:, lo:hi] += op.apply_in(xs[i])
+                    else:  # an operator over several inputs' columns (one CSR for all)
+                        pre[:, lo:hi] += op.apply_in(xs[i])[:, lo - a:hi - a]
+            if self.biased:
+                pre += self.bias_in[e]
+            w = weights[rows, slots, None].to(dt)
+            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(M)]) * hscale[rows] * w
             if hsum is not None:
                 hsum.index_add_(0, rows, hw)
             y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
