@@ -81,11 +81,11 @@ def read_vectors(reader: Reader) -> tuple[dict[int, np.ndarray], int | None]:
     return vecs, (n.pop() if len(n) == 1 else None if not n else max(n))
 
 
-def refuse_ce(reader: Reader, what: str, flag: str = "--ignore-ce") -> None:
-    """Raise RmoeFormatError when ``reader``'s file has compressed experts that ``what`` cannot express."""
+def refuse_ce(reader: Reader, what: str, error: type[Exception] = RmoeFormatError, flag: str = "--ignore-ce") -> None:
+    """Raise ``error`` when ``reader``'s file has compressed experts (spec 4.5) that ``what`` cannot express."""
     layers = [lay.index for lay in reader.layers if lay.ce is not None]
     if layers:
-        raise RmoeFormatError(
+        raise error(
             f"{reader.path} has compressed experts (n_ce={reader.layer(layers[0]).ce.n_ce}, layers {layers}): "
             f"{what} has no such operation, so the model would run without them; pass {flag} to export the full "
-            f"top-k model instead")
+            f"top-k model (the experts without the vectors) instead")
