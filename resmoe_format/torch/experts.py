@@ -94,11 +94,24 @@ class CompressedExperts(nn.Module):
             raise RmoeRuntimeError(f"layer {lay.index}: the file has no matrices {missing} that "
                                    f"{type(kind).__name__} experts need (it has {sorted(names)})")
         self.biased = all(b in names for b in kind.input_biases) and kind.output_bias in names
+        self._perms: dict[int, torch.Tensor] | None = None  # set by subclasses for permuted layers
+        self._reader = None
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         x, index, weights = self.kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
         out = self._run(x, index, weights)
         return out.to(hidden_states.dtype)
+
+    def aligned(self, e: int, hscale: torch.Tensor) -> torch.Tensor:
+        """``hscale`` (rows, n), indexed by original neuron, in expert ``e``'s aligned order (spec 6.4: aligned
+        neuron i is original neuron p[i])."""
+        if self._perms is None:
+            return hscale
+        p = self._perms.get(e)
+        if p is None:
+            p = self._perms[e] = torch.from_numpy(self._reader.permutation(self.layer, e).astype(np.int64)).to(
+                hscale.device)
+        return hscale[:, p]
 
     def groups(self, index: torch.Tensor):
         """(expert, token rows, slot columns) for every expert that some token is routed to."""
@@ -127,6 +140,8 @@ class LazyExperts(CompressedExperts):
                  dtype: torch.dtype, device: torch.device):
         super().__init__(kind, lay)
         self.reader, self.lay, self.cache = reader, lay, cache
+        if lay.permutations is not None:
+            self._perms, self._reader = {}, reader
         self.dtype, self.device = dtype, device
         self.expert_bytes = expert_nbytes(lay, dtype)
 
@@ -150,7 +165,7 @@ class LazyExperts(CompressedExperts):
                    for xe, m, b in zip(xs, kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
             h = kind.activate(pre)
             if hscale is not None:
-                h = h * hscale[rows]
+                h = h * self.aligned(e, hscale[rows])
             y = h @ w[kind.output]
             if self.biased:
                 y = y + w[kind.output_bias]
@@ -189,6 +204,9 @@ class FusedExperts(CompressedExperts):
             self.base_out = pieces[kind.output]
         else:
             self.base_in = self.base_out = None
+        if lay.permutations is not None:  # compressed experts' e2 is in original neuron order (CEExperts)
+            self._perms = {e: torch.from_numpy(reader.permutation(self.layer, e).astype(np.int64)).to(device)
+                           for e in range(lay.num_experts)}
         shared: dict[str, object] = {}
         # per expert: [(first column, last column, operator)] over the concatenated pre-activations
         self.in_ops: list[list[tuple[int, int, Residual]]] = []
@@ -339,7 +357,7 @@ class FusedExperts(CompressedExperts):
             if self.biased:
                 pre += self.bias_in[e]
             w = weights[rows, slots, None].to(dt)
-            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(M)]) * hscale[rows] * w
+            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(M)]) * self.aligned(e, hscale[rows]) * w
             if hsum is not None:
                 hsum.index_add_(0, rows, hw)
             y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
