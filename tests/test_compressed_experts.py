@@ -427,3 +427,27 @@ def test_cli_end_to_end(ckpt, text_file, tmp_path, capsys):
     with resmoe_format.open(out) as r:
         assert json.loads(json.dumps(r.schema.method))["compressed_experts"]["steps"] == 2
     assert isinstance(next(m for m in load_model(out, "fused").modules() if isinstance(m, CEExperts)), CEExperts)
+
+
+def test_spec_worked_example():
+    """spec/FORMAT.md 6.8's worked example: the bytes of the vectors and the token's output."""
+    from resmoe_format.torch.kinds import kind_for
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    vec = np.ones((2, 3, 2), np.float32)
+    vec[1] = [[2.0, 0.5], [3.0, -1.0], [0.0, 1.0]]
+    spec = (Path(__file__).parent.parent / "spec" / "FORMAT.md").read_text().replace("\u2212", "-")
+    assert " ".join(vec.tobytes()[24:].hex(" ", 4).upper().split()) in spec
+    cfg = Qwen3MoeConfig(hidden_size=2, moe_intermediate_size=2, num_experts=2, num_experts_per_tok=2)
+    mod = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        mod.gate_up_proj[0] = torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 1]])  # gate rows, then up rows
+        mod.down_proj[0] = torch.eye(2)  # (hidden, n): W_down canonical (n, hidden) transposed
+    ce = CEExperts(mod, kind_for(cfg), torch.from_numpy(vec), 1, 2, 2)
+    x, idx, w = torch.tensor([[1.0, -2.0]]), torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])
+    y = ce(x, idx, w)[0].tolist()
+    assert y == pytest.approx([-7.398695, -0.376518], abs=1e-6)
+    assert "(-7.398695, -0.376518)" in spec and "(-0.511741, 0.333768)" in spec
+    ce.vectors.data.fill_(1.0)
+    assert ce(x, idx, w)[0].tolist() == pytest.approx([-0.511741, 0.333768], abs=1e-6)

@@ -1,0 +1,248 @@
+"""Compressed experts (resmoe-tune-ce, spec 4.5) on the fine-grained fixture (Qwen3-MoE, top-4 of 32 experts).
+
+Rows: the full top-4 model; top-(4 - n_ce) with the auxiliary experts dropped (every vector one: the main
+experts keep their routing weights); the same with the router re-normalised over the top-(4 - n_ce) (the
+model's own config with num_experts_per_tok = 4 - n_ce, a stronger baseline); and top-(4 - n_ce) with vectors
+trained by ``resmoe-tune-ce`` on ``fixtures/calibration.txt`` (disjoint from ``heldout.txt``), for n_ce = 1
+and 2. Columns: held-out perplexity and mean KLD against the float32 source model (benchmarks/kld.py, the
+windows of EVAL.md), the fraction of the perplexity gap between the dropped row and the full model that the
+vectors close, prefill and decode tokens per second in materialize and fused mode on the CPU (median of
+``--runs`` runs in one process, batch 1: PREFILL tokens, then DECODE steps with the KV cache), and active
+expert parameters per token.
+
+    python benchmarks/compressed_experts.py [--steps 160] [--lr 1e-2] [--windows N] [--runs 3]
+
+Results: benchmarks/results/COMPRESSED_EXPERTS.md and compressed_experts.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import kld  # noqa: E402
+from provenance import collect, markdown, spread  # noqa: E402
+
+FIXTURE = HERE / "fixtures" / "qwen3_moe_fine"
+CALIBRATION = HERE / "fixtures" / "calibration.txt"
+RESULTS = HERE / "results"
+PREFILL = 128
+DECODE = 32
+MODES = ("materialize", "fused")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def speed(model, vocab: int, runs: int) -> dict:
+    """Prefill (batch 1, PREFILL tokens) and decode (DECODE steps) tokens/s: medians of ``runs`` runs."""
+    import torch
+
+    pre, dec = [], []
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        model(torch.randint(3, vocab, (1, 8), generator=g))  # warm-up
+        for _ in range(runs):
+            ids = torch.randint(3, vocab, (1, PREFILL), generator=g)
+            t = time.perf_counter()
+            out = model(ids, use_cache=True)
+            pre.append(PREFILL / (time.perf_counter() - t))
+            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(DECODE):
+                o = model(nxt, past_key_values=pkv, use_cache=True)
+                pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            dec.append(DECODE / (time.perf_counter() - t))
+    return {"prefill": statistics.median(pre), "decode": statistics.median(dec), "prefill_runs": spread(pre),
+            "decode_runs": spread(dec)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=None, help="held-out windows (default all, as EVAL.md)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+
+    import torch
+    import transformers
+
+    import resmoe_format
+    from converters.tune_ce import TuneOptions, tune_ce
+    from resmoe_format.compressed_experts import ones_vectors, write_with_vectors
+    from resmoe_format.torch import load_model
+
+    cfg = json.loads((FIXTURE / "config.json").read_text())
+    k, layers = cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
+    n, hidden = cfg["moe_intermediate_size"], cfg["hidden_size"]
+    expert_params = 3 * n * hidden
+    prov = collect(("torch", "transformers", "numpy"), fixture=FIXTURE.name, top_k=k, steps=a.steps, lr=a.lr,
+                   batch=a.batch, window=a.window, windows=a.windows, prefill_tokens=PREFILL, decode_steps=DECODE,
+                   training_text=f"{CALIBRATION.name} ({CALIBRATION.stat().st_size} bytes)")
+    prov["timing_runs"] = a.runs
+    windows = kld.heldout_windows(a.windows)
+    rows: list[dict] = []
+    res = {"provenance": prov, "rows": rows, "training": {}}
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (a.out / "compressed_experts.json").write_text(json.dumps(res, indent=1) + "\n")
+        (a.out / "COMPRESSED_EXPERTS.md").write_text(report(res))
+
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        t = time.perf_counter()
+        src = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
+        ref = kld.Reference(tmp / "reference.npy", windows, kld.torch_logits(src, windows))
+        del src
+        log(f"reference: ppl {ref.result['ppl']:.4f} ({time.perf_counter() - t:.0f} s)")
+        files = {}
+        for n_ce in (1, 2):
+            out = tmp / f"ce{n_ce}.rmoe"
+            t = time.perf_counter()
+            rep = tune_ce(FIXTURE, out, CALIBRATION, TuneOptions(n_ce=n_ce, steps=a.steps, lr=a.lr, batch=a.batch,
+                                                                  window=a.window, device="cpu"), progress=False)
+            secs = time.perf_counter() - t
+            ls = rep["losses"]
+            m = min(10, len(ls))
+            res["training"][str(n_ce)] = {"seconds": round(secs, 1), "loss_first10": float(np.mean(ls[:m])),
+                                          "loss_last10": float(np.mean(ls[-m:])), "losses": ls,
+                                          "tokens": rep["tokens"]}
+            log(f"trained n_ce={n_ce}: {secs:.0f} s, loss {np.mean(ls[:m]):.4f} -> {np.mean(ls[-m:]):.4f}")
+            ones = tmp / f"ones{n_ce}.rmoe"
+            with resmoe_format.open(out) as r:
+                write_with_vectors(r, ones, ones_vectors(r), n_ce)
+            files[n_ce] = (out, ones)
+
+        def add(name: str, active: int, model, **extra) -> dict:
+            t = time.perf_counter()
+            row = {"row": name, "active_experts": active, "active_expert_params_per_token": active * expert_params
+                   * layers, **ref.score(kld.torch_logits(model, windows)), **extra}
+            row["seconds_to_eval"] = round(time.perf_counter() - t, 1)
+            rows.append(row)
+            log(f"{name:34} ppl {row['ppl']:.4f} KLD {row['kld']:.5f}")
+            save()
+            return row
+
+        def timed(path: Path, n_ce: int) -> dict:
+            out = {}
+            for mode in MODES:
+                model = load_model(path, mode, dtype="fp32", n_ce=n_ce)
+                out[mode] = speed(model, cfg["vocab_size"], a.runs)
+                log(f"  {mode}: prefill {out[mode]['prefill']:.0f} tok/s, decode {out[mode]['decode']:.1f} tok/s")
+            return out
+
+        ce2 = files[2][0]
+        add(f"full top-{k}", k, load_model(ce2, "materialize", dtype="fp32", n_ce=0), n_ce=0, kind="full",
+            speed=timed(ce2, 0))
+        for n_ce in (1, 2):
+            out, ones = files[n_ce]
+            add(f"top-{k - n_ce}, auxiliary dropped", k - n_ce, load_model(ones, "materialize", dtype="fp32"),
+                n_ce=n_ce, kind="dropped", speed=timed(ones, n_ce))
+            c = transformers.AutoConfig.from_pretrained(FIXTURE)
+            c.num_experts_per_tok = k - n_ce
+            hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE, config=c, dtype=torch.float32).eval()
+            add(f"top-{k - n_ce}, router re-normalised", k - n_ce, hf, n_ce=n_ce, kind="renormalised")
+            del hf
+            add(f"top-{k - n_ce} + trained vectors", k - n_ce, load_model(out, "materialize", dtype="fp32"),
+                n_ce=n_ce, kind="vectors", speed=timed(out, n_ce))
+    res["targets"] = targets(rows)
+    save()
+    for line in res["targets"]:
+        log(line)
+    return 0
+
+
+def _row(rows, kind, n_ce):
+    return next((r for r in rows if r["kind"] == kind and r["n_ce"] == n_ce), None)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    full = _row(rows, "full", 0)
+    out = []
+    for n_ce in (1, 2):
+        drop, vec, ren = _row(rows, "dropped", n_ce), _row(rows, "vectors", n_ce), _row(rows, "renormalised", n_ce)
+        if not (full and drop and vec):
+            continue
+        closed = (drop["ppl"] - vec["ppl"]) / (drop["ppl"] - full["ppl"])
+        line = (f"n_ce={n_ce}: the vectors close {closed:.1%} of the perplexity gap between top-{full['active_experts'] - n_ce} "
+                f"without vectors ({drop['ppl']:.4f}) and the full model ({full['ppl']:.4f}): ppl {vec['ppl']:.4f}; "
+                f"target >= 50%: **{'met' if closed >= 0.5 else 'missed'}**")
+        if ren:
+            c2 = (ren["ppl"] - vec["ppl"]) / (ren["ppl"] - full["ppl"])
+            line += f" (against the re-normalised router's {ren['ppl']:.4f}: {c2:.1%})"
+        out.append(line)
+    vec2 = _row(rows, "vectors", 2)
+    if full and vec2 and "speed" in full and "speed" in vec2:
+        parts = []
+        best = 0.0
+        for mode in MODES:
+            s = vec2["speed"][mode]["decode"] / full["speed"][mode]["decode"]
+            best = max(best, s)
+            parts.append(f"{mode} {s:.2f}x ({vec2['speed'][mode]['decode']:.1f} vs {full['speed'][mode]['decode']:.1f} "
+                         f"tok/s)")
+        out.append(f"decode at n_ce=2 against the full top-{full['active_experts']}: {'; '.join(parts)}; target >= 1.3x "
+                   f"in fused or materialize mode: **{'met' if best >= 1.3 else 'missed'}**")
+    return out
+
+
+def report(res: dict) -> str:
+    rows = res["rows"]
+    full = _row(rows, "full", 0)
+    lines = ["# Compressed experts on qwen3_moe_fine", "",
+             "Generated by `benchmarks/compressed_experts.py` (module docstring: what each row and column is). "
+             "Vectors trained by `resmoe-tune-ce` on `fixtures/calibration.txt`; perplexity and KLD on "
+             "`fixtures/heldout.txt` against the float32 source, as in EVAL.md. Gap closed: (ppl of the dropped row "
+             "- ppl) / (ppl of the dropped row - ppl of the full model).", ""]
+    if res.get("targets"):
+        lines += ["## Targets", ""] + [f"- {t}" for t in res["targets"]] + [""]
+    lines += ["## Results", "",
+              "| row | active experts | active expert params / token | held-out ppl | mean KLD | same top | gap closed "
+              "| prefill tok/s materialize | decode tok/s materialize | prefill tok/s fused | decode tok/s fused |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = ""
+        drop = _row(rows, "dropped", r["n_ce"])
+        if r["kind"] in ("vectors", "renormalised") and drop and full:
+            gap = f"{(drop['ppl'] - r['ppl']) / (drop['ppl'] - full['ppl']):.1%}"
+        sp = r.get("speed", {})
+
+        def f(mode, key):
+            return f"{sp[mode][key]:.1f}" if mode in sp else "-"
+
+        lines.append(f"| {r['row']} | {r['active_experts']} | {r['active_expert_params_per_token']:,} | {r['ppl']:.4f} | "
+                     f"{r['kld']:.5f} | {r['same_top']:.2%} | {gap} | {f('materialize', 'prefill')} | "
+                     f"{f('materialize', 'decode')} | {f('fused', 'prefill')} | {f('fused', 'decode')} |")
+    tr = res.get("training", {})
+    if tr:
+        lines += ["", "## Training", "", "| n_ce | steps | seconds | mean loss, first 10 steps | mean loss, last 10 steps |",
+                  "|---|---|---|---|---|"]
+        for n_ce, t in tr.items():
+            lines.append(f"| {n_ce} | {len(t['losses'])} | {t['seconds']} | {t['loss_first10']:.4f} | "
+                         f"{t['loss_last10']:.4f} |")
+    lines += ["", "The dropped and re-normalised rows compute the same experts as the vectors rows (their speed is "
+              "that of the top-(k - n_ce) layer without the vectors' element-wise products). The full row runs "
+              "transformers' own experts module in materialize mode (the file's vectors unused, n_ce=0); the "
+              "other rows run resmoe's compressed-experts layer, which loops over the main experts only.", ""]
+    return "\n".join(lines) + "\n" + markdown(res["provenance"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
