@@ -36,7 +36,7 @@ KQUANT_VERSION_STR = f"{KQUANT_VERSION[0]}.{KQUANT_VERSION[1]}"
 FIELDS_VERSION = (4, 0)
 FIELDS_VERSION_STR = f"{FIELDS_VERSION[0]}.{FIELDS_VERSION[1]}"
 #: The first version in which the records of one matrix in several experts may share a low-rank factor (spec 4.8).
-CROSS_FACTORS_VERSION = (6, 0)
+CROSS_FACTORS_VERSION = (5, 0)
 CROSS_FACTORS_VERSION_STR = f"{CROSS_FACTORS_VERSION[0]}.{CROSS_FACTORS_VERSION[1]}"
 #: The first version with compressed experts (spec 4.5 ``compressed_experts``): a file that changes what the
 #: model computes, so a reader that does not know them must refuse it (a major version).
