@@ -46,27 +46,39 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def speed(model, vocab: int, runs: int) -> dict:
-    """Prefill (batch 1, PREFILL tokens) and decode (DECODE steps) tokens/s: medians of ``runs`` runs."""
+def one_run(model, ids) -> tuple[float, float]:
+    """(prefill tokens/s of ``ids`` (batch 1), decode tokens/s of DECODE steps with the KV cache)."""
     import torch
 
-    pre, dec = [], []
-    g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        model(torch.randint(3, vocab, (1, 8), generator=g))  # warm-up
-        for _ in range(runs):
-            ids = torch.randint(3, vocab, (1, PREFILL), generator=g)
-            t = time.perf_counter()
-            out = model(ids, use_cache=True)
-            pre.append(PREFILL / (time.perf_counter() - t))
-            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(DECODE):
-                o = model(nxt, past_key_values=pkv, use_cache=True)
-                pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
-            dec.append(DECODE / (time.perf_counter() - t))
-    return {"prefill": statistics.median(pre), "decode": statistics.median(dec), "prefill_runs": spread(pre),
-            "decode_runs": spread(dec)}
+        t = time.perf_counter()
+        out = model(ids, use_cache=True)
+        pre = ids.shape[1] / (time.perf_counter() - t)
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(DECODE):
+            o = model(nxt, past_key_values=pkv, use_cache=True)
+            pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+        return pre, DECODE / (time.perf_counter() - t)
+
+
+def speeds(models: dict, vocab: int, runs: int) -> dict:
+    """Name -> {"prefill", "decode"} medians over ``runs`` rounds; each round runs every model once, one after
+    the other, so that a change of load on a shared machine touches all of them alike."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    got = {k: ([], []) for k in models}
+    for m in models.values():
+        one_run(m, torch.randint(3, vocab, (1, 8), generator=g))  # warm-up
+    for _ in range(runs):
+        ids = torch.randint(3, vocab, (1, PREFILL), generator=g)
+        for k, m in models.items():
+            p, d = one_run(m, ids)
+            got[k][0].append(p)
+            got[k][1].append(d)
+    return {k: {"prefill": statistics.median(p), "decode": statistics.median(d), "prefill_runs": spread(p),
+                "decode_runs": spread(d)} for k, (p, d) in got.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default all, as EVAL.md)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--objective", default="lm", choices=("lm", "distill"))
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     n, hidden = cfg["moe_intermediate_size"], cfg["hidden_size"]
     expert_params = 3 * n * hidden
     prov = collect(("torch", "transformers", "numpy"), fixture=FIXTURE.name, top_k=k, steps=a.steps, lr=a.lr,
-                   batch=a.batch, window=a.window, windows=a.windows, prefill_tokens=PREFILL, decode_steps=DECODE,
+                   batch=a.batch, window=a.window, windows=a.windows, objective=a.objective, seed=0,
+                   prefill_tokens=PREFILL, decode_steps=DECODE,
                    training_text=f"{CALIBRATION.name} ({CALIBRATION.stat().st_size} bytes)")
     prov["timing_runs"] = a.runs
     windows = kld.heldout_windows(a.windows)
@@ -114,11 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         del src
         log(f"reference: ppl {ref.result['ppl']:.4f} ({time.perf_counter() - t:.0f} s)")
         files = {}
+        from converters.convert import ConvertOptions, convert
+
+        lossless = tmp / "lossless.rmoe"  # the checkpoint, its experts exact: what resmoe-tune-ce FIXTURE makes first
+        t = time.perf_counter()
+        convert(FIXTURE, lossless, ConvertOptions(lossless=True), progress=False)
+        res["lossless_seconds"] = round(time.perf_counter() - t, 1)
         for n_ce in (1, 2):
             out = tmp / f"ce{n_ce}.rmoe"
             t = time.perf_counter()
-            rep = tune_ce(FIXTURE, out, CALIBRATION, TuneOptions(n_ce=n_ce, steps=a.steps, lr=a.lr, batch=a.batch,
-                                                                  window=a.window, device="cpu"), progress=False)
+            rep = tune_ce(lossless, out, CALIBRATION, TuneOptions(n_ce=n_ce, steps=a.steps, lr=a.lr, batch=a.batch,
+                                                                   window=a.window, device="cpu",
+                                                                   objective=a.objective), progress=False)
             secs = time.perf_counter() - t
             ls = rep["losses"]
             m = min(10, len(ls))
@@ -141,28 +162,30 @@ def main(argv: list[str] | None = None) -> int:
             save()
             return row
 
-        def timed(path: Path, n_ce: int) -> dict:
-            out = {}
-            for mode in MODES:
-                model = load_model(path, mode, dtype="fp32", n_ce=n_ce)
-                out[mode] = speed(model, cfg["vocab_size"], a.runs)
-                log(f"  {mode}: prefill {out[mode]['prefill']:.0f} tok/s, decode {out[mode]['decode']:.1f} tok/s")
-            return out
-
         ce2 = files[2][0]
-        add(f"full top-{k}", k, load_model(ce2, "materialize", dtype="fp32", n_ce=0), n_ce=0, kind="full",
-            speed=timed(ce2, 0))
+        add(f"full top-{k}", k, load_model(ce2, "materialize", dtype="fp32", n_ce=0), n_ce=0, kind="full")
         for n_ce in (1, 2):
             out, ones = files[n_ce]
             add(f"top-{k - n_ce}, auxiliary dropped", k - n_ce, load_model(ones, "materialize", dtype="fp32"),
-                n_ce=n_ce, kind="dropped", speed=timed(ones, n_ce))
+                n_ce=n_ce, kind="dropped")
             c = transformers.AutoConfig.from_pretrained(FIXTURE)
             c.num_experts_per_tok = k - n_ce
             hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE, config=c, dtype=torch.float32).eval()
             add(f"top-{k - n_ce}, router re-normalised", k - n_ce, hf, n_ce=n_ce, kind="renormalised")
             del hf
             add(f"top-{k - n_ce} + trained vectors", k - n_ce, load_model(out, "materialize", dtype="fp32"),
-                n_ce=n_ce, kind="vectors", speed=timed(out, n_ce))
+                n_ce=n_ce, kind="vectors")
+        timed = {"full": (ce2, 0), "dropped1": (files[1][1], 1), "vectors1": (files[1][0], 1),
+                 "dropped2": (files[2][1], 2), "vectors2": (files[2][0], 2)}
+        for mode in MODES:
+            models = {key: load_model(p, mode, dtype="fp32", n_ce=n_ce) for key, (p, n_ce) in timed.items()}
+            got = speeds(models, cfg["vocab_size"], a.runs)
+            del models
+            for key, s in got.items():
+                row = _row(rows, key.rstrip("12"), int(key[-1]) if key[-1].isdigit() else 0)
+                row.setdefault("speed", {})[mode] = s
+                log(f"  {mode:11} {row['row']:34} prefill {s['prefill']:7.0f} tok/s  decode {s['decode']:6.1f} tok/s")
+            save()
     res["targets"] = targets(rows)
     save()
     for line in res["targets"]:
@@ -182,8 +205,9 @@ def targets(rows: list[dict]) -> list[str]:
         if not (full and drop and vec):
             continue
         closed = (drop["ppl"] - vec["ppl"]) / (drop["ppl"] - full["ppl"])
-        line = (f"n_ce={n_ce}: the vectors close {closed:.1%} of the perplexity gap between top-{full['active_experts'] - n_ce} "
-                f"without vectors ({drop['ppl']:.4f}) and the full model ({full['ppl']:.4f}): ppl {vec['ppl']:.4f}; "
+        line = (f"n_ce={n_ce}: the vectors close {closed:.1%} of the perplexity gap between "
+                f"top-{full['active_experts'] - n_ce} without vectors ({drop['ppl']:.4f}) and the full model "
+                f"({full['ppl']:.4f}): ppl {vec['ppl']:.4f}; "
                 f"target >= 50%: **{'met' if closed >= 0.5 else 'missed'}**")
         if ren:
             c2 = (ren["ppl"] - vec["ppl"]) / (ren["ppl"] - full["ppl"])
@@ -196,10 +220,10 @@ def targets(rows: list[dict]) -> list[str]:
         for mode in MODES:
             s = vec2["speed"][mode]["decode"] / full["speed"][mode]["decode"]
             best = max(best, s)
-            parts.append(f"{mode} {s:.2f}x ({vec2['speed'][mode]['decode']:.1f} vs {full['speed'][mode]['decode']:.1f} "
-                         f"tok/s)")
-        out.append(f"decode at n_ce=2 against the full top-{full['active_experts']}: {'; '.join(parts)}; target >= 1.3x "
-                   f"in fused or materialize mode: **{'met' if best >= 1.3 else 'missed'}**")
+            parts.append(f"{mode} {s:.2f}x ({vec2['speed'][mode]['decode']:.1f} vs "
+                         f"{full['speed'][mode]['decode']:.1f} tok/s)")
+        out.append(f"decode at n_ce=2 against the full top-{full['active_experts']}: {'; '.join(parts)}; target >= "
+                   f"1.3x in fused or materialize mode: **{'met' if best >= 1.3 else 'missed'}**")
     return out
 
 
@@ -224,15 +248,16 @@ def report(res: dict) -> str:
             gap = f"{(drop['ppl'] - r['ppl']) / (drop['ppl'] - full['ppl']):.1%}"
         sp = r.get("speed", {})
 
-        def f(mode, key):
+        def f(mode, key, sp=sp):
             return f"{sp[mode][key]:.1f}" if mode in sp else "-"
 
-        lines.append(f"| {r['row']} | {r['active_experts']} | {r['active_expert_params_per_token']:,} | {r['ppl']:.4f} | "
-                     f"{r['kld']:.5f} | {r['same_top']:.2%} | {gap} | {f('materialize', 'prefill')} | "
+        lines.append(f"| {r['row']} | {r['active_experts']} | {r['active_expert_params_per_token']:,} | "
+                     f"{r['ppl']:.4f} | {r['kld']:.5f} | {r['same_top']:.2%} | {gap} | {f('materialize', 'prefill')} | "
                      f"{f('materialize', 'decode')} | {f('fused', 'prefill')} | {f('fused', 'decode')} |")
     tr = res.get("training", {})
     if tr:
-        lines += ["", "## Training", "", "| n_ce | steps | seconds | mean loss, first 10 steps | mean loss, last 10 steps |",
+        lines += ["", "## Training", "",
+                  "| n_ce | steps | seconds | mean loss, first 10 steps | mean loss, last 10 steps |",
                   "|---|---|---|---|---|"]
         for n_ce, t in tr.items():
             lines.append(f"| {n_ce} | {len(t['losses'])} | {t['seconds']} | {t['loss_first10']:.4f} | "

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import ConversionError
 
 STATE_SUFFIX = ".ce-state"
+OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class TuneOptions:
     device: str = "auto"
     resume: bool = False
     checkpoint_every: int = 50
+    #: "lm": next-token loss on the text (the paper's SFT); "distill": KL(full top-k || compressed) on the text,
+    #: the full top-k model (the same model with n_ce = 0) as the teacher
+    objective: str = "lm"
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -163,7 +167,7 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
     from resmoe_format.compressed_experts import ones_vectors, read_vectors, write_with_vectors
     from resmoe_format.publish import atomic_path, scratch_path
     from resmoe_format.torch import load_model
-    from resmoe_format.torch.ce import ce_modules
+    from resmoe_format.torch.ce import ce_modules, set_n_ce
     from resmoe_format.torch.tensors import resolve_device
 
     from .paths import check_paths, checkpoint_inputs
@@ -175,6 +179,8 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
                         ("--checkpoint-every", opts.checkpoint_every, 1)):
         if not isinstance(v, int) or v < lo:
             raise ConversionError(f"{name} {v}: must be an integer >= {lo}")
+    if opts.objective not in OBJECTIVES:
+        raise ConversionError(f"--objective {opts.objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if not (opts.lr > 0 and np.isfinite(opts.lr)) or not (opts.expert_lr > 0 and np.isfinite(opts.expert_lr)):
         raise ConversionError(f"--lr {opts.lr} / --expert-lr {opts.expert_lr}: must be positive")
     if not src.exists():
@@ -251,8 +257,17 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
         model.train(False)  # no dropout: the loss is a function of the parameters and the data only
         while step < opts.steps:
             x = torch.from_numpy(batch_windows(ids, opts.window, opts.batch, opts.seed, step)).to(device)
+            if opts.objective == "distill":
+                set_n_ce(model, 0)
+                with torch.no_grad():
+                    teacher = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
+                set_n_ce(model, opts.n_ce)
             logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            if opts.objective == "distill":
+                student = torch.log_softmax(logits, -1)
+                loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             if not torch.isfinite(loss):
                 raise ConversionError(f"step {step}: the loss is {loss.item()} (lower --lr)")
             optim.zero_grad(set_to_none=True)
@@ -269,7 +284,7 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
                    for lay_idx, m in zip(_layer_indices(init), layers)}
         method = {"method": "compressed_experts", "n_ce": opts.n_ce, "steps": opts.steps, "lr": opts.lr,
                   "seed": opts.seed, "window": opts.window, "batch": opts.batch, "text_tokens": int(ids.size),
-                  "train_experts": opts.train_experts,
+                  "train_experts": opts.train_experts, "objective": opts.objective,
                   "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
         if opts.train_experts:
             with scratch_path(out) as tuned:

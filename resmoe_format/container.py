@@ -22,8 +22,8 @@ from .stream import StreamingWriter, crc32
 from .codecs.fields import Predictor, uses_predictor
 from .schema import (BASE_VERSION_STR, CE_DTYPES, CE_VERSION, CE_VERSION_STR, CROSS_FACTORS_VERSION,
                      CROSS_FACTORS_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
-                     KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
-                     claim_file_path, claim_output, parse_version)
+                     KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
+                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."

@@ -421,11 +421,12 @@ def test_cli_end_to_end(ckpt, text_file, tmp_path, capsys):
 
     out = tmp_path / "cli.rmoe"
     assert main([str(ckpt), str(out), "--text", str(text_file), "--n-ce", "1", "--steps", "2", "--window", "32",
-                 "--batch", "2", "--device", "cpu"]) == 0
+                 "--batch", "2", "--device", "cpu", "--objective", "distill"]) == 0
     o = capsys.readouterr()
     assert "wrote" in o.out and "loss" in o.out and "loss" in o.err  # the summary and the progress bar
     with resmoe_format.open(out) as r:
-        assert json.loads(json.dumps(r.schema.method))["compressed_experts"]["steps"] == 2
+        meth = json.loads(json.dumps(r.schema.method))["compressed_experts"]
+        assert meth["steps"] == 2 and meth["objective"] == "distill" and meth["loss_last"] > 0
     assert isinstance(next(m for m in load_model(out, "fused").modules() if isinstance(m, CEExperts)), CEExperts)
 
 
