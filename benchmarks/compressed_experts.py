@@ -40,6 +40,8 @@ RESULTS = HERE / "results"
 PREFILL = 128
 DECODE = 32
 MODES = ("materialize", "fused")
+#: torch threads while timing prefill and decode
+SPEED_THREADS = 1
 
 
 def log(msg: str) -> None:
@@ -67,6 +69,8 @@ def speeds(models: dict, vocab: int, runs: int) -> dict:
     the other, so that a change of load on a shared machine touches all of them alike."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SPEED_THREADS)  # two shared cores: one thread each is far less noisy than two
     g = torch.Generator().manual_seed(0)
     got = {k: ([], []) for k in models}
     for m in models.values():
@@ -77,13 +81,14 @@ def speeds(models: dict, vocab: int, runs: int) -> dict:
             p, d = one_run(m, ids)
             got[k][0].append(p)
             got[k][1].append(d)
+    torch.set_num_threads(threads)
     return {k: {"prefill": statistics.median(p), "decode": statistics.median(d), "prefill_runs": spread(p),
                 "decode_runs": spread(d)} for k, (p, d) in got.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--window", type=int, default=256)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     expert_params = 3 * n * hidden
     prov = collect(("torch", "transformers", "numpy"), fixture=FIXTURE.name, top_k=k, steps=a.steps, lr=a.lr,
                    batch=a.batch, window=a.window, windows=a.windows, objective=a.objective, seed=0,
-                   prefill_tokens=PREFILL, decode_steps=DECODE,
+                   prefill_tokens=PREFILL, decode_steps=DECODE, speed_threads=SPEED_THREADS,
                    training_text=f"{CALIBRATION.name} ({CALIBRATION.stat().st_size} bytes)")
     prov["timing_runs"] = a.runs
     windows = kld.heldout_windows(a.windows)

@@ -63,15 +63,17 @@ def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors
     k = index.shape[1]
     w, order = torch.sort(weights, dim=1, descending=True, stable=True)
     idx = torch.gather(index, 1, order)
-    main_idx, aux_idx = idx[:, :k - n_ce], idx[:, k - n_ce:]
+    main_idx, aux_idx = idx[:, :k - n_ce], idx[:, k - n_ce:].clamp(max=vectors.shape[0] - 1)
     aux_w = w[:, k - n_ce:].to(vectors.dtype)
     total = aux_w.sum(1, keepdim=True)
-    ok = total > 0
-    share = torch.where(ok, aux_w / torch.where(ok, total, torch.ones_like(total)), torch.zeros_like(aux_w))
-    ones = torch.ones_like(vectors[:1])
-    padded = torch.cat([vectors, ones])  # row E: "no expert"
-    c = (share[:, :, None, None] * padded[aux_idx.clamp(max=vectors.shape[0])]).sum(1)
-    c = torch.where(ok[:, :, None], c, torch.ones_like(c))
+    ok = total > 0  # (T, 1); "no expert" slots (index E) have weight 0 and so a share of 0
+    share = aux_w / torch.where(ok, total, torch.ones_like(total))
+    if n_ce == 1:
+        c = vectors[aux_idx[:, 0]]
+    else:
+        c = torch.einsum("ta,tajl->tjl", share, vectors[aux_idx])
+    if not bool(ok.all()):
+        c = torch.where(ok[:, :, None], c, torch.ones_like(c))
     return main_idx, w[:, :k - n_ce], c
 
 
