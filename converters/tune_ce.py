@@ -47,31 +47,16 @@ class TuneOptions:
 
 def read_text(path: str | os.PathLike) -> str:
     """The training text; refuses a missing, empty or binary (NUL bytes, not UTF-8) file."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConversionError(f"--text {p}: {e.strerror or e}") from None
-    if not data.strip():
-        raise ConversionError(f"--text {p}: the file is empty")
-    if b"\0" in data:
-        raise ConversionError(f"--text {p}: a binary file (NUL bytes); give UTF-8 text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"--text {p}: not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+    from .encoders.calibrate import read_text as read
+
+    return read(path, "--text")
 
 
 def tokenize(text: str, tokenizer_json: bytes | None, window: int, where: str) -> np.ndarray:
-    if tokenizer_json is None:
-        raise ConversionError(f"--text {where}: the model has no tokenizer.json to tokenize it with")
-    from tokenizers import Tokenizer
+    """Token ids of the training text under the model's tokenizer.json; at least one window of them."""
+    from .encoders.calibrate import encode
 
-    try:
-        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise ConversionError(f"--text {where}: the model's tokenizer.json does not load ({e})") from None
-    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    ids = encode(text, tokenizer_json, where, "--text")
     if ids.size < window + 1:
         raise ConversionError(f"--text {where}: yields {ids.size} tokens; one training window needs {window + 1} "
                               f"(give more text or a smaller --window)")

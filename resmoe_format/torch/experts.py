@@ -309,17 +309,29 @@ class FusedExperts(CompressedExperts):
                     pre[:, a:b] += xv[key][rows] @ as_tensor(op.u).T
                 else:
                     pre[:, a:b] += op.apply_in(xe)
-            if self.biased:
-                pre += self.bias_in[e]
-            w = weights[rows, slots, None].to(dt)
-            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(kind.inputs))]) * w
-            if hsum is not None:
-                hsum.index_add_(0, rows, hw)
-            y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
-            if self.biased:
-                y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
-            if y is not None:
-                out.index_add_(0, rows, y)
+            self._add_expert(e, rows, slots, pre, weights, hsum, out)
+        return self._finish(out, hsum)
+
+    def _add_expert(self, e: int, rows, slots, pre: torch.Tensor, weights, hsum, out, scale=None) -> None:
+        """Expert ``e``'s output from its pre-activations ``pre`` (rows of ``rows``): biases, activation (times
+        ``scale``, compressed experts), routing weight; the residual's and the bias's share into ``out``, the
+        barycenter's into ``hsum``."""
+        n = self.n
+        if self.biased:
+            pre += self.bias_in[e]
+        w = weights[rows, slots, None].to(self.dtype)
+        h = self.kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(self.kind.inputs))])
+        hw = (h if scale is None else h * scale) * w
+        if hsum is not None:
+            hsum.index_add_(0, rows, hw)
+        y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
+        if self.biased:
+            y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
+        if y is not None:
+            out.index_add_(0, rows, y)
+
+    def _finish(self, out: torch.Tensor, hsum) -> torch.Tensor:
+        """``out`` plus the barycenter's output product, once for all experts (module docstring)."""
         if hsum is not None:
             out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
         return out
@@ -354,17 +366,5 @@ class FusedExperts(CompressedExperts):
                         pre[:, lo:hi] += op.apply_in(xs[i])
                     else:  # an operator over several inputs' columns (one CSR for all)
                         pre[:, lo:hi] += op.apply_in(xs[i])[:, lo - a:hi - a]
-            if self.biased:
-                pre += self.bias_in[e]
-            w = weights[rows, slots, None].to(dt)
-            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(M)]) * self.aligned(e, hscale[rows]) * w
-            if hsum is not None:
-                hsum.index_add_(0, rows, hw)
-            y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
-            if self.biased:
-                y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
-            if y is not None:
-                out.index_add_(0, rows, y)
-        if hsum is not None:
-            out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
-        return out
+            self._add_expert(e, rows, slots, pre, weights, hsum, out, self.aligned(e, hscale[rows]))
+        return self._finish(out, hsum)
