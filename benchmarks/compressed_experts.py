@@ -346,7 +346,7 @@ def report(res: dict) -> str:
         for r in share["rows"]:
             lines.append(f"| {r['mode']} | {r['n_ce']} | {r['decode']:.1f} | {r['experts_share']:.0%} | "
                          f"{r['experts_ms_per_token']:.2f} |")
-        lines += ["", "The experts layers are well under half of a decode step on this fixture (hidden 256, "
+        lines += ["", "The experts layers are less than half of a decode step on this fixture (hidden 256, "
                   "expert width 128), and with 2 experts they take about as long as with 4: per-operation overhead "
                   "(routing split, grouping, small matmuls), not the experts' arithmetic, sets their time. Even an "
                   "experts layer twice as fast would leave decode short of 1.3x (Amdahl: 1 / (1 - s/2) for a share "
