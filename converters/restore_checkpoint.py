@@ -14,7 +14,7 @@ WEIGHTS = "model.safetensors"
 
 
 def restore_checkpoint(src: str | Path, outdir: str | Path, original_order: bool = False,
-                       verify_checksums: bool = True, force: bool = False) -> Path:
+                       verify_checksums: bool = True, force: bool = False, ignore_ce: bool = False) -> Path:
     """Restore ``src`` into ``outdir``: model.safetensors plus the embedded files.
 
     ``outdir`` must not exist or be empty: the checkpoint is built in a hidden directory beside
@@ -26,6 +26,12 @@ def restore_checkpoint(src: str | Path, outdir: str | Path, original_order: bool
     check_paths(inputs, dirs=[outdir], force=force)
     out = Path(outdir)
     with resmoe_format.open(src, verify_checksums) as r:
+        if not ignore_ce:
+            from resmoe_format.compressed_experts import refuse_ce
+
+            from .errors import ConversionError
+
+            refuse_ce(r, "a safetensors checkpoint", ConversionError)
         if out.is_dir() and any(out.iterdir()):
             check_written(out, [WEIGHTS, *r.files], inputs)
             _write(r, out, original_order)

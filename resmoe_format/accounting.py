@@ -17,11 +17,11 @@ from .container import Reader
 #: ``coded_signs``, ``coded_heads`` (heads and escapes) and ``coded_tails``, base records included.
 CATEGORIES = ("header", "barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
               "residual_indices", "scales", "group_scales", "superblock_scales", "coded_signs", "coded_heads",
-              "coded_tails", "extensions", "checksums", "passthrough", "embedded_files")
+              "coded_tails", "extensions", "compressed_experts", "checksums", "passthrough", "embedded_files")
 #: Categories that make up the stored cost of the compressed experts.
 EXPERT_CATEGORIES = ("barycenters", "barycenter_codes", "permutations", "residual_values", "residual_codes",
                      "residual_indices", "scales", "group_scales", "superblock_scales", "coded_signs", "coded_heads",
-                     "coded_tails", "extensions")
+                     "coded_tails", "extensions", "compressed_experts")
 
 
 @dataclass

@@ -20,10 +20,10 @@ from .errors import RmoeFormatError
 from .safetensors_header import Header, TensorEntry, parse_json, read_header
 from .stream import StreamingWriter, crc32
 from .codecs.fields import Predictor, uses_predictor
-from .schema import (BASE_VERSION_STR, CROSS_FACTORS_VERSION, CROSS_FACTORS_VERSION_STR, FIELDS_VERSION,
-                     FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION, KQUANT_VERSION_STR, SHARED_FACTORS_VERSION,
-                     SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef, LayerSpec, MatrixSpec, Schema, SourceSpec,
-                     claim_file_path, claim_output, parse_version)
+from .schema import (BASE_VERSION_STR, CE_DTYPES, CE_VERSION, CE_VERSION_STR, CROSS_FACTORS_VERSION,
+                     CROSS_FACTORS_VERSION_STR, FIELDS_VERSION, FIELDS_VERSION_STR, FORMAT_NAME, KQUANT_VERSION,
+                     KQUANT_VERSION_STR, SHARED_FACTORS_VERSION, SHARED_FACTORS_VERSION_STR, CodedTensor, EncodedRef,
+                     LayerSpec, MatrixSpec, Schema, SourceSpec, claim_file_path, claim_output, parse_version)
 
 CHECKSUM_TENSOR = "rmoe.checksums"
 RESERVED_PREFIX = "rmoe."
@@ -173,6 +173,8 @@ def tensor_roles(schema: Schema, allow_shared: bool = False, allow_cross: bool =
         for ext in lay.extensions.values():
             for t in ext.get("tensors", {}).values():
                 put(t, Role("extensions", lay.index))
+        if lay.ce is not None:
+            put(lay.ce.vectors, Role("compressed_experts", lay.index))
     return roles
 
 
@@ -202,6 +204,8 @@ def lowest_version(schema: Schema) -> str:
     """The lowest version that expresses ``schema`` (spec 1.4): 4.0 when a record is ``fields`` or a base is
     of kind ``predictor`` (spec 5.11), else 3.0 when a record has k-quant values (spec 5.10), else 2.0 when a
     tensor is referenced by more than one record (a shared low-rank factor, spec 4.8), else 1.0."""
+    if any(lay.ce is not None for lay in schema.layers):
+        return CE_VERSION_STR
     if any(cross_shared(lay) or lay.base_channels is not None for lay in schema.layers):
         return CROSS_FACTORS_VERSION_STR
     if schema.coded or any(uses_fields(lay) for lay in schema.layers):
@@ -281,6 +285,11 @@ def check_schema_layout(schema: Schema, tensors: dict[str, TensorEntry],
                 raise RmoeFormatError(f"layer {lay.index}: a low-rank factor shared by several experts needs .rmoe "
                                       f"version {CROSS_FACTORS_VERSION_STR} or later; this file is major version "
                                       f"{major}")
+    if major < CE_VERSION[0]:
+        for lay in schema.layers:
+            if lay.ce is not None:
+                raise RmoeFormatError(f"layer {lay.index}: compressed experts need .rmoe version {CE_VERSION_STR} or "
+                                      f"later; this file is major version {major}")
     roles = tensor_roles(schema, allow_shared=major >= SHARED_FACTORS_VERSION[0],
                          allow_cross=major >= CROSS_FACTORS_VERSION[0])
     missing = [n for n in roles if n not in tensors]
@@ -347,11 +356,28 @@ def _check_layer(lay: LayerSpec, tensors: dict[str, TensorEntry], max_elements: 
         if t.dtype != pdt or t.shape != (lay.num_neurons,):
             raise RmoeFormatError(f"tensor {p}: a permutation of {lay.num_neurons} neurons must be "
                                   f"{pdt} [{lay.num_neurons}], got {t.dtype} {list(t.shape)}")
+    if lay.ce is not None:
+        t = tensors[lay.ce.vectors]
+        want = ce_shape(lay)
+        if want is None:
+            raise RmoeFormatError(f"layer {lay.index}: compressed experts need a 2-D matrix with a neuron axis "
+                                  f"(the hidden size)")
+        if t.dtype not in CE_DTYPES or tuple(t.shape) != want:
+            raise RmoeFormatError(f"tensor {t.name}: the compressed-expert vectors of layer {lay.index} must be "
+                                  f"{'/'.join(CE_DTYPES)} {list(want)} (experts, 3, max(hidden, num_neurons)), got "
+                                  f"{t.dtype} {list(t.shape)}")
     for s in lay.sources:
         shape = source_shape(lay, s)
         if tuple(s.shape) != shape:
             raise RmoeFormatError(f"layer {lay.index} source {s.name}: declared shape {list(s.shape)} but its "
                                   f"assembly gives {list(shape)}")
+
+
+def ce_shape(lay: LayerSpec) -> tuple[int, int, int] | None:
+    """The shape of a layer's compressed-expert vectors (spec 4.5): (E, 3, max(hidden, n)); None without a
+    hidden size."""
+    h = lay.hidden
+    return None if h is None else (lay.num_experts, 3, max(h, lay.num_neurons))
 
 
 def source_shape(lay: LayerSpec, s: SourceSpec) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ FORMAT_NAME = "rmoe"
 #: which needs ``SHARED_FACTORS_VERSION``, or stores k-quant values (spec 5.10), which need ``KQUANT_VERSION``,
 #: or has a ``fields`` record or a ``predictor`` base (spec 5.11), which need ``FIELDS_VERSION``, or shares a
 #: low-rank factor across the experts of a layer (spec 4.8), which needs ``CROSS_FACTORS_VERSION``.
-VERSION = (5, 0)
+VERSION = (6, 0)
 VERSION_STR = f"{VERSION[0]}.{VERSION[1]}"
 #: The version of every file that uses no feature added after 1.0.
 BASE_VERSION = (1, 0)
@@ -38,8 +38,14 @@ FIELDS_VERSION_STR = f"{FIELDS_VERSION[0]}.{FIELDS_VERSION[1]}"
 #: The first version in which the records of one matrix in several experts may share a low-rank factor (spec 4.8).
 CROSS_FACTORS_VERSION = (5, 0)
 CROSS_FACTORS_VERSION_STR = f"{CROSS_FACTORS_VERSION[0]}.{CROSS_FACTORS_VERSION[1]}"
+#: The first version with compressed experts (spec 4.5 ``compressed_experts``): a file that changes what the
+#: model computes, so a reader that does not know them must refuse it (a major version).
+CE_VERSION = (6, 0)
+CE_VERSION_STR = f"{CE_VERSION[0]}.{CE_VERSION[1]}"
+#: dtypes a layer's compressed-expert vectors may have (the reference writer writes fp32)
+CE_DTYPES = ("bf16", "fp16", "fp32")
 #: Major versions this reader understands (any minor version of each).
-READ_MAJORS = (1, 2, 3, 4, 5)
+READ_MAJORS = (1, 2, 3, 4, 5, 6)
 BASE_KINDS = ("barycenter", "mean", "weighted", "none", "predictor")
 #: Base kinds whose matrices are not added to the residuals (spec 6.1): none, and predictor (5.11).
 UNADDED_BASE_KINDS = ("none", "predictor")
@@ -206,6 +212,26 @@ class SourceSpec:
 
 
 @dataclass
+class CompressedExpertsSpec:
+    """A layer's compressed experts (spec 4.5 ``compressed_experts``, version 6.0): the tensor of the per-expert
+    vectors (E, 3, max(hidden, n)) and n_ce, how many of a token's top-k experts they stand in for."""
+
+    vectors: str
+    n_ce: int
+
+    def to_json(self) -> dict:
+        return {"vectors": self.vectors, "n_ce": self.n_ce}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "CompressedExpertsSpec":
+        d = _obj(d, where)
+        n_ce = _req(d, "n_ce", where, int)
+        if not 1 <= n_ce < 2**16:
+            raise RmoeFormatError(f"{where}.n_ce: {n_ce} is not between 1 and 65535")
+        return cls(_name(d.get("vectors"), where + ".vectors"), n_ce)
+
+
+@dataclass
 class LayerSpec:
     """One compressed MoE layer: base, permutations, per-expert residuals, source mapping."""
 
@@ -222,6 +248,16 @@ class LayerSpec:
     extensions: dict[str, Any] = field(default_factory=dict)
     #: the tensor of the neuron indices the base keeps (spec 4.7 ``channels``, version 5.0); None: all of them
     base_channels: str | None = None
+    #: the layer's compressed experts (spec 4.5, version 6.0); None: none
+    ce: CompressedExpertsSpec | None = None
+
+    @property
+    def hidden(self) -> int | None:
+        """The hidden size: the other axis of the first 2-D matrix with a neuron axis, or None."""
+        for m in self.matrices:
+            if len(m.shape) == 2 and m.neuron_axis is not None:
+                return m.shape[1 - m.neuron_axis]
+        return None
 
     @property
     def adds_base(self) -> bool:
@@ -246,6 +282,8 @@ class LayerSpec:
         }
         if self.extensions:
             d["extensions"] = self.extensions
+        if self.ce is not None:
+            d["compressed_experts"] = self.ce.to_json()
         return d
 
     @classmethod
@@ -307,8 +345,11 @@ class LayerSpec:
             val = _obj(val, f"{where}.extensions.{key}")
             for part, t in _obj(val.get("tensors", {}), f"{where}.extensions.{key}.tensors").items():
                 _name(t, f"{where}.extensions.{key}.tensors.{part}")
+        ce = d.get("compressed_experts")
+        if ce is not None:
+            ce = CompressedExpertsSpec.from_json(ce, where + ".compressed_experts")
         return cls(index, _req(d, "prefix", where, str, True, ""), E, n, mats, kind, base, perms,
-                   residuals, sources, ext, channels)
+                   residuals, sources, ext, channels, ce)
 
 
 @dataclass

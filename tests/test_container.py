@@ -63,29 +63,29 @@ def test_newer_minor_version_and_unknown_optional_fields_are_accepted(demo, tmp_
         assert r.version == (1, 7)
 
 
-@pytest.mark.parametrize("version", ["6.0", "0.9", "x", "1", "1.0.0"])
+@pytest.mark.parametrize("version", ["7.0", "0.9", "x", "1", "1.0.0"])
 def test_unknown_major_or_malformed_version_is_rejected(demo, tmp_path, version):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with pytest.raises(RmoeFormatError, match="version"):
         resmoe_format.open(p)
 
 
-@pytest.mark.parametrize("version", ["0.9", "6.0", "17.2"])
+@pytest.mark.parametrize("version", ["0.9", "7.0", "17.2"])
 def test_unknown_major_message_names_the_file_version_and_the_majors_read(demo, tmp_path, version):
     p = rewrite(demo, tmp_path / "v.rmoe", edit_meta=lambda m: m.update(rmoe_version=version))
     with pytest.raises(RmoeFormatError, match=rf"this file is \.rmoe version {version}; this reader understands "
-                                              r"major versions 1, 2, 3, 4 and 5 only \(upgrade resmoe to read it\)"):
+                                              r"major versions 1, 2, 3, 4, 5 and 6 only \(upgrade resmoe to read it\)"):
         resmoe_format.open(p)
 
 
 def test_version_constants():
     from resmoe_format import schema
 
-    assert resmoe_format.VERSION == schema.VERSION == (5, 0) and resmoe_format.VERSION_STR == "5.0"
+    assert resmoe_format.VERSION == schema.VERSION == (6, 0) and resmoe_format.VERSION_STR == "6.0"
     assert schema.BASE_VERSION_STR == "1.0" and schema.SHARED_FACTORS_VERSION_STR == "2.0"
     assert schema.KQUANT_VERSION_STR == "3.0" and schema.FIELDS_VERSION_STR == "4.0"
-    assert schema.CROSS_FACTORS_VERSION_STR == "5.0"
-    assert schema.READ_MAJORS == (1, 2, 3, 4, 5)
+    assert schema.CROSS_FACTORS_VERSION_STR == "5.0" and schema.CE_VERSION_STR == "6.0"
+    assert schema.READ_MAJORS == (1, 2, 3, 4, 5, 6)
 
 
 @pytest.mark.parametrize("version", ["2.0", "3.0", "3.4", "4.0", "5.0"])

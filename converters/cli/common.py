@@ -10,7 +10,8 @@ from resmoe_format.errors import GgufRmoeError, RmoeRuntimeError
 
 
 #: The extra that installs what each command needs beyond the reader (pyproject.toml).
-EXTRAS = {"resmoe-convert": "convert", "resmoe-export": "export", "resmoe-generate": "torch"}
+EXTRAS = {"resmoe-convert": "convert", "resmoe-export": "export", "resmoe-generate": "torch",
+          "resmoe-tune-ce": "convert"}
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="safetensors: write into a non-empty directory")
     ap.add_argument("--scheme", help="compressed-tensors: w4a16 or w8a16 (int4 / int8 expert weights, 16-bit "
                     "activations)")
+    ap.add_argument("--ignore-ce", action="store_true", help="a file with compressed experts (resmoe-tune-ce): "
+                    "export the full top-k model without them (the targets have no such operation)")
     ap.add_argument("--group-size", type=int, default=128, help="compressed-tensors: input columns per weight scale "
                     "(default 128)")
     a = ap.parse_args(argv)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.to == "gguf":
             from ..exporters.gguf_export import export_gguf
 
-            export_gguf(a.file, a.out, a.type)
+            export_gguf(a.file, a.out, a.type, ignore_ce=a.ignore_ce)
         elif a.to == "gguf-rmoe":
             from resmoe_format.gguf_rmoe import rmoe_to_gguf
 
@@ -74,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         elif a.to == "compressed-tensors":
             from ..exporters.ct_export import export_compressed_tensors
 
-            export_compressed_tensors(a.file, a.out, a.scheme.lower(), a.group_size, progress=True)
+            export_compressed_tensors(a.file, a.out, a.scheme.lower(), a.group_size, progress=True,
+                                      ignore_ce=a.ignore_ce)
         elif a.to == "onnx":
             from ..exporters.onnx_export import export_onnx
 
-            export_onnx(a.file, a.out, a.variant)
+            export_onnx(a.file, a.out, a.variant, ignore_ce=a.ignore_ce)
         else:
             from ..restore_checkpoint import restore_checkpoint
 
-            restore_checkpoint(a.file, a.out, a.original_order, force=a.force)
+            restore_checkpoint(a.file, a.out, a.original_order, force=a.force, ignore_ce=a.ignore_ce)
         detail = {"gguf": f", {a.type}", "compressed-tensors": f", {a.scheme}, group size {a.group_size}"}
         print(f"exported {a.file} -> {a.out} ({a.to}{detail.get(a.to, '')})")
         return 0

@@ -28,6 +28,7 @@ LABELS = {
     "coded_heads": "lossless exponent (+ top mantissa) streams",
     "coded_tails": "lossless low-mantissa streams",
     "extensions": "method extensions (per-expert vectors, ...)",
+    "compressed_experts": "compressed-expert vectors (resmoe-tune-ce)",
     "checksums": "checksums",
     "passthrough": "passthrough tensors (non-expert)",
     "embedded_files": "embedded files (config, tokenizer)",

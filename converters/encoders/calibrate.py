@@ -29,34 +29,39 @@ MAX_TOKENS = 65536
 WINDOW = 256
 
 
-def read_text(path: str | Path) -> str:
-    """The calibration text; refuses an empty or binary file."""
+def read_text(path: str | Path, flag: str = "--calibration") -> str:
+    """The text of the file ``flag`` names; refuses a missing, empty or binary (NUL bytes, not UTF-8) file."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise ConversionError(f"--calibration {p}: {e.strerror or e}") from None
+        raise ConversionError(f"{flag} {p}: {e.strerror or e}") from None
     if not data.strip():
-        raise ConversionError(f"--calibration {p}: the file is empty")
+        raise ConversionError(f"{flag} {p}: the file is empty")
     if b"\0" in data:
-        raise ConversionError(f"--calibration {p}: a binary file (NUL bytes); give UTF-8 text")
+        raise ConversionError(f"{flag} {p}: a binary file (NUL bytes); give UTF-8 text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConversionError(f"--calibration {p}: not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+        raise ConversionError(f"{flag} {p}: not UTF-8 text (byte {e.start}); give UTF-8 text") from None
 
 
-def tokenize(text: str, tokenizer_json: bytes | None, where: str) -> np.ndarray:
-    """Token ids of ``text`` under the checkpoint's tokenizer.json; at least MIN_EXPERT_TOKENS of them."""
+def encode(text: str, tokenizer_json: bytes | None, where: str, flag: str = "--calibration") -> np.ndarray:
+    """Token ids (int64) of ``text`` under the checkpoint's tokenizer.json."""
     if tokenizer_json is None:
-        raise ConversionError(f"--calibration {where}: the checkpoint has no tokenizer.json to tokenize it with")
+        raise ConversionError(f"{flag} {where}: the checkpoint has no tokenizer.json to tokenize it with")
     from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises its own exception types
-        raise ConversionError(f"--calibration {where}: the checkpoint's tokenizer.json does not load ({e})") from None
-    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        raise ConversionError(f"{flag} {where}: the checkpoint's tokenizer.json does not load ({e})") from None
+    return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def tokenize(text: str, tokenizer_json: bytes | None, where: str) -> np.ndarray:
+    """Token ids of ``text`` under the checkpoint's tokenizer.json; at least MIN_EXPERT_TOKENS of them."""
+    ids = encode(text, tokenizer_json, where)
     if ids.size < MIN_EXPERT_TOKENS:
         raise ConversionError(f"--calibration {where}: yields {ids.size} tokens; one expert needs at least "
                               f"{MIN_EXPERT_TOKENS}")

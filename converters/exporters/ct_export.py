@@ -92,7 +92,7 @@ def _module(name: str) -> str:
 
 def export_compressed_tensors(src: str | os.PathLike, outdir: str | os.PathLike, scheme: str = "w4a16",
                               group_size: int = DEFAULT_GROUP_SIZE, shard_bytes: int = SHARD_BYTES,
-                              progress: bool = False) -> Path:
+                              progress: bool = False, ignore_ce: bool = False) -> Path:
     """Write ``src`` (.rmoe) as a compressed-tensors checkpoint directory ``outdir`` (module docstring).
 
     ``outdir`` must not exist or be empty; a failure leaves nothing. Architectures vLLM would not
@@ -110,6 +110,10 @@ def export_compressed_tensors(src: str | os.PathLike, outdir: str | os.PathLike,
     sch.format = fmt
     out = Path(outdir)
     with resmoe_format.open(src) as r:
+        if not ignore_ce:
+            from resmoe_format.compressed_experts import refuse_ce
+
+            refuse_ce(r, "a compressed-tensors checkpoint (vLLM, SGLang)", ConversionError)
         cfg = r.config()
         if cfg is None:
             raise ConversionError(f"{src} embeds no config.json: a compressed-tensors checkpoint needs it")

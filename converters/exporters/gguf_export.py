@@ -432,8 +432,11 @@ def _tensor_type(gguf, name: str, a: np.ndarray, qtype: str):
     return gguf.quants.quantize(a, gt), gt
 
 
-def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32", progress: bool = False) -> Path:
-    """Write ``src`` (.rmoe) as a llama.cpp GGUF at ``out`` with tensors of type ``qtype``."""
+def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32", progress: bool = False,
+                ignore_ce: bool = False) -> Path:
+    """Write ``src`` (.rmoe) as a llama.cpp GGUF at ``out`` with tensors of type ``qtype``. A file with compressed
+    experts (spec 4.5) is refused (llama.cpp has no such operation) unless ``ignore_ce``: then the full top-k
+    model is written."""
     qtype = qtype.lower()
     if qtype not in TYPES:
         raise ConversionError(f"GGUF type {qtype!r} is not supported; supported: {', '.join(TYPES)}")
@@ -441,6 +444,10 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f3
     if not out.parent.is_dir():
         raise ConversionError(f"output directory {out.parent} does not exist")
     with resmoe_format.open(src) as reader:
+        if not ignore_ce:
+            from resmoe_format.compressed_experts import refuse_ce
+
+            refuse_ce(reader, "llama.cpp's GGUF", ConversionError)
         cfg = reader.config()
         if cfg is None:
             raise ConversionError(f"{src} embeds no config.json: GGUF export needs the model's hyperparameters")

@@ -40,14 +40,15 @@ EXAMPLE_SHAPE = (2, 8)
 
 
 def export_onnx(src: str | Path, out: str | Path, variant: str = "dense", *, opset: int | None = None,
-                external_data: bool | None = None) -> Path:
+                external_data: bool | None = None, ignore_ce: bool = False) -> Path:
     """Write ``src`` (.rmoe) as an ONNX model at ``out``; returns ``out``.
 
     ``variant``: ``dense`` (restored experts) or ``lowrank`` (barycenter + low-rank residual
     factors; needs a file converted with ``--residual svd``). ``opset``: the ONNX opset (default:
     the exporter's). ``external_data``: store weights in ``OUT.data`` (default: only when the
     model is too large for one protobuf). Raises ConversionError for bad input; nothing is left
-    at ``out`` after a failure.
+    at ``out`` after a failure. A file with compressed experts (spec 4.5) is refused (ONNX Runtime has no
+    such operation) unless ``ignore_ce``: then the full top-k model is exported.
     """
     src, out = Path(src), Path(out)
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -57,7 +58,7 @@ def export_onnx(src: str | Path, out: str | Path, variant: str = "dense", *, ops
         raise ConversionError(f"ONNX variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     if not out.parent.is_dir():
         raise ConversionError(f"output directory {out.parent} does not exist")
-    model_type = check_file(src, variant)
+    model_type = check_file(src, variant, ignore_ce)
     try:
         model = build_model(src, variant)
     except RmoeRuntimeError as e:
@@ -67,9 +68,13 @@ def export_onnx(src: str | Path, out: str | Path, variant: str = "dense", *, ops
     return out
 
 
-def check_file(src: Path, variant: str) -> str:
+def check_file(src: Path, variant: str, ignore_ce: bool = False) -> str:
     """The file's model type, once it is known that ``variant`` can be exported from it."""
     with container.open(src, verify_checksums=False) as r:  # load_model verifies them
+        if not ignore_ce:
+            from resmoe_format.compressed_experts import refuse_ce
+
+            refuse_ce(r, "ONNX Runtime", ConversionError)
         model_type = (r.config() or {}).get("model_type") or r.model.get("model_type")
         if model_type not in SUPPORTED:
             fam = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
@@ -109,7 +114,12 @@ def build_model(src: Path, variant: str) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(src, mode="materialize" if variant == "dense" else "fused", dtype="fp32")
+        model = load_model(src, mode="materialize" if variant == "dense" else "fused", dtype="fp32", n_ce=0)
+    from resmoe_format.torch.ce import CEExperts
+
+    for name, module in list(model.named_modules()):  # --ignore-ce: the full top-k experts
+        if isinstance(module, CEExperts):
+            model.set_submodule(name, module.inner)
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedExperts):
             model.set_submodule(name, LowRankExperts.from_fused(module))

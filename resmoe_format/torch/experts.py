@@ -94,11 +94,24 @@ class CompressedExperts(nn.Module):
             raise RmoeRuntimeError(f"layer {lay.index}: the file has no matrices {missing} that "
                                    f"{type(kind).__name__} experts need (it has {sorted(names)})")
         self.biased = all(b in names for b in kind.input_biases) and kind.output_bias in names
+        self._perms: dict[int, torch.Tensor] | None = None  # set by subclasses for permuted layers
+        self._reader = None
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         x, index, weights = self.kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
         out = self._run(x, index, weights)
         return out.to(hidden_states.dtype)
+
+    def aligned(self, e: int, hscale: torch.Tensor) -> torch.Tensor:
+        """``hscale`` (rows, n), indexed by original neuron, in expert ``e``'s aligned order (spec 6.4: aligned
+        neuron i is original neuron p[i])."""
+        if self._perms is None:
+            return hscale
+        p = self._perms.get(e)
+        if p is None:
+            p = self._perms[e] = torch.from_numpy(self._reader.permutation(self.layer, e).astype(np.int64)).to(
+                hscale.device)
+        return hscale[:, p]
 
     def groups(self, index: torch.Tensor):
         """(expert, token rows, slot columns) for every expert that some token is routed to."""
@@ -127,6 +140,8 @@ class LazyExperts(CompressedExperts):
                  dtype: torch.dtype, device: torch.device):
         super().__init__(kind, lay)
         self.reader, self.lay, self.cache = reader, lay, cache
+        if lay.permutations is not None:
+            self._perms, self._reader = {}, reader
         self.dtype, self.device = dtype, device
         self.expert_bytes = expert_nbytes(lay, dtype)
 
@@ -137,16 +152,21 @@ class LazyExperts(CompressedExperts):
         trim_heap()  # the decode temporaries are as large as the expert: give them back
         return out
 
-    def _run(self, x, index, weights):
+    def _run(self, x, index, weights, xin=None, hscale=None):
+        """``xin``: one input per input matrix instead of ``x`` (compressed experts, :mod:`.ce`), and ``hscale``
+        (T, n) multiplies the activations."""
         kind = self.kind
         out = torch.zeros(x.shape[0], x.shape[1], dtype=self.dtype, device=x.device)
         xd = x.to(self.dtype)
         for e, rows, slots in self.groups(index):
             w = self.cache.get((self.layer, e), lambda e=e: self.restore(e), self.expert_bytes)
-            xe = xd[rows]
+            xs = [xd[rows]] * len(kind.inputs) if xin is None else [t[rows] for t in xin]
             pre = [nn.functional.linear(xe, w[m], w[b] if self.biased else None)
-                   for m, b in zip(kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
-            y = kind.activate(pre) @ w[kind.output]
+                   for xe, m, b in zip(xs, kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
+            h = kind.activate(pre)
+            if hscale is not None:
+                h = h * self.aligned(e, hscale[rows])
+            y = h @ w[kind.output]
             if self.biased:
                 y = y + w[kind.output_bias]
             out.index_add_(0, rows, y * weights[rows, slots, None].to(self.dtype))
@@ -184,6 +204,9 @@ class FusedExperts(CompressedExperts):
             self.base_out = pieces[kind.output]
         else:
             self.base_in = self.base_out = None
+        if lay.permutations is not None:  # compressed experts' e2 is in original neuron order (CEExperts)
+            self._perms = {e: torch.from_numpy(reader.permutation(self.layer, e).astype(np.int64)).to(device)
+                           for e in range(lay.num_experts)}
         shared: dict[str, object] = {}
         # per expert: [(first column, last column, operator)] over the concatenated pre-activations
         self.in_ops: list[list[tuple[int, int, Residual]]] = []
@@ -257,10 +280,14 @@ class FusedExperts(CompressedExperts):
         total += sum(op.nbytes() for ops in self.in_ops for _, _, op in ops)
         return total + sum(op.nbytes() for op in self.out_ops if op is not None)
 
-    def _run(self, x, index, weights):
+    def _run(self, x, index, weights, xin=None, hscale=None):
+        """``xin``: one input per input matrix instead of ``x`` (compressed experts, :mod:`.ce`), and ``hscale``
+        (T, n) multiplies the activations; the residual products then run once per input."""
         kind, n, dt = self.kind, self.n, self.dtype
         xd = x.to(dt)
         T, width = x.shape[0], len(kind.inputs) * n
+        if xin is not None:
+            return self._run_scaled(xd, index, weights, [t.to(dt) for t in xin], hscale.to(dt))
         shared_in = nn.functional.linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
@@ -282,17 +309,62 @@ class FusedExperts(CompressedExperts):
                     pre[:, a:b] += xv[key][rows] @ as_tensor(op.u).T
                 else:
                     pre[:, a:b] += op.apply_in(xe)
-            if self.biased:
-                pre += self.bias_in[e]
-            w = weights[rows, slots, None].to(dt)
-            hw = kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(kind.inputs))]) * w
-            if hsum is not None:
-                hsum.index_add_(0, rows, hw)
-            y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
-            if self.biased:
-                y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
-            if y is not None:
-                out.index_add_(0, rows, y)
+            self._add_expert(e, rows, slots, pre, weights, hsum, out)
+        return self._finish(out, hsum)
+
+    def _add_expert(self, e: int, rows, slots, pre: torch.Tensor, weights, hsum, out, scale=None) -> None:
+        """Expert ``e``'s output from its pre-activations ``pre`` (rows of ``rows``): biases, activation (times
+        ``scale``, compressed experts), routing weight; the residual's and the bias's share into ``out``, the
+        barycenter's into ``hsum``."""
+        n = self.n
+        if self.biased:
+            pre += self.bias_in[e]
+        w = weights[rows, slots, None].to(self.dtype)
+        h = self.kind.activate([pre[:, i * n:(i + 1) * n] for i in range(len(self.kind.inputs))])
+        hw = (h if scale is None else h * scale) * w
+        if hsum is not None:
+            hsum.index_add_(0, rows, hw)
+        y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
+        if self.biased:
+            y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
+        if y is not None:
+            out.index_add_(0, rows, y)
+
+    def _finish(self, out: torch.Tensor, hsum) -> torch.Tensor:
+        """``out`` plus the barycenter's output product, once for all experts (module docstring)."""
         if hsum is not None:
             out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
         return out
+
+    def _run_scaled(self, xd, index, weights, xin, hscale):
+        """:meth:`_run` with input ``xin[i]`` for input matrix i and activations scaled by ``hscale``."""
+        kind, n, dt = self.kind, self.n, self.dtype
+        T, M = xd.shape[0], len(kind.inputs)
+        width = M * n
+        shared_in = None
+        if self.base_in is not None:
+            base = as_tensor(self.base_in)
+            rows_per = base.shape[0] // M  # n, or the kept channels of a pruned base
+            shared_in = torch.cat([nn.functional.linear(xin[i], base[i * rows_per:(i + 1) * rows_per])
+                                   for i in range(M)], dim=1)
+        hsum = torch.zeros(T, n, dtype=dt, device=xd.device) if self.base_out is not None else None
+        out = torch.zeros(T, xd.shape[1], dtype=dt, device=xd.device)
+        for e, rows, slots in self.groups(index):
+            xs = [t[rows] for t in xin]
+            if shared_in is None or self.kept is not None:
+                pre = torch.zeros(len(rows), width, dtype=dt, device=xd.device)
+                if shared_in is not None:
+                    pre[:, self.kept_cols] = shared_in[rows]
+            else:
+                pre = shared_in[rows].clone()
+            for a, b, op in self.in_ops[e]:
+                for i in range(M):  # the columns of input i within [a, b): from input i
+                    lo, hi = max(a, i * n), min(b, (i + 1) * n)
+                    if lo >= hi:
+                        continue
+                    if b - a == hi - lo:
+                        pre[:, lo:hi] += op.apply_in(xs[i])
+                    else:  # an operator over several inputs' columns (one CSR for all)
+                        pre[:, lo:hi] += op.apply_in(xs[i])[:, lo - a:hi - a]
+            self._add_expert(e, rows, slots, pre, weights, hsum, out, self.aligned(e, hscale[rows]))
+        return self._finish(out, hsum)

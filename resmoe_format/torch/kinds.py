@@ -103,6 +103,29 @@ class ExpertKind:
             else:
                 module.get_parameter(rule.name).data[expert] = piece
 
+    def read_dense(self, module: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's canonical matrices (neuron axis first) as views of the transformers experts module's
+        parameters, the inverse of :meth:`write_dense` (autograd flows into the module's parameters)."""
+        out: dict[str, torch.Tensor] = {}
+        for rule in self.family.module_layout:
+            try:
+                t = module.get_parameter(rule.name.format(k=expert) if rule.per_expert else rule.name)
+            except AttributeError:
+                continue  # an absent optional matrix (bias)
+            if not rule.per_expert:
+                t = t[expert]
+            p = len(rule.parts)
+            if p == 1:
+                pieces = [t]
+            elif rule.join == "concat":
+                pieces = list(t.chunk(p, dim=rule.join_axis))
+            else:  # interleave: a0 b0 a1 b1 ... along join_axis
+                u = t.unflatten(rule.join_axis, (-1, p))
+                pieces = [u.select(rule.join_axis + 1, j) for j in range(p)]
+            for name, piece in zip(rule.parts, pieces):
+                out[name] = piece.T if rule.transpose and piece.dim() == 2 else piece
+        return out
+
     def dense_parameters(self, module: nn.Module) -> list[str]:
         """Names of the experts module's parameters that ``write_dense`` fills."""
         return [n for n, _ in module.named_parameters()]

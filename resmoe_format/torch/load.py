@@ -24,6 +24,7 @@ from ..container import Reader
 from ..errors import RmoeRuntimeError
 from ..memory import trim_heap
 from ..restore import restore_expert
+from .ce import CEExperts, check_n_ce
 from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
 from .kinds import ExpertKind, kind_for
 from .tensors import DTYPE_NAMES as DTYPES
@@ -187,10 +188,36 @@ def _compressed_module(kind, reader, lay, mode, dtype, device, cache, original):
     return FusedExperts(kind, reader, lay, dtype, device)
 
 
+def resolve_n_ce(reader: Reader, config, kind: ExpertKind, n_ce: int | None) -> dict[int, int]:
+    """Layer index -> the auxiliary experts it runs with: the file's n_ce (``n_ce`` None), 0 for the full top-k,
+    or the file's own value again; checked against the model's top-k before anything is built."""
+    ce_layers = {lay.index: lay.ce.n_ce for lay in reader.layers if lay.ce is not None}
+    if n_ce is not None and (not isinstance(n_ce, int) or isinstance(n_ce, bool) or n_ce < 0):
+        raise RmoeRuntimeError(f"n_ce={n_ce!r}: a non-negative integer (0: the full top-k) or None (the file's)")
+    if not ce_layers:
+        if n_ce:
+            raise RmoeRuntimeError(f"n_ce={n_ce}: {reader.path} has no compressed experts (make them with "
+                                   f"resmoe-tune-ce)")
+        return {}
+    for i, k in ce_layers.items():
+        check_n_ce(config, kind, k, f"layer {i}: the file's n_ce")
+        if n_ce not in (None, 0, k):
+            raise RmoeRuntimeError(f"n_ce={n_ce}: layer {i}'s compressed experts were trained for n_ce={k}; load "
+                                   f"with n_ce={k} (or None, the file's) or 0 (the full top-k)")
+    return {i: (k if n_ce is None else n_ce) for i, k in ce_layers.items()}
+
+
+def _with_ce(module: nn.Module, kind: ExpertKind, reader: Reader, lay, n_ce: int, device) -> nn.Module:
+    """``module`` wrapped in :class:`CEExperts` with the layer's vectors (held in float32)."""
+    vec = to_torch(reader.tensor(lay.ce.vectors), torch.float32, device, copy=True)
+    return CEExperts(module, kind, vec, n_ce, lay.num_neurons, lay.hidden)
+
+
 def _patch_layers(model, reader: Reader, names: CheckpointNames, kind: ExpertKind, mode: str, dtype, device,
-                  cache_bytes: int | None) -> None:
+                  cache_bytes: int | None, n_ce: int | None = None) -> None:
     layers = reader.layers
     check_layers(kind.family, layers, RmoeRuntimeError)
+    ce = resolve_n_ce(reader, model.config, kind, n_ce)
     cache = None
     if mode == "lazy":
         one = max(expert_nbytes(lay, dtype) for lay in layers) if layers else 0
@@ -211,6 +238,8 @@ def _patch_layers(model, reader: Reader, names: CheckpointNames, kind: ExpertKin
             raise RmoeRuntimeError(f"layer {lay.index}: the model's {path} has {n_model} experts, the file "
                                    f"{lay.num_experts}")
         new = _compressed_module(kind, reader, lay, mode, dtype, device, cache, original)
+        if lay.index in ce:
+            new = _with_ce(new, kind, reader, lay, ce[lay.index], device)
         if new is not original:
             set_tensor(model, path, new)
         del original
@@ -234,13 +263,15 @@ def _check_mode(mode: str) -> None:
 
 def load_model(path: str | os.PathLike, mode: str = "materialize", device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None, cache_bytes: int | None = None,
-               verify_checksums: bool = True):
+               verify_checksums: bool = True, n_ce: int | None = None):
     """A transformers model built from the ``.rmoe`` file's embedded config, in eval mode.
 
     ``mode``: ``materialize`` | ``lazy`` | ``fused`` (module docstring). ``device``: ``cpu``,
     ``cuda[:N]`` or ``auto`` (CUDA when present). ``dtype`` defaults to the source dtype.
     ``cache_bytes`` bounds lazy mode's expert cache (default: one layer's experts). Nothing is
-    downloaded and no remote code runs.
+    downloaded and no remote code runs. ``n_ce``: how many of each token's top-k experts the file's
+    compressed experts (spec 4.5, version 6.0) replace: None, the file's; 0, none (the full top-k); the
+    file's value is the only other one allowed (the vectors were trained for it).
     """
     _check_mode(mode)
     dev = resolve_device(device)
@@ -252,7 +283,7 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
         model = meta_model(cls, config, dt)
         names = CheckpointNames(model)
         _load_passthrough(model, reader, names, dt, dev)
-        _patch_layers(model, reader, names, kind, mode, dt, dev, cache_bytes)
+        _patch_layers(model, reader, names, kind, mode, dt, dev, cache_bytes, n_ce)
         _finish(model, dev)
     except BaseException:
         reader.close()
@@ -261,7 +292,7 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
 
 
 def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes: int | None = None,
-                verify_checksums: bool = True):
+                verify_checksums: bool = True, n_ce: int | None = None):
     """Swap an already-built transformers model's experts for the ``.rmoe`` file's, in place.
 
     The model keeps its own non-expert weights, device and dtype (those of its first floating
@@ -279,7 +310,7 @@ def patch_model(model, path: str | os.PathLike, mode: str = "fused", cache_bytes
         arch = reader.model.get("model_type")
         if arch is not None and arch != model.config.model_type:
             raise RmoeRuntimeError(f"{path} holds a {arch!r} model, not {model.config.model_type!r}")
-        _patch_layers(model, reader, CheckpointNames(model), kind, mode, dt, dev, cache_bytes)
+        _patch_layers(model, reader, CheckpointNames(model), kind, mode, dt, dev, cache_bytes, n_ce)
     except BaseException:
         reader.close()
         raise

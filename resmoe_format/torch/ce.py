@@ -1,0 +1,169 @@
+"""Compressed experts (spec 4.5 ``compressed_experts``, version 6.0): of a token's top-k routed experts the
+k - n_ce with the largest routing weights run in full; the other n_ce ("auxiliary") are not computed. Each
+expert e has three learned vectors ce_e = (e1, e2, e3); the auxiliary experts' vectors are averaged with their
+routing weights renormalised among them,
+
+    c = sum_a (w_a / sum_a' w_a') ce_a                      (3, L), L = max(hidden, n)
+
+and every main expert m computes, IA3-style, with its own (not renormalised) routing weight w_m:
+
+    y += w_m * down(act(gate(x * c1)) * up(x * c3) * c2[:n])
+
+(for kinds with biases: the input biases are added after the products, the output bias after ``down``).
+With every vector equal to one this is the top-k model with the auxiliary experts dropped; with n_ce = 0
+it is the full top-k model. :class:`CEExperts` wraps any experts module: transformers' own (materialize
+mode, training), :class:`~resmoe_format.torch.experts.LazyExperts` or ``FusedExperts``; only the main
+experts' products are ever computed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import RmoeRuntimeError
+from .kinds import ExpertKind
+
+
+def top_k_of(config) -> int | None:
+    """The routed experts per token of a transformers config (None when it names none)."""
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def check_n_ce(config, kind: ExpertKind, n_ce: int, where: str = "n_ce") -> int:
+    """The model's top-k, after checking that ``n_ce`` auxiliary experts leave at least one main expert
+    and that the kind's experts have the two inputs the vectors scale (RmoeRuntimeError otherwise)."""
+    k = top_k_of(config)
+    if k is None:
+        raise RmoeRuntimeError(f"{where}: the model's config names no routed experts per token "
+                               f"(num_experts_per_tok): compressed experts need a top-k MoE")
+    if k < 2:
+        raise RmoeRuntimeError(f"{where}: the model routes each token to {k} expert; compressed experts replace some "
+                               f"of a token's top-k experts and need top-k >= 2")
+    if not isinstance(n_ce, int) or isinstance(n_ce, bool) or not 1 <= n_ce < k:
+        raise RmoeRuntimeError(f"{where}={n_ce!r}: must be an integer with 1 <= n_ce < top-k = {k} (at least one "
+                               f"expert of each token must run in full)")
+    if len(kind.inputs) != 2:
+        raise RmoeRuntimeError(f"{where}: compressed experts scale a gated expert's two input products (gate, up); "
+                               f"{type(kind).__name__} experts have {len(kind.inputs)} input matrix "
+                               f"({', '.join(kind.inputs)})")
+    return k
+
+
+def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(main index (T, k - n_ce), main weights, c (T, 3, L)) from the top-k routing and the vectors (E, 3, L).
+
+    Main experts are the k - n_ce largest weights (ties: the earlier slot); an index equal to E ("no expert",
+    weight 0) contributes a vector of ones. When the auxiliary weights of a token sum to zero, c is all ones.
+    """
+    k = index.shape[1]
+    w, order = torch.sort(weights, dim=1, descending=True, stable=True)
+    idx = torch.gather(index, 1, order)
+    main_idx, aux_idx = idx[:, :k - n_ce], idx[:, k - n_ce:].clamp(max=vectors.shape[0] - 1)
+    aux_w = w[:, k - n_ce:].to(vectors.dtype)
+    total = aux_w.sum(1, keepdim=True)
+    ok = total > 0  # (T, 1); "no expert" slots (index E) have weight 0 and so a share of 0
+    share = aux_w / torch.where(ok, total, torch.ones_like(total))
+    if n_ce == 1:
+        c = vectors[aux_idx[:, 0]]
+    else:
+        c = torch.einsum("ta,tajl->tjl", share, vectors[aux_idx])
+    if not bool(ok.all()):
+        c = torch.where(ok[:, :, None], c, torch.ones_like(c))
+    return main_idx, w[:, :k - n_ce], c
+
+
+def groups(index: torch.Tensor, num_experts: int):
+    """(expert, token rows, slot columns) for every expert that some token is routed to."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()
+    k = index.shape[1]
+    start = 0
+    for e, cnt in enumerate(counts[:num_experts]):
+        if cnt:
+            pos = order[start:start + cnt]
+            yield e, pos // k, pos % k
+        start += cnt
+
+
+class CEExperts(nn.Module):
+    """An experts module with compressed experts: ``inner`` (any experts module taking (hidden, top-k index,
+    top-k weights)) runs the full top-k when ``n_ce`` is 0, else only the main experts, scaled by the
+    auxiliary experts' vectors (module docstring). ``vectors`` (E, 3, L) is a parameter (trainable when
+    ``trainable``)."""
+
+    def __init__(self, inner: nn.Module, kind: ExpertKind, vectors: torch.Tensor, n_ce: int, num_neurons: int,
+                 hidden: int, trainable: bool = False):
+        super().__init__()
+        E = vectors.shape[0]
+        if tuple(vectors.shape) != (E, 3, max(hidden, num_neurons)):
+            raise RmoeRuntimeError(f"compressed-expert vectors of shape {list(vectors.shape)}; the layer needs "
+                                   f"[{E}, 3, {max(hidden, num_neurons)}]")
+        self.inner = inner
+        self.kind = kind
+        self.num_experts = E
+        self.n = num_neurons
+        self.hidden = hidden
+        self.n_ce = n_ce
+        self.vectors = nn.Parameter(vectors, requires_grad=trainable)
+
+    def extra_repr(self) -> str:
+        return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        if self.n_ce == 0:
+            return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        kind = self.kind
+        x, index, weights = kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
+        if index.shape[1] <= self.n_ce:
+            raise RmoeRuntimeError(f"n_ce={self.n_ce} but tokens are routed to {index.shape[1]} experts")
+        main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
+        dt = self._dtype(x)
+        c = c.to(dt)
+        xd = x.to(dt)
+        xin = [xd * c[:, 0, :self.hidden], xd * c[:, 2, :self.hidden]]
+        hscale = c[:, 1, :self.n]
+        run = getattr(self.inner, "_run", None)
+        if run is not None:  # LazyExperts, FusedExperts
+            out = run(xd, main_idx, main_w, xin=xin, hscale=hscale)
+        else:
+            out = self._run_dense(main_idx, main_w, xin, hscale, dt)
+        return out.to(hidden_states.dtype)
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        dt = getattr(self.inner, "dtype", None)
+        if isinstance(dt, torch.dtype):
+            return dt
+        p = next((p for p in self.inner.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else x.dtype
+
+    def _run_dense(self, index, weights, xin, hscale, dt):
+        """The main experts of a transformers experts module, its weights read in place (kind.read_dense)."""
+        kind = self.kind
+        out = torch.zeros(xin[0].shape[0], self.hidden, dtype=dt, device=xin[0].device)
+        for e, rows, slots in groups(index, self.num_experts):
+            mats = kind.read_dense(self.inner, e)
+            biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
+            pre = [nn.functional.linear(xin[i][rows], mats[m], mats[kind.input_biases[i]] if biased else None)
+                   for i, m in enumerate(kind.inputs)]
+            h = kind.activate(pre) * hscale[rows]
+            y = h @ mats[kind.output]
+            if biased and kind.output_bias in mats:
+                y = y + mats[kind.output_bias]
+            out.index_add_(0, rows, y * weights[rows, slots, None].to(dt))
+        return out
+
+
+def ce_modules(model: nn.Module) -> list[CEExperts]:
+    return [m for m in model.modules() if isinstance(m, CEExperts)]
+
+
+def set_n_ce(model: nn.Module, n_ce: int) -> None:
+    """Run every compressed-experts layer of ``model`` with ``n_ce`` auxiliary experts (0: the full top-k)."""
+    for m in ce_modules(model):
+        m.n_ce = n_ce
