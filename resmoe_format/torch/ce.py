@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import RmoeRuntimeError
+from .experts import groups
 from .kinds import ExpertKind
 
 
@@ -75,20 +76,6 @@ def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors
     if not bool(ok.all()):
         c = torch.where(ok[:, :, None], c, torch.ones_like(c))
     return main_idx, w[:, :k - n_ce], c
-
-
-def groups(index: torch.Tensor, num_experts: int):
-    """(expert, token rows, slot columns) for every expert that some token is routed to."""
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()
-    k = index.shape[1]
-    start = 0
-    for e, cnt in enumerate(counts[:num_experts]):
-        if cnt:
-            pos = order[start:start + cnt]
-            yield e, pos // k, pos % k
-        start += cnt
 
 
 class CEExperts(nn.Module):

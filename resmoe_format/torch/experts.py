@@ -53,6 +53,21 @@ def expert_nbytes(lay: LayerSpec, dtype: torch.dtype) -> int:
     return sum(int(np.prod(m.shape)) for m in lay.matrices) * item
 
 
+def groups(index: torch.Tensor, num_experts: int):
+    """(expert, token rows, slot columns) for every expert below ``num_experts`` that some token of ``index``
+    (tokens, k) is routed to (an index of ``num_experts`` is "no expert")."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()
+    k = index.shape[1]
+    start = 0
+    for e, c in enumerate(counts[:num_experts]):
+        if c:
+            pos = order[start:start + c]
+            yield e, pos // k, pos % k
+        start += c
+
+
 class ExpertCache:
     """An LRU cache of dense experts keyed by (layer, expert), bounded by bytes."""
 
@@ -115,16 +130,7 @@ class CompressedExperts(nn.Module):
 
     def groups(self, index: torch.Tensor):
         """(expert, token rows, slot columns) for every expert that some token is routed to."""
-        flat = index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()
-        k = index.shape[1]
-        start = 0
-        for e, c in enumerate(counts[:self.num_experts]):
-            if c:
-                pos = order[start:start + c]
-                yield e, pos // k, pos % k
-            start += c
+        return groups(index, self.num_experts)
 
     def _run(self, x, index, weights):
         raise NotImplementedError
