@@ -185,7 +185,7 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
     digest = _digest(src, opts, text)
     state = None
     if opts.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # never unpickle code from a file
         if state.get("digest") != digest:
             raise ConversionError(f"--resume: {state_path} was saved for another SRC, text or other options; "
                                   f"remove it or run without --resume")
