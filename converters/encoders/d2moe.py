@@ -38,27 +38,10 @@ PROBE_FRACTION = 0.1
 CLAMP = 1e-5
 
 
-#: the last few (Gram, whitening) pairs: gate and up of an expert share one Gram object (held here, so
-#: identity is a safe key), and the --bits path asks for each matrix's whitening once per base width
-_RECENT: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
-_RECENT_SIZE = 2
-
-
 def whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S^-1) with S S^T = X^T X + floor I, floor = CLAMP times the mean eigenvalue (float64, S lower
     triangular): every eigenvalue is lifted to at least the floor. The identity for a zero Gram (an expert no
-    calibration token reached: its SVD is not whitened). Repeated calls with the same tensor are answered
-    from a small cache."""
-    for seen, white in _RECENT:
-        if seen is h:
-            return white
-    white = _whitening(h)
-    _RECENT.insert(0, (h, white))
-    del _RECENT[_RECENT_SIZE:]
-    return white
-
-
-def _whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    calibration token reached: its SVD is not whitened)."""
     g = h.double()
     g = (g + g.T) / 2
     n = g.shape[0]
@@ -83,9 +66,11 @@ def _factors(m: torch.Tensor, s: torch.Tensor, s_inv: torch.Tensor, rank: int) -
     return u[:, :rank] * root, (root[:, None] * vt[:rank]) @ s_inv
 
 
-def whitened_svd(delta: torch.Tensor, hessian: torch.Tensor, rank: int, input_axis: int) -> LowRankPart:
-    """``delta`` (canonical) ~= u @ v at ``rank``, truncated for the outputs of inputs with Gram ``hessian``."""
-    s, s_inv = whitening(hessian)
+def whitened_svd(delta: torch.Tensor, hessian: torch.Tensor, rank: int, input_axis: int,
+                  white: tuple[torch.Tensor, torch.Tensor] | None = None) -> LowRankPart:
+    """``delta`` (canonical) ~= u @ v at ``rank``, truncated for the outputs of inputs with Gram ``hessian``
+    (``white``: its :func:`whitening`, when the caller has it)."""
+    s, s_inv = white if white is not None else whitening(hessian)
     if input_axis == 1:
         p, q = _factors(delta, s, s_inv, rank)
         return LowRankPart(p.float(), q.float())
@@ -259,9 +244,13 @@ class D2MoE(Encoder):
         else:
             for k, e in enumerate(experts):
                 g = hess[k]
+                whites: dict[int, tuple] = {}  # gate and up share one Gram object: whiten it once per expert
                 for m in mats:
-                    residuals[k][m.name] = whitened_svd(e[m.name] - base[m.name], g[m.name], ranks[m.name],
-                                                        0 if m.name == stats.output else 1)
+                    h = g[m.name]
+                    if id(h) not in whites:
+                        whites[id(h)] = whitening(h)
+                    residuals[k][m.name] = whitened_svd(e[m.name] - base[m.name], h, ranks[m.name],
+                                                        0 if m.name == stats.output else 1, whites[id(h)])
         if channels is not None:
             idx = torch.from_numpy(channels).to(scores.device)
             base = {m.name: base[m.name].index_select(0, idx) if m.neuron_axis == 0 else base[m.name] for m in specs}
