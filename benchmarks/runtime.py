@@ -74,11 +74,9 @@ def fused_bytes(model) -> dict:
         out["barycenters"] += sum(held_nbytes(t) for t in (mod.base_in, mod.base_out) if t is not None)
         for op in [op for ops in mod.in_ops for _, _, op in ops] + [op for op in mod.out_ops if op is not None]:
             if isinstance(op, SparseResidual):
-                v, c, r = op.csr.values(), op.csr.col_indices(), op.csr.crow_indices()
-                out["csr_values"] += v.numel() * v.element_size()
-                out["csr_col_indices"] += c.numel() * c.element_size()
-                out["csr_row_pointers"] += r.numel() * r.element_size()
-                out["csr_entries"] += v.numel()
+                for part, t in op.parts().items():
+                    out[f"csr_{'col_indices' if part == 'indices' else part}"] += t.numel() * t.element_size()
+                out["csr_entries"] += op.entries()
             else:
                 out["other_residuals"] += op.nbytes()
     out["non_expert"] = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)

@@ -73,10 +73,11 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> N
 
 
 def unrounded(reader, layer: int, expert: int, matrix) -> bool:
-    """Whether fused multiplies by this matrix unrounded (spec 6.7): a 2-D matrix with a lowrank residual
-    or a residual of k-quant values."""
+    """Whether fused multiplies by this matrix unrounded (spec 6.7): a 2-D matrix with a lowrank residual,
+    a residual of k-quant values or a sparse residual of bf16 values."""
     ref = reader.layer(layer).residuals[expert].get(matrix.name)
-    return (ref is not None and (ref.encoding == "lowrank" or is_kquant(ref.value_dtype))
+    return (ref is not None and (ref.encoding == "lowrank" or is_kquant(ref.value_dtype) or
+                                 (ref.encoding in ("csr16", "bitmap", "bsr", "rice") and ref.value_dtype == "bf16"))
             and len(matrix.shape) == 2)
 
 
@@ -126,7 +127,7 @@ def unrounded_dense(monkeypatch, rmoe: Path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch, dtype):
+def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, monkeypatch, arch, dtype):
     rmoe, restored = converted(tmp_path_factory, arch, dtype, residual_keep=0.25)  # sparse residuals in every layer
     want = logits(hf_load(restored), arch)
     assert torch.equal(logits(load_model(rmoe, mode="materialize", dtype="fp32"), arch), want)
@@ -134,7 +135,16 @@ def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, arch, dtyp
         model = load_model(rmoe, mode=mode, dtype="fp32")
         cls = LazyExperts if mode == "lazy" else FusedExperts
         assert any(isinstance(m, cls) for m in model.modules())
-        assert_close(logits(model, arch), want)
+        assert_close(logits(model, arch), want if mode == "lazy" else fused_want(monkeypatch, rmoe, dtype, arch, want))
+
+
+def fused_want(monkeypatch, rmoe: Path, dtype: str, arch: str, restored: torch.Tensor) -> torch.Tensor:
+    """The logits fused mode must give: the restored model's, or where some weights are unrounded (spec 6.7)
+    the dense model's built from them."""
+    with resmoe_format.open(rmoe) as r:
+        exact = dtype == "fp32" or not any(unrounded(r, lay.index, e, m) for lay in r.layers
+                                           for e in range(lay.num_experts) for m in lay.matrices)
+    return restored if exact else logits(unrounded_dense(monkeypatch, rmoe), arch)
 
 
 #: every method and residual scope, int8 residuals and barycenters, every residual encoding
@@ -166,10 +176,7 @@ def test_every_method_and_encoding(tmp_path_factory, monkeypatch, arch, case, dt
     assert_close(logits(load_model(rmoe, mode="lazy", dtype="fp32"), arch), want)
     fused = load_model(rmoe, mode="fused", dtype="fp32")
     check_fused_weights(fused, rmoe)
-    with resmoe_format.open(rmoe) as r:
-        exact = dtype == "fp32" or not any(unrounded(r, lay.index, e, m) for lay in r.layers
-                                           for e in range(lay.num_experts) for m in lay.matrices)
-    assert_close(logits(fused, arch), want if exact else logits(unrounded_dense(monkeypatch, rmoe), arch))
+    assert_close(logits(fused, arch), fused_want(monkeypatch, rmoe, dtype, arch, want))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -206,10 +213,12 @@ def test_lazy_cache_is_bounded_and_evicts(tmp_path_factory, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_patch_model_swaps_experts_in_place(tmp_path_factory, dtype):
+def test_patch_model_swaps_experts_in_place(tmp_path_factory, monkeypatch, dtype):
     rmoe, restored = converted(tmp_path_factory, "qwen3_moe", dtype, residual_keep=0.25)
-    want = logits(hf_load(restored), "qwen3_moe")
+    restored_logits = logits(hf_load(restored), "qwen3_moe")
     for mode in ("materialize",) + LAZY_FUSED:
+        want = restored_logits if mode != "fused" else fused_want(monkeypatch, rmoe, dtype, "qwen3_moe",
+                                                                  restored_logits)
         model = hf_load(restored)
         with torch.no_grad():
             for p in model.parameters():

@@ -22,7 +22,7 @@ from resmoe_format.errors import RmoeFormatError
 from resmoe_format.torch import FusedExperts, LazyExperts, load_model
 from resmoe_format.torch import kquant as tkq
 from resmoe_format.torch.residuals import DenseResidual, LowRankResidual, PackedSparseResidual
-from test_runtime import assert_close, check_fused_weights, logits, unrounded, unrounded_dense
+from test_runtime import assert_close, check_fused_weights, fused_want, logits
 
 pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
@@ -113,8 +113,6 @@ def test_every_mode_reads_kquant_records(tmp_path_factory, monkeypatch, plan, dt
     rmoe, restored = kquant_file(tmp_path_factory, plan, dtype)
     with resmoe_format.open(rmoe) as r:
         assert r.version == (3, 0)
-        exact = dtype == "fp32" or not any(unrounded(r, lay.index, e, m) for lay in r.layers
-                                           for e in range(lay.num_experts) for m in lay.matrices)
     want = logits(load_model(rmoe, mode="materialize", dtype="fp32"), "mixtral")
     assert torch.equal(want, logits(hf_load(restored), "mixtral"))
     lazy = load_model(rmoe, mode="lazy", dtype="fp32")
@@ -122,7 +120,7 @@ def test_every_mode_reads_kquant_records(tmp_path_factory, monkeypatch, plan, dt
     assert_close(logits(lazy, "mixtral"), want)
     fused = load_model(rmoe, mode="fused", dtype="fp32")
     check_fused_weights(fused, rmoe)
-    assert_close(logits(fused, "mixtral"), want if exact else logits(unrounded_dense(monkeypatch, rmoe), "mixtral"))
+    assert_close(logits(fused, "mixtral"), fused_want(monkeypatch, rmoe, dtype, "mixtral", want))
 
 
 def _fused_layers(rmoe: Path) -> list[FusedExperts]:

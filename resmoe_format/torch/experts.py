@@ -43,7 +43,8 @@ from ..codecs import kquant
 from .kinds import ExpertKind
 from .kquant import PackedValues
 from .residuals import (SPARSE_ENCODINGS, LowRankResidual, Residual, SparseResidual, StackedRows, as_tensor,
-                        held_nbytes, load_residual, rounded_residual, unrounded)
+                        held_nbytes, held_values, in_place, load_residual, rounded_residual, stored_bf16,
+                        unrounded)
 from .tensors import TORCH_DTYPES, to_torch
 
 
@@ -219,12 +220,12 @@ class FusedExperts(CompressedExperts):
         self.out_ops: list[Residual | None] = []
         for e in range(lay.num_experts):
             refs = [lay.residuals[e][m] for m in kind.inputs]
-            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not unrounded(r)
-                                     for r in refs):
-                # one CSR over all input matrices: one sparse product per expert instead of one per matrix
-                stacked = np.concatenate([rounded_residual(reader.residual(self.layer, e, m), base.get(m), held.get(m),
-                                                           lay.matrix(m).dtype) for m in kind.inputs])
-                ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device))]
+            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not in_place(r, device) and
+                                     (stored_bf16(r) or not unrounded(r)) for r in refs):
+                # one sparse operator over all input matrices: one product per expert instead of one per matrix
+                stacked = np.concatenate([self._sparse(reader, lay, e, m, r, base, held)
+                                          for m, r in zip(kind.inputs, refs)])
+                ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device, held_values(refs)))]
             else:
                 ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared,
                                                           base.get(m), held.get(m)))
@@ -246,6 +247,12 @@ class FusedExperts(CompressedExperts):
             self.bias_in = to_torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
                                   dtype, device)
             self.bias_out = to_torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
+
+    def _sparse(self, reader: Reader, lay: LayerSpec, e: int, m: str, ref, base: dict, held: dict) -> np.ndarray:
+        """Expert ``e``'s sparse residual of ``m`` as held: stored bf16 values as they are, others rounded
+        (:func:`.residuals.rounded_residual`)."""
+        d = reader.residual(self.layer, e, m)
+        return d if stored_bf16(ref) else rounded_residual(d, base.get(m), held.get(m), lay.matrix(m).dtype)
 
     def _held_base(self, reader: Reader, lay: LayerSpec, m: str, held: np.ndarray, exact: bool
                    ) -> torch.Tensor | PackedValues:

@@ -6,15 +6,19 @@ is cheapest to multiply in:
 
 - ``lowrank`` U (n, r), V (r, H): ``x @ V.T @ U.T`` and ``h @ U @ V``; a U shared by an
   expert's records (format 2.0) is one tensor in memory.
-- sparse encodings (csr16, bitmap, bsr, rice): a torch CSR matrix with int32 indices, stored
-  as D for inputs and as D.T for the output so both products are CSR @ dense.
+- sparse encodings (csr16, bitmap, bsr, rice): on the CPU, the compiled kernels' bitmap (16-column words) or
+  CSR (uint16 columns), whichever is smaller, values bf16 when stored so, else float32 (:mod:`.native`); a torch
+  CSR with int32 indices and float32 values elsewhere or without a C compiler. Stored as D for inputs and as
+  D.T for the output so both products are rows of D times x.
 - ``dense``: the matrix itself.
 
-Element-wise records (sparse, dense) are multiplied by the restored weights exactly, the final
+Element-wise records (sparse of non-bf16 values, dense) are multiplied by the restored weights exactly, the final
 rounding to the source dtype included (spec 6.7): :func:`rounded_residual` replaces D by
 D' = round_T(B + D) - B' on D's stored entries, where B' = round_T(B) is the barycenter the
 layer holds. A low-rank record is a dense matrix U V: rounding B + U V would mean building it,
-so ``lowrank`` records are multiplied by B + U V, the restored weight before its final rounding.
+so ``lowrank`` records are multiplied by B + U V, the restored weight before its final rounding. Sparse records
+of bf16 values are held as stored (2 bytes a value: D' would need float32) and, like low-rank ones, multiplied by
+B + D.
 
 Records with k-quant values (spec 5.10) stay packed (:class:`PackedValues`: about bits/8 bytes per
 value) and are dequantized on the device at each product; like low-rank ones they are multiplied
@@ -34,6 +38,7 @@ from ..codecs.csr16 import n_col_blocks
 from ..container import Reader
 from ..restore import combine
 from ..schema import EncodedRef, LayerSpec
+from . import native
 from .kquant import PackedValues
 
 SPARSE_ENCODINGS = frozenset({"csr16", "bitmap", "bsr", "rice"})
@@ -63,9 +68,14 @@ class StackedRows:
 
 
 def unrounded(ref: EncodedRef) -> bool:
-    """Whether fused multiplies by B + D before its rounding to the source dtype: low-rank records and
-    records with k-quant values (spec 6.7)."""
-    return ref.encoding == "lowrank" or kquant.is_kquant(ref.value_dtype)
+    """Whether fused multiplies by B + D before its rounding to the source dtype: low-rank records, records with
+    k-quant values and sparse records of bf16 values, held as stored (spec 6.7)."""
+    return ref.encoding == "lowrank" or kquant.is_kquant(ref.value_dtype) or stored_bf16(ref)
+
+
+def stored_bf16(ref: EncodedRef) -> bool:
+    """Whether a sparse record's values are held as its stored bf16 values (2 bytes each, no rounding step)."""
+    return ref.encoding in SPARSE_ENCODINGS and ref.value_dtype == "bf16"
 
 
 class Residual:
@@ -126,28 +136,51 @@ class LowRankResidual(Residual):
 
 
 class SparseResidual(Residual):
-    """CSR with int32 indices; values float32 (torch's CPU CSR kernels take no bf16/fp16)."""
+    """A sparse D (inputs) or D.T (output): on the CPU the compiled kernels' bitmap or CSR with uint16 columns and
+    values as stored (bf16 or float32, :mod:`.native`); elsewhere, or without a C compiler, a torch CSR with int32
+    indices and float32 values (torch's CPU CSR kernels take no bf16/fp16)."""
 
-    def __init__(self, csr: torch.Tensor):
-        self.csr = csr
+    def __init__(self, csr: torch.Tensor | None = None, rows: native.SparseRows | None = None,
+                 output_rows: bool = False):
+        #: an output record held as D itself (its file bytes, :func:`.native.bitmap_record_rows`), not D.T
+        self.csr, self.rows, self.output_rows = csr, rows, output_rows
 
     @classmethod
-    def from_dense(cls, d: np.ndarray, device: torch.device) -> "SparseResidual":
+    def from_dense(cls, d: np.ndarray, device: torch.device, values: torch.dtype = torch.float32
+                   ) -> "SparseResidual":
+        """From D (float32, zero where nothing is stored); ``values``: the dtype the kernels hold the values in
+        (bfloat16 only for values that are bfloat16 numbers)."""
+        if torch.device(device).type == "cpu" and native.available():
+            return cls(rows=native.pack_rows(d, values))
         import scipy.sparse
 
         c = scipy.sparse.csr_matrix(np.asarray(d, dtype=np.float32))
         idx = [torch.from_numpy(a.astype(np.int32, copy=False)) for a in (c.indptr, c.indices)]
         return cls(torch.sparse_csr_tensor(*idx, torch.from_numpy(c.data), size=c.shape, device=device))
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors held: ``values``, ``indices`` (columns or bitmap words), ``row_pointers``."""
+        if self.rows is not None:
+            return {"values": self.rows.values, "indices": self.rows.index, "row_pointers": self.rows.offsets}
+        return {"values": self.csr.values(), "indices": self.csr.col_indices(),
+                "row_pointers": self.csr.crow_indices()}
+
+    def entries(self) -> int:
+        """The number of stored entries."""
+        return int(self.rows.offsets[-1]) if self.rows is not None else self.csr.values().numel()
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.csr.crow_indices(), self.csr.col_indices(),
-                                                          self.csr.values()))
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.matmul(x).to(x.dtype)
         return (self.csr @ x.T.to(self.csr.dtype)).T.to(x.dtype)
 
     apply_in = _mm
-    apply_out = _mm
+
+    def apply_out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.rows.rmatmul(h).to(h.dtype) if self.output_rows else self._mm(h)
 
 
 class PackedSparseResidual(Residual):
@@ -188,6 +221,17 @@ class PackedSparseResidual(Residual):
 
     apply_in = _mm
     apply_out = _mm
+
+
+def in_place(ref: EncodedRef, device: torch.device) -> bool:
+    """Whether the kernels may multiply by the record's own mapped bytes (a bitmap of bf16 values on the CPU; its
+    rows must also be whole 32-bit words: :func:`.native.bitmap_record_rows`)."""
+    return ref.encoding == "bitmap" and stored_bf16(ref) and torch.device(device).type == "cpu" and native.available()
+
+
+def held_values(refs: list[EncodedRef]) -> torch.dtype:
+    """The dtype sparse records' values are held in: bf16 when all are stored as bf16, else float32."""
+    return torch.bfloat16 if all(stored_bf16(r) for r in refs) else torch.float32
 
 
 def value_count(enc: Encoded) -> int:
@@ -255,11 +299,15 @@ def load_residual(reader: Reader, lay: LayerSpec, ref: EncodedRef, matrix: str, 
                                                      device, ref.tensors, dtype))
     if kq and row_major_values(enc):
         return PackedSparseResidual.from_record(enc, ref.tensors, output, device)
+    if in_place(ref, device):
+        rows = native.bitmap_record_rows(enc.parts["mask"], enc.parts["values"], "bf16", enc.shape)
+        if rows is not None:
+            return SparseResidual(rows=rows, output_rows=output)
     d = reader.decode(lay.index, ref, matrix)
-    if not kq:
+    if not kq and not stored_bf16(ref):
         d = rounded_residual(d, base, held, spec.dtype)
     if ref.encoding in SPARSE_ENCODINGS:
-        return SparseResidual.from_dense(d.T if output else d, device)
+        return SparseResidual.from_dense(d.T if output else d, device, held_values([ref]))
     return DenseResidual(torch.from_numpy(d).to(device=device, dtype=dtype))
 
 

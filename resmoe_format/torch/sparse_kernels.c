@@ -1,0 +1,276 @@
+/* Sparse residual products on the CPU for resmoe's fused runtime (resmoe_format/torch/native.py).
+ *
+ * Both kernels compute y[t][r] = sum_c D[r][c] * x[t][c] for the rows r of a sparse matrix D (m, n),
+ * T tokens x (float32, row stride ldx) and y (float32, row stride ldy), accumulating in float32.
+ * Values are float32 (vkind 0) or bfloat16 (vkind 1, the upper half of a float32: widened exactly).
+ *
+ * bitmap: per row nw = ceil(n / 16) uint16 words, bit j of word w (LSB first) set when column 16w + j is
+ *         stored; the row's values follow one another in column order from voff[r]. x must hold 16 nw
+ *         columns per token (zeros past n).
+ * csr:    uint16 column indices (n <= 65536) and values of row r at [voff[r], voff[r + 1]).
+ *
+ * Rows are split between nthreads OpenMP threads (torch's own OpenMP runtime when torch is loaded first:
+ * the library names libgomp.so.1, which the loader then resolves to the copy already in the process).
+ * Built with -march=native: the AVX-512 path needs AVX512F, BW, VL and VBMI2 (vpexpandw); any other CPU
+ * runs the portable loop.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define RESMOE_AVX512 1
+#else
+#define RESMOE_AVX512 0
+#endif
+
+#define TB 8 /* tokens per pass over a row */
+
+static inline float widen_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* masks may sit at any byte offset of a mapped file */
+static inline uint32_t load32(const uint32_t *p) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u;
+}
+
+static inline float value_at(const void *vals, int vkind, int64_t k) {
+    return vkind ? widen_bf16(((const uint16_t *)vals)[k]) : ((const float *)vals)[k];
+}
+
+int resmoe_kernels_avx512(void) { return RESMOE_AVX512; }
+
+#if RESMOE_AVX512
+static inline __attribute__((always_inline)) __m512 expand16(const void *vals, int vkind, int64_t q, uint16_t b) {
+    /* the word's values (a masked load: never past the last one), widened, then spread to the mask's lanes by
+       a register vexpandps (one uop; the memory and word forms of expand are microcoded on most cores) */
+    const __mmask16 k = (__mmask16)((1u << __builtin_popcount(b)) - 1);
+    __m512 v;
+    if (vkind) {
+        const __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)vals + q);
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+        v = _mm512_maskz_loadu_ps(k, (const float *)vals + q);
+    }
+    return _mm512_maskz_expand_ps((__mmask16)b, v);
+}
+
+/* tb tokens, U words per step with U independent accumulators per token (U * tb <= 16): no branch on empty
+   words (an expand of an empty mask loads nothing) and no single chain of dependent FMAs */
+static inline __attribute__((always_inline)) void bitmap_row_avx512(
+    const uint16_t *mk, int64_t nw, const void *vals, int vkind, int64_t q, const float *x, int64_t ldx,
+    float *y, int64_t ldy, const int tb, const int U) {
+    __m512 acc[TB][4];
+    for (int t = 0; t < tb; t++)
+        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+    int64_t w = 0;
+    for (; w + U <= nw; w += U) {
+        for (int u = 0; u < U; u++) {
+            uint16_t b;
+            memcpy(&b, mk + w + u, 2);
+            const __m512 v = expand16(vals, vkind, q, b);
+            q += __builtin_popcount(b);
+            for (int t = 0; t < tb; t++)
+                acc[t][u] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * ldx + 16 * (w + u)), acc[t][u]);
+        }
+    }
+    for (; w < nw; w++) {
+        uint16_t b;
+        memcpy(&b, mk + w, 2);
+        const __m512 v = expand16(vals, vkind, q, b);
+        q += __builtin_popcount(b);
+        for (int t = 0; t < tb; t++) acc[t][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * ldx + 16 * w), acc[t][0]);
+    }
+    for (int t = 0; t < tb; t++) {
+        for (int u = 1; u < U; u++) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
+        y[t * ldy] = _mm512_reduce_add_ps(acc[t][0]);
+    }
+}
+#endif
+
+static void bitmap_row(const uint16_t *mk, int64_t nw, const void *vals, int vkind, int64_t q, const float *x,
+                       int64_t ldx, float *y, int64_t ldy, int tb) {
+#if RESMOE_AVX512
+    switch (tb) { /* constant token counts: the accumulators stay in registers */
+    case 1: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 1, 4); return;
+    case 2: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 2, 2); return;
+    case 3: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 3, 2); return;
+    case 4: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 4, 1); return;
+    case 8: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 8, 1); return;
+    default: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, tb, 1); return;
+    }
+#else
+    float acc[TB] = {0};
+    for (int64_t w = 0; w < nw; w++) {
+        uint16_t b16;
+        memcpy(&b16, mk + w, 2);
+        uint32_t b = b16;
+        while (b) {
+            const int j = __builtin_ctz(b);
+            const float v = value_at(vals, vkind, q++);
+            for (int t = 0; t < tb; t++) acc[t] += v * x[t * ldx + 16 * w + j];
+            b &= b - 1;
+        }
+    }
+    for (int t = 0; t < tb; t++) y[t * ldy] = acc[t];
+#endif
+}
+
+void resmoe_bitmap_matmul(int64_t m, int64_t nw, const uint16_t *mask, const int64_t *voff, const void *vals,
+                          int vkind, int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t t0 = 0; t0 < T; t0 += TB) {
+            const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+            bitmap_row(mask + r * nw, nw, vals, vkind, voff[r], x + t0 * ldx, ldx, y + t0 * ldy + r, ldy, tb);
+        }
+    }
+}
+
+#if RESMOE_AVX512
+/* the popcount(b) values at v, zeros after them: a masked load never touches memory past the last value */
+static inline __m512i load_bf16x32(const uint16_t *v, uint32_t b) {
+    const int c = __builtin_popcount(b);
+    const __mmask32 k = c == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << c) - 1);
+    return _mm512_maskz_loadu_epi16(k, v);
+}
+#endif
+
+#if RESMOE_AVX512 && defined(__AVX512BF16__)
+#define RESMOE_DPBF16 1
+/* bf16 values and bf16 activations: 32 columns a step, the values spread to their lanes by vpexpandw and
+   multiplied by vdpbf16ps (exact bf16 products, float32 sums); U independent accumulators per token */
+static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
+    const uint32_t *mk, int64_t nw, const uint16_t *vals, int64_t q, const uint16_t *x, int64_t ldx,
+    float *y, int64_t ldy, const int tb, const int U) {
+    __m512 acc[TB][4];
+    for (int t = 0; t < tb; t++)
+        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+    int64_t w = 0;
+    for (; w + U <= nw; w += U) {
+        for (int u = 0; u < U; u++) {
+            const uint32_t b = load32(mk + w + u);
+            const __m512i v = _mm512_maskz_expand_epi16((__mmask32)b, load_bf16x32(vals + q, b));
+            q += __builtin_popcount(b);
+            for (int t = 0; t < tb; t++)
+                acc[t][u] = _mm512_dpbf16_ps(acc[t][u], (__m512bh)v,
+                                             (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * (w + u)));
+        }
+    }
+    for (; w < nw; w++) {
+        const uint32_t b = load32(mk + w);
+        const __m512i v = _mm512_maskz_expand_epi16((__mmask32)b, load_bf16x32(vals + q, b));
+        q += __builtin_popcount(b);
+        for (int t = 0; t < tb; t++)
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)v, (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * w));
+    }
+    for (int t = 0; t < tb; t++) {
+        for (int u = 1; u < U; u++) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
+        y[t * ldy] = _mm512_reduce_add_ps(acc[t][0]);
+    }
+}
+#else
+#define RESMOE_DPBF16 0
+#endif
+
+int resmoe_kernels_dpbf16(void) { return RESMOE_DPBF16; }
+
+/* The bitmap product for bf16 values and bf16 activations x (row stride ldx >= 32 nw32, zeros past n): the mask
+   read as nw32 = ceil(n / 32) 32-bit words a row (nw = 2 nw32 16-bit words, the second half zero past n).
+   Without AVX512_BF16 the activations are widened and the float32 kernel runs. */
+void resmoe_bitmap_matmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff,
+                               const uint16_t *vals, int64_t T, const uint16_t *x, int64_t ldx, float *y, int64_t ldy,
+                               int nthreads) {
+#if RESMOE_DPBF16
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t t0 = 0; t0 < T; t0 += TB) {
+            const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+            const uint32_t *mk = mask + r * nw32;
+            const uint16_t *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy + r;
+            switch (tb) {
+            case 1: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 1, 4); break;
+            case 2: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 2, 2); break;
+            case 8: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 8, 1); break;
+            default: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, tb, 1); break;
+            }
+        }
+    }
+#else
+    (void)m; (void)nw32; (void)mask; (void)voff; (void)vals; (void)T; (void)x; (void)ldx; (void)y; (void)ldy;
+    (void)nthreads;
+#endif
+}
+
+void resmoe_csr_matmul(int64_t m, const uint16_t *cols, const int64_t *voff, const void *vals, int vkind,
+                       int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t t0 = 0; t0 < T; t0 += TB) {
+            const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+            float acc[TB] = {0};
+            for (int64_t k = voff[r]; k < voff[r + 1]; k++) {
+                const float v = value_at(vals, vkind, k);
+                const float *xc = x + t0 * ldx + cols[k];
+                for (int t = 0; t < tb; t++) acc[t] += v * xc[t * ldx];
+            }
+            for (int t = 0; t < tb; t++) y[(t0 + t) * ldy + r] = acc[t];
+        }
+    }
+}
+
+/* y[t][c] = sum_r x[t][r] * D[r][c]: the product by a bitmap matrix D (m, n) held by rows (as a file stores an
+   output matrix's residual), without transposing it. The nw32 32-column words of a row are split between the
+   threads; a thread finds its first value of each row by counting the bits before its words. y (row stride
+   ldy >= 32 nw32) must be zero on entry. */
+void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff, const void *vals,
+                           int vkind, int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        const int64_t w0 = nw32 * id / nt, w1 = nw32 * (id + 1) / nt;
+        for (int64_t r = 0; r < m; r++) {
+            const uint32_t *mk = mask + r * nw32;
+            int64_t q = voff[r];
+            for (int64_t w = 0; w < w0; w++) q += __builtin_popcount(load32(mk + w));
+            for (int64_t w = w0; w < w1; w++) {
+                const uint32_t b = load32(mk + w);
+                if (!b) continue;
+#if RESMOE_AVX512
+                const __m512 lo = expand16(vals, vkind, q, (uint16_t)b);
+                q += __builtin_popcount(b & 0xFFFFu);
+                const __m512 hi = expand16(vals, vkind, q, (uint16_t)(b >> 16));
+                q += __builtin_popcount(b >> 16);
+                for (int64_t t = 0; t < T; t++) {
+                    const __m512 xr = _mm512_set1_ps(x[t * ldx + r]);
+                    float *yt = y + t * ldy + 32 * w;
+                    _mm512_storeu_ps(yt, _mm512_fmadd_ps(xr, lo, _mm512_loadu_ps(yt)));
+                    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(xr, hi, _mm512_loadu_ps(yt + 16)));
+                }
+#else
+                uint32_t bb = b;
+                while (bb) {
+                    const int j = __builtin_ctz(bb);
+                    const float v = value_at(vals, vkind, q++);
+                    for (int64_t t = 0; t < T; t++) y[t * ldy + 32 * w + j] += x[t * ldx + r] * v;
+                    bb &= bb - 1;
+                }
+#endif
+            }
+        }
+    }
+}
