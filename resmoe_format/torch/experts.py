@@ -40,6 +40,7 @@ from ..memory import trim_heap
 from ..restore import combine, restore_expert
 from ..schema import LayerSpec
 from ..codecs import kquant
+from . import native
 from .kinds import ExpertKind
 from .kquant import PackedValues
 from .residuals import (SPARSE_ENCODINGS, LowRankResidual, Residual, SparseResidual, StackedRows, as_tensor,
@@ -211,6 +212,13 @@ class FusedExperts(CompressedExperts):
             self.base_out = pieces[kind.output]
         else:
             self.base_in = self.base_out = None
+        # bf16 on the CPU: the output barycenter held transposed (the same bytes), so that its product is the
+        # kernels' one pass over rows (native.dense_bf16_linear); base_out stays a view of it
+        self.base_out_t = None
+        if (isinstance(self.base_out, torch.Tensor) and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+                and native.uses_dpbf16()):
+            self.base_out_t = self.base_out.T.contiguous()
+            self.base_out = self.base_out_t.T
         if lay.permutations is not None:  # compressed experts' e2 is in original neuron order (CEExperts)
             self._perms = {e: torch.from_numpy(reader.permutation(self.layer, e).astype(np.int64)).to(device)
                            for e in range(lay.num_experts)}
@@ -301,7 +309,7 @@ class FusedExperts(CompressedExperts):
         T, width = x.shape[0], len(kind.inputs) * n
         if xin is not None:
             return self._run_scaled(xd, index, weights, [t.to(dt) for t in xin], hscale.to(dt))
-        shared_in = nn.functional.linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
+        shared_in = native.dense_bf16_linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
         xv: dict[int, torch.Tensor] = {}
@@ -346,7 +354,9 @@ class FusedExperts(CompressedExperts):
     def _finish(self, out: torch.Tensor, hsum) -> torch.Tensor:
         """``out`` plus the barycenter's output product, once for all experts (module docstring)."""
         if hsum is not None:
-            out += (hsum if self.kept is None else hsum[:, self.kept]) @ as_tensor(self.base_out)
+            h = hsum if self.kept is None else hsum[:, self.kept]
+            out += (native.dense_bf16_linear(h, self.base_out_t) if self.base_out_t is not None
+                    else h @ as_tensor(self.base_out))
         return out
 
     def _run_scaled(self, xd, index, weights, xin, hscale):

@@ -103,6 +103,8 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_bitmap_matmul_bf16.restype = None
                 lib.resmoe_bitmap_rmatmul.argtypes = lib.resmoe_bitmap_matmul.argtypes
                 lib.resmoe_bitmap_rmatmul.restype = None
+                lib.resmoe_dense_bf16_matmul.argtypes = [i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int]
+                lib.resmoe_dense_bf16_matmul.restype = ctypes.c_int
             _state["lib"] = lib
             if lib is not None:
                 _loaded.append(lib)
@@ -135,6 +137,25 @@ def uses_dpbf16() -> bool:
     """Whether bf16 values meet bf16 activations in AVX512-BF16 dot products (vdpbf16ps)."""
     lib = _kernels()
     return bool(lib is not None and lib.resmoe_kernels_dpbf16()) and os.environ.get("RESMOE_DPBF16", "1") != "0"
+
+
+#: up to this many tokens a bf16 matrix-vector product runs in :func:`dense_bf16_linear`, beyond it in torch (a
+#: blocked GEMM reuses each weight across tokens)
+DENSE_TOKENS = 8
+
+
+def dense_bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for bf16 x (T, n) and a contiguous bf16 w (m, n): in one pass over w's bytes with
+    vdpbf16ps (float32 sums, rounded to bf16 once) for T <= DENSE_TOKENS on the CPU, else torch's."""
+    if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.shape[0] > DENSE_TOKENS or x.device.type != "cpu"
+            or not uses_dpbf16() or not w.is_contiguous()):
+        return torch.nn.functional.linear(x, w)
+    x = x.contiguous()
+    m, n = w.shape
+    y = torch.empty(x.shape[0], m, dtype=torch.float32)
+    _kernels().resmoe_dense_bf16_matmul(m, n, w.data_ptr(), n, x.shape[0], x.data_ptr(), n, y.data_ptr(), m,
+                                        torch.get_num_threads())
+    return y.to(torch.bfloat16)
 
 
 #: the value dtypes the kernels read, by code

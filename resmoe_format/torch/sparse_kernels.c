@@ -36,6 +36,13 @@ static inline float widen_bf16(uint16_t h) {
     return f;
 }
 
+/* bring a row's mask and values toward the core ahead of use: the rows are read once per product, from memory */
+#define AHEAD 4
+static inline void prefetch_row(const void *mask, int64_t mask_bytes, const void *vals, int64_t val_bytes) {
+    for (int64_t i = 0; i < mask_bytes; i += 64) __builtin_prefetch((const char *)mask + i, 0, 0);
+    for (int64_t i = 0; i < val_bytes; i += 64) __builtin_prefetch((const char *)vals + i, 0, 0);
+}
+
 /* masks may sit at any byte offset of a mapped file */
 static inline uint32_t load32(const uint32_t *p) {
     uint32_t u;
@@ -127,8 +134,12 @@ static void bitmap_row(const uint16_t *mk, int64_t nw, const void *vals, int vki
 
 void resmoe_bitmap_matmul(int64_t m, int64_t nw, const uint16_t *mask, const int64_t *voff, const void *vals,
                           int vkind, int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    const int64_t vb = vkind ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
+        if (r + AHEAD < m)
+            prefetch_row(mask + (r + AHEAD) * nw, 2 * nw, (const char *)vals + vb * voff[r + AHEAD],
+                         vb * (voff[r + AHEAD + 1] - voff[r + AHEAD]));
         for (int64_t t0 = 0; t0 < T; t0 += TB) {
             const int tb = (int)(T - t0 < TB ? T - t0 : TB);
             bitmap_row(mask + r * nw, nw, vals, vkind, voff[r], x + t0 * ldx, ldx, y + t0 * ldy + r, ldy, tb);
@@ -193,6 +204,9 @@ void resmoe_bitmap_matmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
 #if RESMOE_DPBF16
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
+        if (r + AHEAD < m)
+            prefetch_row(mask + (r + AHEAD) * nw32, 4 * nw32, vals + voff[r + AHEAD],
+                         2 * (voff[r + AHEAD + 1] - voff[r + AHEAD]));
         for (int64_t t0 = 0; t0 < T; t0 += TB) {
             const int tb = (int)(T - t0 < TB ? T - t0 : TB);
             const uint32_t *mk = mask + r * nw32;
@@ -243,7 +257,11 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
         id = omp_get_thread_num();
 #endif
         const int64_t w0 = nw32 * id / nt, w1 = nw32 * (id + 1) / nt;
+        const int64_t vb = vkind ? 2 : 4;
         for (int64_t r = 0; r < m; r++) {
+            if (r + AHEAD < m)
+                prefetch_row(mask + (r + AHEAD) * nw32 + w0, 4 * (w1 - w0), (const char *)vals + vb * voff[r + AHEAD],
+                             vb * (voff[r + AHEAD + 1] - voff[r + AHEAD]));
             const uint32_t *mk = mask + r * nw32;
             int64_t q = voff[r];
             for (int64_t w = 0; w < w0; w++) q += __builtin_popcount(load32(mk + w));
@@ -273,4 +291,51 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
             }
         }
     }
+}
+
+/* y[t][r] = sum_c W[r][c] * x[t][c] for a dense bf16 matrix W (m, n; row stride ldw) and bf16 activations: the
+   barycenter's products at small token counts, where one pass over W's bytes (vdpbf16ps: 32 products an
+   instruction, float32 sums) is what the product costs. Returns 0 (computing nothing) without AVX512-BF16. */
+int resmoe_dense_bf16_matmul(int64_t m, int64_t n, const uint16_t *W, int64_t ldw, int64_t T, const uint16_t *x,
+                             int64_t ldx, float *y, int64_t ldy, int nthreads) {
+#if RESMOE_DPBF16
+    const int64_t full = n / 32, tail = n % 32;
+    const __mmask32 kt = tail ? (__mmask32)((1u << tail) - 1) : 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *wr = W + r * ldw;
+        if (r + 1 < m) __builtin_prefetch(W + (r + 1) * ldw, 0, 0);
+        for (int64_t t0 = 0; t0 < T; t0 += TB) {
+            const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+            __m512 acc[TB][2];
+            for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            int64_t w = 0;
+            for (; w + 2 <= full; w += 2) {
+                const __m512i a = _mm512_loadu_si512(wr + 32 * w), b = _mm512_loadu_si512(wr + 32 * w + 32);
+                for (int t = 0; t < tb; t++) {
+                    const uint16_t *xt = x + (t0 + t) * ldx + 32 * w;
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xt));
+                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)b, (__m512bh)_mm512_loadu_si512(xt + 32));
+                }
+            }
+            for (; w < full; w++) {
+                const __m512i a = _mm512_loadu_si512(wr + 32 * w);
+                for (int t = 0; t < tb; t++)
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a,
+                                                 (__m512bh)_mm512_loadu_si512(x + (t0 + t) * ldx + 32 * w));
+            }
+            if (tail) {
+                const __m512i a = _mm512_maskz_loadu_epi16(kt, wr + 32 * full);
+                for (int t = 0; t < tb; t++)
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a,
+                                                 (__m512bh)_mm512_maskz_loadu_epi16(kt, x + (t0 + t) * ldx + 32 * full));
+            }
+            for (int t = 0; t < tb; t++) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+        }
+    }
+    return 1;
+#else
+    (void)m; (void)n; (void)W; (void)ldw; (void)T; (void)x; (void)ldx; (void)y; (void)ldy; (void)nthreads;
+    return 0;
+#endif
 }
