@@ -169,7 +169,7 @@ def test_share_v_stores_one_input_factor_per_matrix_as_version_5(tmp_path):
     assert rep["summary"]["expert_bytes_fraction"] <= 0.5 + 1e-3
     torch.testing.assert_close(_logits(out, "fused", "fp32"), _logits(out, "materialize", "fp32"),
                                rtol=0.05, atol=0.05)
-    torch.testing.assert_close(_logits(out, "lazy", "fp32"), _logits(out, "materialize", "fp32"))
+    assert torch.equal(_logits(out, "lazy", "fp32"), _logits(out, "fused", "fp32"))  # lazy: fused's products
 
 
 def test_a_version_4_file_may_not_share_a_factor_across_experts(tmp_path):
@@ -279,7 +279,7 @@ def test_prune_base_removes_channels_from_the_stored_base_and_runs_in_every_mode
     ref = _logits(pruned, "materialize")
     tol = 1e-4 if dtype == "fp32" else 0.05  # fp32: fused multiplies by exactly the restored weights
     assert (_logits(pruned, "fused") - ref).abs().max() <= tol * max(1.0, ref.abs().max())
-    torch.testing.assert_close(_logits(pruned, "lazy"), ref)
+    assert torch.equal(_logits(pruned, "lazy"), _logits(pruned, "fused"))  # lazy: fused's products, built later
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from resmoe_format.codecs.kquant import is_kquant
 from resmoe_format.dtypes import by_name
 from resmoe_format.errors import RmoeRuntimeError
 from resmoe_format.restore import combine, restore_expert, unpermute
-from resmoe_format.torch import ExpertCache, FusedExperts, LazyExperts, load_model, patch_model
+from resmoe_format.torch import ExpertCache, FusedExperts, LazyExperts, cache_stats, load_model, patch_model
 from resmoe_format.torch import load as runtime_load
 
 RTOL = 1e-5
@@ -135,7 +135,7 @@ def test_every_mode_gives_the_restored_dense_logits(tmp_path_factory, monkeypatc
         model = load_model(rmoe, mode=mode, dtype="fp32")
         cls = LazyExperts if mode == "lazy" else FusedExperts
         assert any(isinstance(m, cls) for m in model.modules())
-        assert_close(logits(model, arch), want if mode == "lazy" else fused_want(monkeypatch, rmoe, dtype, arch, want))
+        assert_close(logits(model, arch), fused_want(monkeypatch, rmoe, dtype, arch, want))
 
 
 def fused_want(monkeypatch, rmoe: Path, dtype: str, arch: str, restored: torch.Tensor) -> torch.Tensor:
@@ -173,10 +173,13 @@ _FP16 = [("mixtral", c, "fp16") for c in ("resmoe-svd-matrix", "resmoe-int8", "s
 def test_every_method_and_encoding(tmp_path_factory, monkeypatch, arch, case, dtype):
     rmoe, _ = converted(tmp_path_factory, arch, dtype, **CASES[case])
     want = logits(load_model(rmoe, mode="materialize", dtype="fp32"), arch)
-    assert_close(logits(load_model(rmoe, mode="lazy", dtype="fp32"), arch), want)
     fused = load_model(rmoe, mode="fused", dtype="fp32")
     check_fused_weights(fused, rmoe)
-    assert_close(logits(fused, arch), fused_want(monkeypatch, rmoe, dtype, arch, want))
+    fused_logits = fused_want(monkeypatch, rmoe, dtype, arch, want)
+    assert_close(logits(fused, arch), fused_logits)
+    lazy = load_model(rmoe, mode="lazy", dtype="fp32")
+    assert_close(logits(lazy, arch), fused_logits)
+    assert torch.equal(logits(lazy, arch), logits(fused, arch))  # the same products, built later
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -202,14 +205,37 @@ def test_fused_holds_barycenter_and_residuals_not_dense_experts(tmp_path_factory
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lazy_cache_is_bounded_and_evicts(tmp_path_factory, dtype):
+def test_lazy_cache_is_bounded_and_evicts(tmp_path_factory, monkeypatch, dtype):
     rmoe, restored = converted(tmp_path_factory, "mixtral", dtype, residual_keep=0.25)
-    one = next(m for m in load_model(rmoe, mode="lazy", dtype="fp32").modules()
-               if isinstance(m, LazyExperts)).expert_bytes
-    model = load_model(rmoe, mode="lazy", cache_bytes=one, dtype="fp32")
-    assert_close(logits(model, "mixtral"), logits(hf_load(restored), "mixtral"))
+    full = load_model(rmoe, mode="lazy", dtype="fp32")
+    want = fused_want(monkeypatch, rmoe, dtype, "mixtral", logits(hf_load(restored), "mixtral"))
+    assert_close(logits(full, "mixtral"), want)
+    stats = cache_stats(full)
+    assert stats["misses"] == stats["resident_experts"] > 1 and stats["not_admitted"] == 0  # default: all fit
+    one = max(m.expert_bytes for m in full.modules() if isinstance(m, LazyExperts))
+    model = load_model(rmoe, mode="lazy", cache_bytes=2 * one, dtype="fp32")
+    assert_close(logits(model, "mixtral"), want)
     cache: ExpertCache = next(m for m in model.modules() if isinstance(m, LazyExperts)).cache
-    assert cache.nbytes <= one and len(cache.entries) == 1 and cache.misses > 1
+    assert cache.nbytes <= 2 * one and 1 <= len(cache.entries) <= 3 and cache.misses > 3
+    with pytest.raises(RmoeRuntimeError, match="smaller than one expert"):
+        load_model(rmoe, mode="lazy", cache_bytes=one - 1, dtype="fp32")
+
+
+def test_frequency_cache_keeps_the_most_used_experts_instead_of_thrashing():
+    """Layers asking for 4 experts in turn of a cache that holds 3: LRU would miss every time (it evicts the one
+    needed next); the frequency cache keeps a stable set and hits on it."""
+    cache = ExpertCache(3)
+    built = []
+    for step in range(200):
+        for e in range(4):
+            cache.get((0, e), lambda e=e: built.append(e) or e, size=1)
+    assert cache.hit_rate > 0.6 and len(cache.entries) == 3 and cache.nbytes == 3
+    # skewed use: the hot expert stays resident
+    cache = ExpertCache(2)
+    for step in range(300):
+        for key in ((0, 0), (0, 1 + step % 5)):
+            cache.get(key, lambda: 0, size=1)
+    assert (0, 0) in cache.entries and cache.hits >= 299
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,8 +243,8 @@ def test_patch_model_swaps_experts_in_place(tmp_path_factory, monkeypatch, dtype
     rmoe, restored = converted(tmp_path_factory, "qwen3_moe", dtype, residual_keep=0.25)
     restored_logits = logits(hf_load(restored), "qwen3_moe")
     for mode in ("materialize",) + LAZY_FUSED:
-        want = restored_logits if mode != "fused" else fused_want(monkeypatch, rmoe, dtype, "qwen3_moe",
-                                                                  restored_logits)
+        want = restored_logits if mode == "materialize" else fused_want(monkeypatch, rmoe, dtype, "qwen3_moe",
+                                                                        restored_logits)
         model = hf_load(restored)
         with torch.no_grad():
             for p in model.parameters():

@@ -8,8 +8,8 @@
 """
 from .experts import ExpertCache, FusedExperts, LazyExperts
 from .kinds import KINDS, ExpertKind, kind_for, register
-from .load import MODES, load_model, patch_model
+from .load import MODES, cache_stats, load_model, patch_model
 from .text import GenerationStats, generate_text, load_tokenizer
 
-__all__ = ["load_model", "patch_model", "load_tokenizer", "generate_text", "GenerationStats", "MODES",
+__all__ = ["load_model", "patch_model", "cache_stats", "load_tokenizer", "generate_text", "GenerationStats", "MODES",
            "LazyExperts", "FusedExperts", "ExpertCache", "ExpertKind", "KINDS", "kind_for", "register"]

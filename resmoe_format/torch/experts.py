@@ -1,7 +1,8 @@
 """Compressed experts modules that take the place of a transformers experts module.
 
-``LazyExperts`` restores an expert (barycenter + residual, in aligned neuron order) the first
-time a token is routed to it and keeps it in a byte-bounded LRU cache shared by all layers.
+``LazyExperts`` computes as ``FusedExperts`` does, but builds an expert's residual operators from the
+mapped file the first time a token is routed to it and keeps them in a byte-bounded cache shared by all
+layers (:class:`ExpertCache`: routing-frequency eviction); the barycenter stays resident.
 
 ``FusedExperts`` never builds a dense expert. With the aligned expert e = B + D_e:
 
@@ -28,7 +29,7 @@ residual once per forward call of an expert some token is routed to.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
 
 import numpy as np
 import torch
@@ -36,8 +37,7 @@ from torch import nn
 
 from ..container import Reader
 from ..errors import RmoeRuntimeError
-from ..memory import trim_heap
-from ..restore import combine, restore_expert
+from ..restore import combine
 from ..schema import LayerSpec
 from ..codecs import kquant
 from . import native
@@ -71,30 +71,72 @@ def groups(index: torch.Tensor, num_experts: int):
 
 
 class ExpertCache:
-    """An LRU cache of dense experts keyed by (layer, expert), bounded by bytes."""
+    """Experts' operators by (layer, expert), up to ``capacity`` bytes, shared by all layers (lazy mode).
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple[int, int], tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+    Eviction follows routing frequency (LFU with aging): every use of an expert counts, every count halves
+    each ``halve_every`` uses so that the cache follows a change of text, the resident expert with the lowest
+    count goes first, and an expert that is not resident is admitted only when it has been used more often than
+    the experts it would evict (TinyLFU's rule). A cache smaller than the experts a text uses thus keeps
+    the most used ones and serves the rest from the file, instead of cycling through all of them as an LRU cache
+    does when the layers ask for more experts than it holds (a hit rate near zero: thrashing). Between equal counts
+    the resident expert stays.
+    """
+
+    def __init__(self, capacity: int, halve_every: int = 4096):
+        self.capacity, self.halve_every = capacity, halve_every
+        self.entries: dict[tuple[int, int], tuple[object, int]] = {}
+        self.counts: dict[tuple[int, int], float] = {}
         self.nbytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.uses = self.not_admitted = 0
+        self.build_seconds = 0.0
 
-    def get(self, key: tuple[int, int], build, size: int) -> dict[str, torch.Tensor]:
+    def get(self, key: tuple[int, int], build, size: int | None = None, measure=None):
+        """The value for ``key``: cached, or ``build()`` (its size ``size``, or ``measure(value)``), kept when the
+        rules above admit it."""
+        self.uses += 1
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.uses % self.halve_every == 0:
+            self.counts = {k: c / 2 for k, c in self.counts.items() if c >= 1 or k in self.entries}
         hit = self.entries.get(key)
         if hit is not None:
-            self.entries.move_to_end(key)
             self.hits += 1
             return hit[0]
         self.misses += 1
+        t = time.perf_counter()
+        value = build()
+        self.build_seconds += time.perf_counter() - t
+        size = measure(value) if size is None else size
         if size > self.capacity:
             raise RmoeRuntimeError(f"cache_bytes={self.capacity} is smaller than one expert ({size} bytes)")
-        while self.nbytes + size > self.capacity:
-            _, (_, s) = self.entries.popitem(last=False)
-            self.nbytes -= s
-        mats = build()
-        self.entries[key] = (mats, size)
+        free, victims = self.capacity - self.nbytes, []
+        if free < size:
+            for k in sorted(self.entries, key=lambda k: self.counts.get(k, 0)):
+                if self.counts.get(k, 0) >= self.counts[key]:
+                    break
+                victims.append(k)
+                free += self.entries[k][1]
+                if free >= size:
+                    break
+            if free < size:  # used less often than what it would evict: served, not kept
+                self.not_admitted += 1
+                return value
+        for k in victims:
+            self.nbytes -= self.entries.pop(k)[1]
+        self.entries[key] = (value, size)
         self.nbytes += size
-        return mats
+        return value
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over uses (0 before any use)."""
+        return self.hits / self.uses if self.uses else 0.0
+
+    def stats(self) -> dict:
+        """Uses, hits, misses, hit rate, experts not admitted, resident experts and bytes, capacity, and the
+        seconds spent building experts from the file."""
+        return {"uses": self.uses, "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
+                "not_admitted": self.not_admitted, "resident_experts": len(self.entries), "resident_bytes": self.nbytes,
+                "capacity_bytes": self.capacity, "build_seconds": self.build_seconds}
 
 
 class CompressedExperts(nn.Module):
@@ -141,46 +183,6 @@ class CompressedExperts(nn.Module):
         return f"layer={self.layer}, num_experts={self.num_experts}, kind={type(self.kind).__name__}"
 
 
-class LazyExperts(CompressedExperts):
-    """Dense experts restored on first use into a shared LRU cache; the file stays mapped."""
-
-    def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, cache: ExpertCache,
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__(kind, lay)
-        self.reader, self.lay, self.cache = reader, lay, cache
-        if lay.permutations is not None:
-            self._perms, self._reader = {}, reader
-        self.dtype, self.device = dtype, device
-        self.expert_bytes = expert_nbytes(lay, dtype)
-
-    def restore(self, e: int) -> dict[str, torch.Tensor]:
-        """Expert e's matrices in aligned order: cast(B + D_e) per the spec, then to the runtime dtype."""
-        out = {m: to_torch(w, self.dtype, self.device) for m, w in restore_expert(self.reader, self.layer, e).items()}
-        self.reader.release()
-        trim_heap()  # the decode temporaries are as large as the expert: give them back
-        return out
-
-    def _run(self, x, index, weights, xin=None, hscale=None):
-        """``xin``: one input per input matrix instead of ``x`` (compressed experts, :mod:`.ce`), and ``hscale``
-        (T, n) multiplies the activations."""
-        kind = self.kind
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=self.dtype, device=x.device)
-        xd = x.to(self.dtype)
-        for e, rows, slots in self.groups(index):
-            w = self.cache.get((self.layer, e), lambda e=e: self.restore(e), self.expert_bytes)
-            xs = [xd[rows]] * len(kind.inputs) if xin is None else [t[rows] for t in xin]
-            pre = [nn.functional.linear(xe, w[m], w[b] if self.biased else None)
-                   for xe, m, b in zip(xs, kind.inputs, kind.input_biases or (None,) * len(kind.inputs))]
-            h = kind.activate(pre)
-            if hscale is not None:
-                h = h * self.aligned(e, hscale[rows])
-            y = h @ w[kind.output]
-            if self.biased:
-                y = y + w[kind.output_bias]
-            out.index_add_(0, rows, y * weights[rows, slots, None].to(self.dtype))
-        return out
-
-
 class FusedExperts(CompressedExperts):
     """Barycenter products shared across the routed experts plus per-expert residual products."""
 
@@ -191,12 +193,8 @@ class FusedExperts(CompressedExperts):
         self.hidden = lay.matrix(kind.output).shape[-1]
         has_base = lay.adds_base
         mats = kind.inputs + (kind.output,)
-        # B' = round_T(B) is the barycenter held, so that B' + D' of element-wise residuals is the restored
-        # weight (residuals.rounded_residual); a matrix with low-rank or k-quant residuals keeps B (B + D unrounded)
-        base = {m: reader.base(self.layer, m) for m in mats} if has_base else {}
+        base, held = rounding_bases(reader, lay, kind)
         exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
-        held = {m: combine(b, None, lay.matrix(m).dtype).astype(np.float32) if exact[m] else b
-                for m, b in base.items()}
         # a base with pruned channels (spec 4.7) is held and multiplied on its kept channels only
         channels = reader.base_channels(self.layer) if has_base else None
         self.kept = self.kept_cols = None
@@ -222,30 +220,18 @@ class FusedExperts(CompressedExperts):
         if lay.permutations is not None:  # compressed experts' e2 is in original neuron order (CEExperts)
             self._perms = {e: torch.from_numpy(reader.permutation(self.layer, e).astype(np.int64)).to(device)
                            for e in range(lay.num_experts)}
-        shared: dict[str, object] = {}
+        self._shared: dict[str, object] = {}
+        self._base, self._held = base, held
         # per expert: [(first column, last column, operator)] over the concatenated pre-activations
         self.in_ops: list[list[tuple[int, int, Residual]]] = []
         self.out_ops: list[Residual | None] = []
-        for e in range(lay.num_experts):
-            refs = [lay.residuals[e][m] for m in kind.inputs]
-            if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not in_place(r, device) and
-                                     (stored_bf16(r) or not unrounded(r)) for r in refs):
-                # one sparse operator over all input matrices: one product per expert instead of one per matrix
-                stacked = np.concatenate([self._sparse(reader, lay, e, m, r, base, held)
-                                          for m, r in zip(kind.inputs, refs)])
-                ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device, held_values(refs)))]
-            else:
-                ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared,
-                                                          base.get(m), held.get(m)))
-                       for i, (m, r) in enumerate(zip(kind.inputs, refs)) if r is not None]
-            ref = lay.residuals[e][kind.output]
-            out = None if ref is None else load_residual(reader, lay, ref, kind.output, True, dtype, device, shared,
-                                                         base.get(kind.output), held.get(kind.output))
-            if not has_base and (out is None or sum(b - a for a, b, _ in ops) < len(refs) * n):
-                raise RmoeRuntimeError(f"layer {lay.index}: expert {e} has a matrix with neither base nor residual")
-            self.in_ops.append(ops)
-            self.out_ops.append(out)
-            reader.release()
+        if self.eager:
+            for e in range(lay.num_experts):
+                ops, out = self._load_expert(reader, lay, e)
+                self.in_ops.append(ops)
+                self.out_ops.append(out)
+                reader.release()
+            self._base = self._held = None  # only the records' loading needed the decoded barycenter
         if self.biased:
             def bias(name: str, e: int) -> np.ndarray:
                 return combine(reader.base(self.layer, name) if has_base else None,
@@ -255,6 +241,41 @@ class FusedExperts(CompressedExperts):
             self.bias_in = to_torch(np.stack([np.concatenate([bias(b, e) for b in kind.input_biases]) for e in E]),
                                   dtype, device)
             self.bias_out = to_torch(np.stack([bias(kind.output_bias, e) for e in E]), dtype, device)
+
+    #: whether every expert's operators are built at load (FusedExperts) or on first use (LazyExperts)
+    eager = True
+
+    def _load_expert(self, reader: Reader, lay: LayerSpec, e: int) -> tuple[list[tuple[int, int, Residual]],
+                                                                             Residual | None]:
+        """Expert ``e``'s operators: [(first column, last column, operator)] over the concatenated pre-activations,
+        and the output's (None: no residual)."""
+        kind, n, device, dtype, shared = self.kind, self.n, self.device, self.dtype, self._shared
+        base, held = self._base_held(reader, lay)
+        refs = [lay.residuals[e][m] for m in kind.inputs]
+        if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not in_place(r, device) and
+                                 (stored_bf16(r) or not unrounded(r)) for r in refs):
+            # one sparse operator over all input matrices: one product per expert instead of one per matrix
+            stacked = np.concatenate([self._sparse(reader, lay, e, m, r, base, held)
+                                      for m, r in zip(kind.inputs, refs)])
+            ops = [(0, len(refs) * n, SparseResidual.from_dense(stacked, device, held_values(refs)))]
+        else:
+            ops = [(i * n, (i + 1) * n, load_residual(reader, lay, r, m, False, dtype, device, shared,
+                                                      base.get(m), held.get(m)))
+                   for i, (m, r) in enumerate(zip(kind.inputs, refs)) if r is not None]
+        ref = lay.residuals[e][kind.output]
+        out = None if ref is None else load_residual(reader, lay, ref, kind.output, True, dtype, device, shared,
+                                                     base.get(kind.output), held.get(kind.output))
+        if self.base_in is None and (out is None or sum(b - a for a, b, _ in ops) < len(refs) * n):
+            raise RmoeRuntimeError(f"layer {lay.index}: expert {e} has a matrix with neither base nor residual")
+        return ops, out
+
+    def _base_held(self, reader: Reader, lay: LayerSpec) -> tuple[dict, dict]:
+        """(decoded barycenter, barycenter multiplied by) per matrix, for rounding element-wise records."""
+        return self._base, self._held
+
+    def _ops(self, e: int) -> tuple[list[tuple[int, int, Residual]], Residual | None]:
+        """Expert ``e``'s operators (:meth:`_load_expert`)."""
+        return self.in_ops[e], self.out_ops[e]
 
     def _sparse(self, reader: Reader, lay: LayerSpec, e: int, m: str, ref, base: dict, held: dict) -> np.ndarray:
         """Expert ``e``'s sparse residual of ``m`` as held: stored bf16 values as they are, others rounded
@@ -285,10 +306,11 @@ class FusedExperts(CompressedExperts):
             rows = self.kept if self.kept is not None else slice(None)
             pre[:, cols] = as_tensor(self.base_in).T
             out[rows] = as_tensor(self.base_out)
-        for a, b, op in self.in_ops[e]:
+        in_ops, out_op = self._ops(e)
+        for a, b, op in in_ops:
             pre[:, a:b] += op.apply_in(eye)
-        if self.out_ops[e] is not None:
-            out += self.out_ops[e].apply_out(torch.eye(n, dtype=self.dtype, device=self.device))
+        if out_op is not None:
+            out += out_op.apply_out(torch.eye(n, dtype=self.dtype, device=self.device))
         mats = {m: pre[:, i * n:(i + 1) * n].T for i, m in enumerate(kind.inputs)} | {kind.output: out}
         if self.biased:
             mats |= dict(zip(kind.input_biases, self.bias_in[e].reshape(M, n))) | {kind.output_bias: self.bias_out[e]}
@@ -321,7 +343,8 @@ class FusedExperts(CompressedExperts):
                     pre[:, self.kept_cols] = shared_in[rows]
             else:
                 pre = shared_in[rows]
-            for a, b, op in self.in_ops[e]:
+            in_ops, out_op = self._ops(e)
+            for a, b, op in in_ops:
                 if isinstance(op, LowRankResidual) and op.v_shared_across:
                     # a V shared by the layer's experts (spec 4.8): x V^T once for all tokens, then U per expert
                     key = id(op.v)
@@ -330,10 +353,11 @@ class FusedExperts(CompressedExperts):
                     pre[:, a:b] += xv[key][rows] @ as_tensor(op.u).T
                 else:
                     pre[:, a:b] += op.apply_in(xe)
-            self._add_expert(e, rows, slots, pre, weights, hsum, out)
+            self._add_expert(e, out_op, rows, slots, pre, weights, hsum, out)
         return self._finish(out, hsum)
 
-    def _add_expert(self, e: int, rows, slots, pre: torch.Tensor, weights, hsum, out, scale=None) -> None:
+    def _add_expert(self, e: int, out_op: Residual | None, rows, slots, pre: torch.Tensor, weights, hsum, out,
+                    scale=None) -> None:
         """Expert ``e``'s output from its pre-activations ``pre`` (rows of ``rows``): biases, activation (times
         ``scale``, compressed experts), routing weight; the residual's and the bias's share into ``out``, the
         barycenter's into ``hsum``."""
@@ -345,7 +369,7 @@ class FusedExperts(CompressedExperts):
         hw = (h if scale is None else h * scale) * w
         if hsum is not None:
             hsum.index_add_(0, rows, hw)
-        y = self.out_ops[e].apply_out(hw) if self.out_ops[e] is not None else None
+        y = out_op.apply_out(hw) if out_op is not None else None
         if self.biased:
             y = self.bias_out[e] * w if y is None else y + self.bias_out[e] * w
         if y is not None:
@@ -380,7 +404,8 @@ class FusedExperts(CompressedExperts):
                     pre[:, self.kept_cols] = shared_in[rows]
             else:
                 pre = shared_in[rows].clone()
-            for a, b, op in self.in_ops[e]:
+            in_ops, out_op = self._ops(e)
+            for a, b, op in in_ops:
                 for i in range(M):  # the columns of input i within [a, b): from input i
                     lo, hi = max(a, i * n), min(b, (i + 1) * n)
                     if lo >= hi:
@@ -389,5 +414,59 @@ class FusedExperts(CompressedExperts):
                         pre[:, lo:hi] += op.apply_in(xs[i])
                     else:  # an operator over several inputs' columns (one CSR for all)
                         pre[:, lo:hi] += op.apply_in(xs[i])[:, lo - a:hi - a]
-            self._add_expert(e, rows, slots, pre, weights, hsum, out, self.aligned(e, hscale[rows]))
+            self._add_expert(e, out_op, rows, slots, pre, weights, hsum, out, self.aligned(e, hscale[rows]))
         return self._finish(out, hsum)
+
+
+class LazyExperts(FusedExperts):
+    """Expert offloading: the barycenter is resident as in fused mode; each expert's residual operators (their
+    compressed in-memory form; bitmap records of bf16 values are the mapped file's own bytes) are built from the
+    mapped file the first time a token is routed to the expert, into an :class:`ExpertCache` shared by all layers.
+    Computes exactly what :class:`FusedExperts` computes."""
+
+    eager = False
+
+    def __init__(self, kind: ExpertKind, reader: Reader, lay: LayerSpec, cache: ExpertCache, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(kind, reader, lay, dtype, device)
+        self.reader, self.lay, self.cache = reader, lay, cache
+        # element-wise records whose values are rounded against the barycenter (rounded_residual) need it decoded
+        self._rounds = any(r is not None and not unrounded(r) for res in lay.residuals for r in res.values())
+        self._base = self._held = None
+        self.expert_bytes = max((expert_file_bytes(reader, lay, e) for e in range(lay.num_experts)), default=0)
+
+    def _base_held(self, reader: Reader, lay: LayerSpec) -> tuple[dict, dict]:
+        if not self._rounds or not lay.adds_base:
+            return {}, {}
+        return rounding_bases(reader, lay, self.kind)
+
+    def _ops(self, e: int):
+        return self.cache.get((self.layer, e), lambda: self._load_expert(self.reader, self.lay, e),
+                              measure=ops_nbytes)
+
+    def nbytes(self) -> int:
+        """Bytes the barycenter and biases hold (the experts are in the cache: ``cache.nbytes``)."""
+        held = [self.base_in, self.base_out] + ([self.bias_in, self.bias_out] if self.biased else [])
+        return sum(held_nbytes(t) for t in held if t is not None)
+
+
+def ops_nbytes(ops) -> int:
+    """Bytes one expert's operators hold (:meth:`FusedExperts._load_expert`)."""
+    in_ops, out = ops
+    return sum(op.nbytes() for _, _, op in in_ops) + (out.nbytes() if out is not None else 0)
+
+
+def expert_file_bytes(reader: Reader, lay: LayerSpec, e: int) -> int:
+    """Bytes of expert ``e``'s residual records in the file (what lazy mode builds from them, about)."""
+    return sum(reader.tensor(t).nbytes for r in lay.residuals[e].values() if r is not None for t in r.tensors.values())
+
+
+def rounding_bases(reader: Reader, lay: LayerSpec, kind: ExpertKind) -> tuple[dict, dict]:
+    """(B, the barycenter multiplied by) per matrix: B' = round_T(B) for a matrix whose records are all element-wise,
+    so that B' + D' is the restored weight (residuals.rounded_residual); B for one with a low-rank, k-quant or stored
+    bf16 record (B + D unrounded, spec 6.7)."""
+    mats = kind.inputs + (kind.output,)
+    base = {m: reader.base(lay.index, m) for m in mats} if lay.adds_base else {}
+    exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
+    held = {m: combine(b, None, lay.matrix(m).dtype).astype(np.float32) if exact[m] else b for m, b in base.items()}
+    return base, held

@@ -2,7 +2,8 @@
 
 - ``materialize``: dense experts restored (original neuron order) into the model's own
   experts parameters: the restored dense model, run by transformers' own code.
-- ``lazy``: compressed layers become :class:`LazyExperts` (restore on first use, LRU cache).
+- ``lazy``: compressed layers become :class:`LazyExperts` (expert offloading: fused's products, each expert
+  built from the mapped file on first use into a byte-bounded cache with routing-frequency eviction).
 - ``fused``: compressed layers become :class:`FusedExperts` (no dense expert is ever built).
 
 The model is built on the meta device from the embedded ``config.json``; only tensors that
@@ -25,7 +26,7 @@ from ..errors import RmoeRuntimeError
 from ..memory import trim_heap
 from ..restore import restore_expert
 from .ce import CEExperts, check_n_ce
-from .experts import ExpertCache, FusedExperts, LazyExperts, expert_nbytes
+from .experts import ExpertCache, FusedExperts, LazyExperts, expert_file_bytes
 from .kinds import ExpertKind, kind_for
 from .tensors import DTYPE_NAMES as DTYPES
 from .tensors import resolve_device, to_torch
@@ -220,11 +221,13 @@ def _patch_layers(model, reader: Reader, names: CheckpointNames, kind: ExpertKin
     ce = resolve_n_ce(reader, model.config, kind, n_ce)
     cache = None
     if mode == "lazy":
-        one = max(expert_nbytes(lay, dtype) for lay in layers) if layers else 0
+        sizes = [expert_file_bytes(reader, lay, e) for lay in layers for e in range(lay.num_experts)]
+        one = max(sizes, default=0)
         if cache_bytes is None:
-            cache_bytes = one * max((lay.num_experts for lay in layers), default=1)
+            cache_bytes = default_cache_bytes(sum(sizes))
         if cache_bytes < one:
-            raise RmoeRuntimeError(f"cache_bytes={cache_bytes} is smaller than one expert ({one} bytes in {dtype})")
+            raise RmoeRuntimeError(f"cache_bytes={cache_bytes} is smaller than one expert ({one} bytes of records "
+                                   "in the file)")
         cache = ExpertCache(cache_bytes)
     for lay in layers:
         path = names.module(lay.prefix)
@@ -245,6 +248,28 @@ def _patch_layers(model, reader: Reader, names: CheckpointNames, kind: ExpertKin
         del original
         reader.release()
         trim_heap()
+
+
+def default_cache_bytes(experts: int) -> int:
+    """Lazy mode's default cache: twice every expert's records (``experts`` bytes in the file: their in-memory
+    form can be larger, a rice record held as a bitmap, row offsets), at most half of the memory available now
+    (MemAvailable), so that a model larger than memory is offloaded rather than swapped."""
+    want = 2 * experts
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return max(1, min(want, int(line.split()[1]) * 1024 // 2))
+    except OSError:
+        pass
+    return max(1, want)
+
+
+def cache_stats(model) -> dict | None:
+    """Lazy mode's cache figures (:meth:`ExpertCache.stats`: hit rate, resident bytes, ...), None for other modes."""
+    for m in model.modules():
+        if isinstance(m, LazyExperts):
+            return m.cache.stats()
+    return None
 
 
 def _keep_reader(model, reader: Reader, mode: str):
@@ -268,7 +293,7 @@ def load_model(path: str | os.PathLike, mode: str = "materialize", device: str |
 
     ``mode``: ``materialize`` | ``lazy`` | ``fused`` (module docstring). ``device``: ``cpu``,
     ``cuda[:N]`` or ``auto`` (CUDA when present). ``dtype`` defaults to the source dtype.
-    ``cache_bytes`` bounds lazy mode's expert cache (default: one layer's experts). Nothing is
+    ``cache_bytes`` bounds lazy mode's expert cache (default: :func:`default_cache_bytes`). Nothing is
     downloaded and no remote code runs. ``n_ce``: how many of each token's top-k experts the file's
     compressed experts (spec 4.5, version 6.0) replace: None, the file's; 0, none (the full top-k); the
     file's value is the only other one allowed (the vectors were trained for it).
