@@ -78,14 +78,24 @@ def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors
     return main_idx, w[:, :k - n_ce], c
 
 
+#: :class:`CEExperts` over a transformers experts module computes a call that routes at most this many
+#: (token, expert) pairs in a few batched operations (:meth:`CEExperts._run_batched`), above it expert by expert
+BATCHED_PAIRS = 64
+
+
 class CEExperts(nn.Module):
     """An experts module with compressed experts: ``inner`` (any experts module taking (hidden, top-k index,
     top-k weights)) runs the full top-k when ``n_ce`` is 0, else only the main experts, scaled by the
     auxiliary experts' vectors (module docstring). ``vectors`` (E, 3, L) is a parameter (trainable when
-    ``trainable``)."""
+    ``trainable``).
+
+    Over a transformers experts module with stacked parameters (materialize mode), a call with at most
+    ``batched_pairs`` routed (token, expert) pairs (decoding, short prompts) gathers those pairs' weights and
+    runs the layer in a handful of batched products, no loop over experts: the same function, n_ce = 0
+    included (then in place of the module's own forward); ``batched_pairs = 0`` turns it off."""
 
     def __init__(self, inner: nn.Module, kind: ExpertKind, vectors: torch.Tensor, n_ce: int, num_neurons: int,
-                 hidden: int, trainable: bool = False):
+                 hidden: int, trainable: bool = False, batched_pairs: int = BATCHED_PAIRS):
         super().__init__()
         E = vectors.shape[0]
         if tuple(vectors.shape) != (E, 3, max(hidden, num_neurons)):
@@ -98,15 +108,26 @@ class CEExperts(nn.Module):
         self.hidden = hidden
         self.n_ce = n_ce
         self.vectors = nn.Parameter(vectors, requires_grad=trainable)
+        self.batched_pairs = batched_pairs
+        # resmoe's own modules (LazyExperts, FusedExperts) take the scaled inputs themselves (``_run``)
+        self._resmoe_run = getattr(inner, "_run", None)
+        self._stacked = self._resmoe_run is None and not any(r.per_expert for r in kind.family.module_layout)
 
     def extra_repr(self) -> str:
         return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
 
+    def _batched(self, index: torch.Tensor) -> bool:
+        return self._stacked and index.numel() <= self.batched_pairs
+
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        if self.n_ce == 0:
-            return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         kind = self.kind
         x, index, weights = kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
+        if self.n_ce == 0:
+            if not self._batched(index):
+                return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            dt = self._dtype(x)
+            xd = x.to(dt)
+            return self._run_batched(index, weights, [xd] * len(kind.inputs), None, dt).to(hidden_states.dtype)
         if index.shape[1] <= self.n_ce:
             raise RmoeRuntimeError(f"n_ce={self.n_ce} but tokens are routed to {index.shape[1]} experts")
         main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
@@ -115,9 +136,10 @@ class CEExperts(nn.Module):
         xd = x.to(dt)
         xin = [xd * c[:, 0, :self.hidden], xd * c[:, 2, :self.hidden]]
         hscale = c[:, 1, :self.n]
-        run = getattr(self.inner, "_run", None)
-        if run is not None:  # LazyExperts, FusedExperts
-            out = run(xd, main_idx, main_w, xin=xin, hscale=hscale)
+        if self._resmoe_run is not None:  # LazyExperts, FusedExperts
+            out = self._resmoe_run(xd, main_idx, main_w, xin=xin, hscale=hscale)
+        elif self._batched(main_idx):
+            out = self._run_batched(main_idx, main_w, xin, hscale, dt)
         else:
             out = self._run_dense(main_idx, main_w, xin, hscale, dt)
         return out.to(hidden_states.dtype)
@@ -146,8 +168,41 @@ class CEExperts(nn.Module):
         return out
 
 
+    def _run_batched(self, index, weights, xin, hscale, dt):
+        """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: the weights of every
+        routed (token, expert) pair gathered from the stacked parameters, then batched products; the pairs of a
+        token are summed, so no loop over experts and no scatter. A "no expert" index (E) counts zero."""
+        kind, E = self.kind, self.num_experts
+        T, km = index.shape
+        H, P = xin[0].shape[1], T * km
+        w = weights.to(dt).masked_fill(index >= E, 0)
+        mats = kind.read_stacked(self.inner, index.reshape(-1).clamp(max=E - 1))
+        biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
+        pre, rep = [], {}
+        for i, m in enumerate(kind.inputs):
+            xi = rep.get(id(xin[i]))
+            if xi is None:  # the token's input once per pair (the same input tensor repeated once)
+                xi = rep[id(xin[i])] = xin[i].unsqueeze(1).expand(T, km, H).reshape(P, H, 1)
+            p = torch.bmm(mats[m], xi).squeeze(-1)
+            pre.append(p + mats[kind.input_biases[i]] if biased else p)
+        h = kind.activate(pre)
+        if hscale is not None:
+            h = (h.view(T, km, -1) * hscale.unsqueeze(1)).view(P, -1)
+        y = torch.bmm(h.unsqueeze(1), mats[kind.output]).squeeze(1)
+        if biased and kind.output_bias in mats:
+            y = y + mats[kind.output_bias]
+        return (y.view(T, km, H) * w.unsqueeze(-1)).sum(1)
+
+
 def ce_modules(model: nn.Module) -> list[CEExperts]:
     return [m for m in model.modules() if isinstance(m, CEExperts)]
+
+
+def set_batched_pairs(model: nn.Module, pairs: int) -> None:
+    """The most routed (token, expert) pairs for which every compressed-experts layer of ``model`` runs its
+    batched path (0: never; at n_ce = 0 the transformers experts module's own forward)."""
+    for m in ce_modules(model):
+        m.batched_pairs = pairs
 
 
 def set_n_ce(model: nn.Module, n_ce: int) -> None:
