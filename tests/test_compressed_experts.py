@@ -124,12 +124,12 @@ def test_ia3_expert_by_hand():
     x1, x3 = x * torch.tensor([2.0, 0.5, 1.0]), x * torch.tensor([0.0, 1.0, 4.0])
     h = torch.nn.functional.silu(x1 @ G.T) * (x3 @ U.T) * torch.tensor([3.0, -1.0])
     assert torch.allclose(y, 0.7 * (h @ D.T), atol=1e-6)
-    ce.n_ce, ce.batched_pairs = 0, 0  # the full top-k: the transformers module itself
+    ce.n_ce, ce.direct_pairs = 0, 0  # the full top-k: the transformers module itself
     assert torch.equal(ce(x, torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])),
                        mod(x, torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])))
 
 
-# --- the batched path (few tokens: decoding) ---------------------------------------------------------------
+# --- the direct path (few tokens: decoding) ----------------------------------------------------------------
 
 def _experts_module(arch: str, dtype: torch.dtype, experts: int = 6):
     """A transformers experts module of ``arch`` (top-3 of ``experts``, random weights and biases) and its kind."""
@@ -153,8 +153,8 @@ def _experts_module(arch: str, dtype: torch.dtype, experts: int = 6):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_path_is_the_loop(arch, dtype, monkeypatch):
-    """The batched path (gathered weights, batched products) computes what the loop over experts (n_ce > 0) and
+def test_direct_path_is_the_loop(arch, dtype, monkeypatch):
+    """The direct path (token by token on views of the routed experts) computes what the loop over experts and
     the transformers module (n_ce = 0) compute: GPT-OSS for biases and an interleaved, transposed layout."""
     mod, kind = _experts_module(arch, dtype)
     E, H = mod.num_experts, mod.hidden_size if hasattr(mod, "hidden_size") else mod.hidden_dim
@@ -165,38 +165,38 @@ def test_batched_path_is_the_loop(arch, dtype, monkeypatch):
     index = torch.rand(5, E, generator=g).argsort(1)[:, :3]
     weights = torch.softmax(torch.randn(5, 3, generator=g), 1).to(dtype)
     calls = []
-    run = CEExperts._run_batched
-    monkeypatch.setattr(CEExperts, "_run_batched", lambda self, *a: calls.append(1) or run(self, *a))
+    run = CEExperts._run_direct
+    monkeypatch.setattr(CEExperts, "_run_direct", lambda self, *a: calls.append(1) or run(self, *a))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     got = {}
     for n_ce in (0, 1, 2):
-        ce = CEExperts(mod, kind, vec, n_ce, n, H, batched_pairs=0)
+        ce = CEExperts(mod, kind, vec, n_ce, n, H, direct_pairs=0)
         with torch.no_grad():
             loop = ce(x, index, weights).float()
-            ce.batched_pairs = 64
+            ce.direct_pairs = 64
             fast = ce(x, index, weights).float()
-        assert len(calls) == n_ce + 1  # the batched path ran (once a call)
+        assert len(calls) == n_ce + 1  # the direct path ran (once a call)
         assert (fast - loop).abs().max() <= tol * loop.abs().max(), n_ce
         got[n_ce] = fast
     assert not torch.allclose(got[0], got[1], atol=1e-2) and not torch.allclose(got[1], got[2], atol=1e-2)
-    ce = CEExperts(mod, kind, vec, 0, n, H, batched_pairs=14)  # 5 tokens x 3: above it, the module itself
+    ce = CEExperts(mod, kind, vec, 0, n, H, direct_pairs=14)  # 5 tokens x 3: above it, the module itself
     with torch.no_grad():
         assert torch.equal(ce(x, index, weights), mod(x, index, weights))
         if arch == "qwen3_moe":  # "no expert" (index E, weight 0) adds nothing, as in the module's own loop
             pad, wpad = index.clone(), weights.clone()
             pad[0, 2], wpad[0, 2] = E, 0
-            ce.batched_pairs = 64
+            ce.direct_pairs = 64
             assert (ce(x, pad, wpad).float() - mod(x, pad, wpad).float()).abs().max() <= tol * got[0].abs().max()
     assert len(calls) == 3 + (arch == "qwen3_moe")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_batched_path_on_aligned_and_lossless_files(lossless, aligned, tmp_path, dtype):
+def test_direct_path_on_aligned_and_lossless_files(lossless, aligned, tmp_path, dtype):
     """Whole models from a lossless and from an aligned (permuted, compressed) file, materialize mode: a short
-    prompt (batched path) gives the logits the loop over experts gives, for n_ce = 1, 2 and 0 (full top-k)."""
-    from resmoe_format.torch.ce import ce_modules, set_batched_pairs
+    prompt (direct path) gives the logits the loop over experts gives, for n_ce = 1, 2 and 0 (full top-k)."""
+    from resmoe_format.torch.ce import ce_modules, set_direct_pairs
 
-    ids = IDS[:1, :6]  # 6 tokens x at most 3 experts: batched
+    ids = IDS[:1, :5]  # 5 tokens x at most 3 experts: the direct path
     tol = 1e-5 if dtype == "fp32" else 3e-2
     for src in (lossless, aligned):
         for n_ce in (1, 2):
@@ -204,9 +204,9 @@ def test_batched_path_on_aligned_and_lossless_files(lossless, aligned, tmp_path,
             for want_n in (None, 0):
                 model = load_model(f, "materialize", dtype=dtype, n_ce=want_n)
                 model.config._experts_implementation = "eager"  # grouped_mm refuses bf16 at these widths on a CPU
-                assert all(m.batched_pairs >= ids.numel() * TOP_K for m in ce_modules(model))
+                assert all(m.direct_pairs >= ids.numel() * TOP_K for m in ce_modules(model))
                 fast = _logits(model, ids)
-                set_batched_pairs(model, 0)
+                set_direct_pairs(model, 0)
                 loop = _logits(model, ids)
                 assert (fast - loop).abs().max() <= tol * loop.abs().max(), (src.name, n_ce, want_n)
 

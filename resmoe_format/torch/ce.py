@@ -79,8 +79,8 @@ def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors
 
 
 #: :class:`CEExperts` over a transformers experts module computes a call that routes at most this many
-#: (token, expert) pairs in a few batched operations (:meth:`CEExperts._run_batched`), above it expert by expert
-BATCHED_PAIRS = 64
+#: (token, expert) pairs token by token (:meth:`CEExperts._run_direct`), above it expert by expert
+DIRECT_PAIRS = 16
 
 
 class CEExperts(nn.Module):
@@ -89,13 +89,13 @@ class CEExperts(nn.Module):
     auxiliary experts' vectors (module docstring). ``vectors`` (E, 3, L) is a parameter (trainable when
     ``trainable``).
 
-    Over a transformers experts module with stacked parameters (materialize mode), a call with at most
-    ``batched_pairs`` routed (token, expert) pairs (decoding, short prompts) gathers those pairs' weights and
-    runs the layer in a handful of batched products, no loop over experts: the same function, n_ce = 0
-    included (then in place of the module's own forward); ``batched_pairs = 0`` turns it off."""
+    Over a transformers experts module (materialize mode), a call with at most ``direct_pairs`` routed
+    (token, expert) pairs (decoding) runs token by token on views of the routed experts' weights, without the
+    grouping of tokens by expert and the scatter that pay off for many tokens: the same function, n_ce = 0
+    included (then in place of the module's own forward); ``direct_pairs = 0`` turns it off."""
 
     def __init__(self, inner: nn.Module, kind: ExpertKind, vectors: torch.Tensor, n_ce: int, num_neurons: int,
-                 hidden: int, trainable: bool = False, batched_pairs: int = BATCHED_PAIRS):
+                 hidden: int, trainable: bool = False, direct_pairs: int = DIRECT_PAIRS):
         super().__init__()
         E = vectors.shape[0]
         if tuple(vectors.shape) != (E, 3, max(hidden, num_neurons)):
@@ -108,26 +108,25 @@ class CEExperts(nn.Module):
         self.hidden = hidden
         self.n_ce = n_ce
         self.vectors = nn.Parameter(vectors, requires_grad=trainable)
-        self.batched_pairs = batched_pairs
+        self.direct_pairs = direct_pairs
         # resmoe's own modules (LazyExperts, FusedExperts) take the scaled inputs themselves (``_run``)
         self._resmoe_run = getattr(inner, "_run", None)
-        self._stacked = self._resmoe_run is None and not any(r.per_expert for r in kind.family.module_layout)
 
     def extra_repr(self) -> str:
         return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
 
-    def _batched(self, index: torch.Tensor) -> bool:
-        return self._stacked and index.numel() <= self.batched_pairs
+    def _direct(self, index: torch.Tensor) -> bool:
+        return self._resmoe_run is None and index.numel() <= self.direct_pairs
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         kind = self.kind
         x, index, weights = kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
         if self.n_ce == 0:
-            if not self._batched(index):
+            if not self._direct(index):
                 return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             dt = self._dtype(x)
             xd = x.to(dt)
-            return self._run_batched(index, weights, [xd] * len(kind.inputs), None, dt).to(hidden_states.dtype)
+            return self._run_direct(index, weights, [xd] * len(kind.inputs), None, dt).to(hidden_states.dtype)
         if index.shape[1] <= self.n_ce:
             raise RmoeRuntimeError(f"n_ce={self.n_ce} but tokens are routed to {index.shape[1]} experts")
         main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
@@ -138,8 +137,8 @@ class CEExperts(nn.Module):
         hscale = c[:, 1, :self.n]
         if self._resmoe_run is not None:  # LazyExperts, FusedExperts
             out = self._resmoe_run(xd, main_idx, main_w, xin=xin, hscale=hscale)
-        elif self._batched(main_idx):
-            out = self._run_batched(main_idx, main_w, xin, hscale, dt)
+        elif self._direct(main_idx):
+            out = self._run_direct(main_idx, main_w, xin, hscale, dt)
         else:
             out = self._run_dense(main_idx, main_w, xin, hscale, dt)
         return out.to(hidden_states.dtype)
@@ -168,41 +167,43 @@ class CEExperts(nn.Module):
         return out
 
 
-    def _run_batched(self, index, weights, xin, hscale, dt):
-        """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: the weights of every
-        routed (token, expert) pair gathered from the stacked parameters, then batched products; the pairs of a
-        token are summed, so no loop over experts and no scatter. A "no expert" index (E) counts zero."""
+    def _run_direct(self, index, weights, xin, hscale, dt):
+        """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: token by token, each
+        routed expert's products on views of its weights, the pairs of a token summed: no grouping of tokens by
+        expert, no scatter, no copy of weights. A "no expert" index (E) adds nothing."""
         kind, E = self.kind, self.num_experts
-        T, km = index.shape
-        H, P = xin[0].shape[1], T * km
-        w = weights.to(dt).masked_fill(index >= E, 0)
-        mats = kind.read_stacked(self.inner, index.reshape(-1).clamp(max=E - 1))
-        biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
-        pre, rep = [], {}
-        for i, m in enumerate(kind.inputs):
-            xi = rep.get(id(xin[i]))
-            if xi is None:  # the token's input once per pair (the same input tensor repeated once)
-                xi = rep[id(xin[i])] = xin[i].unsqueeze(1).expand(T, km, H).reshape(P, H, 1)
-            p = torch.bmm(mats[m], xi).squeeze(-1)
-            pre.append(p + mats[kind.input_biases[i]] if biased else p)
-        h = kind.activate(pre)
-        if hscale is not None:
-            h = (h.view(T, km, -1) * hscale.unsqueeze(1)).view(P, -1)
-        y = torch.bmm(h.unsqueeze(1), mats[kind.output]).squeeze(1)
-        if biased and kind.output_bias in mats:
-            y = y + mats[kind.output_bias]
-        return (y.view(T, km, H) * w.unsqueeze(-1)).sum(1)
+        idx, w = index.tolist(), weights.to(dt).tolist()
+        out = []
+        for t, experts in enumerate(idx):
+            xs = [v[t:t + 1] for v in xin]
+            acc = None
+            for j, e in enumerate(experts):
+                if e >= E:
+                    continue
+                mats = kind.read_dense(self.inner, e)
+                biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
+                h = kind.activate([nn.functional.linear(xs[i], mats[m], mats[kind.input_biases[i]] if biased else None)
+                                   for i, m in enumerate(kind.inputs)])
+                if hscale is not None:
+                    h = h * hscale[t:t + 1]
+                y = h @ mats[kind.output]
+                if biased and kind.output_bias in mats:
+                    y = y + mats[kind.output_bias]
+                y = y * w[t][j]
+                acc = y if acc is None else acc + y
+            out.append(acc if acc is not None else torch.zeros_like(xs[0]))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def ce_modules(model: nn.Module) -> list[CEExperts]:
     return [m for m in model.modules() if isinstance(m, CEExperts)]
 
 
-def set_batched_pairs(model: nn.Module, pairs: int) -> None:
+def set_direct_pairs(model: nn.Module, pairs: int) -> None:
     """The most routed (token, expert) pairs for which every compressed-experts layer of ``model`` runs its
-    batched path (0: never; at n_ce = 0 the transformers experts module's own forward)."""
+    direct path (0: never; at n_ce = 0 the transformers experts module's own forward)."""
     for m in ce_modules(model):
-        m.batched_pairs = pairs
+        m.direct_pairs = pairs
 
 
 def set_n_ce(model: nn.Module, n_ce: int) -> None:

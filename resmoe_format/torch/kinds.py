@@ -115,21 +115,6 @@ class ExpertKind:
             out.update(_split(rule, t if rule.per_expert else t[expert], 0))
         return out
 
-    def read_stacked(self, module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The canonical matrices of experts ``index`` (P,), stacked: (P, n, hidden) matrices and (P, ...)
-        biases, gathered from the transformers experts module's stacked parameters (one gather per parameter;
-        autograd flows into them); None when the module holds its experts one parameter each."""
-        if any(rule.per_expert for rule in self.family.module_layout):
-            return None
-        out: dict[str, torch.Tensor] = {}
-        for rule in self.family.module_layout:
-            try:
-                t = module.get_parameter(rule.name)
-            except AttributeError:
-                continue
-            out.update(_split(rule, t[index], 1))
-        return out
-
     def dense_parameters(self, module: nn.Module) -> list[str]:
         """Names of the experts module's parameters that ``write_dense`` fills."""
         return [n for n, _ in module.named_parameters()]
