@@ -383,7 +383,7 @@ def test_onnx_ignore_ce_exports_full_top_k(lossless, tmp_path):
 def _tune(src, out, text, **kw):
     from converters.tune_ce import TuneOptions, tune_ce
 
-    opts = dict(n_ce=1, steps=6, lr=0.2, window=32, batch=2, device="cpu", checkpoint_every=2)
+    opts = dict(n_ce=1, steps=6, lr=0.2, window=32, batch=2, device="cpu", checkpoint_every=2, objective="lm")
     opts.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
