@@ -115,30 +115,32 @@ class CEExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
 
-    def _direct(self, index: torch.Tensor) -> bool:
-        return self._resmoe_run is None and index.numel() <= self.direct_pairs
-
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         kind = self.kind
         x, index, weights = kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
+        direct = self._resmoe_run is None and index.shape[0] * (index.shape[1] - self.n_ce) <= self.direct_pairs
         if self.n_ce == 0:
-            if not self._direct(index):
+            if not direct:
                 return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             dt = self._dtype(x)
             xd = x.to(dt)
-            return self._run_direct(index, weights, [xd] * len(kind.inputs), None, dt).to(hidden_states.dtype)
+            pairs, _ = self._route_direct(index, weights, dt)
+            return self._run_direct(pairs, [xd] * len(kind.inputs), None).to(hidden_states.dtype)
         if index.shape[1] <= self.n_ce:
             raise RmoeRuntimeError(f"n_ce={self.n_ce} but tokens are routed to {index.shape[1]} experts")
-        main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
         dt = self._dtype(x)
+        if direct:
+            pairs, c = self._route_direct(index, weights, dt)
+        else:
+            main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
         c = c.to(dt)
         xd = x.to(dt)
         xin = [xd * c[:, 0, :self.hidden], xd * c[:, 2, :self.hidden]]
         hscale = c[:, 1, :self.n]
-        if self._resmoe_run is not None:  # LazyExperts, FusedExperts
+        if direct:
+            out = self._run_direct(pairs, xin, hscale)
+        elif self._resmoe_run is not None:  # LazyExperts, FusedExperts
             out = self._resmoe_run(xd, main_idx, main_w, xin=xin, hscale=hscale)
-        elif self._direct(main_idx):
-            out = self._run_direct(main_idx, main_w, xin, hscale, dt)
         else:
             out = self._run_dense(main_idx, main_w, xin, hscale, dt)
         return out.to(hidden_states.dtype)
@@ -167,17 +169,38 @@ class CEExperts(nn.Module):
         return out
 
 
-    def _run_direct(self, index, weights, xin, hscale, dt):
+    def _route_direct(self, index: torch.Tensor, weights: torch.Tensor, dt: torch.dtype):
+        """:func:`split_routing` for few tokens, on Python numbers: per token its main (expert, weight in ``dt``)
+        pairs, largest weights first (ties: the earlier slot), and c (T, 3, L) (None at n_ce = 0)."""
+        E, main = self.num_experts, index.shape[1] - self.n_ce
+        idx, w = index.tolist(), weights.tolist()
+        wd = weights.to(dt).tolist() if weights.dtype != dt else w
+        if self.n_ce == 0:
+            return [list(zip(i, ww)) for i, ww in zip(idx, wd)], None
+        pairs, cs, vec = [], [], self.vectors
+        for i, ww, wwd in zip(idx, w, wd):
+            order = sorted(range(len(i)), key=lambda j: -ww[j])  # stable: ties keep the slot order
+            pairs.append([(i[j], wwd[j]) for j in order[:main]])
+            aux = [(min(i[j], E - 1), ww[j]) for j in order[main:]]  # "no expert" (E) has weight 0: no share
+            total = sum(a for _, a in aux)
+            if not total > 0:
+                cs.append(torch.ones_like(vec[0]))
+            elif len(aux) == 1:
+                cs.append(vec[aux[0][0]])
+            else:
+                cs.append(sum(vec[e] * (a / total) for e, a in aux))
+        return pairs, torch.stack(cs)
+
+    def _run_direct(self, pairs: list[list[tuple[int, float]]], xin, hscale):
         """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: token by token, each
         routed expert's products on views of its weights, the pairs of a token summed: no grouping of tokens by
         expert, no scatter, no copy of weights. A "no expert" index (E) adds nothing."""
         kind, E = self.kind, self.num_experts
-        idx, w = index.tolist(), weights.to(dt).tolist()
         out = []
-        for t, experts in enumerate(idx):
+        for t, routed in enumerate(pairs):
             xs = [v[t:t + 1] for v in xin]
             acc = None
-            for j, e in enumerate(experts):
+            for e, w in routed:
                 if e >= E:
                     continue
                 mats = kind.read_dense(self.inner, e)
@@ -189,7 +212,7 @@ class CEExperts(nn.Module):
                 y = h @ mats[kind.output]
                 if biased and kind.output_bias in mats:
                     y = y + mats[kind.output_bias]
-                y = y * w[t][j]
+                y = y * w
                 acc = y if acc is None else acc + y
             out.append(acc if acc is not None else torch.zeros_like(xs[0]))
         return out[0] if len(out) == 1 else torch.cat(out)
