@@ -190,6 +190,24 @@ def test_direct_path_is_the_loop(arch, dtype, monkeypatch):
             ce.direct_pairs = 64
             assert (ce(x, tie_i, tie_w.to(dtype)).float() - loop).abs().max() <= tol * loop.abs().max(), n_ce
     calls.clear()
+    # the direct path keeps views of the experts' weights between calls: new weights (in place, or new storage as
+    # module.to() gives) are seen
+    ce = CEExperts(mod, kind, vec, 1, n, H)
+    with torch.no_grad():
+        ce(x, index, weights)
+        for t in mod.parameters():
+            t.mul_(-1)
+        ce.direct_pairs = 0
+        loop = ce(x, index, weights).float()
+        ce.direct_pairs = 64
+        assert (ce(x, index, weights).float() - loop).abs().max() <= tol * loop.abs().max()
+        for t in mod.parameters():
+            t.data = t.data.clone() * 0.5
+        ce.direct_pairs = 0
+        loop = ce(x, index, weights).float()
+        ce.direct_pairs = 64
+        assert (ce(x, index, weights).float() - loop).abs().max() <= tol * loop.abs().max()
+    calls.clear()
     ce = CEExperts(mod, kind, vec, 0, n, H, direct_pairs=14)  # 5 tokens x 3: above it, the module itself
     with torch.no_grad():
         assert torch.equal(ce(x, index, weights), mod(x, index, weights))

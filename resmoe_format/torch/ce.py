@@ -111,6 +111,8 @@ class CEExperts(nn.Module):
         self.direct_pairs = direct_pairs
         # resmoe's own modules (LazyExperts, FusedExperts) take the scaled inputs themselves (``_run``)
         self._resmoe_run = getattr(inner, "_run", None)
+        self._views: dict[int, dict[str, torch.Tensor]] = {}  # expert -> read_dense's views, while _stamp holds
+        self._stamp: tuple = ()
 
     def extra_repr(self) -> str:
         return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
@@ -191,11 +193,31 @@ class CEExperts(nn.Module):
                 cs.append(sum(vec[e] * (a / total) for e, a in aux))
         return pairs, torch.stack(cs)
 
+    def _expert_views(self):
+        """e -> kind.read_dense(inner, e); without autograd the views are kept for later calls while the module's
+        own parameters keep their storage (a dtype or device change, or new parameters, drop them)."""
+        if torch.is_grad_enabled() or not self.inner._parameters:
+            return lambda e: self.kind.read_dense(self.inner, e)
+        stamp = (torch.is_inference_mode_enabled(),) + tuple(
+            (id(t), t.data_ptr(), t.dtype, t.device) for t in self.inner._parameters.values() if t is not None)
+        if stamp != self._stamp:
+            self._views, self._stamp = {}, stamp
+        views = self._views
+
+        def get(e: int) -> dict[str, torch.Tensor]:
+            v = views.get(e)
+            if v is None:
+                v = views[e] = self.kind.read_dense(self.inner, e)
+            return v
+
+        return get
+
     def _run_direct(self, pairs: list[list[tuple[int, float]]], xin, hscale):
         """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: token by token, each
         routed expert's products on views of its weights, the pairs of a token summed: no grouping of tokens by
         expert, no scatter, no copy of weights. A "no expert" index (E) adds nothing."""
         kind, E = self.kind, self.num_experts
+        expert = self._expert_views()
         out = []
         for t, routed in enumerate(pairs):
             xs = [v[t:t + 1] for v in xin]
@@ -203,7 +225,7 @@ class CEExperts(nn.Module):
             for e, w in routed:
                 if e >= E:
                     continue
-                mats = kind.read_dense(self.inner, e)
+                mats = expert(e)
                 biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
                 h = kind.activate([nn.functional.linear(xs[i], mats[m], mats[kind.input_biases[i]] if biased else None)
                                    for i, m in enumerate(kind.inputs)])
