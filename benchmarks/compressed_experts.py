@@ -421,11 +421,10 @@ def report(res: dict) -> str:
         for r in share["rows"]:
             lines.append(f"| {r['mode']} | {r['n_ce']} | {r['decode']:.1f} | {r['experts_share']:.0%} | "
                          f"{r['experts_ms_per_token']:.2f} |")
-        lines += ["", "The experts layers are less than half of a decode step on this fixture (hidden 256, "
-                  "expert width 128), and with 2 experts they take about as long as with 4: per-operation overhead "
-                  "(routing split, grouping, small matmuls), not the experts' arithmetic, sets their time. Even an "
-                  "experts layer twice as fast would leave decode short of 1.3x (Amdahl: 1 / (1 - s/2) for a share "
-                  "s)."]
+        full_share = {r["mode"]: r["experts_share"] for r in share["rows"] if r["n_ce"] == 0}
+        lines += ["", "Amdahl's bound: with the experts layers at a share s of the full top-4's decode time, no "
+                  "change to those layers alone decodes faster than 1 / (1 - s): "
+                  + "; ".join(f"{mode} {1 / (1 - s):.2f}x (s = {s:.0%})" for mode, s in full_share.items()) + "."]
     lines += ["", "The dropped and re-normalised rows compute the same experts as the vectors rows (their speed is "
               "that of the top-(k - n_ce) layer without the vectors' element-wise products). The first full row runs "
               "transformers' own experts module in materialize mode (its default experts implementation, named in "
