@@ -137,7 +137,8 @@ class CEExperts(nn.Module):
             main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
         c = c.to(dt)
         xd = x.to(dt)
-        xin = [xd * c[:, 0, :self.hidden], xd * c[:, 2, :self.hidden]]
+        xg = xd.unsqueeze(1) * c[:, ::2, :self.hidden]  # (T, 2, hidden): x * c1 and x * c3 in one product
+        xin = [xg[:, 0], xg[:, 1]]
         hscale = c[:, 1, :self.n]
         if direct:
             out = self._run_direct(pairs, xin, hscale)
@@ -148,6 +149,9 @@ class CEExperts(nn.Module):
         return out.to(hidden_states.dtype)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        for p in self.inner._parameters.values():  # transformers' stacked experts: the module's own parameters
+            if p is not None and p.is_floating_point():
+                return p.dtype
         dt = getattr(self.inner, "dtype", None)
         if isinstance(dt, torch.dtype):
             return dt
