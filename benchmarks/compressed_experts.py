@@ -446,8 +446,9 @@ def report(res: dict) -> str:
     md = "\n".join(lines) + "\n" + markdown(res["provenance"])
     if res.get("speed_provenance"):
         sp = res["speed_provenance"]
-        md += (f"\nSpeeds re-measured with `{sp['command']}` on commit `{sp['git_commit']}`, {sp['date_utc']}; "
-               f"1-minute load average at start {sp['load_avg_1min_at_start']}.\n")
+        md += (f"\nSpeeds re-measured with `{sp['command']}` on commit `{sp['git_commit']}`, {sp['date_utc']} (median "
+               f"of {sp['timing_runs']} runs; these replace the speeds of the run above); 1-minute load average at "
+               f"start {sp['load_avg_1min_at_start']:.2f}.\n")
     return md
 
 
