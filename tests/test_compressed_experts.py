@@ -47,6 +47,19 @@ def lossless(ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def aligned(ckpt, tmp_path_factory) -> Path:
+    """ResMoE (barycenter, permutations, residuals kept at 0.5): a compressed, aligned file."""
+    from converters.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("ce") / "aligned.rmoe"
+    convert(ckpt, out, ConvertOptions(keep=0.5), progress=False)
+    with resmoe_format.open(out) as r:
+        assert any(r.permutation(lay.index, e) is not None and (r.permutation(lay.index, e) != np.arange(
+            lay.num_neurons)).any() for lay in r.layers for e in range(lay.num_experts))
+    return out
+
+
+@pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("ce") / "train.txt"
     p.write_text(_text())
@@ -111,9 +124,120 @@ def test_ia3_expert_by_hand():
     x1, x3 = x * torch.tensor([2.0, 0.5, 1.0]), x * torch.tensor([0.0, 1.0, 4.0])
     h = torch.nn.functional.silu(x1 @ G.T) * (x3 @ U.T) * torch.tensor([3.0, -1.0])
     assert torch.allclose(y, 0.7 * (h @ D.T), atol=1e-6)
-    ce.n_ce = 0  # the full top-k: the transformers module itself
+    ce.n_ce, ce.direct_pairs = 0, 0  # the full top-k: the transformers module itself
     assert torch.equal(ce(x, torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])),
                        mod(x, torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])))
+
+
+# --- the direct path (few tokens: decoding) ----------------------------------------------------------------
+
+def _experts_module(arch: str, dtype: torch.dtype, experts: int = 6):
+    """A transformers experts module of ``arch`` (top-3 of ``experts``, random weights and biases) and its kind."""
+    import transformers
+    from hf_models import _config
+    from resmoe_format.torch.kinds import kind_for
+
+    cfg = _config(arch, 1, experts)
+    cfg.num_experts_per_tok = 3
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.set_experts_implementation("eager")  # transformers' own loop over experts
+    mod = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    with torch.no_grad():
+        for t in mod.parameters():
+            t.copy_(0.3 * torch.randn(t.shape))
+    return mod.to(dtype), kind_for(cfg)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_path_is_the_loop(arch, dtype, monkeypatch):
+    """The direct path (token by token on views of the routed experts) computes what the loop over experts and
+    the transformers module (n_ce = 0) compute: GPT-OSS for biases and an interleaved, transposed layout."""
+    mod, kind = _experts_module(arch, dtype)
+    E, H = mod.num_experts, mod.hidden_size if hasattr(mod, "hidden_size") else mod.hidden_dim
+    n = kind.read_dense(mod, 0)[kind.output].shape[0]
+    g = torch.Generator().manual_seed(1)
+    vec = 1 + 0.3 * torch.randn(E, 3, max(H, n), generator=g)
+    x = torch.randn(5, H, generator=g).to(dtype)
+    index = torch.rand(5, E, generator=g).argsort(1)[:, :3]
+    weights = torch.softmax(torch.randn(5, 3, generator=g), 1).to(dtype)
+    calls = []
+    run = CEExperts._run_direct
+    monkeypatch.setattr(CEExperts, "_run_direct", lambda self, *a: calls.append(1) or run(self, *a))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    got = {}
+    for n_ce in (0, 1, 2):
+        ce = CEExperts(mod, kind, vec, n_ce, n, H, direct_pairs=0)
+        with torch.no_grad():
+            loop = ce(x, index, weights).float()
+            ce.direct_pairs = 64
+            fast = ce(x, index, weights).float()
+        assert len(calls) == n_ce + 1  # the direct path ran (once a call)
+        assert (fast - loop).abs().max() <= tol * loop.abs().max(), n_ce
+        got[n_ce] = fast
+    assert not torch.allclose(got[0], got[1], atol=1e-2) and not torch.allclose(got[1], got[2], atol=1e-2)
+    # ties (the earlier slot is a main expert), auxiliary weights of zero (c = 1), "no expert" (E) among them
+    tie_w = torch.tensor([[0.25, 0.5, 0.25], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.3, 0.4, 0.3], [0.5, 0.5, 0.0]])
+    tie_i = index.clone()
+    tie_i[2, 2] = E
+    for n_ce in (1, 2):
+        ce = CEExperts(mod, kind, vec, n_ce, n, H, direct_pairs=0)
+        with torch.no_grad():
+            loop = ce(x, tie_i, tie_w.to(dtype)).float()
+            ce.direct_pairs = 64
+            assert (ce(x, tie_i, tie_w.to(dtype)).float() - loop).abs().max() <= tol * loop.abs().max(), n_ce
+    calls.clear()
+    # the direct path keeps views of the experts' weights between calls: new weights (in place, or new storage as
+    # module.to() gives) are seen
+    ce = CEExperts(mod, kind, vec, 1, n, H)
+    with torch.no_grad():
+        ce(x, index, weights)
+        for t in mod.parameters():
+            t.mul_(-1)
+        ce.direct_pairs = 0
+        loop = ce(x, index, weights).float()
+        ce.direct_pairs = 64
+        assert (ce(x, index, weights).float() - loop).abs().max() <= tol * loop.abs().max()
+        for t in mod.parameters():
+            t.data = t.data.clone() * 0.5
+        ce.direct_pairs = 0
+        loop = ce(x, index, weights).float()
+        ce.direct_pairs = 64
+        assert (ce(x, index, weights).float() - loop).abs().max() <= tol * loop.abs().max()
+    calls.clear()
+    ce = CEExperts(mod, kind, vec, 0, n, H, direct_pairs=14)  # 5 tokens x 3: above it, the module itself
+    with torch.no_grad():
+        assert torch.equal(ce(x, index, weights), mod(x, index, weights))
+        if arch == "qwen3_moe":  # "no expert" (index E, weight 0) adds nothing, as in the module's own loop
+            pad, wpad = index.clone(), weights.clone()
+            pad[0, 2], wpad[0, 2] = E, 0
+            ce.direct_pairs = 64
+            assert (ce(x, pad, wpad).float() - mod(x, pad, wpad).float()).abs().max() <= tol * got[0].abs().max()
+    assert len(calls) == (arch == "qwen3_moe")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_direct_path_on_aligned_and_lossless_files(lossless, aligned, tmp_path, dtype):
+    """Whole models from a lossless and from an aligned (permuted, compressed) file, materialize mode: a short
+    prompt (direct path) gives the logits the loop over experts gives, for n_ce = 1, 2 and 0 (full top-k)."""
+    from resmoe_format.torch.ce import ce_modules, set_direct_pairs
+
+    ids = IDS[:1, :5]  # 5 tokens x at most 3 experts: the direct path
+    tol = 1e-5 if dtype == "fp32" else 3e-2
+    for src in (lossless, aligned):
+        for n_ce in (1, 2):
+            f = _with_vectors(src, tmp_path / f"v{n_ce}.rmoe", _random_vectors(src, seed=n_ce), n_ce)
+            for want_n in (None, 0):
+                model = load_model(f, "materialize", dtype=dtype, n_ce=want_n)
+                model.config._experts_implementation = "eager"  # grouped_mm refuses bf16 at these widths on a CPU
+                assert all(m.direct_pairs >= ids.numel() * TOP_K for m in ce_modules(model))
+                fast = _logits(model, ids)
+                set_direct_pairs(model, 0)
+                loop = _logits(model, ids)
+                assert (fast - loop).abs().max() <= tol * loop.abs().max(), (src.name, n_ce, want_n)
 
 
 def _reference_forward(model, vectors: dict[int, np.ndarray] | None, n_ce: int):
@@ -165,12 +289,9 @@ def _ones(path: Path) -> dict[int, np.ndarray]:
         return ones_vectors(r)
 
 
-def test_compressed_rmoe_src_modes_agree(ckpt, tmp_path):
+def test_compressed_rmoe_src_modes_agree(aligned, tmp_path):
     """Vectors on a compressed (not lossless) file: fused multiplies barycenter and residuals separately."""
-    from converters.convert import ConvertOptions, convert
-
-    comp = tmp_path / "comp.rmoe"
-    convert(ckpt, comp, ConvertOptions(keep=0.5), progress=False)
+    comp = aligned
     f = _with_vectors(comp, tmp_path / "comp_ce.rmoe", _random_vectors(comp), 1)
     ref = _logits(load_model(f, "materialize", dtype="fp32"))
     for mode in ("lazy", "fused"):
@@ -291,7 +412,7 @@ def test_onnx_ignore_ce_exports_full_top_k(lossless, tmp_path):
 def _tune(src, out, text, **kw):
     from converters.tune_ce import TuneOptions, tune_ce
 
-    opts = dict(n_ce=1, steps=6, lr=0.2, window=32, batch=2, device="cpu", checkpoint_every=2)
+    opts = dict(n_ce=1, steps=6, lr=0.2, window=32, batch=2, device="cpu", checkpoint_every=2, objective="lm")
     opts.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

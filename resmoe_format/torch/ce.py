@@ -78,14 +78,24 @@ def split_routing(index: torch.Tensor, weights: torch.Tensor, n_ce: int, vectors
     return main_idx, w[:, :k - n_ce], c
 
 
+#: :class:`CEExperts` over a transformers experts module computes a call that routes at most this many
+#: (token, expert) pairs token by token (:meth:`CEExperts._run_direct`), above it expert by expert
+DIRECT_PAIRS = 16
+
+
 class CEExperts(nn.Module):
     """An experts module with compressed experts: ``inner`` (any experts module taking (hidden, top-k index,
     top-k weights)) runs the full top-k when ``n_ce`` is 0, else only the main experts, scaled by the
     auxiliary experts' vectors (module docstring). ``vectors`` (E, 3, L) is a parameter (trainable when
-    ``trainable``)."""
+    ``trainable``).
+
+    Over a transformers experts module (materialize mode), a call with at most ``direct_pairs`` routed
+    (token, expert) pairs (decoding) runs token by token on views of the routed experts' weights, without the
+    grouping of tokens by expert and the scatter that pay off for many tokens: the same function, n_ce = 0
+    included (then in place of the module's own forward); ``direct_pairs = 0`` turns it off."""
 
     def __init__(self, inner: nn.Module, kind: ExpertKind, vectors: torch.Tensor, n_ce: int, num_neurons: int,
-                 hidden: int, trainable: bool = False):
+                 hidden: int, trainable: bool = False, direct_pairs: int = DIRECT_PAIRS):
         super().__init__()
         E = vectors.shape[0]
         if tuple(vectors.shape) != (E, 3, max(hidden, num_neurons)):
@@ -98,31 +108,50 @@ class CEExperts(nn.Module):
         self.hidden = hidden
         self.n_ce = n_ce
         self.vectors = nn.Parameter(vectors, requires_grad=trainable)
+        self.direct_pairs = direct_pairs
+        # resmoe's own modules (LazyExperts, FusedExperts) take the scaled inputs themselves (``_run``)
+        self._resmoe_run = getattr(inner, "_run", None)
+        self._views: dict[int, dict[str, torch.Tensor]] = {}  # expert -> read_dense's views, while _stamp holds
+        self._stamp: tuple = ()
 
     def extra_repr(self) -> str:
         return f"n_ce={self.n_ce}, num_experts={self.num_experts}, vectors={list(self.vectors.shape)}"
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        if self.n_ce == 0:
-            return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         kind = self.kind
         x, index, weights = kind.routing(self.num_experts, hidden_states, top_k_index, top_k_weights)
+        direct = self._resmoe_run is None and index.shape[0] * (index.shape[1] - self.n_ce) <= self.direct_pairs
+        if self.n_ce == 0:
+            if not direct:
+                return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            dt = self._dtype(x)
+            xd = x.to(dt)
+            pairs, _ = self._route_direct(index, weights, dt)
+            return self._run_direct(pairs, [xd] * len(kind.inputs), None).to(hidden_states.dtype)
         if index.shape[1] <= self.n_ce:
             raise RmoeRuntimeError(f"n_ce={self.n_ce} but tokens are routed to {index.shape[1]} experts")
-        main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
         dt = self._dtype(x)
+        if direct:
+            pairs, c = self._route_direct(index, weights, dt)
+        else:
+            main_idx, main_w, c = split_routing(index, weights, self.n_ce, self.vectors)
         c = c.to(dt)
         xd = x.to(dt)
-        xin = [xd * c[:, 0, :self.hidden], xd * c[:, 2, :self.hidden]]
+        xg = xd.unsqueeze(1) * c[:, ::2, :self.hidden]  # (T, 2, hidden): x * c1 and x * c3 in one product
+        xin = [xg[:, 0], xg[:, 1]]
         hscale = c[:, 1, :self.n]
-        run = getattr(self.inner, "_run", None)
-        if run is not None:  # LazyExperts, FusedExperts
-            out = run(xd, main_idx, main_w, xin=xin, hscale=hscale)
+        if direct:
+            out = self._run_direct(pairs, xin, hscale)
+        elif self._resmoe_run is not None:  # LazyExperts, FusedExperts
+            out = self._resmoe_run(xd, main_idx, main_w, xin=xin, hscale=hscale)
         else:
             out = self._run_dense(main_idx, main_w, xin, hscale, dt)
         return out.to(hidden_states.dtype)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        for p in self.inner._parameters.values():  # transformers' stacked experts: the module's own parameters
+            if p is not None and p.is_floating_point():
+                return p.dtype
         dt = getattr(self.inner, "dtype", None)
         if isinstance(dt, torch.dtype):
             return dt
@@ -146,8 +175,84 @@ class CEExperts(nn.Module):
         return out
 
 
+    def _route_direct(self, index: torch.Tensor, weights: torch.Tensor, dt: torch.dtype):
+        """:func:`split_routing` for few tokens, on Python numbers: per token its main (expert, weight in ``dt``)
+        pairs, largest weights first (ties: the earlier slot), and c (T, 3, L) (None at n_ce = 0)."""
+        E, main = self.num_experts, index.shape[1] - self.n_ce
+        idx, w = index.tolist(), weights.tolist()
+        wd = weights.to(dt).tolist() if weights.dtype != dt else w
+        if self.n_ce == 0:
+            return [list(zip(i, ww)) for i, ww in zip(idx, wd)], None
+        pairs, cs, vec = [], [], self.vectors
+        for i, ww, wwd in zip(idx, w, wd):
+            order = sorted(range(len(i)), key=lambda j: -ww[j])  # stable: ties keep the slot order
+            pairs.append([(i[j], wwd[j]) for j in order[:main]])
+            aux = [(min(i[j], E - 1), ww[j]) for j in order[main:]]  # "no expert" (E) has weight 0: no share
+            total = sum(a for _, a in aux)
+            if not total > 0:
+                cs.append(torch.ones_like(vec[0]))
+            elif len(aux) == 1:
+                cs.append(vec[aux[0][0]])
+            else:
+                cs.append(sum(vec[e] * (a / total) for e, a in aux))
+        return pairs, torch.stack(cs)
+
+    def _expert_views(self):
+        """e -> kind.read_dense(inner, e); without autograd the views are kept for later calls while the module's
+        own parameters keep their storage (a dtype or device change, or new parameters, drop them)."""
+        if torch.is_grad_enabled() or not self.inner._parameters:
+            return lambda e: self.kind.read_dense(self.inner, e)
+        stamp = (torch.is_inference_mode_enabled(),) + tuple(
+            (id(t), t.data_ptr(), t.dtype, t.device) for t in self.inner._parameters.values() if t is not None)
+        if stamp != self._stamp:
+            self._views, self._stamp = {}, stamp
+        views = self._views
+
+        def get(e: int) -> dict[str, torch.Tensor]:
+            v = views.get(e)
+            if v is None:
+                v = views[e] = self.kind.read_dense(self.inner, e)
+            return v
+
+        return get
+
+    def _run_direct(self, pairs: list[list[tuple[int, float]]], xin, hscale):
+        """:meth:`_run_dense` (with ``hscale`` None: the module's own top-k) for few tokens: token by token, each
+        routed expert's products on views of its weights, the pairs of a token summed: no grouping of tokens by
+        expert, no scatter, no copy of weights. A "no expert" index (E) adds nothing."""
+        kind, E = self.kind, self.num_experts
+        expert = self._expert_views()
+        out = []
+        for t, routed in enumerate(pairs):
+            xs = [v[t:t + 1] for v in xin]
+            acc = None
+            for e, w in routed:
+                if e >= E:
+                    continue
+                mats = expert(e)
+                biased = bool(kind.input_biases) and all(b in mats for b in kind.input_biases)
+                h = kind.activate([nn.functional.linear(xs[i], mats[m], mats[kind.input_biases[i]] if biased else None)
+                                   for i, m in enumerate(kind.inputs)])
+                if hscale is not None:
+                    h = h * hscale[t:t + 1]
+                y = h @ mats[kind.output]
+                if biased and kind.output_bias in mats:
+                    y = y + mats[kind.output_bias]
+                y = y * w
+                acc = y if acc is None else acc + y
+            out.append(acc if acc is not None else torch.zeros_like(xs[0]))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
 def ce_modules(model: nn.Module) -> list[CEExperts]:
     return [m for m in model.modules() if isinstance(m, CEExperts)]
+
+
+def set_direct_pairs(model: nn.Module, pairs: int) -> None:
+    """The most routed (token, expert) pairs for which every compressed-experts layer of ``model`` runs its
+    direct path (0: never; at n_ce = 0 the transformers experts module's own forward)."""
+    for m in ce_modules(model):
+        m.direct_pairs = pairs
 
 
 def set_n_ce(model: nn.Module, n_ce: int) -> None:

@@ -112,23 +112,26 @@ class ExpertKind:
                 t = module.get_parameter(rule.name.format(k=expert) if rule.per_expert else rule.name)
             except AttributeError:
                 continue  # an absent optional matrix (bias)
-            if not rule.per_expert:
-                t = t[expert]
-            p = len(rule.parts)
-            if p == 1:
-                pieces = [t]
-            elif rule.join == "concat":
-                pieces = list(t.chunk(p, dim=rule.join_axis))
-            else:  # interleave: a0 b0 a1 b1 ... along join_axis
-                u = t.unflatten(rule.join_axis, (-1, p))
-                pieces = [u.select(rule.join_axis + 1, j) for j in range(p)]
-            for name, piece in zip(rule.parts, pieces):
-                out[name] = piece.T if rule.transpose and piece.dim() == 2 else piece
+            out.update(_split(rule, t if rule.per_expert else t[expert], 0))
         return out
 
     def dense_parameters(self, module: nn.Module) -> list[str]:
         """Names of the experts module's parameters that ``write_dense`` fills."""
         return [n for n, _ in module.named_parameters()]
+
+
+def _split(rule, t: torch.Tensor, lead: int) -> dict[str, torch.Tensor]:
+    """The canonical pieces of one stored tensor ``t`` under ``rule``, after ``lead`` leading (expert) axes."""
+    p, axis = len(rule.parts), rule.join_axis + lead
+    if p == 1:
+        pieces = [t]
+    elif rule.join == "concat":
+        pieces = list(t.chunk(p, dim=axis))
+    else:  # interleave: a0 b0 a1 b1 ... along join_axis
+        u = t.unflatten(axis, (-1, p))
+        pieces = [u.select(axis + 1, j) for j in range(p)]
+    return {name: piece.transpose(-1, -2) if rule.transpose and piece.dim() == 2 + lead else piece
+            for name, piece in zip(rule.parts, pieces)}
 
 
 def _act(name: str):
