@@ -28,9 +28,14 @@ def sparse(m: int, n: int, density: float, seed: int = 0) -> np.ndarray:
     return torch.from_numpy(d).to(torch.bfloat16).float().numpy()  # bf16 numbers, so both value dtypes hold them
 
 
-def check(got: torch.Tensor, want: torch.Tensor) -> None:
+def check(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
     err = (got.double() - want).abs().max().item()
-    assert err <= 1e-5 * want.abs().max().item() + 1e-6, err
+    assert err <= rtol * want.abs().max().item() + 1e-6, err
+
+
+def rtol(T: int, x: torch.dtype) -> float:
+    """Beyond DENSE_TOKENS a bitmap is expanded and bf16 activations multiplied in bf16 (a bf16 result)."""
+    return 2 ** -7 if T > native.DENSE_TOKENS and x == torch.bfloat16 else 1e-5
 
 
 @needs_kernels
@@ -46,10 +51,13 @@ def test_products_match_dense(values, m, n, density):
     for T in (1, 2, 3, 8, 11):
         for xdt in (torch.float32, torch.bfloat16):  # bf16 activations with bf16 values: the vdpbf16ps path
             x = torch.randn(T, n).to(xdt)
-            check(rows.matmul(x), x.double() @ dd.T)
+            tol = rtol(T, xdt) if rows.fmt == "bitmap" else 1e-5
+            check(rows.matmul(x), x.double() @ dd.T, tol)
             if rows.fmt == "bitmap":
                 h = torch.randn(T, m).to(xdt)
-                check(rows.rmatmul(h), h.double() @ dd)
+                check(rows.rmatmul(h), h.double() @ dd, tol)
+                if T == 1:
+                    assert torch.equal(rows.dense().float(), torch.from_numpy(d))
 
 
 @needs_kernels

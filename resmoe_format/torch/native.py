@@ -105,6 +105,8 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_bitmap_rmatmul.restype = None
                 lib.resmoe_dense_bf16_matmul.argtypes = [i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int]
                 lib.resmoe_dense_bf16_matmul.restype = ctypes.c_int
+                lib.resmoe_bitmap_densify.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
+                lib.resmoe_bitmap_densify.restype = None
             _state["lib"] = lib
             if lib is not None:
                 _loaded.append(lib)
@@ -181,11 +183,23 @@ class SparseRows:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.index, self.offsets, self.values))
 
+    def dense(self) -> torch.Tensor:
+        """D (m, n) as a dense tensor of the values' dtype (a bitmap; for many tokens at once)."""
+        m, n = self.shape
+        out = torch.zeros(m, n, dtype=self.values.dtype)
+        _kernels().resmoe_bitmap_densify(m, self.words // 2, self.index.data_ptr(), self.offsets.data_ptr(),
+                                         self.values.data_ptr(), self.values.element_size(), out.data_ptr(), n,
+                                         torch.get_num_threads())
+        return out
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ D.T`` in float32 for x (T, n) of any float dtype."""
         lib = _kernels()
         m, n = self.shape
         T = x.shape[0]
+        if T > DENSE_TOKENS and self.fmt == "bitmap":  # a blocked GEMM on the expanded matrix, in x's precision
+            dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+            return torch.nn.functional.linear(x.to(dt), self.dense().to(dt)).float()
         threads = torch.get_num_threads()
         if self.fmt == "bitmap" and x.dtype == self.values.dtype == torch.bfloat16 and uses_dpbf16():
             width = 16 * self.words
@@ -213,6 +227,9 @@ class SparseRows:
         """``x @ D`` in float32 for x (T, m) of any float dtype (bitmap only)."""
         m, n = self.shape
         T, width = x.shape[0], 16 * self.words
+        if T > DENSE_TOKENS:
+            dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+            return (x.to(dt) @ self.dense().to(dt)).float()
         xf = x.to(torch.float32).contiguous()
         y = torch.zeros(T, width, dtype=torch.float32)
         _kernels().resmoe_bitmap_rmatmul(m, self.words // 2, self.index.data_ptr(), self.offsets.data_ptr(),

@@ -57,6 +57,20 @@ static inline float value_at(const void *vals, int vkind, int64_t k) {
 int resmoe_kernels_avx512(void) { return RESMOE_AVX512; }
 
 #if RESMOE_AVX512
+static inline __attribute__((always_inline)) void zero_sums(__m512 acc[TB][4], const int tb, const int U) {
+    for (int t = 0; t < tb; t++)
+        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+}
+
+/* y[t * ldy] = the sum of token t's U accumulators */
+static inline __attribute__((always_inline)) void store_sums(__m512 acc[TB][4], const int tb, const int U, float *y,
+                                                             int64_t ldy) {
+    for (int t = 0; t < tb; t++) {
+        for (int u = 1; u < U; u++) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
+        y[t * ldy] = _mm512_reduce_add_ps(acc[t][0]);
+    }
+}
+
 static inline __attribute__((always_inline)) __m512 expand16(const void *vals, int vkind, int64_t q, uint16_t b) {
     /* the word's values (a masked load: never past the last one), widened, then spread to the mask's lanes by
        a register vexpandps (one uop; the memory and word forms of expand are microcoded on most cores) */
@@ -77,8 +91,7 @@ static inline __attribute__((always_inline)) void bitmap_row_avx512(
     const uint16_t *mk, int64_t nw, const void *vals, int vkind, int64_t q, const float *x, int64_t ldx,
     float *y, int64_t ldy, const int tb, const int U) {
     __m512 acc[TB][4];
-    for (int t = 0; t < tb; t++)
-        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+    zero_sums(acc, tb, U);
     int64_t w = 0;
     for (; w + U <= nw; w += U) {
         for (int u = 0; u < U; u++) {
@@ -97,10 +110,7 @@ static inline __attribute__((always_inline)) void bitmap_row_avx512(
         q += __builtin_popcount(b);
         for (int t = 0; t < tb; t++) acc[t][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * ldx + 16 * w), acc[t][0]);
     }
-    for (int t = 0; t < tb; t++) {
-        for (int u = 1; u < U; u++) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
-        y[t * ldy] = _mm512_reduce_add_ps(acc[t][0]);
-    }
+    store_sums(acc, tb, U, y, ldy);
 }
 #endif
 
@@ -164,8 +174,7 @@ static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
     const uint32_t *mk, int64_t nw, const uint16_t *vals, int64_t q, const uint16_t *x, int64_t ldx,
     float *y, int64_t ldy, const int tb, const int U) {
     __m512 acc[TB][4];
-    for (int t = 0; t < tb; t++)
-        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+    zero_sums(acc, tb, U);
     int64_t w = 0;
     for (; w + U <= nw; w += U) {
         for (int u = 0; u < U; u++) {
@@ -184,10 +193,7 @@ static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
         for (int t = 0; t < tb; t++)
             acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)v, (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * w));
     }
-    for (int t = 0; t < tb; t++) {
-        for (int u = 1; u < U; u++) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
-        y[t * ldy] = _mm512_reduce_add_ps(acc[t][0]);
-    }
+    store_sums(acc, tb, U, y, ldy);
 }
 #else
 #define RESMOE_DPBF16 0
@@ -338,4 +344,26 @@ int resmoe_dense_bf16_matmul(int64_t m, int64_t n, const uint16_t *W, int64_t ld
     (void)m; (void)n; (void)W; (void)ldw; (void)T; (void)x; (void)ldx; (void)y; (void)ldy; (void)nthreads;
     return 0;
 #endif
+}
+
+/* out[r][c] = D[r][c] for a bitmap matrix D (m, n) of 2- or 4-byte values (vb): the dense matrix that many tokens'
+   products (a prefill) multiply by faster, with a blocked GEMM, than they read the bitmap row by row. out (row
+   stride ldo, ldo >= n) must be zero on entry. */
+void resmoe_bitmap_densify(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff, const void *vals,
+                           int vb, void *out, int64_t ldo, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        int64_t q = voff[r];
+        for (int64_t w = 0; w < nw32; w++) {
+            uint32_t b = load32(mask + r * nw32 + w);
+            while (b) {
+                const int64_t c = 32 * w + __builtin_ctz(b);
+                if (vb == 2)
+                    ((uint16_t *)out)[r * ldo + c] = ((const uint16_t *)vals)[q++];
+                else
+                    ((float *)out)[r * ldo + c] = ((const float *)vals)[q++];
+                b &= b - 1;
+            }
+        }
+    }
 }
