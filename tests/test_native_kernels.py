@@ -48,7 +48,7 @@ def test_products_match_dense(values, m, n, density):
     assert rows.fmt == ("csr" if density in (0.01, 0.0) else "bitmap")
     assert torch.equal(rows.to_dense(), torch.from_numpy(d))
     dd = torch.from_numpy(d).double()
-    for T in (1, 2, 3, 8, 11):
+    for T in (1, 2, 3, 4, 5, 6, 7, 8, 11):
         for xdt in (torch.float32, torch.bfloat16):  # bf16 activations with bf16 values: the vdpbf16ps path
             x = torch.randn(T, n).to(xdt)
             tol = rtol(T, xdt) if rows.fmt == "bitmap" else 1e-5
@@ -58,6 +58,18 @@ def test_products_match_dense(values, m, n, density):
                 check(rows.rmatmul(h), h.double() @ dd, tol)
                 if T == 1:
                     assert torch.equal(rows.dense().float(), torch.from_numpy(d))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n", [(64, 256), (33, 70), (5, 31)])
+def test_dense_bf16_products_match_torch(m, n):
+    """The barycenter's one-pass product (every token count up to DENSE_TOKENS, a column tail) against float64."""
+    w = torch.randn(m, n).to(torch.bfloat16)
+    for T in range(1, native.DENSE_TOKENS + 2):
+        x = torch.randn(T, n).to(torch.bfloat16)
+        got = native.dense_bf16_linear(x, w)
+        assert got.dtype == torch.bfloat16 and got.shape == (T, m)
+        check(got, x.double() @ w.double().T, 2 ** -7)  # one rounding of a float32 sum to bf16
 
 
 @needs_kernels

@@ -122,8 +122,10 @@ static void bitmap_row(const uint16_t *mk, int64_t nw, const void *vals, int vki
     case 2: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 2, 2); return;
     case 3: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 3, 2); return;
     case 4: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 4, 1); return;
-    case 8: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 8, 1); return;
-    default: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, tb, 1); return;
+    case 5: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 5, 1); return;
+    case 6: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 6, 1); return;
+    case 7: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 7, 1); return;
+    default: bitmap_row_avx512(mk, nw, vals, vkind, q, x, ldx, y, ldy, 8, 1); return;
     }
 #else
     float acc[TB] = {0};
@@ -219,10 +221,15 @@ void resmoe_bitmap_matmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
             const uint16_t *xt = x + t0 * ldx;
             float *yt = y + t0 * ldy + r;
             switch (tb) {
+            /* every token count a constant: the accumulators stay in registers */
             case 1: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 1, 4); break;
             case 2: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 2, 2); break;
-            case 8: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 8, 1); break;
-            default: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, tb, 1); break;
+            case 3: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 3, 2); break;
+            case 4: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 4, 1); break;
+            case 5: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 5, 1); break;
+            case 6: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 6, 1); break;
+            case 7: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 7, 1); break;
+            default: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 8, 1); break;
             }
         }
     }
@@ -302,41 +309,63 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for a dense bf16 matrix W (m, n; row stride ldw) and bf16 activations: the
    barycenter's products at small token counts, where one pass over W's bytes (vdpbf16ps: 32 products an
    instruction, float32 sums) is what the product costs. Returns 0 (computing nothing) without AVX512-BF16. */
+#if RESMOE_DPBF16
+/* one row of W against tb tokens (a constant after inlining: the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void dense_row_dpbf16(const uint16_t *wr, int64_t full, int64_t tail,
+                                                                   const uint16_t *x, int64_t ldx, float *y,
+                                                                   int64_t ldy, const int tb) {
+    const __mmask32 kt = tail ? (__mmask32)((1u << tail) - 1) : 0;
+    __m512 acc[TB][4];
+    zero_sums(acc, tb, 2);
+    int64_t w = 0;
+    for (; w + 2 <= full; w += 2) {
+        const __m512i a = _mm512_loadu_si512(wr + 32 * w), b = _mm512_loadu_si512(wr + 32 * w + 32);
+        for (int t = 0; t < tb; t++) {
+            const uint16_t *xt = x + t * ldx + 32 * w;
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xt));
+            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)b, (__m512bh)_mm512_loadu_si512(xt + 32));
+        }
+    }
+    for (; w < full; w++) {
+        const __m512i a = _mm512_loadu_si512(wr + 32 * w);
+        for (int t = 0; t < tb; t++)
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a, (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * w));
+    }
+    if (tail) {
+        const __m512i a = _mm512_maskz_loadu_epi16(kt, wr + 32 * full);
+        for (int t = 0; t < tb; t++)
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a,
+                                         (__m512bh)_mm512_maskz_loadu_epi16(kt, x + t * ldx + 32 * full));
+    }
+    store_sums(acc, tb, 2, y, ldy);
+}
+#endif
+
+/* y[t][r] = sum_c W[r][c] * x[t][c] for a dense bf16 matrix W (m, n; row stride ldw) and bf16 activations: the
+   barycenter's products at small token counts, where one pass over W's bytes (vdpbf16ps: 32 products an
+   instruction, float32 sums) is what the product costs. Returns 0 (computing nothing) without AVX512-BF16. */
 int resmoe_dense_bf16_matmul(int64_t m, int64_t n, const uint16_t *W, int64_t ldw, int64_t T, const uint16_t *x,
                              int64_t ldx, float *y, int64_t ldy, int nthreads) {
 #if RESMOE_DPBF16
     const int64_t full = n / 32, tail = n % 32;
-    const __mmask32 kt = tail ? (__mmask32)((1u << tail) - 1) : 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
         const uint16_t *wr = W + r * ldw;
         if (r + 1 < m) __builtin_prefetch(W + (r + 1) * ldw, 0, 0);
         for (int64_t t0 = 0; t0 < T; t0 += TB) {
             const int tb = (int)(T - t0 < TB ? T - t0 : TB);
-            __m512 acc[TB][2];
-            for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-            int64_t w = 0;
-            for (; w + 2 <= full; w += 2) {
-                const __m512i a = _mm512_loadu_si512(wr + 32 * w), b = _mm512_loadu_si512(wr + 32 * w + 32);
-                for (int t = 0; t < tb; t++) {
-                    const uint16_t *xt = x + (t0 + t) * ldx + 32 * w;
-                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xt));
-                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)b, (__m512bh)_mm512_loadu_si512(xt + 32));
-                }
+            const uint16_t *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy + r;
+            switch (tb) {
+            case 1: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 1); break;
+            case 2: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 2); break;
+            case 3: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 3); break;
+            case 4: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 4); break;
+            case 5: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 5); break;
+            case 6: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 6); break;
+            case 7: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 7); break;
+            default: dense_row_dpbf16(wr, full, tail, xt, ldx, yt, ldy, 8); break;
             }
-            for (; w < full; w++) {
-                const __m512i a = _mm512_loadu_si512(wr + 32 * w);
-                for (int t = 0; t < tb; t++)
-                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a,
-                                                 (__m512bh)_mm512_loadu_si512(x + (t0 + t) * ldx + 32 * w));
-            }
-            if (tail) {
-                const __m512i a = _mm512_maskz_loadu_epi16(kt, wr + 32 * full);
-                for (int t = 0; t < tb; t++)
-                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)a,
-                                                 (__m512bh)_mm512_maskz_loadu_epi16(kt, x + (t0 + t) * ldx + 32 * full));
-            }
-            for (int t = 0; t < tb; t++) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
         }
     }
     return 1;
