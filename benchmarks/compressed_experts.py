@@ -371,9 +371,10 @@ def readme(res: dict) -> list[str]:
     """README.md's figures:compressed_experts lines (benchmarks/readme_figures.py): the targets as measured."""
     lines = [t.replace("**", "") for t in res["targets"]]
     sp = res.get("speed_provenance") or res["provenance"]
-    lines.append(f"speeds: one thread, batch 1, {sp['date_utc']}, 1-minute load average "
-                 f"{sp['load_avg_1min_at_start']:.1f} at start ({sp['cpu']}, {sp['cpus_usable']} logical CPUs usable; "
-                 f"a shared machine: re-time with --speed-only)")
+    load = sp["load_avg_1min_at_start"]
+    shared = "; a shared machine: re-time with --speed-only" if load > 1.5 else ""
+    lines.append(f"speeds: one thread, batch 1, {sp['date_utc']}, 1-minute load average {load:.1f} at start "
+                 f"({sp['cpu']}, {sp['cpus_usable']} logical CPUs usable{shared})")
     return lines
 
 
