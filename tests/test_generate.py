@@ -66,6 +66,19 @@ def test_generate_streams_the_greedy_tokens_and_reports_speed_and_memory(tiny, c
     assert int(m[4]) == ids.shape[1] and int(m[5].replace(",", "")) > 100
 
 
+def test_generate_lazy_reports_its_cache(tiny, capsys):
+    from converters.cli.generate import main
+
+    assert main([str(tiny), "def", "--mode", "lazy", "--cache-bytes", str(64 << 20), "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    m = re.search(r"lazy cache: hit rate ([\d.]+)% of (\d+) expert uses, (\d+) experts resident "
+                  r"\(([\d.]+) of 64\.0 MiB\)", err)
+    assert m, err
+    assert 0 < float(m[1]) < 100 and int(m[2]) > int(m[3]) > 0
+    with pytest.raises(SystemExit):
+        main([str(tiny), "def", "--mode", "fused", "--cache-bytes", "100"])  # lazy only
+
+
 def test_generate_bad_input_is_one_line(tiny, tmp_path, capsys):
     from converters.cli.generate import MODES, main
     from resmoe_format.demo import build
