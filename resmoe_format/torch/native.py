@@ -1,6 +1,6 @@
 """The CPU kernels of ``sparse_kernels.c``: compiled on first use with the system's C compiler, loaded with ctypes.
 
-The library is built once per source, compiler and CPU (``-O3 -march=native -fopenmp``) into
+The library is built once per source, compiler, flags and CPU (``-O3 -march=native -fopenmp``) into
 ``$RESMOE_CACHE`` (default ``~/.cache/resmoe``), written under a temporary name and renamed, so
 that concurrent processes never load a half-written file. Without a compiler, or with
 ``RESMOE_NATIVE=0``, :func:`library` returns None and the runtime uses torch's own sparse
@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("sparse_kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def _flags() -> tuple[str, ...]:
+    """The compiler's flags: FLAGS and ``-march=$RESMOE_NATIVE_MARCH`` (default ``native``: the AVX-512 paths where
+    this CPU has them; ``x86-64`` builds the portable loops, which the tests check against them)."""
+    return FLAGS + (f"-march={os.environ.get('RESMOE_NATIVE_MARCH', 'native')}",)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _loaded: list[ctypes.CDLL] = []
@@ -58,7 +64,7 @@ def build(force: bool = False) -> Path | None:
         _state["reason"] = "no C compiler (cc, gcc or $CC) on PATH"
         return None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join((cc, *FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join((cc, *_flags(), _cpu_signature())).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"resmoe_kernels-{key}.so"
     if lib.exists() and not force:
         return lib
@@ -66,7 +72,7 @@ def build(force: bool = False) -> Path | None:
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_flags(), str(SOURCE), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode:
                 _state["reason"] = f"{cc} failed: {proc.stderr.strip()[-500:]}"
                 return None
