@@ -394,7 +394,8 @@ def report(res: dict, png: str) -> str:
             f"({expert_mem / f['expert_bytes']:.2f}x). Per CSR entry the file stores "
             f"{per_entry_file_val:.1f} bits of value and {per_entry_file_idx:.1f} bits of index; memory holds "
             f"{8 * b['csr_values'] / b['csr_entries']:.0f} bits of value and "
-            f"{8 * idx_mem / b['csr_entries']:.1f} bits of index (int32). Of the "
+            f"{8 * idx_mem / b['csr_entries']:.1f} bits of index (bitmap words or uint16 columns, int64 row offsets; "
+            "int32 CSR without the compiled kernels). Of the "
             f"{(b['csr_values'] + idx_mem - f['file_residual_values'] - f['file_residual_indices']) / MIB:.0f} MiB "
             f"the CSR adds over the file, {(idx_mem - f['file_residual_indices']) / MIB:.0f} MiB are indices and "
             f"{(b['csr_values'] - f['file_residual_values']) / MIB:.0f} MiB values.", ""]
@@ -440,8 +441,10 @@ def report(res: dict, png: str) -> str:
                   "Lazy mode computes fused mode's products, building each expert's operators from the mapped file "
                   "the first time a token is routed to it. With the default cache: "
                   f"{_versus(lazy, dense, 'decode_b1')} "
-                  f"({hits(lazy)}); with a cache of the dense experts' size: {_versus(lazy_all, dense, 'decode_b1')} "
-                  f"({hits(lazy_all)}). RUNTIME_BF16.md measures smaller caches."]
+                  f"({hits(lazy)}); with a cache of the dense experts' size: "
+                  f"{_versus(lazy_all, dense, 'decode_b1')} "
+                  f"({hits(lazy_all)}). Its prefill figures include building the experts the prompt is the first to route to "
+                  "(the cache starts empty). RUNTIME_BF16.md measures smaller caches."]
     lines += ["", markdown(prov)]
     return "\n".join(lines) + "\n"
 
