@@ -443,8 +443,8 @@ def report(res: dict, png: str) -> str:
                   f"{_versus(lazy, dense, 'decode_b1')} "
                   f"({hits(lazy)}); with a cache of the dense experts' size: "
                   f"{_versus(lazy_all, dense, 'decode_b1')} "
-                  f"({hits(lazy_all)}). Its prefill figures include building the experts the prompt is the first to route to "
-                  "(the cache starts empty). RUNTIME_BF16.md measures smaller caches."]
+                  f"({hits(lazy_all)}). Its prefill figures include building the experts the prompt is the first "
+                  "to route to (the cache starts empty). RUNTIME_BF16.md measures smaller caches."]
     lines += ["", markdown(prov)]
     return "\n".join(lines) + "\n"
 
