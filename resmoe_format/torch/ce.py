@@ -174,7 +174,6 @@ class CEExperts(nn.Module):
             out.index_add_(0, rows, y * weights[rows, slots, None].to(dt))
         return out
 
-
     def _route_direct(self, index: torch.Tensor, weights: torch.Tensor, dt: torch.dtype):
         """:func:`split_routing` for few tokens, on Python numbers: per token its main (expert, weight in ``dt``)
         pairs, largest weights first (ties: the earlier slot), and c (T, 3, L) (None at n_ce = 0)."""

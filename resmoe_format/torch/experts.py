@@ -193,8 +193,7 @@ class FusedExperts(CompressedExperts):
         self.hidden = lay.matrix(kind.output).shape[-1]
         has_base = lay.adds_base
         mats = kind.inputs + (kind.output,)
-        base, held = rounding_bases(reader, lay, kind)
-        exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
+        base, held, exact = rounding_bases(reader, lay, kind)
         # a base with pruned channels (spec 4.7) is held and multiplied on its kept channels only
         channels = reader.base_channels(self.layer) if has_base else None
         self.kept = self.kept_cols = None
@@ -231,7 +230,7 @@ class FusedExperts(CompressedExperts):
                 self.in_ops.append(ops)
                 self.out_ops.append(out)
                 reader.release()
-            self._base = self._held = None  # only the records' loading needed the decoded barycenter
+        self._base = self._held = None  # only the records' loading needed the decoded barycenter (lazy: _base_held)
         if self.biased:
             def bias(name: str, e: int) -> np.ndarray:
                 return combine(reader.base(self.layer, name) if has_base else None,
@@ -253,7 +252,7 @@ class FusedExperts(CompressedExperts):
         base, held = self._base_held(reader, lay)
         refs = [lay.residuals[e][m] for m in kind.inputs]
         if len(refs) > 1 and all(r is not None and r.encoding in SPARSE_ENCODINGS and not in_place(r, device) and
-                                 (stored_bf16(r) or not unrounded(r)) for r in refs):
+                                 not kquant.is_kquant(r.value_dtype) for r in refs):
             # one sparse operator over all input matrices: one product per expert instead of one per matrix
             stacked = np.concatenate([self._sparse(reader, lay, e, m, r, base, held)
                                       for m, r in zip(kind.inputs, refs)])
@@ -431,14 +430,15 @@ class LazyExperts(FusedExperts):
         super().__init__(kind, reader, lay, dtype, device)
         self.reader, self.lay, self.cache = reader, lay, cache
         # element-wise records whose values are rounded against the barycenter (rounded_residual) need it decoded
-        self._rounds = any(r is not None and not unrounded(r) for res in lay.residuals for r in res.values())
-        self._base = self._held = None
+        # on a miss; biases are not built on use (FusedExperts.__init__ holds them)
+        self._rounds = any(r is not None and not unrounded(r) for res in lay.residuals
+                           for m, r in res.items() if m in kind.inputs + (kind.output,))
         self.expert_bytes = max((expert_file_bytes(reader, lay, e) for e in range(lay.num_experts)), default=0)
 
     def _base_held(self, reader: Reader, lay: LayerSpec) -> tuple[dict, dict]:
         if not self._rounds or not lay.adds_base:
             return {}, {}
-        return rounding_bases(reader, lay, self.kind)
+        return rounding_bases(reader, lay, self.kind)[:2]
 
     def _ops(self, e: int):
         return self.cache.get((self.layer, e), lambda: self._load_expert(self.reader, self.lay, e),
@@ -461,12 +461,12 @@ def expert_file_bytes(reader: Reader, lay: LayerSpec, e: int) -> int:
     return sum(reader.tensor(t).nbytes for r in lay.residuals[e].values() if r is not None for t in r.tensors.values())
 
 
-def rounding_bases(reader: Reader, lay: LayerSpec, kind: ExpertKind) -> tuple[dict, dict]:
-    """(B, the barycenter multiplied by) per matrix: B' = round_T(B) for a matrix whose records are all element-wise,
-    so that B' + D' is the restored weight (residuals.rounded_residual); B for one with a low-rank, k-quant or stored
-    bf16 record (B + D unrounded, spec 6.7)."""
+def rounding_bases(reader: Reader, lay: LayerSpec, kind: ExpertKind) -> tuple[dict, dict, dict]:
+    """(B, the barycenter multiplied by, exact) per matrix: B' = round_T(B) for a matrix whose records are all
+    element-wise (``exact``), so that B' + D' is the restored weight (residuals.rounded_residual); B for one with a
+    low-rank, k-quant or stored bf16 record (B + D unrounded, spec 6.7)."""
     mats = kind.inputs + (kind.output,)
     base = {m: reader.base(lay.index, m) for m in mats} if lay.adds_base else {}
     exact = {m: not any(r.get(m) is not None and unrounded(r[m]) for r in lay.residuals) for m in mats}
     held = {m: combine(b, None, lay.matrix(m).dtype).astype(np.float32) if exact[m] else b for m, b in base.items()}
-    return base, held
+    return base, held, exact

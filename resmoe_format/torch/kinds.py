@@ -112,7 +112,7 @@ class ExpertKind:
                 t = module.get_parameter(rule.name.format(k=expert) if rule.per_expert else rule.name)
             except AttributeError:
                 continue  # an absent optional matrix (bias)
-            out.update(_split(rule, t if rule.per_expert else t[expert], 0))
+            out.update(_split(rule, t if rule.per_expert else t[expert]))
         return out
 
     def dense_parameters(self, module: nn.Module) -> list[str]:
@@ -120,9 +120,9 @@ class ExpertKind:
         return [n for n, _ in module.named_parameters()]
 
 
-def _split(rule, t: torch.Tensor, lead: int) -> dict[str, torch.Tensor]:
-    """The canonical pieces of one stored tensor ``t`` under ``rule``, after ``lead`` leading (expert) axes."""
-    p, axis = len(rule.parts), rule.join_axis + lead
+def _split(rule, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The canonical pieces of one expert's stored tensor ``t`` under ``rule``."""
+    p, axis = len(rule.parts), rule.join_axis
     if p == 1:
         pieces = [t]
     elif rule.join == "concat":
@@ -130,7 +130,7 @@ def _split(rule, t: torch.Tensor, lead: int) -> dict[str, torch.Tensor]:
     else:  # interleave: a0 b0 a1 b1 ... along join_axis
         u = t.unflatten(axis, (-1, p))
         pieces = [u.select(axis + 1, j) for j in range(p)]
-    return {name: piece.transpose(-1, -2) if rule.transpose and piece.dim() == 2 + lead else piece
+    return {name: piece.T if rule.transpose and piece.dim() == 2 else piece
             for name, piece in zip(rule.parts, pieces)}
 
 
