@@ -68,11 +68,11 @@ def one_run(model, ids) -> tuple[float, float]:
         t = time.perf_counter()
         out = model(ids, use_cache=True)
         pre = ids.shape[1] / (time.perf_counter() - t)
-        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        pkv, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
         for _ in range(DECODE):
-            o = model(nxt, past_key_values=pkv, use_cache=True)
-            pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            o = model(nxt, cache=pkv, use_cache=True)
+            pkv, nxt = o.cache, o.logits[:, -1:].argmax(-1)
         return pre, DECODE / (time.perf_counter() - t)
 
 
@@ -126,12 +126,12 @@ def expert_share(path: Path, tokens: int = 64) -> list[dict]:
                     mod.register_forward_hook(post)
             with torch.inference_mode():
                 o = model(torch.randint(3, 256, (1, 16), generator=torch.Generator().manual_seed(0)), use_cache=True)
-                pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                pkv, nxt = o.cache, o.logits[:, -1:].argmax(-1)
                 spent[0] = 0.0
                 t = time.perf_counter()
                 for _ in range(tokens):
-                    o = model(nxt, past_key_values=pkv, use_cache=True)
-                    pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                    o = model(nxt, cache=pkv, use_cache=True)
+                    pkv, nxt = o.cache, o.logits[:, -1:].argmax(-1)
                 total = time.perf_counter() - t
             out.append({"mode": mode, "n_ce": n_ce if n_ce is not None else "file", "decode": tokens / total,
                         "experts_share": spent[0] / total, "experts_ms_per_token": 1e3 * spent[0] / tokens})

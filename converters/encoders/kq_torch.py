@@ -43,6 +43,10 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return out.reshape(g, group)
 
 
+#: groups per call of :func:`_best_affine` in :func:`fit_grid`
+AFFINE_ROWS = 4096
+
+
 def _best_affine(x: torch.Tensor, w: torch.Tensor | None, top: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (row): scale a >= 0, offset b >= 0 (v = a q - b) minimising the weighted squared
     error (``w`` None: unweighted) over a search of candidate scales, each refitted by weighted
@@ -106,7 +110,10 @@ def fit_grid(x: torch.Tensor, value_dtype: str, layout: KqLayout, weights: torch
         w = None if x.numel() % layout.group == 0 else _grouped(torch.ones_like(x), layout.group)
     else:
         w = _grouped(weights.reshape(-1).float(), layout.group)
-    a, b = _best_affine(xg, w, kquant.levels(value_dtype) - 1, steps)
+    # a few thousand groups at a time: the search's temporaries stay in the CPU's caches (rows are independent)
+    parts = [_best_affine(xg[i:i + AFFINE_ROWS], None if w is None else w[i:i + AFFINE_ROWS],
+                          kquant.levels(value_dtype) - 1, steps) for i in range(0, xg.shape[0], AFFINE_ROWS)]
+    a, b = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
     sc, d, a_exact = _two_level(a, layout)
     mc, dm, b_exact = _two_level(b, layout)
     return TorchGrid(a_exact, b_exact, sc, mc, torch.stack([d, dm], dim=1))

@@ -44,8 +44,8 @@ from . import native
 from .kinds import ExpertKind
 from .kquant import PackedValues
 from .residuals import (SPARSE_ENCODINGS, LowRankResidual, Residual, SparseResidual, StackedRows, as_tensor,
-                        held_nbytes, held_values, in_place, load_residual, rounded_residual, stored_bf16,
-                        unrounded)
+                        held_nbytes, held_values, in_place, linear, load_residual, rlinear, rounded_residual,
+                        stored_bf16, unrounded)
 from .tensors import TORCH_DTYPES, to_torch
 
 
@@ -330,7 +330,10 @@ class FusedExperts(CompressedExperts):
         T, width = x.shape[0], len(kind.inputs) * n
         if xin is not None:
             return self._run_scaled(xd, index, weights, [t.to(dt) for t in xin], hscale.to(dt))
-        shared_in = native.dense_bf16_linear(xd, as_tensor(self.base_in)) if self.base_in is not None else None
+        shared_in = None
+        if self.base_in is not None:
+            shared_in = (native.dense_bf16_linear(xd, self.base_in) if isinstance(self.base_in, torch.Tensor)
+                         else linear(xd, self.base_in))
         hsum = torch.zeros(T, n, dtype=dt, device=x.device) if self.base_out is not None else None
         out = torch.zeros(T, x.shape[1], dtype=dt, device=x.device)
         xv: dict[int, torch.Tensor] = {}
@@ -348,8 +351,8 @@ class FusedExperts(CompressedExperts):
                     # a V shared by the layer's experts (spec 4.8): x V^T once for all tokens, then U per expert
                     key = id(op.v)
                     if key not in xv:
-                        xv[key] = xd @ as_tensor(op.v).T
-                    pre[:, a:b] += xv[key][rows] @ as_tensor(op.u).T
+                        xv[key] = linear(xd, op.v)
+                    pre[:, a:b] += linear(xv[key][rows], op.u)
                 else:
                     pre[:, a:b] += op.apply_in(xe)
             self._add_expert(e, out_op, rows, slots, pre, weights, hsum, out)
@@ -379,7 +382,7 @@ class FusedExperts(CompressedExperts):
         if hsum is not None:
             h = hsum if self.kept is None else hsum[:, self.kept]
             out += (native.dense_bf16_linear(h, self.base_out_t) if self.base_out_t is not None
-                    else h @ as_tensor(self.base_out))
+                    else rlinear(h, self.base_out))
         return out
 
     def _run_scaled(self, xd, index, weights, xin, hscale):

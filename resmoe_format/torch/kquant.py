@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..codecs import kquant
 from ..codecs.kquant import KQ_BITS, KqLayout
 from ..errors import RmoeFormatError
+from . import native
 from .tensors import to_torch
 
 TERNARY_DIGITS = 5
@@ -143,6 +144,7 @@ class PackedValues:
         self.value_dtype, self.layout, self.shape = value_dtype, layout, tuple(shape)
         self.dtype, self.round_to = dtype, round_to
         self.n = int(np.prod(self.shape, dtype=np.int64))
+        self._args: tuple | None | bool = False
 
     @classmethod
     def from_parts(cls, parts: Mapping[str, np.ndarray], part: str, shape: tuple[int, ...], value_dtype: str,
@@ -161,12 +163,46 @@ class PackedValues:
                    round_to)
 
     def tensor(self) -> torch.Tensor:
-        """The values in ``shape``: float32 bit for bit as the file restores them, rounded to ``round_to``
-        if set, in ``dtype``."""
-        v = dequantize_codes(self.codes, self.pairs, self.supers, self.n, self.value_dtype, self.layout)
+        """The values in ``shape``: float32 bit for bit as the file restores them (decoded by the compiled kernels
+        on the CPU for whole 64-value groups), rounded to ``round_to`` if set, in ``dtype``."""
+        if (self.n % native.KQ_GROUP == 0 and self.layout.group == native.KQ_GROUP and self.codes.device.type == "cpu"
+                and native.available()):
+            bits = 0 if self.value_dtype == "ternary" else int(KQ_BITS[self.value_dtype])
+            v = native.kq_dequantize(self.codes, bits, self.pairs, self.supers, self.layout.super, self.n)
+        else:
+            v = dequantize_codes(self.codes, self.pairs, self.supers, self.n, self.value_dtype, self.layout)
         if self.round_to is not None:
             v = v.to(self.round_to)
         return v.to(self.dtype).view(self.shape)
+
+    def _kernel_args(self, tokens: int) -> tuple | None:
+        """The compiled kernels' arguments for a product with ``tokens`` tokens, or None where they do not apply
+        (many tokens, rounding to a dtype other than bf16, rows of partial groups, not on the CPU)."""
+        if tokens > native.DENSE_TOKENS:
+            return None
+        if self._args is False:  # decided once, on first use
+            self._args = None
+            if self.round_to in (None, torch.bfloat16) and native.kq_supported(self.shape, self.layout.group,
+                                                                               self.codes.device):
+                bits = 0 if self.value_dtype == "ternary" else int(KQ_BITS[self.value_dtype])
+                self._args = (self.codes, bits, self.pairs, self.supers, self.layout.super, self.round_to is not None,
+                              self.shape)
+        return self._args
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for x (T, n), in x's dtype: decoded weight by weight in the compiled kernels for a few tokens,
+        else dequantized (:meth:`tensor`) and multiplied by torch."""
+        args = self._kernel_args(x.shape[0])
+        if args is None:
+            return torch.nn.functional.linear(x, self.tensor().to(x.dtype))
+        return native.kq_matmul(*args, x).to(x.dtype)
+
+    def rlinear(self, h: torch.Tensor) -> torch.Tensor:
+        """``h @ W`` for h (T, m), in h's dtype (as :meth:`linear`)."""
+        args = self._kernel_args(h.shape[0])
+        if args is None:
+            return h @ self.tensor().to(h.dtype)
+        return native.kq_rmatmul(*args, h).to(h.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.pairs, self.supers))

@@ -1,4 +1,5 @@
-"""The CPU kernels of ``sparse_kernels.c``: compiled on first use with the system's C compiler, loaded with ctypes.
+"""The CPU kernels of ``sparse_kernels.c`` and ``kquant_kernels.c``: compiled on first use with the system's C
+compiler, loaded with ctypes.
 
 The library is built once per source, compiler, flags and CPU (``-O3 -march=native -fopenmp``) into
 ``$RESMOE_CACHE`` (default ``~/.cache/resmoe``), written under a temporary name and renamed, so
@@ -8,7 +9,8 @@ products (float32 CSR) instead: same results within float32 rounding, more memor
 
 :class:`SparseRows` holds a sparse matrix in the encoding the kernels read (a bitmap of 16-column
 words or CSR with uint16 columns, whichever is smaller; values float32 or bfloat16) and multiplies
-by it; :func:`pack_rows` builds one from a dense matrix.
+by it; :func:`pack_rows` builds one from a dense matrix. :func:`kq_matmul` and :func:`kq_rmatmul` multiply by a
+k-quant matrix from its packed codes and scales (spec 5.10), decoding each weight on the fly.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCE = Path(__file__).with_name("sparse_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("sparse_kernels.c", "kquant_kernels.c"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -63,7 +65,7 @@ def build(force: bool = False) -> Path | None:
     if cc is None:
         _state["reason"] = "no C compiler (cc, gcc or $CC) on PATH"
         return None
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     key = hashlib.sha256(src + " ".join((cc, *_flags(), _cpu_signature())).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"resmoe_kernels-{key}.so"
     if lib.exists() and not force:
@@ -72,7 +74,7 @@ def build(force: bool = False) -> Path | None:
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            proc = subprocess.run([cc, *_flags(), str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_flags(), *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode:
                 _state["reason"] = f"{cc} failed: {proc.stderr.strip()[-500:]}"
                 return None
@@ -113,6 +115,16 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_dense_bf16_matmul.restype = ctypes.c_int
                 lib.resmoe_bitmap_densify.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
                 lib.resmoe_bitmap_densify.restype = None
+                kq = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ctypes.c_int, i64, ptr, i64, ptr, i64,
+                      ctypes.c_int]
+                lib.resmoe_kq_matmul.argtypes = lib.resmoe_kq_rmatmul.argtypes = kq
+                lib.resmoe_kq_matmul.restype = lib.resmoe_kq_rmatmul.restype = None
+                lib.resmoe_kq_avx512.restype = lib.resmoe_kq_dpbf16.restype = ctypes.c_int
+                lib.resmoe_kq_matmul_bf16.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, i64, ptr,
+                                                      i64, ptr, i64, ctypes.c_int]
+                lib.resmoe_kq_matmul_bf16.restype = ctypes.c_int
+                lib.resmoe_kq_dequantize.argtypes = [i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
+                lib.resmoe_kq_dequantize.restype = None
             _state["lib"] = lib
             if lib is not None:
                 _loaded.append(lib)
@@ -164,6 +176,73 @@ def dense_bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _kernels().resmoe_dense_bf16_matmul(m, n, w.data_ptr(), n, x.shape[0], x.data_ptr(), n, y.data_ptr(), m,
                                         torch.get_num_threads())
     return y.to(torch.bfloat16)
+
+
+#: the group size the k-quant kernels read (the reference writer's; spec 5.10)
+KQ_GROUP = 64
+
+
+def uses_kq_avx512() -> bool:
+    """Whether the loaded k-quant kernels run their AVX-512 (VBMI) path."""
+    lib = library()
+    return bool(lib is not None and lib.resmoe_kq_avx512())
+
+
+def uses_kq_dpbf16() -> bool:
+    """Whether bf16 activations meet k-quant weights (rounded to bf16) in AVX512-BF16 dot products."""
+    lib = library()
+    return (lib is not None and bool(lib.resmoe_kq_dpbf16()) and os.environ.get("RESMOE_DPBF16", "1") != "0")
+
+
+def kq_supported(shape: tuple[int, ...], group: int, device: torch.device) -> bool:
+    """Whether :func:`kq_matmul` and :func:`kq_rmatmul` take a k-quant matrix of ``shape`` and ``group``: 2-D, rows
+    of whole 64-value groups, on the CPU, with the kernels loaded."""
+    return (len(shape) == 2 and group == KQ_GROUP and shape[1] % KQ_GROUP == 0 and torch.device(device).type == "cpu"
+            and library() is not None)
+
+
+def _kq_call(fn: str, codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
+             round_bf16: bool, shape: tuple[int, int], x: torch.Tensor, out_width: int, zero: bool) -> torch.Tensor:
+    m, n = shape
+    xf = x.to(torch.float32).contiguous()
+    T = xf.shape[0]
+    y = (torch.zeros if zero else torch.empty)(T, out_width, dtype=torch.float32)
+    getattr(_kernels(), fn)(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, int(round_bf16),
+                            T, xf.data_ptr(), xf.shape[1], y.data_ptr(), out_width, torch.get_num_threads())
+    return y
+
+
+def kq_dequantize(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
+                  n: int) -> torch.Tensor:
+    """The ``n`` float32 values (a multiple of 64: whole groups) of a k-quant value part held as for :func:`kq_matmul`,
+    decoded bit for bit as spec 5.10 says."""
+    out = torch.empty(n, dtype=torch.float32)
+    _kernels().resmoe_kq_dequantize(n // KQ_GROUP, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup,
+                                    out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
+              shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` in float32 for x (T, n) and a k-quant matrix W (m, n) held as its packed ``codes`` (``bits`` 2 ... 8,
+    0 for ternary), unpacked (G, 2) uint8 scale codes ``pairs`` and (S, 2) float16 ``supers`` (``sup`` groups each);
+    every weight decoded as spec 5.10 says (then rounded to bf16 with ``round_bf16``), float32 sums. Needs
+    :func:`kq_supported`. For bf16 x with AVX512-BF16 (codes of up to 6 bits) each weight is rounded to bf16 and
+    multiplied by vdpbf16ps, as torch's bf16 product of the dequantized matrix multiplies by it."""
+    if x.dtype == torch.bfloat16 and uses_kq_dpbf16():
+        xb = x.contiguous()
+        y = torch.empty(x.shape[0], shape[0], dtype=torch.float32)
+        if _kernels().resmoe_kq_matmul_bf16(shape[0], shape[1], codes.data_ptr(), bits, pairs.data_ptr(),
+                                            supers.data_ptr(), sup, x.shape[0], xb.data_ptr(), shape[1], y.data_ptr(),
+                                            shape[0], torch.get_num_threads()):
+            return y
+    return _kq_call("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0], False)
+
+
+def kq_rmatmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
+               shape: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
+    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul`."""
+    return _kq_call("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1], True)
 
 
 #: the value dtypes the kernels read, by code

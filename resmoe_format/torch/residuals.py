@@ -21,7 +21,9 @@ of bf16 values are held as stored (2 bytes a value: D' would need float32) and, 
 B + D.
 
 Records with k-quant values (spec 5.10) stay packed (:class:`PackedValues`: about bits/8 bytes per
-value) and are dequantized on the device at each product; like low-rank ones they are multiplied
+value). On the CPU, products with a few tokens decode them weight by weight inside the compiled kernels
+(:func:`.native.kq_matmul`, rows of whole 64-value groups); otherwise they are dequantized on the device
+at each product. Like low-rank ones they are multiplied
 by B + D, the restored weight before its final rounding. Sparse k-quant records keep a CSR
 structure of int32 indices beside their packed values; where the encoding does not store its
 values in row-major order (bsr, csr16 over 65536 columns) they are held as a float32 CSR instead.
@@ -47,6 +49,21 @@ SPARSE_ENCODINGS = frozenset({"csr16", "bitmap", "bsr", "rice"})
 def as_tensor(x) -> torch.Tensor:
     """The tensor ``x`` stands for (``x`` itself, or dequantized from its packed bytes)."""
     return x if isinstance(x, torch.Tensor) else x.tensor()
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """``x @ W.T`` for W a tensor, :class:`PackedValues` (the compiled k-quant kernels for a few tokens) or
+    :class:`StackedRows` (one product per piece)."""
+    if isinstance(w, torch.Tensor):
+        return torch.nn.functional.linear(x, w)
+    if isinstance(w, StackedRows):
+        return torch.cat([linear(x, p) for p in w.pieces], dim=1)
+    return w.linear(x)
+
+
+def rlinear(h: torch.Tensor, w) -> torch.Tensor:
+    """``h @ W`` for W a tensor or :class:`PackedValues`."""
+    return h @ w if isinstance(w, torch.Tensor) else w.rlinear(h)
 
 
 def held_nbytes(x) -> int:
@@ -103,10 +120,10 @@ class DenseResidual(Residual):
         return held_nbytes(self.d)
 
     def apply_in(self, x):
-        return torch.nn.functional.linear(x, as_tensor(self.d))
+        return linear(x, self.d)
 
     def apply_out(self, h):
-        return h @ as_tensor(self.d)
+        return rlinear(h, self.d)
 
 
 class LowRankResidual(Residual):
@@ -127,12 +144,10 @@ class LowRankResidual(Residual):
         return (0 if self.u_shared else held_nbytes(self.u)) + (0 if self.v_shared else held_nbytes(self.v))
 
     def apply_in(self, x):
-        u, v = self.factors()
-        return (x @ v.T) @ u.T
+        return linear(linear(x, self.v), self.u)
 
     def apply_out(self, h):
-        u, v = self.factors()
-        return (h @ u) @ v
+        return rlinear(rlinear(h, self.u), self.v)
 
 
 class SparseResidual(Residual):

@@ -1,0 +1,473 @@
+/* Products with k-quant matrices (spec 5.10) on the CPU, for resmoe's fused runtime (resmoe_format/torch/native.py).
+ *
+ * A matrix W (m, n) is one k-quant value part of m * n values in row-major order: codes of `bits` bits
+ * (2 ... 8, LSB-first bit stream; bits 0 means ternary, five base-3 digits a byte), groups of 64 values with
+ * their scale and offset codes unpacked to one byte each (pairs[2 g] = sc_g, pairs[2 g + 1] = mc_g) and
+ * float16 super-block scales (supers[2 s] = d_s, supers[2 s + 1] = m_s) for `sup` groups a super-block.
+ * n must be a multiple of 64, so that every row holds whole groups.
+ *
+ * Every weight is decoded exactly as spec 5.10 says: a = fp32(d) * sc, b = fp32(m) * mc (both exact), then
+ * v = RNE32(RNE32(q * a) - b), two instructions and never a fused multiply-add; with rnd 1 v is then
+ * rounded to bfloat16, RNE, and widened back (rnd 0: not rounded). Products and sums are float32 (their order differs
+ * from torch's, spec 6.7).
+ *
+ *   resmoe_kq_matmul:  y[t][r] = sum_c W[r][c] * x[t][c]   (x @ W.T: rows of W split between threads)
+ *   resmoe_kq_rmatmul: y[t][c] = sum_r h[t][r] * W[r][c]   (h @ W:   column groups split between threads)
+ *
+ * The AVX-512 path (F, BW, VBMI: vpermb and vpmultishiftqb cut 64 codes out of their bytes in two
+ * instructions) needs -march=native on such a CPU; any other CPU runs the portable loop.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define KQ_AVX512 1
+#else
+#define KQ_AVX512 0
+#endif
+
+#if KQ_AVX512 && defined(__AVX512BF16__)
+#define KQ_DPBF16 1
+#else
+#define KQ_DPBF16 0
+#endif
+
+#define KQ_GROUP 64
+#define KQ_TB 8 /* tokens per pass */
+
+/* CALL(k) with k = tb (1 ... KQ_TB) a constant, so that a row's accumulators stay in registers */
+#define KQ_BY_TOKENS(tb, CALL)                                                                                       \
+    switch (tb) {                                                                                                    \
+    case 1: CALL(1); break;                                                                                          \
+    case 2: CALL(2); break;                                                                                          \
+    case 3: CALL(3); break;                                                                                          \
+    case 4: CALL(4); break;                                                                                          \
+    case 5: CALL(5); break;                                                                                          \
+    case 6: CALL(6); break;                                                                                          \
+    case 7: CALL(7); break;                                                                                          \
+    default: CALL(8); break;                                                                                         \
+    }
+
+/* the products' loop: rows r split between the threads, tokens in passes of up to KQ_TB, with g0 the row's first
+   group, tb the pass's tokens, xt (of type XT) and yt its activations and outputs; the body is the arguments */
+#define KQ_ROWS(XT, ...)                                                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)")                             \
+    for (int64_t r = 0; r < m; r++) {                                                                                \
+        const int64_t g0 = r * groups;                                                                               \
+        for (int64_t t0 = 0; t0 < T; t0 += KQ_TB) {                                                                  \
+            const int tb = (int)(T - t0 < KQ_TB ? T - t0 : KQ_TB);                                                   \
+            const XT *xt = x + t0 * ldx;                                                                             \
+            float *yt = y + t0 * ldy + r;                                                                            \
+            __VA_ARGS__                                                                                              \
+        }                                                                                                            \
+    }
+
+int resmoe_kq_avx512(void) { return KQ_AVX512; }
+
+static inline float kq_bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t kq_float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* IEEE binary16 -> binary32, exact (subnormals included; the loader rejects infinities and NaN) */
+static inline float kq_half(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
+    const uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, f = h & 0x3ffu;
+    if (e == 0) {
+        const float v = (float)f * (1.0f / 16777216.0f); /* f * 2^-24: exact */
+        return s ? -v : v;
+    }
+    return kq_bits_to_float(s | ((e + 112u) << 23) | (f << 13));
+}
+
+/* the RNE rounding of a finite binary32 to bfloat16 (rnd 1), widened back to binary32 */
+static inline float kq_round(float v, int rnd) {
+    if (rnd == 1) {
+        const uint32_t u = kq_float_bits(v);
+        return kq_bits_to_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+    }
+    return v;
+}
+
+/* the group's scale a and offset b (spec 5.10: both exact in binary32) */
+static inline void kq_affine(const uint8_t *pairs, const uint16_t *supers, int sup, int64_t g, float *a, float *b) {
+    const int64_t s = g / sup;
+    *a = kq_half(supers[2 * s]) * (float)pairs[2 * g];
+    *b = kq_half(supers[2 * s + 1]) * (float)pairs[2 * g + 1];
+}
+
+#if !KQ_AVX512
+/* byte value -> its five base-3 digits, least significant first, in the low five bytes */
+static uint64_t kq_ternary_digits[243];
+
+static void kq_ternary_table(void) {
+    for (unsigned v = 0; v < 243; v++) {
+        uint64_t d = 0;
+        for (unsigned j = 0, x = v; j < 5; j++, x /= 3) d |= (uint64_t)(x % 3) << (8 * j);
+        kq_ternary_digits[v] = d;
+    }
+}
+
+/* the 64 codes of group g, one byte each (portable: a 16-bit window per code, or the base-3 digits of the group's
+   bytes by table; the loader has checked every ternary byte is at most 242) */
+static void kq_codes_scalar(const uint8_t *codes, int bits, int64_t g, uint8_t *out) {
+    if (bits == 0) {
+        const int64_t first = KQ_GROUP * g, k0 = first / 5, k1 = (first + KQ_GROUP - 1) / 5;
+        uint8_t digits[5 * 14 + 8];
+        for (int64_t k = k0; k <= k1; k++) {
+            const uint64_t d = kq_ternary_digits[codes[k]];
+            memcpy(digits + 5 * (k - k0), &d, 8); /* the 3 bytes past the digits are overwritten next */
+        }
+        memcpy(out, digits + first % 5, KQ_GROUP);
+        return;
+    }
+    const uint8_t *p = codes + (int64_t)bits * 8 * g; /* 64 codes of b bits: 8 b bytes, starting on a byte */
+    const unsigned mask = (1u << bits) - 1;
+    for (int i = 0; i < KQ_GROUP; i++) {
+        const int bit = i * bits, byte = bit >> 3, sh = bit & 7;
+        unsigned w = p[byte];
+        if (sh + bits > 8) w |= (unsigned)p[byte + 1] << 8; /* still inside the group's 8 b bytes */
+        out[i] = (uint8_t)((w >> sh) & mask);
+    }
+}
+
+static void kq_weights_scalar(const uint8_t *codes, int bits, const uint8_t *pairs, const uint16_t *supers, int sup,
+                              int rnd, int64_t g, float *w) {
+    uint8_t q[KQ_GROUP];
+    float a, b;
+    kq_codes_scalar(codes, bits, g, q);
+    kq_affine(pairs, supers, sup, g, &a, &b);
+    for (int i = 0; i < KQ_GROUP; i++) {
+        volatile float qa = (float)q[i] * a; /* its own rounding: never contracted into a fused multiply-add */
+        w[i] = kq_round(qa - b, rnd);
+    }
+}
+
+static void kq_row_scalar(const uint8_t *codes, int bits, const uint8_t *pairs, const uint16_t *supers, int sup,
+                          int rnd, int64_t g0, int64_t groups, const float *x, int64_t ldx, float *y, int64_t ldy,
+                          int tb) {
+    float acc[KQ_TB] = {0};
+    for (int64_t j = 0; j < groups; j++) {
+        float w[KQ_GROUP];
+        kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, g0 + j, w);
+        for (int t = 0; t < tb; t++) {
+            const float *xr = x + t * ldx + KQ_GROUP * j;
+            float s = 0.0f;
+            for (int i = 0; i < KQ_GROUP; i++) s += w[i] * xr[i];
+            acc[t] += s;
+        }
+    }
+    for (int t = 0; t < tb; t++) y[t * ldy] = acc[t];
+}
+#endif /* !KQ_AVX512 */
+
+#if KQ_AVX512
+typedef struct {
+    __m512i perm, shifts, mask;
+    __mmask64 load;
+    int bits;
+    /* ternary, by the group's first digit (64 g mod 5) and half (codes 0-31, 32-63): for each 16-bit lane the
+       byte holding its code, the multiplier whose high product word is byte / 3^digit, and the lanes of digit 0 */
+    __m512i tperm[5][2], tmul[5][2];
+    __mmask32 tdigit0[5][2];
+    /* codes as 16-bit words (the bf16 path), per half of the group: bytes to each qword lane (4 codes), the bit
+       offset of each code within its lane, the code mask */
+    __m512i wperm[2], wshifts[2], wmask;
+} kq_unpacker;
+
+static inline kq_unpacker kq_unpacker_for(int bits) {
+    kq_unpacker u;
+    uint8_t perm[64], shifts[64];
+    u.bits = bits;
+    if (bits == 0) bits = 8; /* ternary: decoded by the portable loop, the vectors unused */
+    for (int lane = 0; lane < 8; lane++)
+        for (int j = 0; j < 8; j++) {
+            const int src = lane * bits + j; /* codes 8 lane ... 8 lane + 7 start at byte lane * bits */
+            perm[8 * lane + j] = (uint8_t)(src < 64 ? src : 63);
+            shifts[8 * lane + j] = (uint8_t)(j * bits);
+        }
+    if (u.bits == 0) {
+        static const uint16_t mul[5] = {0, 21846, 7282, 2428, 810}; /* ceil(2^16 / 3^j): exact for bytes <= 242 */
+        for (int d0 = 0; d0 < 5; d0++)
+            for (int half = 0; half < 2; half++) {
+                uint8_t tp[64];
+                uint16_t tm[32];
+                __mmask32 z = 0;
+                for (int i = 0; i < 32; i++) {
+                    const int c = d0 + 32 * half + i;
+                    tp[2 * i] = (uint8_t)(c / 5);
+                    tp[2 * i + 1] = 0;
+                    tm[i] = mul[c % 5];
+                    if (c % 5 == 0) z |= (__mmask32)1 << i;
+                }
+                u.tperm[d0][half] = _mm512_loadu_si512(tp);
+                u.tmul[d0][half] = _mm512_loadu_si512(tm);
+                u.tdigit0[d0][half] = z;
+            }
+    }
+    for (int half = 0; half < 2; half++) {
+        uint8_t wp[64], ws[64];
+        for (int lane = 0; lane < 8; lane++) {
+            const int bit = (32 * half + 4 * lane) * bits; /* the lane's first code */
+            for (int j = 0; j < 8; j++) {
+                const int src = bit / 8 + j;
+                wp[8 * lane + j] = (uint8_t)(src < 64 ? src : 63);
+                ws[8 * lane + j] = (uint8_t)(bit % 8 + (j / 2) * bits); /* word j/2 holds code 4 lane + j/2 */
+            }
+        }
+        u.wperm[half] = _mm512_loadu_si512(wp);
+        u.wshifts[half] = _mm512_loadu_si512(ws);
+    }
+    u.wmask = _mm512_set1_epi16((short)((1u << bits) - 1));
+    u.perm = _mm512_loadu_si512(perm);
+    u.shifts = _mm512_loadu_si512(shifts);
+    u.mask = _mm512_set1_epi8((char)((1u << bits) - 1));
+    u.load = bits == 8 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * bits)) - 1);
+    return u;
+}
+
+static inline __m512i kq_codes64(const uint8_t *codes, const kq_unpacker *u, int64_t g) {
+    if (u->bits == 0) {
+        const int64_t first = KQ_GROUP * g, k0 = first / 5, nb = (first + KQ_GROUP - 1) / 5 - k0 + 1;
+        const int d0 = (int)(first % 5);
+        const __m512i raw = _mm512_maskz_loadu_epi8((((__mmask64)1) << nb) - 1, codes + k0);
+        __m256i half[2];
+        for (int h = 0; h < 2; h++) {
+            /* each 16-bit lane: its code's byte b, then x = b / 3^digit (b itself for digit 0), then x mod 3 */
+            const __m512i b = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, u->tperm[d0][h], raw);
+            const __m512i x = _mm512_mask_mov_epi16(_mm512_mulhi_epu16(b, u->tmul[d0][h]), u->tdigit0[d0][h], b);
+            const __m512i q = _mm512_mulhi_epu16(x, _mm512_set1_epi16(21846));
+            half[h] = _mm512_cvtepi16_epi8(_mm512_sub_epi16(x, _mm512_mullo_epi16(q, _mm512_set1_epi16(3))));
+        }
+        return _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+    }
+    const __m512i raw = _mm512_maskz_loadu_epi8(u->load, codes + (int64_t)u->bits * 8 * g);
+    /* qword lane i holds the bytes of codes 8i ... 8i + 7; each output byte takes its code's bits from there */
+    const __m512i lanes = _mm512_permutexvar_epi8(u->perm, raw);
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(u->shifts, lanes), u->mask);
+}
+
+static inline __m512 kq_round16(__m512 v, int rnd) {
+    if (rnd == 1) {
+        const __m512i x = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
+        return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+    return v;
+}
+
+/* the group's 64 weights as four vectors of 16 */
+static inline __attribute__((always_inline)) void kq_weights64(const uint8_t *codes, const kq_unpacker *u,
+                                                               const uint8_t *pairs, const uint16_t *supers, int sup,
+                                                               int rnd, int64_t g, __m512 w[4]) {
+    const __m512i q = kq_codes64(codes, u, g);
+    float a, b;
+    kq_affine(pairs, supers, sup, g, &a, &b);
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    for (int k = 0; k < 4; k++) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, k)));
+        w[k] = kq_round16(_mm512_sub_ps(_mm512_mul_ps(qf, va), vb), rnd);
+    }
+}
+
+/* one row against tb tokens (a constant after inlining: the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void kq_row(const uint8_t *codes, const kq_unpacker *u,
+                                                         const uint8_t *pairs, const uint16_t *supers, int sup,
+                                                         int rnd, int64_t g0, int64_t groups, const float *x,
+                                                         int64_t ldx, float *y, int64_t ldy, const int tb) {
+    __m512 acc[KQ_TB][2];
+    for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < groups; j++) {
+        __m512 w[4];
+        kq_weights64(codes, u, pairs, supers, sup, rnd, g0 + j, w);
+        for (int t = 0; t < tb; t++) {
+            const float *xt = x + t * ldx + KQ_GROUP * j;
+            acc[t][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xt), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xt + 16), acc[t][1]);
+            acc[t][0] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xt + 32), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xt + 48), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < tb; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
+#if KQ_DPBF16
+/* the group's codes as two vectors of 32 16-bit words (codes 0-31, 32-63) */
+static inline void kq_codes_words(const uint8_t *codes, const kq_unpacker *u, int64_t g, __m512i q[2]) {
+    if (u->bits == 0) {
+        const int64_t first = KQ_GROUP * g, k0 = first / 5, nb = (first + KQ_GROUP - 1) / 5 - k0 + 1;
+        const int d0 = (int)(first % 5);
+        const __m512i raw = _mm512_maskz_loadu_epi8((((__mmask64)1) << nb) - 1, codes + k0);
+        for (int h = 0; h < 2; h++) {
+            const __m512i b = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, u->tperm[d0][h], raw);
+            const __m512i x = _mm512_mask_mov_epi16(_mm512_mulhi_epu16(b, u->tmul[d0][h]), u->tdigit0[d0][h], b);
+            const __m512i t = _mm512_mulhi_epu16(x, _mm512_set1_epi16(21846));
+            q[h] = _mm512_sub_epi16(x, _mm512_mullo_epi16(t, _mm512_set1_epi16(3)));
+        }
+        return;
+    }
+    const __m512i raw = _mm512_maskz_loadu_epi8(u->load, codes + (int64_t)u->bits * 8 * g);
+    for (int h = 0; h < 2; h++)
+        q[h] = _mm512_and_si512(_mm512_multishift_epi64_epi8(u->wshifts[h], _mm512_permutexvar_epi8(u->wperm[h], raw)),
+                                u->wmask);
+}
+
+/* one row against tb bf16 tokens: per group a table of the levels' weights RNE32(q a - b) rounded to bf16 (32 of
+   them, or 64 for 6-bit codes), looked up by vpermw, then vdpbf16ps (32 products an instruction, float32 sums) */
+static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *codes, const kq_unpacker *u,
+                                                              const uint8_t *pairs, const uint16_t *supers, int sup,
+                                                              int64_t g0, int64_t groups, const uint16_t *x,
+                                                              int64_t ldx, float *y, int64_t ldy, const int tb) {
+    const __m512 i0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 i16 = _mm512_add_ps(i0, _mm512_set1_ps(16)), i32 = _mm512_add_ps(i0, _mm512_set1_ps(32)),
+                 i48 = _mm512_add_ps(i0, _mm512_set1_ps(48));
+    const int wide = u->bits == 6;
+    __m512 acc[KQ_TB][2];
+    for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t g = g0 + j;
+        float a, b;
+        kq_affine(pairs, supers, sup, g, &a, &b);
+        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(i16, va), vb),
+                                                        _mm512_sub_ps(_mm512_mul_ps(i0, va), vb));
+        __m512i q[2], w[2];
+        kq_codes_words(codes, u, g, q);
+        if (wide) {
+            const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(i48, va), vb),
+                                                            _mm512_sub_ps(_mm512_mul_ps(i32, va), vb));
+            w[0] = _mm512_permutex2var_epi16(lo, q[0], hi);
+            w[1] = _mm512_permutex2var_epi16(lo, q[1], hi);
+        } else {
+            w[0] = _mm512_permutexvar_epi16(q[0], lo);
+            w[1] = _mm512_permutexvar_epi16(q[1], lo);
+        }
+        for (int t = 0; t < tb; t++) {
+            const uint16_t *xt = x + t * ldx + KQ_GROUP * j;
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)w[0], (__m512bh)_mm512_loadu_si512(xt));
+            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)w[1], (__m512bh)_mm512_loadu_si512(xt + 32));
+        }
+    }
+    for (int t = 0; t < tb; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
+/* what every entry point prepares: the AVX-512 unpacker `u`, or the portable loops' ternary table */
+#if KQ_AVX512
+#define KQ_SETUP(bits) const kq_unpacker u = kq_unpacker_for(bits)
+#else
+#define KQ_SETUP(bits)                                                                                               \
+    if ((bits) == 0 && !kq_ternary_digits[242]) kq_ternary_table()
+#endif
+
+int resmoe_kq_dpbf16(void) { return KQ_DPBF16; }
+
+/* y[t][r] = sum_c bf16(W[r][c]) * x[t][c] for bf16 activations x: each decoded weight rounded to bf16 (RNE), as
+   torch's bf16 product of the dequantized matrix would multiply by it. Returns 0 (computing nothing) without
+   AVX512-BF16 or for 8-bit codes (256 levels: no table), where resmoe_kq_matmul serves. */
+int resmoe_kq_matmul_bf16(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
+                          const uint16_t *supers, int sup, int64_t T, const uint16_t *x, int64_t ldx, float *y,
+                          int64_t ldy, int nthreads) {
+#if KQ_DPBF16
+    if (bits == 8) return 0;
+    const int64_t groups = n / KQ_GROUP;
+    KQ_SETUP(bits);
+#define KQ_ROW_BF16(k) kq_row_bf16(codes, &u, pairs, supers, sup, g0, groups, xt, ldx, yt, ldy, k)
+    KQ_ROWS(uint16_t, KQ_BY_TOKENS(tb, KQ_ROW_BF16))
+#undef KQ_ROW_BF16
+    return 1;
+#else
+    (void)m; (void)n; (void)codes; (void)bits; (void)pairs; (void)supers; (void)sup; (void)T; (void)x; (void)ldx;
+    (void)y; (void)ldy; (void)nthreads;
+    return 0;
+#endif
+}
+
+void resmoe_kq_matmul(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
+                      const uint16_t *supers, int sup, int rnd, int64_t T, const float *x, int64_t ldx, float *y,
+                      int64_t ldy, int nthreads) {
+    const int64_t groups = n / KQ_GROUP;
+    KQ_SETUP(bits);
+#if KQ_AVX512
+#define KQ_ROW(k) kq_row(codes, &u, pairs, supers, sup, rnd, g0, groups, xt, ldx, yt, ldy, k)
+    KQ_ROWS(float, KQ_BY_TOKENS(tb, KQ_ROW))
+#undef KQ_ROW
+#else
+    KQ_ROWS(float, kq_row_scalar(codes, bits, pairs, supers, sup, rnd, g0, groups, xt, ldx, yt, ldy, tb);)
+#endif
+}
+
+/* y (T, n; row stride ldy) must be zero on entry */
+void resmoe_kq_rmatmul(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
+                       const uint16_t *supers, int sup, int rnd, int64_t T, const float *h, int64_t ldh, float *y,
+                       int64_t ldy, int nthreads) {
+    const int64_t groups = n / KQ_GROUP;
+    KQ_SETUP(bits);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        const int64_t j0 = groups * id / nt, j1 = groups * (id + 1) / nt; /* this thread's column groups */
+        for (int64_t r = 0; r < m; r++) {
+            for (int64_t j = j0; j < j1; j++) {
+                const int64_t g = r * groups + j;
+#if KQ_AVX512
+                __m512 w[4];
+                kq_weights64(codes, &u, pairs, supers, sup, rnd, g, w);
+                for (int64_t t = 0; t < T; t++) {
+                    const __m512 ht = _mm512_set1_ps(h[t * ldh + r]);
+                    float *yt = y + t * ldy + KQ_GROUP * j;
+                    for (int k = 0; k < 4; k++)
+                        _mm512_storeu_ps(yt + 16 * k, _mm512_fmadd_ps(ht, w[k], _mm512_loadu_ps(yt + 16 * k)));
+                }
+#else
+                float w[KQ_GROUP];
+                kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, g, w);
+                for (int64_t t = 0; t < T; t++) {
+                    const float ht = h[t * ldh + r];
+                    float *yt = y + t * ldy + KQ_GROUP * j;
+                    for (int i = 0; i < KQ_GROUP; i++) yt[i] += ht * w[i];
+                }
+#endif
+            }
+        }
+    }
+}
+
+/* out[64 g + i] = the decoded value i of group g (spec 5.10, bit for bit) for the first `groups` groups of a value
+   part: the whole matrix, for products with many tokens (a blocked GEMM then reuses each weight) */
+void resmoe_kq_dequantize(int64_t groups, const uint8_t *codes, int bits, const uint8_t *pairs, const uint16_t *supers,
+                          int sup, float *out, int nthreads) {
+    KQ_SETUP(bits);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+#if KQ_AVX512
+        __m512 w[4];
+        kq_weights64(codes, &u, pairs, supers, sup, 0, g, w);
+        for (int k = 0; k < 4; k++) _mm512_storeu_ps(out + KQ_GROUP * g + 16 * k, w[k]);
+#else
+        kq_weights_scalar(codes, bits, pairs, supers, sup, 0, g, out + KQ_GROUP * g);
+#endif
+    }
+}
