@@ -187,8 +187,11 @@ typedef struct {
     __m512i tperm[5][2], tmul[5][2];
     __mmask32 tdigit0[5][2];
     /* codes as 16-bit words (the bf16 path), per half of the group: bytes to each qword lane (4 codes), the bit
-       offset of each code within its lane, the code mask */
-    __m512i wperm[2], wshifts[2], wmask;
+       offset of each code within its lane */
+    __m512i wperm[2], wshifts[2];
+    /* the level of each of the bf16 path's 32 table entries: entry i holds level i mod 2^bits, so that the bits
+       above a code in its word (left there by vpmultishiftqb) select the same weight; ternary: level i */
+    __m512 level0, level16;
 } kq_unpacker;
 
 static inline kq_unpacker kq_unpacker_for(int bits) {
@@ -234,7 +237,10 @@ static inline kq_unpacker kq_unpacker_for(int bits) {
         u.wperm[half] = _mm512_loadu_si512(wp);
         u.wshifts[half] = _mm512_loadu_si512(ws);
     }
-    u.wmask = _mm512_set1_epi16((short)((1u << bits) - 1));
+    float lv[32];
+    for (int i = 0; i < 32; i++) lv[i] = (float)(u.bits == 0 || bits >= 5 ? i : i % (1 << bits));
+    u.level0 = _mm512_loadu_ps(lv);
+    u.level16 = _mm512_loadu_ps(lv + 16);
     u.perm = _mm512_loadu_si512(perm);
     u.shifts = _mm512_loadu_si512(shifts);
     u.mask = _mm512_set1_epi8((char)((1u << bits) - 1));
@@ -281,6 +287,16 @@ static inline __attribute__((always_inline)) void kq_weights64(const uint8_t *co
     float a, b;
     kq_affine(pairs, supers, sup, g, &a, &b);
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    if (u->bits <= 5) { /* ternary, q2 ... q5: the levels' weights (the same two operations) in one or two
+                           registers, looked up by code */
+        const __m512 i0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 lo = kq_round16(_mm512_sub_ps(_mm512_mul_ps(i0, va), vb), rnd);
+        const __m512 hi = u->bits == 5 ? kq_round16(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(i0, _mm512_set1_ps(16)),
+                                                                                va), vb), rnd) : lo;
+        for (int k = 0; k < 4; k++)
+            w[k] = _mm512_permutex2var_ps(lo, _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, k)), hi);
+        return;
+    }
     for (int k = 0; k < 4; k++) {
         const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, k)));
         w[k] = kq_round16(_mm512_sub_ps(_mm512_mul_ps(qf, va), vb), rnd);
@@ -325,9 +341,10 @@ static inline void kq_codes_words(const uint8_t *codes, const kq_unpacker *u, in
         return;
     }
     const __m512i raw = _mm512_maskz_loadu_epi8(u->load, codes + (int64_t)u->bits * 8 * g);
+    /* vpermw reads bits 0-4 of each word (vpermt2w 0-5): a 5- or 6-bit code needs no mask, shorter ones select
+       periodic table entries (level0, level16) */
     for (int h = 0; h < 2; h++)
-        q[h] = _mm512_and_si512(_mm512_multishift_epi64_epi8(u->wshifts[h], _mm512_permutexvar_epi8(u->wperm[h], raw)),
-                                u->wmask);
+        q[h] = _mm512_multishift_epi64_epi8(u->wshifts[h], _mm512_permutexvar_epi8(u->wperm[h], raw));
 }
 
 /* one row against tb bf16 tokens: per group a table of the levels' weights RNE32(q a - b) rounded to bf16 (32 of
@@ -336,9 +353,8 @@ static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *cod
                                                               const uint8_t *pairs, const uint16_t *supers, int sup,
                                                               int64_t g0, int64_t groups, const uint16_t *x,
                                                               int64_t ldx, float *y, int64_t ldy, const int tb) {
-    const __m512 i0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 i16 = _mm512_add_ps(i0, _mm512_set1_ps(16)), i32 = _mm512_add_ps(i0, _mm512_set1_ps(32)),
-                 i48 = _mm512_add_ps(i0, _mm512_set1_ps(48));
+    const __m512 i0 = u->level0, i16 = u->level16, i32 = _mm512_add_ps(i0, _mm512_set1_ps(32)),
+                 i48 = _mm512_add_ps(i16, _mm512_set1_ps(32));
     const int wide = u->bits == 6;
     __m512 acc[KQ_TB][2];
     for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -415,42 +431,85 @@ void resmoe_kq_matmul(int64_t m, int64_t n, const uint8_t *codes, int bits, cons
 #endif
 }
 
-/* y (T, n; row stride ldy) must be zero on entry */
+/* tokens a pass and column groups a block of the h @ W product (registers: KQ_RB KQ_NB 4 accumulators) */
+#define KQ_RB 4
+#define KQ_NB 4
+
+#if KQ_AVX512
+/* y[t][64 j ...] for the nb column groups j0 ... j0 + nb - 1 and tb tokens: every row's share summed in registers
+   (tb nb 4 accumulators), written once at the end (constants after inlining) */
+static inline __attribute__((always_inline)) void kq_rcols(const uint8_t *codes, const kq_unpacker *u,
+                                                           const uint8_t *pairs, const uint16_t *supers, int sup,
+                                                           int rnd, int64_t m, int64_t groups, int64_t j0,
+                                                           const float *h, int64_t ldh, float *y, int64_t ldy,
+                                                           const int tb, const int nb) {
+    __m512 acc[KQ_RB][KQ_NB][4];
+    for (int t = 0; t < tb; t++)
+        for (int b = 0; b < nb; b++)
+            for (int k = 0; k < 4; k++) acc[t][b][k] = _mm512_setzero_ps();
+    const int64_t row_bytes = u->bits ? (int64_t)u->bits * 8 * groups : (KQ_GROUP * groups) / 5;
+    for (int64_t r = 0; r < m; r++) {
+        __builtin_prefetch(codes + (r + 4) * row_bytes + (u->bits ? (int64_t)u->bits * 8 * j0 : KQ_GROUP * j0 / 5),
+                           0, 0);
+        __m512 ht[KQ_RB];
+        for (int t = 0; t < tb; t++) ht[t] = _mm512_set1_ps(h[t * ldh + r]);
+        for (int b = 0; b < nb; b++) {
+            __m512 w[4];
+            kq_weights64(codes, u, pairs, supers, sup, rnd, r * groups + j0 + b, w);
+            for (int t = 0; t < tb; t++)
+                for (int k = 0; k < 4; k++) acc[t][b][k] = _mm512_fmadd_ps(ht[t], w[k], acc[t][b][k]);
+        }
+    }
+    for (int t = 0; t < tb; t++)
+        for (int b = 0; b < nb; b++)
+            for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + t * ldy + KQ_GROUP * (j0 + b) + 16 * k, acc[t][b][k]);
+}
+#endif
+
+/* every element of y (T, n; row stride ldy) is written */
 void resmoe_kq_rmatmul(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
                        const uint16_t *supers, int sup, int rnd, int64_t T, const float *h, int64_t ldh, float *y,
                        int64_t ldy, int nthreads) {
     const int64_t groups = n / KQ_GROUP;
     KQ_SETUP(bits);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-        int nt = 1, id = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        const int64_t j0 = groups * id / nt, j1 = groups * (id + 1) / nt; /* this thread's column groups */
-        for (int64_t r = 0; r < m; r++) {
-            for (int64_t j = j0; j < j1; j++) {
-                const int64_t g = r * groups + j;
+    for (int64_t t0 = 0; t0 < T; t0 += KQ_RB) {
+        const int tb = (int)(T - t0 < KQ_RB ? T - t0 : KQ_RB);
+        const int nb = tb == 1 ? 4 : 1; /* tb nb <= 4: at most 16 accumulators */
+        const int64_t blocks = (groups + nb - 1) / nb;
+        const float *ht = h + t0 * ldh;
+        float *yt = y + t0 * ldy;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t j0 = blk * nb;
+            const int nbb = (int)(groups - j0 < nb ? groups - j0 : nb);
 #if KQ_AVX512
-                __m512 w[4];
-                kq_weights64(codes, &u, pairs, supers, sup, rnd, g, w);
-                for (int64_t t = 0; t < T; t++) {
-                    const __m512 ht = _mm512_set1_ps(h[t * ldh + r]);
-                    float *yt = y + t * ldy + KQ_GROUP * j;
-                    for (int k = 0; k < 4; k++)
-                        _mm512_storeu_ps(yt + 16 * k, _mm512_fmadd_ps(ht, w[k], _mm512_loadu_ps(yt + 16 * k)));
+#define KQ_RCOLS(J, TB, NB) kq_rcols(codes, &u, pairs, supers, sup, rnd, m, groups, J, ht, ldh, yt, ldy, TB, NB)
+            if (tb == 1 && nbb == 4)
+                KQ_RCOLS(j0, 1, 4);
+            else if (tb == 2 && nbb == 2)
+                KQ_RCOLS(j0, 2, 2);
+            else /* a pass of 3 or 4 tokens, or the last block's groups one by one */
+                for (int64_t j = j0; j < j0 + nbb; j++) {
+                    if (tb == 1) KQ_RCOLS(j, 1, 1);
+                    else if (tb == 2) KQ_RCOLS(j, 2, 1);
+                    else if (tb == 3) KQ_RCOLS(j, 3, 1);
+                    else KQ_RCOLS(j, 4, 1);
                 }
+#undef KQ_RCOLS
 #else
-                float w[KQ_GROUP];
-                kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, g, w);
-                for (int64_t t = 0; t < T; t++) {
-                    const float ht = h[t * ldh + r];
-                    float *yt = y + t * ldy + KQ_GROUP * j;
-                    for (int i = 0; i < KQ_GROUP; i++) yt[i] += ht * w[i];
+            for (int t = 0; t < tb; t++)
+                for (int64_t c = KQ_GROUP * j0; c < KQ_GROUP * (j0 + nbb); c++) yt[t * ldy + c] = 0.0f;
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t j = j0; j < j0 + nbb; j++) {
+                    float w[KQ_GROUP];
+                    kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, r * groups + j, w);
+                    for (int t = 0; t < tb; t++) {
+                        const float hr = ht[t * ldh + r];
+                        float *yr = yt + t * ldy + KQ_GROUP * j;
+                        for (int i = 0; i < KQ_GROUP; i++) yr[i] += hr * w[i];
+                    }
                 }
 #endif
-            }
         }
     }
 }
