@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                          "RUNTIME_BF16.md and runtime_bf16.png")
     ap.add_argument("--skip-kquant", action="store_true",
                     help=f"leave the {KQUANT} file out (its conversion takes long; --only-kquant measures it alone)")
+    ap.add_argument("--runs", type=int, default=RUNS, help=f"fresh processes per row, their median reported "
+                                                             f"(default {RUNS})")
     ap.add_argument("--files", metavar="DIR",
                     help="keep the converted files in DIR and reuse those already there (same model shape and dtype: "
                          "the synthetic source is seeded); the report lists the reused ones")
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     prov = collect(("torch", "transformers", "numpy", "scipy"))
+    prov["timing_runs"] = a.runs
     from converters.convert import ConvertOptions, convert
     from converters.example import write_mixtral_checkpoint
 
@@ -278,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             write_byte_tokenizer(src)
         expert_dense = a.layers * a.experts * 3 * a.hidden * a.inter * (2 if a.only_bf16 else 4)
         print(f"dense checkpoint: {dense_bytes / 2**20:.0f} MiB, experts {expert_dense / 2**20:.0f} MiB", flush=True)
-        baseline = run_child("baseline", src, "none", a.vocab)["rss"]
+        baseline = run_child("baseline", src, "none", a.vocab, runs=a.runs)["rss"]
         rows.append({"variant": "dense", "mode": "dense", "file_bytes": dense_bytes, "expert_bytes": expert_dense,
-                     **run_child("dense", src, "dense", a.vocab, dtype=dtype)})
+                     **run_child("dense", src, "dense", a.vocab, runs=a.runs, dtype=dtype)})
         prov["dense_experts_implementation"] = rows[-1]["experts_implementation"]
         print(rows[-1], flush=True)
         for name, opts in variants.items():
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 if label.startswith("lazy, cache ") and label.endswith("%"):
                     mode = f"lazy:{int(records * int(label[len('lazy, cache '):-1]) / 100)}"
                 rows.append({"variant": name, "mode": label, "file_bytes": f.stat().st_size, "expert_records": records,
-                             **file_bytes(f), **run_child("rmoe", f, mode, a.vocab, dtype=dtype)})
+                             **file_bytes(f), **run_child("rmoe", f, mode, a.vocab, runs=a.runs, dtype=dtype)})
                 print(rows[-1], flush=True)
     meta = {"hidden": a.hidden, "inter": a.inter, "layers": a.layers, "experts": a.experts, "top_k": 2,
             "vocab": a.vocab, "dtype": dtype, "prefill_tokens": PREFILL, "decode_steps": DECODE,
@@ -356,9 +359,10 @@ def report(res: dict, png: str) -> str:
         f"Converted with `resmoe-convert` ({', '.join(dict.fromkeys(r['variant'] for r in rows[1:]))}); every mode "
         "runs in float32 on the CPU. Dense baseline: "
         f"the source checkpoint loaded with transformers' `from_pretrained` (experts implementation "
-        f"`{dense.get('experts_implementation')}`). Each row is the median of {RUNS} fresh processes (decode with "
-        f"the range of the runs). Prefill: {m['prefill_tokens']} tokens per sequence; decode: {m['decode_steps']} "
-        "steps with the KV cache; tokens/s count all sequences of the batch. Memory is VmRSS after load and VmHWM "
+        f"`{dense.get('experts_implementation')}`). Each row is the median of {prov['timing_runs']} fresh processes "
+        f"(decode with the range of the runs). Prefill: {m['prefill_tokens']} tokens per sequence; decode: "
+        f"{m['decode_steps']} steps with the KV cache; tokens/s count all sequences of the batch. Memory is VmRSS "
+        "after load and VmHWM "
         f"while running (reset after load). The interpreter with torch and transformers imported, and no model, "
         f"is {base / MIB:.0f} MiB.", "",
         table(rows), "",
@@ -534,7 +538,8 @@ def report_bf16(res: dict, png: str) -> str:
         f"{m['vocab']}; {m['dense_bytes'] / MIB:.0f} MiB of weights, {m['expert_dense_bytes'] / MIB:.0f} MiB of them "
         "experts. Dense: the source loaded with transformers' `from_pretrained(dtype=torch.bfloat16)` (experts "
         f"implementation `{dense.get('experts_implementation')}`); the others `load_model(..., dtype=\"bf16\")`. "
-        f"Each row is the median of {RUNS} fresh processes (ranges in brackets); prefill {m['prefill_tokens']} "
+        f"Each row is the median of {prov['timing_runs']} fresh processes (ranges in brackets); prefill "
+        f"{m['prefill_tokens']} "
         f"tokens, decode {m['decode_steps']} steps with the KV cache. Fused mode's compiled kernels: "
         f"{'in use' if kern.get('available') else 'not in use (' + str(kern.get('reason')) + ')'}, AVX-512 "
         f"{'yes' if kern.get('avx512') else 'no'}, AVX512-BF16 dot products {'yes' if kern.get('dpbf16') else 'no'}.",

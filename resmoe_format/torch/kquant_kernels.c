@@ -279,6 +279,10 @@ static inline __m512 kq_round16(__m512 v, int rnd) {
     return v;
 }
 
+/* q a - b for levels q < 32 as spec 5.10 computes it, RNE32(RNE32(q a) - b), in one fused multiply-subtract: a has
+   at most 11 + 8 significant bits (5.10), so q a (at most 24) is exact and its own rounding changes nothing */
+#define KQ_LEVELS(q, va, vb) _mm512_fmsub_ps((q), (va), (vb))
+
 /* the group's 64 weights as four vectors of 16 */
 static inline __attribute__((always_inline)) void kq_weights64(const uint8_t *codes, const kq_unpacker *u,
                                                                const uint8_t *pairs, const uint16_t *supers, int sup,
@@ -287,12 +291,10 @@ static inline __attribute__((always_inline)) void kq_weights64(const uint8_t *co
     float a, b;
     kq_affine(pairs, supers, sup, g, &a, &b);
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-    if (u->bits <= 5) { /* ternary, q2 ... q5: the levels' weights (the same two operations) in one or two
-                           registers, looked up by code */
+    if (u->bits <= 5) { /* ternary, q2 ... q5: the levels' weights in one or two registers, looked up by code */
         const __m512 i0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512 lo = kq_round16(_mm512_sub_ps(_mm512_mul_ps(i0, va), vb), rnd);
-        const __m512 hi = u->bits == 5 ? kq_round16(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(i0, _mm512_set1_ps(16)),
-                                                                                va), vb), rnd) : lo;
+        const __m512 lo = kq_round16(KQ_LEVELS(i0, va, vb), rnd);
+        const __m512 hi = u->bits == 5 ? kq_round16(KQ_LEVELS(_mm512_add_ps(i0, _mm512_set1_ps(16)), va, vb), rnd) : lo;
         for (int k = 0; k < 4; k++)
             w[k] = _mm512_permutex2var_ps(lo, _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, k)), hi);
         return;
@@ -363,8 +365,13 @@ static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *cod
         float a, b;
         kq_affine(pairs, supers, sup, g, &a, &b);
         const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(i16, va), vb),
-                                                        _mm512_sub_ps(_mm512_mul_ps(i0, va), vb));
+        __m512i lo;
+        if (u->bits <= 4) { /* 16 levels at most: the table's halves are the same (level0 is periodic) */
+            const __m512 v = KQ_LEVELS(i0, va, vb);
+            lo = (__m512i)_mm512_cvtne2ps_pbh(v, v);
+        } else {
+            lo = (__m512i)_mm512_cvtne2ps_pbh(KQ_LEVELS(i16, va, vb), KQ_LEVELS(i0, va, vb));
+        }
         __m512i q[2], w[2];
         kq_codes_words(codes, u, g, q);
         if (wide) {
