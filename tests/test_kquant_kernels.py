@@ -77,16 +77,23 @@ def test_products_are_the_restored_weights(monkeypatch, vd, layout):
 @pytest.mark.parametrize("vd", KQ_DTYPES)
 def test_bf16_activations_multiply_by_the_weights_rounded_to_bf16(monkeypatch, vd):
     """bf16 activations: with AVX512-BF16 every decoded weight is rounded to bf16 (a per-group table looked up by
-    vpermw, then vdpbf16ps), as torch's bf16 product of the dequantized matrix multiplies by it; RESMOE_DPBF16=0 (or
-    8-bit codes) multiplies the exact float32 weights instead."""
-    pv = packed(vd, (21, 192), LAYOUTS[0], seed=3)
-    w = pv.tensor()
-    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    args = pv._kernel_args(5)
+    vpermw, then vdpbf16ps; for h @ W two rows' weights a column in each product), as torch's bf16 product of the
+    dequantized matrix multiplies by it; RESMOE_DPBF16=0 (or 8-bit codes) multiplies the exact float32 weights."""
     rounded = native.uses_kq_dpbf16() and vd != "q8"
-    close(native.kq_matmul(*args, x), x, w.to(torch.bfloat16) if rounded else w, rhs=False)
-    monkeypatch.setenv("RESMOE_DPBF16", "0")
-    close(native.kq_matmul(*args, x), x, w, rhs=False)
+    for m in (21, 6):  # rows in pairs for h @ W: an odd count pairs the last row with zeros
+        pv = packed(vd, (m, 192), LAYOUTS[0], seed=3)
+        w = pv.tensor()
+        for T in (1, 2, 5):
+            g = torch.Generator().manual_seed(T)
+            x, h = (torch.randn(T, k, generator=g).to(torch.bfloat16) for k in (192, m))
+            args = pv._kernel_args(T)
+            with monkeypatch.context() as mp:
+                for off in (False, True):
+                    if off:
+                        mp.setenv("RESMOE_DPBF16", "0")
+                    want = w.to(torch.bfloat16) if rounded and not off else w
+                    close(native.kq_matmul(*args, x), x, want, rhs=False)
+                    close(native.kq_rmatmul(*args, h), h, want, rhs=True)
 
 
 @needs_kernels

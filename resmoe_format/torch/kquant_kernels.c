@@ -41,6 +41,9 @@
 
 #define KQ_GROUP 64
 #define KQ_TB 8 /* tokens per pass */
+/* tokens a pass and column groups a block of the h @ W product (registers: KQ_RB KQ_NB 4 accumulators) */
+#define KQ_RB 4
+#define KQ_NB 4
 
 /* CALL(k) with k = tb (1 ... KQ_TB) a constant, so that a row's accumulators stay in registers */
 #define KQ_BY_TOKENS(tb, CALL)                                                                                       \
@@ -349,40 +352,47 @@ static inline void kq_codes_words(const uint8_t *codes, const kq_unpacker *u, in
         q[h] = _mm512_multishift_epi64_epi8(u->wshifts[h], _mm512_permutexvar_epi8(u->wperm[h], raw));
 }
 
-/* one row against tb bf16 tokens: per group a table of the levels' weights RNE32(q a - b) rounded to bf16 (32 of
-   them, or 64 for 6-bit codes), looked up by vpermw, then vdpbf16ps (32 products an instruction, float32 sums) */
+/* the group's 64 weights as bf16 (two vectors of 32): a table of the levels' weights RNE32(q a - b) rounded to bf16
+   (32 entries, or 64 for 6-bit codes), looked up by vpermw */
+static inline __attribute__((always_inline)) void kq_weights_bf16(const uint8_t *codes, const kq_unpacker *u,
+                                                                  const uint8_t *pairs, const uint16_t *supers,
+                                                                  int sup, int64_t g, __m512i w[2]) {
+    float a, b;
+    kq_affine(pairs, supers, sup, g, &a, &b);
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    __m512i lo;
+    if (u->bits <= 4) { /* 16 levels at most: the table's halves are the same (level0 is periodic) */
+        const __m512 v = KQ_LEVELS(u->level0, va, vb);
+        lo = (__m512i)_mm512_cvtne2ps_pbh(v, v);
+    } else {
+        lo = (__m512i)_mm512_cvtne2ps_pbh(KQ_LEVELS(u->level16, va, vb), KQ_LEVELS(u->level0, va, vb));
+    }
+    __m512i q[2];
+    kq_codes_words(codes, u, g, q);
+    if (u->bits == 6) {
+        const __m512 i32 = _mm512_add_ps(u->level0, _mm512_set1_ps(32)), i48 = _mm512_add_ps(u->level16,
+                                                                                              _mm512_set1_ps(32));
+        const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(i48, va), vb),
+                                                        _mm512_sub_ps(_mm512_mul_ps(i32, va), vb));
+        w[0] = _mm512_permutex2var_epi16(lo, q[0], hi);
+        w[1] = _mm512_permutex2var_epi16(lo, q[1], hi);
+    } else {
+        w[0] = _mm512_permutexvar_epi16(q[0], lo);
+        w[1] = _mm512_permutexvar_epi16(q[1], lo);
+    }
+}
+
+/* one row against tb bf16 tokens: the weights as bf16 (kq_weights_bf16), then vdpbf16ps (32 products an
+   instruction, float32 sums) */
 static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *codes, const kq_unpacker *u,
                                                               const uint8_t *pairs, const uint16_t *supers, int sup,
                                                               int64_t g0, int64_t groups, const uint16_t *x,
                                                               int64_t ldx, float *y, int64_t ldy, const int tb) {
-    const __m512 i0 = u->level0, i16 = u->level16, i32 = _mm512_add_ps(i0, _mm512_set1_ps(32)),
-                 i48 = _mm512_add_ps(i16, _mm512_set1_ps(32));
-    const int wide = u->bits == 6;
     __m512 acc[KQ_TB][2];
     for (int t = 0; t < tb; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t j = 0; j < groups; j++) {
-        const int64_t g = g0 + j;
-        float a, b;
-        kq_affine(pairs, supers, sup, g, &a, &b);
-        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-        __m512i lo;
-        if (u->bits <= 4) { /* 16 levels at most: the table's halves are the same (level0 is periodic) */
-            const __m512 v = KQ_LEVELS(i0, va, vb);
-            lo = (__m512i)_mm512_cvtne2ps_pbh(v, v);
-        } else {
-            lo = (__m512i)_mm512_cvtne2ps_pbh(KQ_LEVELS(i16, va, vb), KQ_LEVELS(i0, va, vb));
-        }
-        __m512i q[2], w[2];
-        kq_codes_words(codes, u, g, q);
-        if (wide) {
-            const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(i48, va), vb),
-                                                            _mm512_sub_ps(_mm512_mul_ps(i32, va), vb));
-            w[0] = _mm512_permutex2var_epi16(lo, q[0], hi);
-            w[1] = _mm512_permutex2var_epi16(lo, q[1], hi);
-        } else {
-            w[0] = _mm512_permutexvar_epi16(q[0], lo);
-            w[1] = _mm512_permutexvar_epi16(q[1], lo);
-        }
+        __m512i w[2];
+        kq_weights_bf16(codes, u, pairs, supers, sup, g0 + j, w);
         for (int t = 0; t < tb; t++) {
             const uint16_t *xt = x + t * ldx + KQ_GROUP * j;
             acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)w[0], (__m512bh)_mm512_loadu_si512(xt));
@@ -390,6 +400,50 @@ static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *cod
         }
     }
     for (int t = 0; t < tb; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+/* h @ W for bf16 h, column groups j0 ... j0 + nb - 1, tb tokens: rows in pairs, the two rows' bf16 weights of each
+   column interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair (h[r], h[r+1]) in one vdpbf16ps. The
+   interleave orders each 32 columns as lo: 8l + 0..3, hi: 8l + 4..7 (l = 0..3); the sums are put back in column
+   order once, at the end. */
+static inline __attribute__((always_inline)) void kq_rcols_bf16(const uint8_t *codes, const kq_unpacker *u,
+                                                                const uint8_t *pairs, const uint16_t *supers, int sup,
+                                                                int64_t m, int64_t groups, int64_t j0,
+                                                                const uint16_t *h, int64_t ldh, float *y, int64_t ldy,
+                                                                const int tb, const int nb) {
+    __m512 acc[KQ_RB][KQ_NB][4];
+    for (int t = 0; t < tb; t++)
+        for (int b = 0; b < nb; b++)
+            for (int k = 0; k < 4; k++) acc[t][b][k] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < m; r += 2) {
+        const int pair = r + 1 < m;
+        __m512i hp[KQ_RB];
+        for (int t = 0; t < tb; t++) {
+            const uint32_t lo16 = h[t * ldh + r], hi16 = pair ? h[t * ldh + r + 1] : 0;
+            hp[t] = _mm512_set1_epi32((int)(lo16 | hi16 << 16));
+        }
+        for (int b = 0; b < nb; b++) {
+            __m512i w0[2], w1[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            kq_weights_bf16(codes, u, pairs, supers, sup, r * groups + j0 + b, w0);
+            if (pair) kq_weights_bf16(codes, u, pairs, supers, sup, (r + 1) * groups + j0 + b, w1);
+            for (int k = 0; k < 2; k++) {
+                const __m512i lo = _mm512_unpacklo_epi16(w0[k], w1[k]), hi = _mm512_unpackhi_epi16(w0[k], w1[k]);
+                for (int t = 0; t < tb; t++) {
+                    acc[t][b][2 * k] = _mm512_dpbf16_ps(acc[t][b][2 * k], (__m512bh)lo, (__m512bh)hp[t]);
+                    acc[t][b][2 * k + 1] = _mm512_dpbf16_ps(acc[t][b][2 * k + 1], (__m512bh)hi, (__m512bh)hp[t]);
+                }
+            }
+        }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int t = 0; t < tb; t++)
+        for (int b = 0; b < nb; b++)
+            for (int k = 0; k < 2; k++) {
+                float *yc = y + t * ldy + KQ_GROUP * (j0 + b) + 32 * k;
+                _mm512_storeu_ps(yc, _mm512_permutex2var_ps(acc[t][b][2 * k], first, acc[t][b][2 * k + 1]));
+                _mm512_storeu_ps(yc + 16, _mm512_permutex2var_ps(acc[t][b][2 * k], second, acc[t][b][2 * k + 1]));
+            }
 }
 #endif
 
@@ -438,10 +492,6 @@ void resmoe_kq_matmul(int64_t m, int64_t n, const uint8_t *codes, int bits, cons
 #endif
 }
 
-/* tokens a pass and column groups a block of the h @ W product (registers: KQ_RB KQ_NB 4 accumulators) */
-#define KQ_RB 4
-#define KQ_NB 4
-
 #if KQ_AVX512
 /* y[t][64 j ...] for the nb column groups j0 ... j0 + nb - 1 and tb tokens: every row's share summed in registers
    (tb nb 4 accumulators), written once at the end (constants after inlining) */
@@ -473,52 +523,85 @@ static inline __attribute__((always_inline)) void kq_rcols(const uint8_t *codes,
 }
 #endif
 
+/* the h @ W loop: tokens in passes of up to KQ_RB (tb of them; ht, yt), column groups in blocks split between the
+   threads; RCOLS(J, TB, NB) computes the NB groups from J for TB tokens (constants: registers hold the sums) */
+#define KQ_COLUMN_BLOCKS(HT, RCOLS)                                                                                  \
+    for (int64_t t0 = 0; t0 < T; t0 += KQ_RB) {                                                                      \
+        const int tb = (int)(T - t0 < KQ_RB ? T - t0 : KQ_RB);                                                       \
+        const int nb = tb == 1 ? KQ_NB : 1; /* tb nb <= 4: at most 16 accumulators */                                 \
+        const int64_t blocks = (groups + nb - 1) / nb;                                                               \
+        const HT *ht = h + t0 * ldh;                                                                                 \
+        float *yt = y + t0 * ldy;                                                                                    \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)")                         \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                                                 \
+            const int64_t j0 = blk * nb;                                                                             \
+            const int nbb = (int)(groups - j0 < nb ? groups - j0 : nb);                                              \
+            if (nbb == KQ_NB) {                                                                                      \
+                RCOLS(j0, 1, KQ_NB);                                                                                 \
+            } else { /* a pass of 2 to 4 tokens, or the last block's groups one by one */                             \
+                for (int64_t j = j0; j < j0 + nbb; j++) {                                                            \
+                    if (tb == 1) RCOLS(j, 1, 1);                                                                     \
+                    else if (tb == 2) RCOLS(j, 2, 1);                                                                \
+                    else if (tb == 3) RCOLS(j, 3, 1);                                                                \
+                    else RCOLS(j, 4, 1);                                                                             \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+#if !KQ_AVX512
+/* y[t][64 j ...] = sum_r h[t][r] W[r][64 j ...] for one column group (the portable loop) */
+static void kq_rcol_scalar(const uint8_t *codes, int bits, const uint8_t *pairs, const uint16_t *supers, int sup,
+                           int rnd, int64_t m, int64_t groups, int64_t j, const float *h, int64_t ldh, float *y,
+                           int64_t ldy, int tb) {
+    for (int t = 0; t < tb; t++) memset(y + t * ldy + KQ_GROUP * j, 0, KQ_GROUP * sizeof(float));
+    for (int64_t r = 0; r < m; r++) {
+        float w[KQ_GROUP];
+        kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, r * groups + j, w);
+        for (int t = 0; t < tb; t++) {
+            const float hr = h[t * ldh + r];
+            float *yr = y + t * ldy + KQ_GROUP * j;
+            for (int i = 0; i < KQ_GROUP; i++) yr[i] += hr * w[i];
+        }
+    }
+}
+#endif
+
 /* every element of y (T, n; row stride ldy) is written */
 void resmoe_kq_rmatmul(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
                        const uint16_t *supers, int sup, int rnd, int64_t T, const float *h, int64_t ldh, float *y,
                        int64_t ldy, int nthreads) {
     const int64_t groups = n / KQ_GROUP;
     KQ_SETUP(bits);
-    for (int64_t t0 = 0; t0 < T; t0 += KQ_RB) {
-        const int tb = (int)(T - t0 < KQ_RB ? T - t0 : KQ_RB);
-        const int nb = tb == 1 ? 4 : 1; /* tb nb <= 4: at most 16 accumulators */
-        const int64_t blocks = (groups + nb - 1) / nb;
-        const float *ht = h + t0 * ldh;
-        float *yt = y + t0 * ldy;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t j0 = blk * nb;
-            const int nbb = (int)(groups - j0 < nb ? groups - j0 : nb);
 #if KQ_AVX512
 #define KQ_RCOLS(J, TB, NB) kq_rcols(codes, &u, pairs, supers, sup, rnd, m, groups, J, ht, ldh, yt, ldy, TB, NB)
-            if (tb == 1 && nbb == 4)
-                KQ_RCOLS(j0, 1, 4);
-            else if (tb == 2 && nbb == 2)
-                KQ_RCOLS(j0, 2, 2);
-            else /* a pass of 3 or 4 tokens, or the last block's groups one by one */
-                for (int64_t j = j0; j < j0 + nbb; j++) {
-                    if (tb == 1) KQ_RCOLS(j, 1, 1);
-                    else if (tb == 2) KQ_RCOLS(j, 2, 1);
-                    else if (tb == 3) KQ_RCOLS(j, 3, 1);
-                    else KQ_RCOLS(j, 4, 1);
-                }
-#undef KQ_RCOLS
 #else
-            for (int t = 0; t < tb; t++)
-                for (int64_t c = KQ_GROUP * j0; c < KQ_GROUP * (j0 + nbb); c++) yt[t * ldy + c] = 0.0f;
-            for (int64_t r = 0; r < m; r++)
-                for (int64_t j = j0; j < j0 + nbb; j++) {
-                    float w[KQ_GROUP];
-                    kq_weights_scalar(codes, bits, pairs, supers, sup, rnd, r * groups + j, w);
-                    for (int t = 0; t < tb; t++) {
-                        const float hr = ht[t * ldh + r];
-                        float *yr = yt + t * ldy + KQ_GROUP * j;
-                        for (int i = 0; i < KQ_GROUP; i++) yr[i] += hr * w[i];
-                    }
-                }
+#define KQ_RCOLS(J, TB, NB)                                                                                          \
+    for (int64_t jj = (J); jj < (J) + (NB); jj++)                                                                    \
+    kq_rcol_scalar(codes, bits, pairs, supers, sup, rnd, m, groups, jj, ht, ldh, yt, ldy, TB)
 #endif
-        }
-    }
+    KQ_COLUMN_BLOCKS(float, KQ_RCOLS)
+#undef KQ_RCOLS
+}
+
+/* h @ W for bf16 h with the weights rounded to bf16 (as resmoe_kq_matmul_bf16). Returns 0 (computing nothing)
+   without AVX512-BF16 or for 8-bit codes, where resmoe_kq_rmatmul serves. */
+int resmoe_kq_rmatmul_bf16(int64_t m, int64_t n, const uint8_t *codes, int bits, const uint8_t *pairs,
+                           const uint16_t *supers, int sup, int64_t T, const uint16_t *h, int64_t ldh, float *y,
+                           int64_t ldy, int nthreads) {
+#if KQ_DPBF16
+    if (bits == 8) return 0;
+    const int64_t groups = n / KQ_GROUP;
+    KQ_SETUP(bits);
+#define KQ_RCOLS_BF16(J, TB, NB) kq_rcols_bf16(codes, &u, pairs, supers, sup, m, groups, J, ht, ldh, yt, ldy, TB, NB)
+    KQ_COLUMN_BLOCKS(uint16_t, KQ_RCOLS_BF16)
+#undef KQ_RCOLS_BF16
+    return 1;
+#else
+    (void)m; (void)n; (void)codes; (void)bits; (void)pairs; (void)supers; (void)sup; (void)T; (void)h; (void)ldh;
+    (void)y; (void)ldy; (void)nthreads;
+    return 0;
+#endif
 }
 
 /* out[64 g + i] = the decoded value i of group g (spec 5.10, bit for bit) for the first `groups` groups of a value

@@ -123,6 +123,8 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_kq_matmul_bf16.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, i64, ptr,
                                                       i64, ptr, i64, ctypes.c_int]
                 lib.resmoe_kq_matmul_bf16.restype = ctypes.c_int
+                lib.resmoe_kq_rmatmul_bf16.argtypes = lib.resmoe_kq_matmul_bf16.argtypes
+                lib.resmoe_kq_rmatmul_bf16.restype = ctypes.c_int
                 lib.resmoe_kq_dequantize.argtypes = [i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
                 lib.resmoe_kq_dequantize.restype = None
             _state["lib"] = lib
@@ -202,11 +204,11 @@ def kq_supported(shape: tuple[int, ...], group: int, device: torch.device) -> bo
 
 
 def _kq_call(fn: str, codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
-             round_bf16: bool, shape: tuple[int, int], x: torch.Tensor, out_width: int, zero: bool) -> torch.Tensor:
+             round_bf16: bool, shape: tuple[int, int], x: torch.Tensor, out_width: int) -> torch.Tensor:
     m, n = shape
     xf = x.to(torch.float32).contiguous()
     T = xf.shape[0]
-    y = (torch.zeros if zero else torch.empty)(T, out_width, dtype=torch.float32)
+    y = torch.empty(T, out_width, dtype=torch.float32)
     getattr(_kernels(), fn)(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, int(round_bf16),
                             T, xf.data_ptr(), xf.shape[1], y.data_ptr(), out_width, torch.get_num_threads())
     return y
@@ -236,13 +238,20 @@ def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch
                                             supers.data_ptr(), sup, x.shape[0], xb.data_ptr(), shape[1], y.data_ptr(),
                                             shape[0], torch.get_num_threads()):
             return y
-    return _kq_call("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0], False)
+    return _kq_call("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0])
 
 
 def kq_rmatmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
                shape: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
-    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul`."""
-    return _kq_call("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1], True)
+    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, weights rounded to bf16)."""
+    if h.dtype == torch.bfloat16 and uses_kq_dpbf16():
+        hb = h.contiguous()
+        y = torch.empty(h.shape[0], shape[1], dtype=torch.float32)
+        if _kernels().resmoe_kq_rmatmul_bf16(shape[0], shape[1], codes.data_ptr(), bits, pairs.data_ptr(),
+                                             supers.data_ptr(), sup, h.shape[0], hb.data_ptr(), shape[0],
+                                             y.data_ptr(), shape[1], torch.get_num_threads()):
+            return y
+    return _kq_call("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1])
 
 
 #: the value dtypes the kernels read, by code
