@@ -147,20 +147,27 @@ def child(kind: str, path: str, mode: str, vocab: int, out: str, dtype: str = "f
     Path(out).write_text(json.dumps(res))
 
 
-def run_child(kind: str, path: Path, mode: str, vocab: int, runs: int = RUNS, dtype: str = "fp32") -> dict:
-    """``runs`` fresh processes: every numeric figure as its median, with all runs under ``"runs"``."""
-    results = []
-    for _ in range(runs):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, __file__, "--child", kind, str(path), mode, str(vocab), f.name, dtype],
-                           check=True)
-            results.append(json.loads(Path(f.name).read_text()))
+def run_once(kind: str, path: Path, mode: str, vocab: int, dtype: str = "fp32") -> dict:
+    """One fresh process's measurements."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, __file__, "--child", kind, str(path), mode, str(vocab), f.name, dtype],
+                       check=True)
+        return json.loads(Path(f.name).read_text())
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Every numeric figure of several runs as its median, with its spread."""
     out = dict(results[-1])
     for k, v in results[-1].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = statistics.median(r[k] for r in results)
             out[f"{k}_spread"] = spread([r[k] for r in results])
     return out
+
+
+def run_child(kind: str, path: Path, mode: str, vocab: int, runs: int = RUNS, dtype: str = "fp32") -> dict:
+    """``runs`` fresh processes: every numeric figure as its median, with all runs under ``"runs"``."""
+    return aggregate([run_once(kind, path, mode, vocab, dtype) for _ in range(runs)])
 
 
 def expert_records(path: Path, dtype: str) -> int:
@@ -282,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         expert_dense = a.layers * a.experts * 3 * a.hidden * a.inter * (2 if a.only_bf16 else 4)
         print(f"dense checkpoint: {dense_bytes / 2**20:.0f} MiB, experts {expert_dense / 2**20:.0f} MiB", flush=True)
         baseline = run_child("baseline", src, "none", a.vocab, runs=a.runs)["rss"]
-        rows.append({"variant": "dense", "mode": "dense", "file_bytes": dense_bytes, "expert_bytes": expert_dense,
-                     **run_child("dense", src, "dense", a.vocab, runs=a.runs, dtype=dtype)})
-        prov["dense_experts_implementation"] = rows[-1]["experts_implementation"]
-        print(rows[-1], flush=True)
+        # every file first, then the timings in rounds (each round runs every row once, in table order), so that a
+        # slower or faster spell of the machine falls on all rows alike rather than on one
+        jobs = [({"variant": "dense", "mode": "dense", "file_bytes": dense_bytes, "expert_bytes": expert_dense},
+                 ("dense", src, "dense"))]
         for name, opts in variants.items():
-            f = Path(tmp) / f"{len(rows)}.rmoe"
+            f = Path(tmp) / f"{len(jobs)}.rmoe"
             if a.files:  # kept, and reused when this model's file is already there (the source is seeded)
                 slug = "".join(c if c.isalnum() else "_" for c in name)
                 f = Path(a.files) / f"{slug}-{a.layers}x{a.hidden}x{a.inter}x{a.experts}-{dtype}.rmoe"
@@ -302,9 +309,17 @@ def main(argv: list[str] | None = None) -> int:
                 mode = everything if label == "lazy, cache = all experts" else label
                 if label.startswith("lazy, cache ") and label.endswith("%"):
                     mode = f"lazy:{int(records * int(label[len('lazy, cache '):-1]) / 100)}"
-                rows.append({"variant": name, "mode": label, "file_bytes": f.stat().st_size, "expert_records": records,
-                             **file_bytes(f), **run_child("rmoe", f, mode, a.vocab, runs=a.runs, dtype=dtype)})
-                print(rows[-1], flush=True)
+                jobs.append(({"variant": name, "mode": label, "file_bytes": f.stat().st_size,
+                              "expert_records": records, **file_bytes(f)}, ("rmoe", f, mode)))
+        results: list[list[dict]] = [[] for _ in jobs]
+        for i in range(a.runs):
+            for (static, (kind, path, mode)), res in zip(jobs, results):
+                res.append(run_once(kind, path, mode, a.vocab, dtype))
+                print(f"round {i + 1}/{a.runs}", static["variant"], static["mode"],
+                      {k: round(res[-1][k], 1) for k in ("decode_b1", "decode_b8")}, flush=True)
+        rows = [{**static, **aggregate(res)} for (static, _), res in zip(jobs, results)]
+        prov["dense_experts_implementation"] = rows[0]["experts_implementation"]
+        prov["timing_order"] = f"interleaved: {a.runs} rounds, each runs every row once in table order"
     meta = {"hidden": a.hidden, "inter": a.inter, "layers": a.layers, "experts": a.experts, "top_k": 2,
             "vocab": a.vocab, "dtype": dtype, "prefill_tokens": PREFILL, "decode_steps": DECODE,
             "baseline_rss": baseline, "dense_bytes": dense_bytes, "expert_dense_bytes": expert_dense}
