@@ -13,6 +13,8 @@ continues it). OUT is published atomically when training ends; a failed or kille
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -26,6 +28,18 @@ from .errors import ConversionError
 
 STATE_SUFFIX = ".ce-state"
 OBJECTIVES = ("lm", "distill")
+
+
+@contextlib.contextmanager
+def swapped(params: list, values: list):
+    """``params`` hold ``values`` inside the block (their storage exchanged, no copy), their own afterwards."""
+    for p, v in zip(params, values):
+        p.data, v.data = v.data, p.data
+    try:
+        yield
+    finally:
+        for p, v in zip(params, values):
+            p.data, v.data = v.data, p.data
 
 
 @dataclass
@@ -42,9 +56,9 @@ class TuneOptions:
     device: str = "auto"
     resume: bool = False
     checkpoint_every: int = 50
-    #: "distill": KL(full top-k || compressed) on the text, the full top-k model (the same model with n_ce = 0)
-    #: as the teacher (the default: it lowers the held-out KL divergence where "lm" raised it); "lm": next-token
-    #: loss on the text (the paper's SFT)
+    #: "distill": KL(full top-k || compressed) on the text, the full top-k model (the same model with n_ce = 0,
+    #: its experts as SRC has them even while --train-experts changes them) as the teacher (the default: it lowers
+    #: the held-out KL divergence where "lm" raised it); "lm": next-token loss on the text (the paper's SFT)
     objective: str = "distill"
 
 
@@ -223,6 +237,9 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
                 p.requires_grad_(True)
             groups.append({"params": expert_params, "lr": opts.expert_lr})
         optim = torch.optim.AdamW(groups, weight_decay=0.0)
+        # distill with --train-experts: the teacher is the full top-k of the experts as SRC has them, not of the
+        # experts being trained (a teacher that moves with them can agree with the student by getting worse)
+        frozen = [p.detach().clone() for p in expert_params] if opts.objective == "distill" else []
         step, losses = 0, []
         if state is not None:
             with torch.no_grad():
@@ -247,7 +264,7 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
             x = torch.from_numpy(batch_windows(ids, opts.window, opts.batch, opts.seed, step)).to(device)
             if opts.objective == "distill":
                 set_n_ce(model, 0)
-                with torch.no_grad():
+                with torch.no_grad(), swapped(expert_params, frozen):
                     teacher = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
                 set_n_ce(model, opts.n_ce)
             logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()

@@ -476,6 +476,36 @@ def test_train_experts_writes_tuned_experts(ckpt, lossless, text_file, tmp_path)
         _tune(lossless, tmp_path / "x.rmoe", text_file, train_experts=True)
 
 
+def test_distill_teacher_is_the_source_experts_full_top_k(ckpt, lossless, text_file, tmp_path, monkeypatch):
+    """--objective distill with --train-experts: every step's teacher (the full top-k) runs on the experts as SRC has
+    them, while the student's experts move; a teacher that moved with them could agree with the student by getting
+    worse."""
+    import contextlib
+
+    import converters.tune_ce as tc
+
+    seen: list[list[torch.Tensor]] = []
+    real = tc.swapped
+
+    @contextlib.contextmanager
+    def spy(params, values):
+        with real(params, values):
+            seen.append([p.detach().clone() for p in params])
+            yield
+
+    monkeypatch.setattr(tc, "swapped", spy)
+    out = tmp_path / "dt.rmoe"
+    _tune(ckpt, out, text_file, steps=3, train_experts=True, expert_lr=1e-2, objective="distill")
+    assert len(seen) == 3
+    with resmoe_format.open(lossless) as r0, resmoe_format.open(out) as r:
+        from resmoe_format.restore import restore_expert
+
+        moved = [not np.array_equal(restore_expert(r, lay.index, 0)["gate"], restore_expert(r0, lay.index, 0)["gate"])
+                 for lay in r.layers]
+    assert any(moved)  # the student's experts were trained ...
+    assert all(torch.equal(a, b) for step in seen[1:] for a, b in zip(step, seen[0]))  # ... the teacher's were not
+
+
 def _cli(argv, capsys):
     from converters.cli.tune_ce import main
 

@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
                     help=f"with --train-experts: the experts' learning rate (default {d.expert_lr:g})")
     ap.add_argument("--objective", choices=("lm", "distill"), default=d.objective,
                     help="lm: next-token loss on TEXT (the paper's fine-tuning); distill: KL divergence from the full "
-                         "top-k model on TEXT, which needs no labels and aims at the full model (default distill)")
+                         "top-k model on TEXT (its experts as SRC has them, also with --train-experts), which needs no "
+                         "labels and aims at the full model (default distill)")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"data order and initialisation seed (default {d.seed})")
     ap.add_argument("--window", type=int, default=d.window, help=f"tokens per training window (default {d.window})")
     ap.add_argument("--batch", type=int, default=d.batch, help=f"windows per step (default {d.batch})")
