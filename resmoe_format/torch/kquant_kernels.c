@@ -7,12 +7,15 @@
  * n must be a multiple of 64, so that every row holds whole groups.
  *
  * Every weight is decoded exactly as spec 5.10 says: a = fp32(d) * sc, b = fp32(m) * mc (both exact), then
- * v = RNE32(RNE32(q * a) - b), two instructions and never a fused multiply-add; with rnd 1 v is then
- * rounded to bfloat16, RNE, and widened back (rnd 0: not rounded). Products and sums are float32 (their order differs
- * from torch's, spec 6.7).
+ * v = RNE32(RNE32(q * a) - b): a multiplication and a subtraction, or for levels q < 32 one fused multiply-subtract,
+ * which gives the same bits because q * a is exact there (KQ_LEVELS); with rnd 1 v is then rounded to bfloat16,
+ * RNE, and widened back (rnd 0: not rounded). Products and sums are float32 (their order differs from torch's,
+ * spec 6.7).
  *
  *   resmoe_kq_matmul:  y[t][r] = sum_c W[r][c] * x[t][c]   (x @ W.T: rows of W split between threads)
  *   resmoe_kq_rmatmul: y[t][c] = sum_r h[t][r] * W[r][c]   (h @ W:   column groups split between threads)
+ *   the _bf16 entry points: the same for bf16 activations, each weight rounded to bf16 (vdpbf16ps)
+ *   resmoe_kq_dequantize: every value of a matrix (products with many tokens)
  *
  * The AVX-512 path (F, BW, VBMI: vpermb and vpmultishiftqb cut 64 codes out of their bytes in two
  * instructions) needs -march=native on such a CPU; any other CPU runs the portable loop.
