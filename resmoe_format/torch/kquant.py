@@ -165,15 +165,18 @@ class PackedValues:
     def tensor(self) -> torch.Tensor:
         """The values in ``shape``: float32 bit for bit as the file restores them (decoded by the compiled kernels
         on the CPU for whole 64-value groups), rounded to ``round_to`` if set, in ``dtype``."""
-        if (self.n % native.KQ_GROUP == 0 and self.layout.group == native.KQ_GROUP and self.codes.device.type == "cpu"
-                and native.available()):
-            bits = 0 if self.value_dtype == "ternary" else int(KQ_BITS[self.value_dtype])
-            v = native.kq_dequantize(self.codes, bits, self.pairs, self.supers, self.layout.super, self.n)
+        if native.kq_supported((1, self.n), self.layout.group, self.codes.device):  # whole groups
+            v = native.kq_dequantize(self.codes, self.code_bits, self.pairs, self.supers, self.layout.super, self.n)
         else:
             v = dequantize_codes(self.codes, self.pairs, self.supers, self.n, self.value_dtype, self.layout)
         if self.round_to is not None:
             v = v.to(self.round_to)
         return v.to(self.dtype).view(self.shape)
+
+    @property
+    def code_bits(self) -> int:
+        """The kernels' code width: 2 ... 8 bits, 0 for ternary."""
+        return 0 if self.value_dtype == "ternary" else int(KQ_BITS[self.value_dtype])
 
     def _kernel_args(self, tokens: int) -> tuple | None:
         """The compiled kernels' arguments for a product with ``tokens`` tokens, or None where they do not apply
@@ -184,9 +187,8 @@ class PackedValues:
             self._args = None
             if self.round_to in (None, torch.bfloat16) and native.kq_supported(self.shape, self.layout.group,
                                                                                self.codes.device):
-                bits = 0 if self.value_dtype == "ternary" else int(KQ_BITS[self.value_dtype])
-                self._args = (self.codes, bits, self.pairs, self.supers, self.layout.super, self.round_to is not None,
-                              self.shape)
+                self._args = (self.codes, self.code_bits, self.pairs, self.supers, self.layout.super,
+                              self.round_to is not None, self.shape)
         return self._args
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

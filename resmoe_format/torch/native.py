@@ -192,8 +192,8 @@ def uses_kq_avx512() -> bool:
 
 def uses_kq_dpbf16() -> bool:
     """Whether bf16 activations meet k-quant weights (rounded to bf16) in AVX512-BF16 dot products."""
-    lib = library()
-    return (lib is not None and bool(lib.resmoe_kq_dpbf16()) and os.environ.get("RESMOE_DPBF16", "1") != "0")
+    lib = _kernels()
+    return lib is not None and bool(lib.resmoe_kq_dpbf16()) and os.environ.get("RESMOE_DPBF16", "1") != "0"
 
 
 def kq_supported(shape: tuple[int, ...], group: int, device: torch.device) -> bool:
@@ -201,17 +201,6 @@ def kq_supported(shape: tuple[int, ...], group: int, device: torch.device) -> bo
     of whole 64-value groups, on the CPU, with the kernels loaded."""
     return (len(shape) == 2 and group == KQ_GROUP and shape[1] % KQ_GROUP == 0 and torch.device(device).type == "cpu"
             and library() is not None)
-
-
-def _kq_call(fn: str, codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
-             round_bf16: bool, shape: tuple[int, int], x: torch.Tensor, out_width: int) -> torch.Tensor:
-    m, n = shape
-    xf = x.to(torch.float32).contiguous()
-    T = xf.shape[0]
-    y = torch.empty(T, out_width, dtype=torch.float32)
-    getattr(_kernels(), fn)(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, int(round_bf16),
-                            T, xf.data_ptr(), xf.shape[1], y.data_ptr(), out_width, torch.get_num_threads())
-    return y
 
 
 def kq_dequantize(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
@@ -224,6 +213,23 @@ def kq_dequantize(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: t
     return out
 
 
+def _kq_product(name: str, codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int,
+                round_bf16: bool, shape: tuple[int, int], x: torch.Tensor, out_width: int) -> torch.Tensor:
+    """Kernel ``name`` (``resmoe_kq_matmul`` or ``resmoe_kq_rmatmul``) on x (T, k): its ``_bf16`` form for bf16 x with
+    AVX512-BF16 (it declines 8-bit codes), else the float32 one."""
+    lib, m, n, T = _kernels(), shape[0], shape[1], x.shape[0]
+    y = torch.empty(T, out_width, dtype=torch.float32)
+    if x.dtype == torch.bfloat16 and uses_kq_dpbf16():
+        xb = x.contiguous()
+        if getattr(lib, f"{name}_bf16")(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, T,
+                                         xb.data_ptr(), xb.shape[1], y.data_ptr(), out_width, torch.get_num_threads()):
+            return y
+    xf = x.to(torch.float32).contiguous()
+    getattr(lib, name)(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, int(round_bf16), T,
+                       xf.data_ptr(), xf.shape[1], y.data_ptr(), out_width, torch.get_num_threads())
+    return y
+
+
 def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
               shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` in float32 for x (T, n) and a k-quant matrix W (m, n) held as its packed ``codes`` (``bits`` 2 ... 8,
@@ -231,27 +237,13 @@ def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch
     every weight decoded as spec 5.10 says (then rounded to bf16 with ``round_bf16``), float32 sums. Needs
     :func:`kq_supported`. For bf16 x with AVX512-BF16 (codes of up to 6 bits) each weight is rounded to bf16 and
     multiplied by vdpbf16ps, as torch's bf16 product of the dequantized matrix multiplies by it."""
-    if x.dtype == torch.bfloat16 and uses_kq_dpbf16():
-        xb = x.contiguous()
-        y = torch.empty(x.shape[0], shape[0], dtype=torch.float32)
-        if _kernels().resmoe_kq_matmul_bf16(shape[0], shape[1], codes.data_ptr(), bits, pairs.data_ptr(),
-                                            supers.data_ptr(), sup, x.shape[0], xb.data_ptr(), shape[1], y.data_ptr(),
-                                            shape[0], torch.get_num_threads()):
-            return y
-    return _kq_call("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0])
+    return _kq_product("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0])
 
 
 def kq_rmatmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
                shape: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
     """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, weights rounded to bf16)."""
-    if h.dtype == torch.bfloat16 and uses_kq_dpbf16():
-        hb = h.contiguous()
-        y = torch.empty(h.shape[0], shape[1], dtype=torch.float32)
-        if _kernels().resmoe_kq_rmatmul_bf16(shape[0], shape[1], codes.data_ptr(), bits, pairs.data_ptr(),
-                                             supers.data_ptr(), sup, h.shape[0], hb.data_ptr(), shape[0],
-                                             y.data_ptr(), shape[1], torch.get_num_threads()):
-            return y
-    return _kq_call("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1])
+    return _kq_product("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1])
 
 
 #: the value dtypes the kernels read, by code
