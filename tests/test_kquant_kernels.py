@@ -73,27 +73,58 @@ def test_products_are_the_restored_weights(monkeypatch, vd, layout):
     assert calls["kq_matmul"] > 0 and calls["kq_rmatmul"] > 0
 
 
+def within(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rhs: bool, tol: float) -> float:
+    """The largest error of ``got`` against x @ w.T (x @ w with ``rhs``) in float64, relative to the sum of |products|;
+    asserted at most ``tol``."""
+    x, w = x.double(), w.double()
+    want, scale = (x @ w, x.abs() @ w.abs()) if rhs else (x @ w.T, x.abs() @ w.abs().T)
+    err = ((got.double() - want).abs() / (scale + 1e-300)).max().item()
+    assert err <= tol, err
+    return err
+
+
 @needs_kernels
 @pytest.mark.parametrize("vd", KQ_DTYPES)
-def test_bf16_activations_multiply_by_the_weights_rounded_to_bf16(monkeypatch, vd):
-    """bf16 activations: with AVX512-BF16 every decoded weight is rounded to bf16 (a per-group table looked up by
-    vpermw, then vdpbf16ps; for h @ W two rows' weights a column in each product), as torch's bf16 product of the
-    dequantized matrix multiplies by it; RESMOE_DPBF16=0 (or 8-bit codes) multiplies the exact float32 weights."""
-    rounded = native.uses_kq_dpbf16() and vd != "q8"
-    for m in (21, 6):  # rows in pairs for h @ W: an odd count pairs the last row with zeros
-        pv = packed(vd, (m, 192), LAYOUTS[0], seed=3)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=("s4c6", "s3c4"))
+def test_bf16_activations_multiply_by_the_exact_weights(monkeypatch, vd, layout):
+    """bf16 activations with AVX512-BF16: vdpbf16ps multiplies them by the codes and each group's scale and offset
+    follow in float32, so no weight is rounded to bf16 (spec 6.7): x @ W.T is as accurate as float32 sums of the
+    exact weights, h @ W within 2^-16 (each h[r] a carried as two bf16 numbers). Rows of 3 and 18 groups (a row's
+    scales are read 16 groups at a time), super-blocks of 3 and 4 groups starting mid-row, odd row counts (h @ W
+    pairs rows), 1 to 5 tokens; RESMOE_DPBF16=0 (and 8-bit codes) multiply in float32, to 1e-5."""
+    exact = native.uses_kq_dpbf16() and vd != "q8"
+    for m, n in ((21, 192), (6, 192), (7, 64 * 18)):
+        pv = packed(vd, (m, n), layout, seed=m)
         w = pv.tensor()
         for T in (1, 2, 5):
             g = torch.Generator().manual_seed(T)
-            x, h = (torch.randn(T, k, generator=g).to(torch.bfloat16) for k in (192, m))
+            x, h = (torch.randn(T, k, generator=g).to(torch.bfloat16) for k in (n, m))
             args = pv._kernel_args(T)
             with monkeypatch.context() as mp:
                 for off in (False, True):
                     if off:
                         mp.setenv("RESMOE_DPBF16", "0")
-                    want = w.to(torch.bfloat16) if rounded and not off else w
-                    close(native.kq_matmul(*args, x), x, want, rhs=False)
-                    close(native.kq_rmatmul(*args, h), h, want, rhs=True)
+                    tol_in, tol_out = (2.0 ** -20, 2.0 ** -15) if exact and not off else (1e-5, 1e-5)
+                    within(native.kq_matmul(*args, x), x, w, False, tol_in)
+                    within(native.kq_rmatmul(*args, h), h, w, True, tol_out)
+
+
+@needs_kernels
+def test_bf16_activations_are_not_rounded_weights():
+    """The bf16 kernels' results are closer to the exact weights' products than the bf16-rounded weights' are: a
+    check that the exact path, not a bf16 table, ran."""
+    if not native.uses_kq_dpbf16():
+        pytest.skip("no AVX512-BF16")
+    pv = packed("q3", (64, 1024), LAYOUTS[0], seed=5)
+    w = pv.tensor()
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    args = pv._kernel_args(1)
+    for got, rhs, inp in ((native.kq_matmul(*args, x), False, x), (native.kq_rmatmul(*args, h), True, h)):
+        mine = within(got, inp, w, rhs, 2.0 ** -15)
+        rounded = inp.double() @ (w.to(torch.bfloat16).double() if rhs else w.to(torch.bfloat16).double().T)
+        exact = inp.double() @ (w.double() if rhs else w.double().T)
+        assert (got.double() - exact).abs().max() * 16 < (rounded - exact).abs().max(), mine
 
 
 @needs_kernels
@@ -123,6 +154,10 @@ def test_rounding_to_bf16_is_the_round_to_of_the_weights(vd):
         for i in range(0, 256, 64):
             assert torch.equal(pv.linear(eye[i:i + T]), w[:, i:i + T].T)
     assert torch.equal(pv.rlinear(torch.eye(9)[:8]), w[:8])
+    bf = torch.bfloat16  # bf16 activations: the bf16 kernels multiply by a table of the rounded weights
+    for i in range(0, 256, 64):
+        assert torch.equal(pv.linear(eye[i:i + 1].to(bf)), w[:, i:i + 1].T.to(bf))
+    assert torch.equal(pv.rlinear(torch.eye(9)[:8].to(bf)), w[:8].to(bf))
 
 
 @needs_kernels

@@ -120,8 +120,7 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_kq_matmul.argtypes = lib.resmoe_kq_rmatmul.argtypes = kq
                 lib.resmoe_kq_matmul.restype = lib.resmoe_kq_rmatmul.restype = None
                 lib.resmoe_kq_avx512.restype = lib.resmoe_kq_dpbf16.restype = ctypes.c_int
-                lib.resmoe_kq_matmul_bf16.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, i64, ptr,
-                                                      i64, ptr, i64, ctypes.c_int]
+                lib.resmoe_kq_matmul_bf16.argtypes = lib.resmoe_kq_matmul.argtypes
                 lib.resmoe_kq_matmul_bf16.restype = ctypes.c_int
                 lib.resmoe_kq_rmatmul_bf16.argtypes = lib.resmoe_kq_matmul_bf16.argtypes
                 lib.resmoe_kq_rmatmul_bf16.restype = ctypes.c_int
@@ -191,7 +190,7 @@ def uses_kq_avx512() -> bool:
 
 
 def uses_kq_dpbf16() -> bool:
-    """Whether bf16 activations meet k-quant weights (rounded to bf16) in AVX512-BF16 dot products."""
+    """Whether bf16 activations meet k-quant codes in AVX512-BF16 dot products (the weights exact)."""
     lib = _kernels()
     return lib is not None and bool(lib.resmoe_kq_dpbf16()) and os.environ.get("RESMOE_DPBF16", "1") != "0"
 
@@ -221,8 +220,9 @@ def _kq_product(name: str, codes: torch.Tensor, bits: int, pairs: torch.Tensor, 
     y = torch.empty(T, out_width, dtype=torch.float32)
     if x.dtype == torch.bfloat16 and uses_kq_dpbf16():
         xb = x.contiguous()
-        if getattr(lib, f"{name}_bf16")(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, T,
-                                         xb.data_ptr(), xb.shape[1], y.data_ptr(), out_width, torch.get_num_threads()):
+        if getattr(lib, f"{name}_bf16")(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup,
+                                         int(round_bf16), T, xb.data_ptr(), xb.shape[1], y.data_ptr(), out_width,
+                                         torch.get_num_threads()):
             return y
     xf = x.to(torch.float32).contiguous()
     getattr(lib, name)(m, n, codes.data_ptr(), bits, pairs.data_ptr(), supers.data_ptr(), sup, int(round_bf16), T,
@@ -235,14 +235,16 @@ def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch
     """``x @ W.T`` in float32 for x (T, n) and a k-quant matrix W (m, n) held as its packed ``codes`` (``bits`` 2 ... 8,
     0 for ternary), unpacked (G, 2) uint8 scale codes ``pairs`` and (S, 2) float16 ``supers`` (``sup`` groups each);
     every weight decoded as spec 5.10 says (then rounded to bf16 with ``round_bf16``), float32 sums. Needs
-    :func:`kq_supported`. For bf16 x with AVX512-BF16 (codes of up to 6 bits) each weight is rounded to bf16 and
-    multiplied by vdpbf16ps, as torch's bf16 product of the dequantized matrix multiplies by it."""
+    :func:`kq_supported`. For bf16 x with AVX512-BF16 (codes of up to 6 bits) vdpbf16ps multiplies x by the codes
+    and each group's scale and offset follow in float32 (spec 6.7): the weights exact (with ``round_bf16``: by a
+    table of the group's weights rounded to bf16)."""
     return _kq_product("resmoe_kq_matmul", codes, bits, pairs, supers, sup, round_bf16, shape, x, shape[0])
 
 
 def kq_rmatmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
                shape: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
-    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, weights rounded to bf16)."""
+    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, the weights exact and each
+    h[r] times a group's scale carried as two bf16 numbers, within 2^-16 of it)."""
     return _kq_product("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1])
 
 
