@@ -74,12 +74,32 @@ def test_dense_bf16_products_match_torch(m, n):
 
 @needs_kernels
 def test_dpbf16_and_float32_kernels_agree(monkeypatch):
+    """bf16 values and activations (vdpbf16ps; x @ D by pairs of rows, runs of rows split between threads, an odd
+    row count pairing the last row with zeros) against the float32 kernels (RESMOE_DPBF16=0): the same exact
+    products, summed in another order."""
     d = sparse(64, 256, 0.2)
     rows = native.pack_rows(d, torch.bfloat16)
     x = torch.randn(3, 256).to(torch.bfloat16)
     fast = rows.matmul(x)
+    dr = sparse(203, 96, 0.15, seed=3)
+    r_rows = native.pack_rows(dr, torch.bfloat16)
+    assert r_rows.fmt == "bitmap"
+    hs = [torch.randn(T, 203).to(torch.bfloat16) for T in (1, 2, 5, 8)]
+    threads = torch.get_num_threads()
+    try:
+        fast_r = []
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            fast_r.append([r_rows.rmatmul(h) for h in hs])
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("RESMOE_DPBF16", "0")
     check(rows.matmul(x), fast.double())
+    for h, *got in zip(hs, *fast_r):
+        want = r_rows.rmatmul(h)
+        for g in got:
+            check(g, want.double())
+        check(want, h.double() @ torch.from_numpy(dr).double())
 
 
 @needs_kernels

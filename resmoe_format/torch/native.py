@@ -111,6 +111,8 @@ def library() -> ctypes.CDLL | None:
                 lib.resmoe_bitmap_matmul_bf16.restype = None
                 lib.resmoe_bitmap_rmatmul.argtypes = lib.resmoe_bitmap_matmul.argtypes
                 lib.resmoe_bitmap_rmatmul.restype = None
+                lib.resmoe_bitmap_rmatmul_bf16.argtypes = lib.resmoe_bitmap_matmul_bf16.argtypes
+                lib.resmoe_bitmap_rmatmul_bf16.restype = ctypes.c_int
                 lib.resmoe_dense_bf16_matmul.argtypes = [i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int]
                 lib.resmoe_dense_bf16_matmul.restype = ctypes.c_int
                 lib.resmoe_bitmap_densify.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
@@ -318,12 +320,19 @@ class SparseRows:
         return y
 
     def rmatmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ D`` in float32 for x (T, m) of any float dtype (bitmap only)."""
+        """``x @ D`` in float32 for x (T, m) of any float dtype (bitmap only; bf16 values and bf16 x with AVX512-BF16:
+        rows in pairs through vdpbf16ps, the same exact products)."""
         m, n = self.shape
         T, width = x.shape[0], 16 * self.words
         if T > DENSE_TOKENS:
             xd, d = self._expanded(x)
             return (xd @ d).float()
+        if x.dtype == self.values.dtype == torch.bfloat16 and uses_dpbf16():
+            xb, y = x.contiguous(), torch.empty(T, width, dtype=torch.float32)
+            if _kernels().resmoe_bitmap_rmatmul_bf16(m, self.words // 2, self.index.data_ptr(),
+                                                     self.offsets.data_ptr(), self.values.data_ptr(), T,
+                                                     xb.data_ptr(), m, y.data_ptr(), width, torch.get_num_threads()):
+                return y[:, :n]
         xf = x.to(torch.float32).contiguous()
         y = torch.zeros(T, width, dtype=torch.float32)
         _kernels().resmoe_bitmap_rmatmul(m, self.words // 2, self.index.data_ptr(), self.offsets.data_ptr(),

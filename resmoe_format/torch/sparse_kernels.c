@@ -15,6 +15,7 @@
  * runs the portable loop.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -304,6 +305,77 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
             }
         }
     }
+}
+
+/* y[t][c] = sum_r x[t][r] D[r][c] for a bitmap of bf16 values and bf16 activations x (T, m; row stride ldx), y (T,
+   32 nw32; row stride ldy), every element written. Rows in pairs: each 32-column word's values of the two rows spread
+   to their lanes (vpexpandw), interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair (x[t][r], x[t][r+1])
+   in one vdpbf16ps (exact products, float32 sums), summed in each thread's share of a scratch in the interleave's
+   column order (lo: 8l + 0..3, hi: 8l + 4..7 of each 32 columns), which is put back in order once, at the end. The
+   threads take runs of rows. Returns 0 (computing nothing) without AVX512-BF16 or when the scratch cannot be had. */
+int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff,
+                               const uint16_t *vals, int64_t T, const uint16_t *x, int64_t ldx, float *y, int64_t ldy,
+                               int nthreads) {
+#if RESMOE_DPBF16
+    const int nt = nthreads > 1 ? nthreads : 1;
+    const int64_t width = 32 * nw32, pairs = (m + 1) / 2;
+    float *part = calloc((size_t)(nt * T * width), sizeof(float));
+    if (!part) return 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int id = 0, n_th = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        n_th = omp_get_num_threads();
+#endif
+        float *acc = part + (int64_t)id * T * width;
+        const int64_t p0 = pairs * id / n_th, p1 = pairs * (id + 1) / n_th;
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t r = 2 * p;
+            const int two = r + 1 < m;
+            if (r + AHEAD < m)
+                prefetch_row(mask + (r + AHEAD) * nw32, 8 * nw32, vals + voff[r + AHEAD],
+                             2 * (voff[r + AHEAD + (r + AHEAD + 1 < m ? 2 : 1)] - voff[r + AHEAD]));
+            const uint32_t *mk0 = mask + r * nw32, *mk1 = two ? mk0 + nw32 : NULL;
+            int64_t q0 = voff[r], q1 = two ? voff[r + 1] : 0;
+            for (int64_t w = 0; w < nw32; w++) {
+                const uint32_t b0 = load32(mk0 + w), b1 = two ? load32(mk1 + w) : 0;
+                if (!(b0 | b1)) continue;
+                const __m512i v0 = _mm512_maskz_expand_epi16((__mmask32)b0, load_bf16x32(vals + q0, b0));
+                const __m512i v1 = _mm512_maskz_expand_epi16((__mmask32)b1, load_bf16x32(vals + q1, b1));
+                q0 += __builtin_popcount(b0);
+                q1 += __builtin_popcount(b1);
+                const __m512i lo = _mm512_unpacklo_epi16(v0, v1), hi = _mm512_unpackhi_epi16(v0, v1);
+                for (int64_t t = 0; t < T; t++) {
+                    const uint32_t x0 = x[t * ldx + r], x1 = two ? x[t * ldx + r + 1] : 0;
+                    const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)(x0 | x1 << 16));
+                    float *a = acc + t * width + 32 * w;
+                    _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), (__m512bh)lo, xp));
+                    _mm512_storeu_ps(a + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(a + 16), (__m512bh)hi, xp));
+                }
+            }
+        }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t w = 0; w < nw32; w++) {
+            __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+            for (int i = 0; i < nt; i++) {
+                const float *a = part + ((int64_t)i * T + t) * width + 32 * w;
+                lo = _mm512_add_ps(lo, _mm512_loadu_ps(a));
+                hi = _mm512_add_ps(hi, _mm512_loadu_ps(a + 16));
+            }
+            _mm512_storeu_ps(y + t * ldy + 32 * w, _mm512_permutex2var_ps(lo, first, hi));
+            _mm512_storeu_ps(y + t * ldy + 32 * w + 16, _mm512_permutex2var_ps(lo, second, hi));
+        }
+    free(part);
+    return 1;
+#else
+    (void)m; (void)nw32; (void)mask; (void)voff; (void)vals; (void)T; (void)x; (void)ldx; (void)y; (void)ldy;
+    (void)nthreads;
+    return 0;
+#endif
 }
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for a dense bf16 matrix W (m, n; row stride ldw) and bf16 activations: the
