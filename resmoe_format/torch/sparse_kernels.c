@@ -160,19 +160,11 @@ void resmoe_bitmap_matmul(int64_t m, int64_t nw, const uint16_t *mask, const int
     }
 }
 
-#if RESMOE_AVX512
-/* the popcount(b) values at v, zeros after them: a masked load never touches memory past the last value */
-static inline __m512i load_bf16x32(const uint16_t *v, uint32_t b) {
-    const int c = __builtin_popcount(b);
-    const __mmask32 k = c == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << c) - 1);
-    return _mm512_maskz_loadu_epi16(k, v);
-}
-#endif
-
 #if RESMOE_AVX512 && defined(__AVX512BF16__)
 #define RESMOE_DPBF16 1
-/* bf16 values and bf16 activations: 32 columns a step, the values spread to their lanes by vpexpandw and
-   multiplied by vdpbf16ps (exact bf16 products, float32 sums); U independent accumulators per token */
+/* bf16 values and bf16 activations: 32 columns a step, the values spread to their lanes by vpexpandw from memory
+   (it reads popcount(b) values, never past the last one) and multiplied by vdpbf16ps (exact bf16 products, float32
+   sums); U independent accumulators per token */
 static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
     const uint32_t *mk, int64_t nw, const uint16_t *vals, int64_t q, const uint16_t *x, int64_t ldx,
     float *y, int64_t ldy, const int tb, const int U) {
@@ -182,7 +174,7 @@ static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
     for (; w + U <= nw; w += U) {
         for (int u = 0; u < U; u++) {
             const uint32_t b = load32(mk + w + u);
-            const __m512i v = _mm512_maskz_expand_epi16((__mmask32)b, load_bf16x32(vals + q, b));
+            const __m512i v = _mm512_maskz_expandloadu_epi16((__mmask32)b, vals + q);
             q += __builtin_popcount(b);
             for (int t = 0; t < tb; t++)
                 acc[t][u] = _mm512_dpbf16_ps(acc[t][u], (__m512bh)v,
@@ -191,7 +183,7 @@ static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
     }
     for (; w < nw; w++) {
         const uint32_t b = load32(mk + w);
-        const __m512i v = _mm512_maskz_expand_epi16((__mmask32)b, load_bf16x32(vals + q, b));
+        const __m512i v = _mm512_maskz_expandloadu_epi16((__mmask32)b, vals + q);
         q += __builtin_popcount(b);
         for (int t = 0; t < tb; t++)
             acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)v, (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * w));
@@ -341,8 +333,8 @@ int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
             for (int64_t w = 0; w < nw32; w++) {
                 const uint32_t b0 = load32(mk0 + w), b1 = two ? load32(mk1 + w) : 0;
                 if (!(b0 | b1)) continue;
-                const __m512i v0 = _mm512_maskz_expand_epi16((__mmask32)b0, load_bf16x32(vals + q0, b0));
-                const __m512i v1 = _mm512_maskz_expand_epi16((__mmask32)b1, load_bf16x32(vals + q1, b1));
+                const __m512i v0 = _mm512_maskz_expandloadu_epi16((__mmask32)b0, vals + q0);
+                const __m512i v1 = _mm512_maskz_expandloadu_epi16((__mmask32)b1, vals + q1);
                 q0 += __builtin_popcount(b0);
                 q1 += __builtin_popcount(b1);
                 const __m512i lo = _mm512_unpacklo_epi16(v0, v1), hi = _mm512_unpackhi_epi16(v0, v1);
