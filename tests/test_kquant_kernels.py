@@ -73,58 +73,67 @@ def test_products_are_the_restored_weights(monkeypatch, vd, layout):
     assert calls["kq_matmul"] > 0 and calls["kq_rmatmul"] > 0
 
 
-def within(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rhs: bool, tol: float) -> float:
-    """The largest error of ``got`` against x @ w.T (x @ w with ``rhs``) in float64, relative to the sum of |products|;
-    asserted at most ``tol``."""
-    x, w = x.double(), w.double()
-    want, scale = (x @ w, x.abs() @ w.abs()) if rhs else (x @ w.T, x.abs() @ w.abs().T)
+def within(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, tol: float) -> None:
+    """``got`` is ``want`` to ``tol`` of ``scale`` (element-wise, float64)."""
     err = ((got.double() - want).abs() / (scale + 1e-300)).max().item()
     assert err <= tol, err
-    return err
+
+
+def grid(pv: PackedValues) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every weight's group scale a and offset b (spec 5.10), float64, in the matrix's shape."""
+    sup = pv.layout.super
+    g = torch.arange(pv.pairs.shape[0])
+    supers = pv.supers.float().double()[g // sup]
+    a, b = supers[:, 0] * pv.pairs[:, 0].double(), supers[:, 1] * pv.pairs[:, 1].double()
+    return tuple(v.repeat_interleave(pv.layout.group)[:pv.n].reshape(pv.shape) for v in (a, b))
 
 
 @needs_kernels
 @pytest.mark.parametrize("vd", KQ_DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=("s4c6", "s3c4"))
 def test_bf16_activations_multiply_by_the_exact_weights(monkeypatch, vd, layout):
-    """bf16 activations with AVX512-BF16: vdpbf16ps multiplies them by the codes and each group's scale and offset
-    follow in float32, so no weight is rounded to bf16 (spec 6.7): x @ W.T is as accurate as float32 sums of the
-    exact weights, h @ W within 2^-16 (each h[r] a carried as two bf16 numbers). Rows of 3 and 18 groups (a row's
-    scales are read 16 groups at a time), super-blocks of 3 and 4 groups starting mid-row, odd row counts (h @ W
-    pairs rows), 1 to 5 tokens; RESMOE_DPBF16=0 (and 8-bit codes) multiply in float32, to 1e-5."""
-    exact = native.uses_kq_dpbf16() and vd != "q8"
+    """bf16 activations with AVX512-BF16 (spec 6.7): vdpbf16ps multiplies them by the codes and each group's scale a
+    and offset b follow in float32, so no weight is rounded to bf16. x @ W.T is float32 sums of the exact weights;
+    h @ W is sum_r bf16(h[r] a) q - h[r] b, each h[r] a rounded to bf16 once (emulated here in float64). Rows of 3
+    and 18 groups (a row's scales are read 16 groups at a time), super-blocks of 3 and 4 groups starting mid-row, odd
+    row counts (h @ W pairs rows), 1 to 5 tokens; RESMOE_DPBF16=0 (and 8-bit codes) multiply in float32."""
+    fast = native.uses_kq_dpbf16() and vd != "q8"
     for m, n in ((21, 192), (6, 192), (7, 64 * 18)):
         pv = packed(vd, (m, n), layout, seed=m)
-        w = pv.tensor()
+        w = pv.tensor().double()
+        a, b = grid(pv)
+        q = torch.where(a != 0, ((w + b) / torch.where(a != 0, a, 1)).round(), 0)  # signed scales too
         for T in (1, 2, 5):
             g = torch.Generator().manual_seed(T)
             x, h = (torch.randn(T, k, generator=g).to(torch.bfloat16) for k in (n, m))
+            xd, hd = x.double(), h.double()
             args = pv._kernel_args(T)
             with monkeypatch.context() as mp:
                 for off in (False, True):
                     if off:
                         mp.setenv("RESMOE_DPBF16", "0")
-                    tol_in, tol_out = (2.0 ** -20, 2.0 ** -15) if exact and not off else (1e-5, 1e-5)
-                    within(native.kq_matmul(*args, x), x, w, False, tol_in)
-                    within(native.kq_rmatmul(*args, h), h, w, True, tol_out)
+                    within(native.kq_matmul(*args, x), xd @ w.T, xd.abs() @ w.abs().T, 1e-6)
+                    got = native.kq_rmatmul(*args, h)
+                    if fast and not off:
+                        ha = (hd[:, :, None] * a[None]).to(torch.bfloat16).double()  # (T, m, n): h[r] a per weight
+                        want = (ha * q[None]).sum(1) - hd @ b
+                        within(got, want, (ha.abs() * q[None]).sum(1) + hd.abs() @ b.abs(), 1e-5)
+                    else:
+                        within(got, hd @ w, hd.abs() @ w.abs(), 1e-5)
 
 
 @needs_kernels
 def test_bf16_activations_are_not_rounded_weights():
-    """The bf16 kernels' results are closer to the exact weights' products than the bf16-rounded weights' are: a
-    check that the exact path, not a bf16 table, ran."""
+    """x @ W.T with bf16 activations is far closer to the exact weights' product than the bf16-rounded weights' is (a
+    check that the exact path, not a table of rounded weights, ran)."""
     if not native.uses_kq_dpbf16():
         pytest.skip("no AVX512-BF16")
     pv = packed("q3", (64, 1024), LAYOUTS[0], seed=5)
-    w = pv.tensor()
+    w = pv.tensor().double()
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    args = pv._kernel_args(1)
-    for got, rhs, inp in ((native.kq_matmul(*args, x), False, x), (native.kq_rmatmul(*args, h), True, h)):
-        mine = within(got, inp, w, rhs, 2.0 ** -15)
-        rounded = inp.double() @ (w.to(torch.bfloat16).double() if rhs else w.to(torch.bfloat16).double().T)
-        exact = inp.double() @ (w.double() if rhs else w.double().T)
-        assert (got.double() - exact).abs().max() * 16 < (rounded - exact).abs().max(), mine
+    got = native.kq_matmul(*pv._kernel_args(1), x).double()
+    exact, rounded = x.double() @ w.T, x.double() @ w.to(torch.bfloat16).double().T
+    assert (got - exact).abs().max() * 16 < (rounded - exact).abs().max()
 
 
 @needs_kernels

@@ -14,8 +14,9 @@
  *
  *   resmoe_kq_matmul:  y[t][r] = sum_c W[r][c] * x[t][c]   (x @ W.T: rows of W split between threads)
  *   resmoe_kq_rmatmul: y[t][c] = sum_r h[t][r] * W[r][c]   (h @ W:   column groups split between threads)
- *   the _bf16 entry points: the same for bf16 activations, the weights exact (rnd 0 only): vdpbf16ps multiplies
- *   the codes as bf16 numbers and each group's a and b follow in float32 (kq_levels_bf16, kq_scale_rows)
+ *   the _bf16 entry points: the same for bf16 activations: vdpbf16ps multiplies the codes as bf16 numbers and
+ *   each group's a and b follow in float32, the weights exact (kq_levels_bf16; h @ W rounds each h[r] a to bf16
+ *   once, kq_scale_rows); with rnd 1 a table of each group's weights rounded to bf16
  *   resmoe_kq_dequantize: every value of a matrix (products with many tokens)
  *
  * The AVX-512 path (F, BW, VBMI: vpermb and vpmultishiftqb cut 64 codes out of their bytes in two
@@ -467,10 +468,10 @@ static inline __attribute__((always_inline)) void kq_row_bf16(const uint8_t *cod
 }
 
 /* h @ W for bf16 h: y[t][c] = sum_r (h[t][r] a_rg) q_rc - sum_r h[t][r] b_rg, g the column's group. kq_scale_rows
-   holds each h[t][r] a_rg as two bf16 numbers (hi + lo: about 16 significant bits),
-   by pairs of rows, and the second sum per (t, g). */
+   holds each h[t][r] a_rg rounded to bf16 (RNE: the one rounding of this product, like the bf16 rounding h itself
+   carries), by pairs of rows, and the second sum (float32) per (t, g). */
 typedef struct {
-    const uint32_t *hi, *lo; /* [t][r / 2][g]: bf16 of rows r (low half) and r + 1 (high half) */
+    const uint32_t *hi;      /* [t][r / 2][g]: bf16 of rows r (low half) and r + 1 (high half) */
     const float *corr;       /* [t][g] */
     int64_t pairs;           /* (m + 1) / 2 */
 } kq_scaled;
@@ -480,7 +481,7 @@ typedef struct {
 static void kq_scale_rows(const uint8_t *pairs, const uint16_t *supers, int sup, int rnd, int64_t m, int64_t groups,
                           int64_t p0, int64_t p1, int64_t T, const uint16_t *h, int64_t ldh, const kq_scaled *out,
                           float *part) {
-    uint32_t *ohi = (uint32_t *)out->hi, *olo = (uint32_t *)out->lo;
+    uint32_t *ohi = (uint32_t *)out->hi;
     for (int64_t p = p0; p < p1; p++)
         for (int64_t j0 = 0; j0 < groups; j0 += 16) {
             const int count = (int)(groups - j0 < 16 ? groups - j0 : 16);
@@ -495,29 +496,24 @@ static void kq_scale_rows(const uint8_t *pairs, const uint16_t *supers, int sup,
                 }
             }
             for (int64_t t = 0; t < T; t++) {
-                __m512i hw = _mm512_setzero_si512(), lw = _mm512_setzero_si512();
+                __m512i hw = _mm512_setzero_si512();
                 __m512 c = _mm512_maskz_loadu_ps(k, part + t * groups + j0);
                 for (int i = 0; i < rows; i++) {
                     const __m512 hr = _mm512_set1_ps(kq_bits_to_float((uint32_t)h[t * ldh + 2 * p + i] << 16));
-                    const __m512 ha = _mm512_mul_ps(hr, va[i]);
-                    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(ha));
-                    const __m512 hif = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
-                    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(ha, hif)));
+                    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hr, va[i])));
                     c = _mm512_fmadd_ps(hr, vb[i], c);
                     hw = _mm512_or_si512(hw, _mm512_slli_epi32(hi, 16 * i));
-                    lw = _mm512_or_si512(lw, _mm512_slli_epi32(lo, 16 * i));
                 }
                 _mm512_mask_storeu_ps(part + t * groups + j0, k, c);
                 const int64_t at = (t * out->pairs + p) * groups + j0;
                 _mm512_mask_storeu_epi32(ohi + at, k, hw);
-                _mm512_mask_storeu_epi32(olo + at, k, lw);
             }
         }
 }
 
 /* y[t][64 j ...] for the nb column groups j0 ... j0 + nb - 1 and tb tokens: rows in pairs, the two rows'
-   levels of each column interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair's scaled activations (hi
-   and lo) in vdpbf16ps. The interleave orders each 32 columns as lo: 8l + 0..3, hi: 8l + 4..7 (l = 0..3); the sums
+   levels of each column interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair's scaled activations in
+   vdpbf16ps. The interleave orders each 32 columns as lo: 8l + 0..3, hi: 8l + 4..7 (l = 0..3); the sums
    are put back in column order once, at the end. */
 static inline __attribute__((always_inline)) void kq_rcols_bf16(const uint8_t *codes, const kq_unpacker *u,
                                                                 const uint8_t *pairs, const uint16_t *supers, int sup,
@@ -536,19 +532,16 @@ static inline __attribute__((always_inline)) void kq_rcols_bf16(const uint8_t *c
             __m512i w0[2], w1[2] = {none, none};
             kq_levels_bf16(codes, u, pairs, supers, sup, r * groups + j0 + b, w0, tern, rnd);
             if (pair) kq_levels_bf16(codes, u, pairs, supers, sup, (r + 1) * groups + j0 + b, w1, tern, rnd);
-            __m512i hh[KQ_RB], hl[KQ_RB];
+            __m512i hh[KQ_RB];
             for (int t = 0; t < tb; t++) {
                 const int64_t at = ((t0 + t) * sc->pairs + r / 2) * groups + j0 + b;
                 hh[t] = _mm512_set1_epi32((int)sc->hi[at]);
-                hl[t] = _mm512_set1_epi32((int)sc->lo[at]);
             }
             for (int k = 0; k < 2; k++) {
                 const __m512i lo = _mm512_unpacklo_epi16(w0[k], w1[k]), hi = _mm512_unpackhi_epi16(w0[k], w1[k]);
                 for (int t = 0; t < tb; t++) {
                     acc[t][b][2 * k] = _mm512_dpbf16_ps(acc[t][b][2 * k], (__m512bh)lo, (__m512bh)hh[t]);
-                    acc[t][b][2 * k] = _mm512_dpbf16_ps(acc[t][b][2 * k], (__m512bh)lo, (__m512bh)hl[t]);
                     acc[t][b][2 * k + 1] = _mm512_dpbf16_ps(acc[t][b][2 * k + 1], (__m512bh)hi, (__m512bh)hh[t]);
-                    acc[t][b][2 * k + 1] = _mm512_dpbf16_ps(acc[t][b][2 * k + 1], (__m512bh)hi, (__m512bh)hl[t]);
                 }
             }
         }
@@ -763,14 +756,14 @@ int resmoe_kq_rmatmul_bf16(int64_t m, int64_t n, const uint8_t *codes, int bits,
     if (bits == 8) return 0;
     const int64_t groups = n / KQ_GROUP, npairs = (m + 1) / 2;
     int nt = nthreads > 1 ? nthreads : 1;
-    uint32_t *hp = malloc((size_t)(2 * T * npairs * groups) * sizeof(uint32_t));
+    uint32_t *hp = malloc((size_t)(T * npairs * groups) * sizeof(uint32_t));
     float *part = calloc((size_t)(nt * T * groups), sizeof(float));
     if (!hp || !part) {
         free(hp);
         free(part);
         return 0;
     }
-    kq_scaled sc = {hp, hp + T * npairs * groups, part, npairs};
+    kq_scaled sc = {hp, part, npairs};
     /* the scaled activations, pairs of rows split between the threads, each thread's sums apart */
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int i = 0; i < nt; i++) {

@@ -245,8 +245,8 @@ def kq_matmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch
 
 def kq_rmatmul(codes: torch.Tensor, bits: int, pairs: torch.Tensor, supers: torch.Tensor, sup: int, round_bf16: bool,
                shape: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
-    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, the weights exact and each
-    h[r] times a group's scale carried as two bf16 numbers, within 2^-16 of it)."""
+    """``h @ W`` in float32 for h (T, m), W as for :func:`kq_matmul` (bf16 h: as there, the weights exact, and each
+    h[r] times a group's scale rounded to bf16 once)."""
     return _kq_product("resmoe_kq_rmatmul", codes, bits, pairs, supers, sup, round_bf16, shape, h, shape[1])
 
 
