@@ -74,9 +74,9 @@ def test_dense_bf16_products_match_torch(m, n):
 
 @needs_kernels
 def test_dpbf16_and_float32_kernels_agree(monkeypatch):
-    """bf16 values and activations (vdpbf16ps; x @ D by pairs of rows, runs of rows split between threads, an odd
-    row count pairing the last row with zeros) against the float32 kernels (RESMOE_DPBF16=0): the same exact
-    products, summed in another order."""
+    """bf16 values and activations (vdpbf16ps; x @ D.T by blocks of rows for few tokens, x @ D by pairs of rows, runs
+    of rows split between threads, an odd row count pairing the last row with zeros) against the float32 kernels
+    (RESMOE_DPBF16=0): the same exact products, summed in another order."""
     d = sparse(64, 256, 0.2)
     rows = native.pack_rows(d, torch.bfloat16)
     x = torch.randn(3, 256).to(torch.bfloat16)
@@ -85,12 +85,14 @@ def test_dpbf16_and_float32_kernels_agree(monkeypatch):
     r_rows = native.pack_rows(dr, torch.bfloat16)
     assert r_rows.fmt == "bitmap"
     hs = [torch.randn(T, 203).to(torch.bfloat16) for T in (1, 2, 5, 8)]
+    xs = [torch.randn(T, 96).to(torch.bfloat16) for T in (1, 2, 3, 4, 5)]  # x @ D.T: 4, 2 and 1 rows a block
     threads = torch.get_num_threads()
     try:
-        fast_r = []
+        fast_r, fast_m = [], []
         for k in (1, 2, 3):
             torch.set_num_threads(k)
             fast_r.append([r_rows.rmatmul(h) for h in hs])
+            fast_m.append([r_rows.matmul(xx) for xx in xs])
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setenv("RESMOE_DPBF16", "0")
@@ -100,6 +102,11 @@ def test_dpbf16_and_float32_kernels_agree(monkeypatch):
         for g in got:
             check(g, want.double())
         check(want, h.double() @ torch.from_numpy(dr).double())
+    for xx, *got in zip(xs, *fast_m):  # 203 rows: blocks of 4 and 2 rows leave a tail of single rows
+        want = r_rows.matmul(xx)
+        for g in got:
+            check(g, want.double())
+        check(want, xx.double() @ torch.from_numpy(dr).double().T)
 
 
 @needs_kernels

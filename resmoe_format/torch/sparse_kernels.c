@@ -190,6 +190,33 @@ static inline __attribute__((always_inline)) void bitmap_row_dpbf16(
     }
     store_sums(acc, tb, U, y, ldy);
 }
+
+/* R rows at once (R independent chains of value offsets and expands: a row alone waits on each word's expand),
+   tb tokens, one accumulator a row and token; y[t * ldy + i] for row i */
+static inline __attribute__((always_inline)) void bitmap_rows_dpbf16(
+    const uint32_t *mk, int64_t nw, const uint16_t *vals, const int64_t *voff, const uint16_t *x, int64_t ldx,
+    float *y, int64_t ldy, const int tb, const int R) {
+    __m512 acc[4][TB];
+    int64_t q[4];
+    for (int i = 0; i < R; i++) {
+        q[i] = voff[i];
+        for (int t = 0; t < tb; t++) acc[i][t] = _mm512_setzero_ps();
+    }
+    for (int64_t w = 0; w < nw; w++) {
+        __m512i v[4];
+        for (int i = 0; i < R; i++) {
+            const uint32_t b = load32(mk + i * nw + w);
+            v[i] = _mm512_maskz_expandloadu_epi16((__mmask32)b, vals + q[i]);
+            q[i] += __builtin_popcount(b);
+        }
+        for (int t = 0; t < tb; t++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ldx + 32 * w);
+            for (int i = 0; i < R; i++) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], (__m512bh)v[i], xv);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < tb; t++) y[t * ldy + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
 #else
 #define RESMOE_DPBF16 0
 #endif
@@ -203,28 +230,40 @@ void resmoe_bitmap_matmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
                                const uint16_t *vals, int64_t T, const uint16_t *x, int64_t ldx, float *y, int64_t ldy,
                                int nthreads) {
 #if RESMOE_DPBF16
+    /* rows a block: several for few tokens (bitmap_rows_dpbf16), one with its own passes of tokens otherwise */
+    const int R = T <= 2 ? 4 : T <= 4 ? 2 : 1;
+    const int64_t blocks = (m + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < m; r++) {
-        if (r + AHEAD < m)
-            prefetch_row(mask + (r + AHEAD) * nw32, 4 * nw32, vals + voff[r + AHEAD],
-                         2 * (voff[r + AHEAD + 1] - voff[r + AHEAD]));
-        for (int64_t t0 = 0; t0 < T; t0 += TB) {
-            const int tb = (int)(T - t0 < TB ? T - t0 : TB);
-            const uint32_t *mk = mask + r * nw32;
-            const uint16_t *xt = x + t0 * ldx;
-            float *yt = y + t0 * ldy + r;
-            switch (tb) {
-            /* every token count a constant: the accumulators stay in registers */
-            case 1: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 1, 4); break;
-            case 2: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 2, 2); break;
-            case 3: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 3, 2); break;
-            case 4: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 4, 1); break;
-            case 5: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 5, 1); break;
-            case 6: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 6, 1); break;
-            case 7: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 7, 1); break;
-            default: bitmap_row_dpbf16(mk, nw32, vals, voff[r], xt, ldx, yt, ldy, 8, 1); break;
-            }
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t r0 = blk * R;
+        for (int64_t r = r0 + AHEAD; r < r0 + AHEAD + R && r < m; r++)
+            prefetch_row(mask + r * nw32, 4 * nw32, vals + voff[r], 2 * (voff[r + 1] - voff[r]));
+        const uint32_t *mk = mask + r0 * nw32;
+        if (R > 1 && r0 + R <= m) {
+            if (T == 1) bitmap_rows_dpbf16(mk, nw32, vals, voff + r0, x, ldx, y + r0, ldy, 1, 4);
+            else if (T == 2) bitmap_rows_dpbf16(mk, nw32, vals, voff + r0, x, ldx, y + r0, ldy, 2, 4);
+            else if (T == 3) bitmap_rows_dpbf16(mk, nw32, vals, voff + r0, x, ldx, y + r0, ldy, 3, 2);
+            else bitmap_rows_dpbf16(mk, nw32, vals, voff + r0, x, ldx, y + r0, ldy, 4, 2);
+            continue;
         }
+        for (int64_t r = r0; r < r0 + R && r < m; r++)
+            for (int64_t t0 = 0; t0 < T; t0 += TB) {
+                const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+                const uint32_t *mr = mask + r * nw32;
+                const uint16_t *xt = x + t0 * ldx;
+                float *yt = y + t0 * ldy + r;
+                switch (tb) {
+                /* every token count a constant: the accumulators stay in registers */
+                case 1: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 1, 4); break;
+                case 2: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 2, 2); break;
+                case 3: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 3, 2); break;
+                case 4: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 4, 1); break;
+                case 5: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 5, 1); break;
+                case 6: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 6, 1); break;
+                case 7: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 7, 1); break;
+                default: bitmap_row_dpbf16(mr, nw32, vals, voff[r], xt, ldx, yt, ldy, 8, 1); break;
+                }
+            }
     }
 #else
     (void)m; (void)nw32; (void)mask; (void)voff; (void)vals; (void)T; (void)x; (void)ldx; (void)y; (void)ldy;
@@ -300,17 +339,18 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
 }
 
 /* y[t][c] = sum_r x[t][r] D[r][c] for a bitmap of bf16 values and bf16 activations x (T, m; row stride ldx), y (T,
-   32 nw32; row stride ldy), every element written. Rows in pairs: each 32-column word's values of the two rows spread
-   to their lanes (vpexpandw), interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair (x[t][r], x[t][r+1])
-   in one vdpbf16ps (exact products, float32 sums), summed in each thread's share of a scratch in the interleave's
-   column order (lo: 8l + 0..3, hi: 8l + 4..7 of each 32 columns), which is put back in order once, at the end. The
-   threads take runs of rows. Returns 0 (computing nothing) without AVX512-BF16 or when the scratch cannot be had. */
+   32 nw32; row stride ldy), every element written. Rows in blocks of four, two pairs (four independent chains of
+   value offsets and expands): each 32-column word's values of a pair's rows spread to their lanes (vpexpandw),
+   interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair (x[t][r], x[t][r+1]) in one vdpbf16ps (exact
+   products, float32 sums), summed in each thread's share of a scratch in the interleave's column order (lo: 8l +
+   0..3, hi: 8l + 4..7 of each 32 columns), which is put back in order once, at the end. The threads take runs of
+   blocks. Returns 0 (computing nothing) without AVX512-BF16 or when the scratch cannot be had. */
 int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff,
                                const uint16_t *vals, int64_t T, const uint16_t *x, int64_t ldx, float *y, int64_t ldy,
                                int nthreads) {
 #if RESMOE_DPBF16
     const int nt = nthreads > 1 ? nthreads : 1;
-    const int64_t width = 32 * nw32, pairs = (m + 1) / 2;
+    const int64_t width = 32 * nw32, blocks = (m + 3) / 4;
     float *part = calloc((size_t)(nt * T * width), sizeof(float));
     if (!part) return 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -321,29 +361,35 @@ int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
         n_th = omp_get_num_threads();
 #endif
         float *acc = part + (int64_t)id * T * width;
-        const int64_t p0 = pairs * id / n_th, p1 = pairs * (id + 1) / n_th;
-        for (int64_t p = p0; p < p1; p++) {
-            const int64_t r = 2 * p;
-            const int two = r + 1 < m;
-            if (r + AHEAD < m)
-                prefetch_row(mask + (r + AHEAD) * nw32, 8 * nw32, vals + voff[r + AHEAD],
-                             2 * (voff[r + AHEAD + (r + AHEAD + 1 < m ? 2 : 1)] - voff[r + AHEAD]));
-            const uint32_t *mk0 = mask + r * nw32, *mk1 = two ? mk0 + nw32 : NULL;
-            int64_t q0 = voff[r], q1 = two ? voff[r + 1] : 0;
+        const int64_t p0 = blocks * id / n_th, p1 = blocks * (id + 1) / n_th;
+        for (int64_t p = p0; p < p1; p++) { /* rows r ... r + 3 (those past m: no values) */
+            const int64_t r = 4 * p;
+            for (int64_t f = r + AHEAD; f < r + AHEAD + 4 && f < m; f++)
+                prefetch_row(mask + f * nw32, 4 * nw32, vals + voff[f], 2 * (voff[f + 1] - voff[f]));
+            int64_t q[4];
+            for (int i = 0; i < 4; i++) q[i] = r + i < m ? voff[r + i] : 0;
             for (int64_t w = 0; w < nw32; w++) {
-                const uint32_t b0 = load32(mk0 + w), b1 = two ? load32(mk1 + w) : 0;
-                if (!(b0 | b1)) continue;
-                const __m512i v0 = _mm512_maskz_expandloadu_epi16((__mmask32)b0, vals + q0);
-                const __m512i v1 = _mm512_maskz_expandloadu_epi16((__mmask32)b1, vals + q1);
-                q0 += __builtin_popcount(b0);
-                q1 += __builtin_popcount(b1);
-                const __m512i lo = _mm512_unpacklo_epi16(v0, v1), hi = _mm512_unpackhi_epi16(v0, v1);
+                uint32_t b[4];
+                __m512i v[4];
+                for (int i = 0; i < 4; i++) {
+                    b[i] = r + i < m ? load32(mask + (r + i) * nw32 + w) : 0;
+                    v[i] = _mm512_maskz_expandloadu_epi16((__mmask32)b[i], vals + q[i]);
+                    q[i] += __builtin_popcount(b[i]);
+                }
+                if (!(b[0] | b[1] | b[2] | b[3])) continue;
+                const __m512i lo01 = _mm512_unpacklo_epi16(v[0], v[1]), hi01 = _mm512_unpackhi_epi16(v[0], v[1]);
+                const __m512i lo23 = _mm512_unpacklo_epi16(v[2], v[3]), hi23 = _mm512_unpackhi_epi16(v[2], v[3]);
                 for (int64_t t = 0; t < T; t++) {
-                    const uint32_t x0 = x[t * ldx + r], x1 = two ? x[t * ldx + r + 1] : 0;
-                    const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)(x0 | x1 << 16));
+                    uint32_t xr[4];
+                    for (int i = 0; i < 4; i++) xr[i] = r + i < m ? x[t * ldx + r + i] : 0;
+                    const __m512bh x01 = (__m512bh)_mm512_set1_epi32((int)(xr[0] | xr[1] << 16));
+                    const __m512bh x23 = (__m512bh)_mm512_set1_epi32((int)(xr[2] | xr[3] << 16));
                     float *a = acc + t * width + 32 * w;
-                    _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), (__m512bh)lo, xp));
-                    _mm512_storeu_ps(a + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(a + 16), (__m512bh)hi, xp));
+                    _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a), (__m512bh)lo01, x01),
+                                                         (__m512bh)lo23, x23));
+                    _mm512_storeu_ps(a + 16, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a + 16),
+                                                                               (__m512bh)hi01, x01),
+                                                              (__m512bh)hi23, x23));
                 }
             }
         }
