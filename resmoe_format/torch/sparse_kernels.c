@@ -271,12 +271,49 @@ void resmoe_bitmap_matmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
 #endif
 }
 
+#if RESMOE_AVX512
+/* one CSR row against tb tokens: 16 entries a step, their activations gathered (vgatherdps) */
+static inline __attribute__((always_inline)) void csr_row_avx512(const uint16_t *cols, int64_t k0, int64_t k1,
+                                                                 const void *vals, int vkind, const float *x,
+                                                                 int64_t ldx, float *y, int64_t ldy, const int tb) {
+    __m512 acc[TB];
+    for (int t = 0; t < tb; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 km = (__mmask16)(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1);
+        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, cols + k));
+        const __m512 v = vkind ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                     _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, (const uint16_t *)vals + k)), 16))
+                               : _mm512_maskz_loadu_ps(km, (const float *)vals + k);
+        for (int t = 0; t < tb; t++)
+            acc[t] = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, idx, x + t * ldx, 4), acc[t]);
+    }
+    for (int t = 0; t < tb; t++) y[t * ldy] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
 void resmoe_csr_matmul(int64_t m, const uint16_t *cols, const int64_t *voff, const void *vals, int vkind,
                        int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
         for (int64_t t0 = 0; t0 < T; t0 += TB) {
             const int tb = (int)(T - t0 < TB ? T - t0 : TB);
+#if RESMOE_AVX512
+            const float *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy + r;
+#define CSR_ROW(k) csr_row_avx512(cols, voff[r], voff[r + 1], vals, vkind, xt, ldx, yt, ldy, k)
+            switch (tb) {
+            case 1: CSR_ROW(1); break;
+            case 2: CSR_ROW(2); break;
+            case 3: CSR_ROW(3); break;
+            case 4: CSR_ROW(4); break;
+            case 5: CSR_ROW(5); break;
+            case 6: CSR_ROW(6); break;
+            case 7: CSR_ROW(7); break;
+            default: CSR_ROW(8); break;
+            }
+#undef CSR_ROW
+            continue;
+#endif
             float acc[TB] = {0};
             for (int64_t k = voff[r]; k < voff[r + 1]; k++) {
                 const float v = value_at(vals, vkind, k);
