@@ -117,10 +117,11 @@ def report(res: dict) -> str:
                      f"{r['in_ms']:.3f} | {d['in_ms'] / r['in_ms']:.2f}x | {r['out_ms']:.3f} | "
                      f"{d['out_ms'] / r['out_ms']:.2f}x | {r['in_gweights_s']:.1f} |")
     lines += ["", "The dense product is bound by the bytes it reads (2 a weight); the k-quant kernels read about a "
-              "sixth of them and are bound by the instructions that turn codes into weights instead (cutting codes "
-              "from their bytes, a table of the group's levels, the dot products). Fused mode multiplies by the "
-              "barycenter and by each routed expert's residual, so a token touches more weights than in the dense "
-              "model (RUNTIME_BF16.md).", "", markdown(res["provenance"])]
+              "sixth of them and are bound by the instructions that turn codes into bf16 words (vpermb, vpsrlvw or "
+              "the ternary digits' arithmetic, a constant table of levels) and by the dot products (vdpbf16ps; "
+              "`h @ W` also rounds each h[r] times its group's scale to bf16 and interleaves pairs of rows). Fused "
+              "mode multiplies by the barycenter and by each routed expert's residual, so a token touches more "
+              "weights than in the dense model (RUNTIME_BF16.md).", "", markdown(res["provenance"])]
     return "\n".join(lines) + "\n"
 
 
