@@ -57,6 +57,23 @@ static inline float value_at(const void *vals, int vkind, int64_t k) {
 
 int resmoe_kernels_avx512(void) { return RESMOE_AVX512; }
 
+/* this thread's number and the threads' count inside a parallel region (0 and 1 without OpenMP) */
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int thread_count(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 #if RESMOE_AVX512
 static inline __attribute__((always_inline)) void zero_sums(__m512 acc[TB][4], const int tb, const int U) {
     for (int t = 0; t < tb; t++)
@@ -333,11 +350,7 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
                            int vkind, int64_t T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        int nt = 1, id = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
+        const int nt = thread_count(), id = thread_id();
         const int64_t w0 = nw32 * id / nt, w1 = nw32 * (id + 1) / nt;
         const int64_t vb = vkind ? 2 : 4;
         for (int64_t r = 0; r < m; r++) {
@@ -392,11 +405,7 @@ int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
     if (!part) return 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int id = 0, n_th = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        n_th = omp_get_num_threads();
-#endif
+        const int id = thread_id(), n_th = thread_count();
         float *acc = part + (int64_t)id * T * width;
         const int64_t p0 = blocks * id / n_th, p1 = blocks * (id + 1) / n_th;
         for (int64_t p = p0; p < p1; p++) { /* rows r ... r + 3 (those past m: no values) */
