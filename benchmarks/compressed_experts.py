@@ -3,7 +3,8 @@
 Rows: the full top-4 model; top-(4 - n_ce) with the auxiliary experts dropped (every vector one: the main
 experts keep their routing weights); the same with the router re-normalised over the top-(4 - n_ce) (the
 model's own config with num_experts_per_tok = 4 - n_ce, a stronger baseline); and top-(4 - n_ce) with vectors
-trained by ``resmoe-tune-ce`` on ``fixtures/calibration.txt`` (disjoint from ``heldout.txt``), for n_ce = 1
+trained by ``resmoe-tune-ce`` on ``--text-bytes`` bytes of the fixtures' training files (``ce_text.py``: none of
+the held-out files ``heldout.txt`` is cut from; ``--text-bytes 0``: ``fixtures/calibration.txt``), for n_ce = 1
 and 2. Columns: held-out perplexity and mean KLD against the float32 source model (benchmarks/kld.py, the
 windows of EVAL.md), the fraction of the perplexity gap between the dropped row and the full model that the
 vectors close, prefill and decode tokens per second in materialize and fused mode on the CPU (median of
@@ -12,7 +13,7 @@ expert parameters per token. The full top-4 is timed twice in materialize mode: 
 module (its default experts implementation, recorded) and with resmoe's compressed-experts layer at n_ce = 0,
 whose few-token path (CEExperts._run_direct) the other rows also decode with.
 
-    python benchmarks/compressed_experts.py [--steps 120] [--lr 3e-3] [--objective distill] [--files DIR]
+    python benchmarks/compressed_experts.py [--steps STEPS] [--lr LR] [--objective OBJ] [--schedule S] [--files DIR]
     python benchmarks/compressed_experts.py --speed-only DIR   # re-time the trained files kept in DIR
 
 Results: benchmarks/results/COMPRESSED_EXPERTS.md and compressed_experts.json.
@@ -47,13 +48,18 @@ DECODE = 32
 MODES = ("materialize", "fused")
 #: torch threads while timing prefill and decode
 SPEED_THREADS = 1
+#: resmoe-tune-ce's options for both n_ce (chosen in results/compressed_experts_settings.txt)
+STEPS, LR, OBJECTIVE, SCHEDULE = 720, 3e-3, "lm", "cosine"
+#: bytes of training text (benchmarks/ce_text.py: the fixtures' training files only)
+TEXT_BYTES = 2_000_000
 
 
-def overlap(chunk: int = 64) -> tuple[int, int]:
-    """(chunks of ``chunk`` bytes of the training text found in heldout.txt, chunks): how disjoint they are."""
-    c, h = CALIBRATION.read_bytes(), kld.HELDOUT.read_bytes()
-    starts = range(0, len(c) - chunk, chunk)
-    return sum(c[i:i + chunk] in h for i in starts), len(starts)
+def overlap(text: bytes | None = None, chunk: int = 64) -> tuple[int, int]:
+    """(chunks of ``chunk`` bytes of the training text (default calibration.txt) found in heldout.txt, chunks): how
+    disjoint they are."""
+    from ce_text import overlap as count
+
+    return count(CALIBRATION.read_bytes() if text is None else text, kld.HELDOUT.read_bytes(), chunk)
 
 
 def log(msg: str) -> None:
@@ -143,13 +149,16 @@ def expert_share(path: Path, tokens: int = 64) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default all, as EVAL.md)")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--objective", default="distill", choices=("lm", "distill"))
+    ap.add_argument("--objective", default=OBJECTIVE, choices=("lm", "distill", "layer"))
+    ap.add_argument("--schedule", default=SCHEDULE, choices=("constant", "cosine"))
+    ap.add_argument("--text-bytes", type=int, default=TEXT_BYTES, help="bytes of training text from the fixtures' "
+                    f"training files (ce_text.py, seed 0; default {TEXT_BYTES}); 0: fixtures/calibration.txt")
     ap.add_argument("--files", type=Path, help="keep the trained files (and training.json) in this folder and "
                     "reuse those trained with the same options (default: a temporary folder)")
     ap.add_argument("--speed-only", type=Path, metavar="DIR", help="only re-time the files a run with --files DIR "
@@ -196,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     k, layers = cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
     n, hidden = cfg["moe_intermediate_size"], cfg["hidden_size"]
     expert_params = 3 * n * hidden
+    text = (f"{a.text_bytes} bytes of the fixtures' training files (benchmarks/ce_text.py, seed 0)" if a.text_bytes
+            else f"{CALIBRATION.name} ({CALIBRATION.stat().st_size} bytes)")
     prov = collect(("torch", "transformers", "numpy"), fixture=FIXTURE.name, top_k=k, steps=a.steps, lr=a.lr,
-                   batch=a.batch, window=a.window, windows=a.windows, objective=a.objective, seed=0,
-                   prefill_tokens=PREFILL, decode_steps=DECODE, speed_threads=SPEED_THREADS,
-                   training_text=f"{CALIBRATION.name} ({CALIBRATION.stat().st_size} bytes)")
+                   batch=a.batch, window=a.window, windows=a.windows, objective=a.objective, schedule=a.schedule,
+                   seed=0, prefill_tokens=PREFILL, decode_steps=DECODE, speed_threads=SPEED_THREADS,
+                   training_text=text)
     prov["timing_runs"] = a.runs
     windows = kld.heldout_windows(a.windows)
     rows: list[dict] = []
@@ -212,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
+        text_path = CALIBRATION
+        if a.text_bytes:
+            from ce_text import training_text
+
+            text_path = tmp / "train.txt"
+            text_path.write_bytes(training_text(a.text_bytes, 0))
+        res["training_text"] = {"name": text_path.name if a.text_bytes else CALIBRATION.name,
+                                "bytes": text_path.stat().st_size, "overlap": overlap(text_path.read_bytes())}
         keep = a.files or tmp
         keep.mkdir(parents=True, exist_ok=True)
         trained = json.loads((keep / "training.json").read_text()) if (keep / "training.json").exists() else {}
@@ -225,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
 
         lossless = tmp / "lossless.rmoe"  # the checkpoint, its experts exact: what resmoe-tune-ce FIXTURE makes first
         options = {"steps": a.steps, "lr": a.lr, "batch": a.batch, "window": a.window, "objective": a.objective,
-                   "seed": 0}
+                   "schedule": a.schedule, "seed": 0}
         for n_ce in (1, 2):
             out, ones = keep / f"ce{n_ce}.rmoe", keep / f"ones{n_ce}.rmoe"
             old = trained.get(str(n_ce))
-            if old and old["options"] == options and out.exists() and ones.exists():
+            if old and old["options"] == options and old.get("text_bytes") == a.text_bytes and out.exists() \
+                    and ones.exists():
                 log(f"n_ce={n_ce}: reusing {out} (trained by commit {old['provenance']['git_commit']})")
             else:
                 if not lossless.exists():
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     convert(FIXTURE, lossless, ConvertOptions(lossless=True), progress=False)
                     res["lossless_seconds"] = round(time.perf_counter() - t, 1)
                 t = time.perf_counter()
-                rep = tune_ce(lossless, out, CALIBRATION, TuneOptions(n_ce=n_ce, device="cpu", **options),
+                rep = tune_ce(lossless, out, text_path, TuneOptions(n_ce=n_ce, device="cpu", **options),
                               progress=False)
                 secs = time.perf_counter() - t
                 ls = rep["losses"]
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 old = trained[str(n_ce)] = {
                     "seconds": round(secs, 1), "loss_first10": float(np.mean(ls[:m])),
                     "loss_last10": float(np.mean(ls[-m:])), "losses": ls, "tokens": rep["tokens"],
-                    "options": options, "provenance": collect(("torch",))}
+                    "options": options, "text_bytes": a.text_bytes, "provenance": collect(("torch",))}
                 log(f"trained n_ce={n_ce}: {secs:.0f} s, loss {np.mean(ls[:m]):.4f} -> {np.mean(ls[-m:]):.4f}")
                 with resmoe_format.open(out) as r:
                     write_with_vectors(r, ones, ones_vectors(r), n_ce)
@@ -381,13 +401,15 @@ def readme(res: dict) -> list[str]:
 def report(res: dict) -> str:
     rows = res["rows"]
     full = _row(rows, "full", 0)
+    tt = res.get("training_text") or {"name": CALIBRATION.name, "overlap": overlap()}
+    what = res["provenance"].get("training_text", "fixtures/calibration.txt")
     lines = ["# Compressed experts on qwen3_moe_fine", "",
              "Generated by `benchmarks/compressed_experts.py` (module docstring: what each row and column is). "
-             "Vectors trained by `resmoe-tune-ce` on `fixtures/calibration.txt`; perplexity and KLD on "
+             f"Vectors trained by `resmoe-tune-ce` on {what}; perplexity and KLD on "
              "`fixtures/heldout.txt` against the float32 source, as in EVAL.md. Gap closed: (ppl of the dropped row "
              "- ppl) / (ppl of the dropped row - ppl of the full model). The training text and the held-out text "
-             "are disjoint: {} of the {} 64-byte pieces of calibration.txt occur in heldout.txt.".format(*overlap()),
-             ""]
+             "are disjoint: {} of the {} 64-byte pieces of the training text occur in heldout.txt.".format(
+                 *tt["overlap"]), ""]
     if res.get("targets"):
         lines += ["## Targets", ""] + [f"- {t}" for t in res["targets"]] + [""]
     lines += ["## Results", "",
@@ -442,7 +464,7 @@ def report(res: dict) -> str:
     if SETTINGS.exists():
         lines += ["## Training settings tried", "",
                   f"The training options were chosen among a few settings, each trained with `resmoe-tune-ce` on "
-                  f"calibration.txt and scored on the first 256 held-out windows: the output of that selection is "
+                  f"the training text and scored on the first 256 held-out windows: the output of that selection is "
                   f"[{SETTINGS.name}]({SETTINGS.name}).", ""]
     md = "\n".join(lines) + "\n" + markdown(res["provenance"])
     if res.get("speed_provenance"):

@@ -6,10 +6,12 @@ SRC is a checkpoint (its experts are kept exactly: the file is first converted w
 the runtime (:func:`resmoe_format.torch.load_model`, materialize mode, float32) from SRC with every vector
 set to one, and AdamW trains the vectors (``--train-experts``: also the experts' matrices) on windows of the
 text: by default to match the full top-k model's next-token distributions (KL divergence, ``--objective
-distill``), or on the language modelling loss (``--objective lm``). Data order is a function of (seed, step)
-only, so a run is deterministic for a seed and resumes bit for bit from its state file ``OUT.ce-state`` (saved every
-``checkpoint_every`` steps and at the end; kept so that a later run with more ``--steps`` and ``--resume``
-continues it). OUT is published atomically when training ends; a failed or killed run leaves none.
+distill``), on the language modelling loss (``--objective lm``), or block by block to match each MoE
+block's full top-k output on the full model's hidden states (``--objective layer``); ``--schedule cosine`` decays
+the learning rates. Data order is a function of (seed, step) only, so a run is deterministic for a seed and
+resumes bit for bit from its state file ``OUT.ce-state`` (saved every ``checkpoint_every`` steps and at the end;
+kept so that a later run with more ``--steps`` (the same with ``--schedule cosine``) and ``--resume`` continues it).
+OUT is published atomically when training ends; a failed or killed run leaves none.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import numpy as np
 from .errors import ConversionError
 
 STATE_SUFFIX = ".ce-state"
-OBJECTIVES = ("lm", "distill")
+OBJECTIVES = ("lm", "distill", "layer")
+SCHEDULES = ("constant", "cosine")
 
 
 @contextlib.contextmanager
@@ -58,8 +61,13 @@ class TuneOptions:
     checkpoint_every: int = 50
     #: "distill": KL(full top-k || compressed) on the text, the full top-k model (the same model with n_ce = 0,
     #: its experts as SRC has them even while --train-experts changes them) as the teacher (the default: it lowers
-    #: the held-out KL divergence where "lm" raised it); "lm": next-token loss on the text (the paper's SFT)
+    #: the held-out KL divergence where "lm" raised it); "lm": next-token loss on the text (the paper's SFT);
+    #: "layer": per MoE block, the relative squared error of its output against the full top-k block's on the same
+    #: input (the full top-k model's hidden states and routing, its experts as SRC has them), averaged over blocks
     objective: str = "distill"
+    #: "constant": --lr (and --expert-lr) at every step; "cosine": both decay from their value at step 0 to 0 at step
+    #: ``steps`` along a half cosine (a resumed run must then keep --steps: the schedule depends on it)
+    schedule: str = "constant"
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -153,7 +161,11 @@ def check_model(cfg: dict, n_ce: int, where: str):
 def _digest(src: Path, opts: TuneOptions, text: str) -> str:
     """What a state file must match to be resumed: everything but the number of steps, the device and the
     checkpoint interval."""
-    keep = {k: v for k, v in asdict(opts).items() if k not in ("steps", "resume", "checkpoint_every", "device")}
+    free = ("steps", "resume", "checkpoint_every", "device") if opts.schedule == "constant" else \
+        ("resume", "checkpoint_every", "device")  # a decaying schedule depends on --steps
+    keep = {k: v for k, v in asdict(opts).items() if k not in free}
+    if opts.schedule == "constant":
+        del keep["schedule"]  # as before --schedule existed: such state files still resume
     h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
     h.update(str(src.resolve()).encode())
     h.update(text.encode("utf-8"))
@@ -183,6 +195,8 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
             raise ConversionError(f"{name} {v}: must be an integer >= {lo}")
     if opts.objective not in OBJECTIVES:
         raise ConversionError(f"--objective {opts.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if opts.schedule not in SCHEDULES:
+        raise ConversionError(f"--schedule {opts.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if not (opts.lr > 0 and np.isfinite(opts.lr)) or not (opts.expert_lr > 0 and np.isfinite(opts.expert_lr)):
         raise ConversionError(f"--lr {opts.lr} / --expert-lr {opts.expert_lr}: must be positive")
     if not src.exists():
@@ -236,10 +250,11 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
             for p in expert_params:
                 p.requires_grad_(True)
             groups.append({"params": expert_params, "lr": opts.expert_lr})
+        base_lrs = [g["lr"] for g in groups]
         optim = torch.optim.AdamW(groups, weight_decay=0.0)
         # distill with --train-experts: the teacher is the full top-k of the experts as SRC has them, not of the
         # experts being trained (a teacher that moves with them can agree with the student by getting worse)
-        frozen = [p.detach().clone() for p in expert_params] if opts.objective == "distill" else []
+        frozen = [p.detach().clone() for p in expert_params] if opts.objective in ("distill", "layer") else []
         step, losses = 0, []
         if state is not None:
             with torch.no_grad():
@@ -262,16 +277,22 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
         model.train(False)  # no dropout: the loss is a function of the parameters and the data only
         while step < opts.steps:
             x = torch.from_numpy(batch_windows(ids, opts.window, opts.batch, opts.seed, step)).to(device)
+            scale = lr_scale(opts.schedule, step, opts.steps)
+            for g, lr in zip(optim.param_groups, base_lrs):
+                g["lr"] = lr * scale
             if opts.objective == "distill":
                 set_n_ce(model, 0)
                 with torch.no_grad(), swapped(expert_params, frozen):
                     teacher = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
                 set_n_ce(model, opts.n_ce)
-            logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
+            if opts.objective == "layer":
+                loss = layer_loss(model, layers, x[:, :-1], opts.n_ce, expert_params, frozen)
+            else:
+                logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
             if opts.objective == "distill":
                 student = torch.log_softmax(logits, -1)
                 loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
-            else:
+            elif opts.objective == "lm":
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             if not torch.isfinite(loss):
                 raise ConversionError(f"step {step}: the loss is {loss.item()} (lower --lr)")
@@ -289,7 +310,7 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
                    for lay_idx, m in zip(_layer_indices(init), layers)}
         method = {"method": "compressed_experts", "n_ce": opts.n_ce, "steps": opts.steps, "lr": opts.lr,
                   "seed": opts.seed, "window": opts.window, "batch": opts.batch, "text_tokens": int(ids.size),
-                  "train_experts": opts.train_experts, "objective": opts.objective,
+                  "train_experts": opts.train_experts, "objective": opts.objective, "schedule": opts.schedule,
                   "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
         if opts.train_experts:
             with scratch_path(out) as tuned:
@@ -302,6 +323,55 @@ def tune_ce(src: str | os.PathLike, out: str | os.PathLike, text_path: str | os.
     report.update(losses=losses, seconds=time.perf_counter() - t0, **{k: method[k] for k in ("loss_first",
                                                                                             "loss_last")})
     return report
+
+
+def lr_scale(schedule: str, step: int, steps: int) -> float:
+    """The factor on the learning rates at ``step`` (0-based) of ``steps``: 1 ("constant"), or a half cosine from 1
+    at step 0 towards 0 at ``steps`` ("cosine")."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + float(np.cos(np.pi * step / steps)))
+
+
+def layer_loss(model, layers: list, x, n_ce: int, expert_params: list, frozen: list):
+    """The "layer" objective on input ids ``x``: the mean over blocks of :func:`block_errors`."""
+    errors = block_errors(model, layers, x, n_ce, expert_params, frozen)
+    return sum(errors) / len(errors)
+
+
+def block_errors(model, layers: list, x, n_ce: int, expert_params: list, frozen: list) -> list:
+    """Per compressed-experts block of ``model`` (``layers``, in call order), on input ids ``x``: the full top-k
+    model (n_ce = 0, its experts ``frozen``: SRC's) runs once without gradients while hooks keep every block's
+    inputs and output; then each block runs again at ``n_ce`` on those same inputs, and its error is
+    sum((y - y_full)^2) / sum(y_full^2). A block's vectors so see the hidden states and routing of the model they
+    stand in for, and the backward pass goes through the experts blocks only."""
+    import torch
+
+    from resmoe_format.torch.ce import set_n_ce
+
+    seen: list = []
+
+    def keep(mod, args, kwargs, out):
+        seen.append((args, kwargs, out.detach()))
+
+    handles = [m.register_forward_hook(keep, with_kwargs=True) for m in layers]
+    try:
+        set_n_ce(model, 0)
+        with torch.no_grad(), swapped(expert_params, frozen):
+            model(input_ids=x, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        set_n_ce(model, n_ce)
+    if len(seen) != len(layers):
+        raise ConversionError(f"--objective layer: {len(seen)} experts-block calls in one forward pass for "
+                              f"{len(layers)} blocks")
+    out = []
+    for m, (args, kwargs, target) in zip(layers, seen):
+        y = m(*args, **kwargs).float()
+        t = target.float()
+        out.append(((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30))
+    return out
 
 
 def _layer_indices(path: Path) -> list[int]:

@@ -603,3 +603,135 @@ def test_spec_worked_example():
     assert "(-7.398695, -0.376518)" in spec and "(-0.511741, 0.333768)" in spec
     ce.vectors.data.fill_(1.0)
     assert ce(x, idx, w)[0].tolist() == pytest.approx([-0.511741, 0.333768], abs=1e-6)
+
+
+def _ids(text: str, window: int = 32, rows: int = 4) -> torch.Tensor:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json()).encode(text, add_special_tokens=False).ids
+    return torch.tensor(ids[:rows * window]).reshape(rows, window)
+
+
+def _block_errors(path: Path, x: torch.Tensor) -> list[float]:
+    from converters.tune_ce import block_errors
+    from resmoe_format.torch.ce import ce_modules
+
+    model = load_model(path, "materialize", dtype="fp32")
+    with torch.no_grad():
+        return [float(e) for e in block_errors(model, ce_modules(model), x, model_n_ce(model), [], [])]
+
+
+def model_n_ce(model) -> int:
+    from resmoe_format.torch.ce import ce_modules
+
+    return ce_modules(model)[0].n_ce
+
+
+def test_block_errors_by_hand(lossless, tmp_path):
+    """--objective layer's per-block error: the first block's input does not depend on any experts, so its error is
+    that of the first experts block between two separate runs of the model, at n_ce = 0 and at the file's n_ce."""
+    from resmoe_format.torch.ce import ce_modules, set_n_ce
+
+    f = _with_vectors(lossless, tmp_path / "r.rmoe", _random_vectors(lossless), 2)
+    x = _ids(_text(600, seed=3))
+    model = load_model(f, "materialize", dtype="fp32")
+    outs = {}
+    h = ce_modules(model)[0].register_forward_hook(lambda m, a, o: outs.__setitem__(m.n_ce, o.detach().clone()))
+    with torch.no_grad():
+        for n_ce in (0, 2):
+            set_n_ce(model, n_ce)
+            model(input_ids=x, use_cache=False)
+    h.remove()
+    want = float(((outs[2] - outs[0]) ** 2).sum() / (outs[0] ** 2).sum())
+    got = _block_errors(f, x)
+    assert len(got) == len(ce_modules(model)) and got[0] == pytest.approx(want, rel=1e-5)
+    assert all(e > 0 for e in got)
+    # later blocks see the full model's hidden states: vectors of ones there leave later blocks' errors unchanged
+    vec = _random_vectors(lossless)
+    first = min(vec)
+    vec = {i: (v if i == first else np.ones_like(v)) for i, v in vec.items()}
+    g = _block_errors(_with_vectors(lossless, tmp_path / "o.rmoe", vec, 2), x)
+    ones = _block_errors(_with_vectors(lossless, tmp_path / "1.rmoe", _ones(lossless), 2), x)
+    assert g[0] != pytest.approx(ones[0], rel=1e-3) and g[1:] == pytest.approx(ones[1:], rel=1e-6)
+
+
+def test_layer_objective_lowers_block_errors_and_keeps_source_teacher(ckpt, lossless, text_file, tmp_path,
+                                                                     monkeypatch):
+    import contextlib
+
+    import converters.tune_ce as tc
+
+    a = tmp_path / "a.rmoe"
+    rep = _tune(lossless, a, text_file, steps=6, n_ce=2, objective="layer", lr=0.05)
+    x = _ids(text_file.read_text())
+    ones = _with_vectors(lossless, tmp_path / "ones.rmoe", _ones(lossless), 2)
+    assert np.mean(_block_errors(a, x)) < 0.9 * np.mean(_block_errors(ones, x))
+    assert rep["losses"][-1] < rep["losses"][0]
+    b = tmp_path / "b.rmoe"
+    assert _tune(lossless, b, text_file, steps=6, n_ce=2, objective="layer", lr=0.05)["losses"] == rep["losses"]
+    with resmoe_format.open(b) as r:
+        assert r.schema.method["compressed_experts"]["objective"] == "layer"
+    # --train-experts: every step's targets come from the experts as SRC has them
+    seen: list[list[torch.Tensor]] = []
+    real = tc.swapped
+
+    @contextlib.contextmanager
+    def spy(params, values):
+        with real(params, values):
+            seen.append([p.detach().clone() for p in params])
+            yield
+
+    monkeypatch.setattr(tc, "swapped", spy)
+    _tune(ckpt, tmp_path / "te.rmoe", text_file, steps=3, objective="layer", train_experts=True, expert_lr=1e-2)
+    assert len(seen) == 3 and all(torch.equal(a, b) for step in seen[1:] for a, b in zip(step, seen[0]))
+
+
+def test_cosine_schedule_and_its_resume(lossless, text_file, tmp_path, monkeypatch):
+    from converters.tune_ce import lr_scale
+    from resmoe_format.torch import ce
+
+    assert lr_scale("constant", 7, 10) == 1.0
+    assert lr_scale("cosine", 0, 10) == 1.0 and lr_scale("cosine", 5, 10) == pytest.approx(0.5)
+    lrs: list[list[float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    a = tmp_path / "a.rmoe"
+    _tune(lossless, a, text_file, steps=4, n_ce=2, lr=0.1, schedule="cosine")
+    assert [v[0] for v in lrs] == pytest.approx([0.1 * lr_scale("cosine", s, 4) for s in range(4)])
+    assert lrs[-1][0] < lrs[0][0]
+    # interrupted after the state of step 2, resumed: bit for bit the uninterrupted run
+    calls, real = {"n": 0}, ce.CEExperts.forward
+    n_blocks = len(_ones(lossless))
+
+    def boom(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3 * n_blocks:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    c = tmp_path / "c.rmoe"
+    monkeypatch.setattr(ce.CEExperts, "forward", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(lossless, c, text_file, steps=4, n_ce=2, lr=0.1, schedule="cosine")
+    monkeypatch.setattr(ce.CEExperts, "forward", real)
+    assert not c.exists() and Path(str(c) + ".ce-state").exists()
+    rep = _tune(lossless, c, text_file, steps=4, n_ce=2, lr=0.1, schedule="cosine", resume=True)
+    assert rep["resumed_from"] == 2
+    va, vc = _vectors(a), _vectors(c)
+    assert all(np.array_equal(va[i], vc[i]) for i in va)
+    assert not all(np.array_equal(va[i], v) for i, v in _vectors(_tune_const(lossless, tmp_path, text_file)).items())
+    with pytest.raises(Exception, match="saved for another SRC, text or other options"):
+        _tune(lossless, c, text_file, steps=6, n_ce=2, lr=0.1, schedule="cosine", resume=True)  # another schedule
+    with pytest.raises(Exception, match="--schedule 'linear'"):
+        _tune(lossless, tmp_path / "x.rmoe", text_file, schedule="linear")
+
+
+def _tune_const(lossless, tmp_path, text_file) -> Path:
+    out = tmp_path / "const.rmoe"
+    _tune(lossless, out, text_file, steps=4, n_ce=2, lr=0.1)
+    return out

@@ -71,3 +71,26 @@ def test_fixture_exports_to_gguf_with_its_byte_tokenizer(tmp_path):
     convert(FIXTURES / "qwen3_moe_fine", rmoe, ConvertOptions(method="prune", keep=0.5), progress=False)
     text = "import os\n\ndef main():  # ż\n"
     assert llama_tokens(export_gguf(rmoe, tmp_path / "q.gguf", "q8_0"), [text]) == [list(text.encode())]
+
+
+def test_ce_training_text_is_from_training_files_only():
+    """benchmarks/ce_text.py: the text is whole training files (never a held-out one), deterministic for a seed,
+    valid UTF-8 of the size asked, and shares (almost) no 64-byte piece with heldout.txt."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parent))
+    from ce_text import overlap, training_text
+    from train_fixtures import corpus
+
+    train, held, _ = corpus()
+    text = training_text(200_000, seed=1)
+    assert len(text) == 200_000 and text == training_text(200_000, seed=1) and text != training_text(200_000, seed=2)
+    text.decode("utf-8")
+    held_bytes = [p.read_bytes() for p in held]
+    big = [h for h in held_bytes if len(h) > 4096]
+    assert not any(h[1024:2048] in text for h in big)  # no held-out file's content
+    trained = [p.read_bytes() for p in train]
+    first = text[:4096]
+    assert any(t.startswith(first[:min(len(first), len(t))]) for t in trained)  # starts with a training file
+    hit, n = overlap(text, (FIXTURES / "heldout.txt").read_bytes())
+    assert n == len(range(0, len(text) - 64, 64)) and hit <= n // 1000

@@ -29,10 +29,14 @@ def parser() -> argparse.ArgumentParser:
                     help="also fine-tune the experts' matrices (checkpoint SRC only; they are stored exactly)")
     ap.add_argument("--expert-lr", type=float, default=d.expert_lr,
                     help=f"with --train-experts: the experts' learning rate (default {d.expert_lr:g})")
-    ap.add_argument("--objective", choices=("lm", "distill"), default=d.objective,
+    ap.add_argument("--objective", choices=("lm", "distill", "layer"), default=d.objective,
                     help="lm: next-token loss on TEXT (the paper's fine-tuning); distill: KL divergence from the full "
                          "top-k model on TEXT (its experts as SRC has them, also with --train-experts), which needs no "
-                         "labels and aims at the full model (default distill)")
+                         "labels and aims at the full model; layer: each MoE block's relative squared error against "
+                         "the full top-k block on the full model's hidden states, block by block (default distill)")
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
+                    help="learning rates: constant, or decaying to 0 at --steps along a half cosine (then --resume "
+                         "needs the same --steps) (default constant)")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"data order and initialisation seed (default {d.seed})")
     ap.add_argument("--window", type=int, default=d.window, help=f"tokens per training window (default {d.window})")
     ap.add_argument("--batch", type=int, default=d.batch, help=f"windows per step (default {d.batch})")
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
         opts = TuneOptions(n_ce=a.n_ce, steps=a.steps, lr=a.lr, train_experts=a.train_experts,
                            expert_lr=a.expert_lr, seed=a.seed, window=a.window, batch=a.batch, device=a.device,
-                           resume=a.resume, checkpoint_every=a.checkpoint_every, objective=a.objective)
+                           resume=a.resume, checkpoint_every=a.checkpoint_every, objective=a.objective,
+                           schedule=a.schedule)
         rep = tune_ce(a.src, a.out, a.text, opts, progress=not a.quiet)
         if not a.quiet:
             print(f"wrote {a.out}: n_ce={a.n_ce}, {rep['options']['steps']} steps on {rep['tokens']} tokens "
