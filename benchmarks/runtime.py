@@ -355,7 +355,11 @@ def _versus(r: dict, ref: dict, key: str, name: str = "dense") -> str:
     """'a against b tokens/s, Nx, faster than <name>', 'within noise of' when the runs' ranges overlap."""
     ratio = r[key] / ref[key]
     noise = within_noise(r[f"{key}_spread"], ref[f"{key}_spread"])
-    word = "within noise of" if noise else ("faster than" if ratio > 1 else "slower than")
+    word = "faster than" if ratio > 1 else "slower than"
+    if noise:  # the median's verdict stands; the ranges say how far single runs spread
+        a, b = r[f"{key}_spread"], ref[f"{key}_spread"]
+        word = (f"the runs' ranges overlapping ({a['min']:.1f}-{a['max']:.1f} against {b['min']:.1f}-{b['max']:.1f}), "
+                f"within noise of")
     return f"{r[key]:.1f} against {ref[key]:.1f} tokens/s, {ratio:.2f}x, {word} {name}"
 
 
