@@ -476,10 +476,8 @@ def test_train_experts_writes_tuned_experts(ckpt, lossless, text_file, tmp_path)
         _tune(lossless, tmp_path / "x.rmoe", text_file, train_experts=True)
 
 
-def test_distill_teacher_is_the_source_experts_full_top_k(ckpt, lossless, text_file, tmp_path, monkeypatch):
-    """--objective distill with --train-experts: every step's teacher (the full top-k) runs on the experts as SRC has
-    them, while the student's experts move; a teacher that moved with them could agree with the student by getting
-    worse."""
+def spy_teacher_experts(monkeypatch) -> list[list[torch.Tensor]]:
+    """The experts' values each time resmoe-tune-ce swaps SRC's experts in for the teacher (one list a step)."""
     import contextlib
 
     import converters.tune_ce as tc
@@ -494,6 +492,14 @@ def test_distill_teacher_is_the_source_experts_full_top_k(ckpt, lossless, text_f
             yield
 
     monkeypatch.setattr(tc, "swapped", spy)
+    return seen
+
+
+def test_distill_teacher_is_the_source_experts_full_top_k(ckpt, lossless, text_file, tmp_path, monkeypatch):
+    """--objective distill with --train-experts: every step's teacher (the full top-k) runs on the experts as SRC has
+    them, while the student's experts move; a teacher that moved with them could agree with the student by getting
+    worse."""
+    seen = spy_teacher_experts(monkeypatch)
     out = tmp_path / "dt.rmoe"
     _tune(ckpt, out, text_file, steps=3, train_experts=True, expert_lr=1e-2, objective="distill")
     assert len(seen) == 3
@@ -657,10 +663,6 @@ def test_block_errors_by_hand(lossless, tmp_path):
 
 def test_layer_objective_lowers_block_errors_and_keeps_source_teacher(ckpt, lossless, text_file, tmp_path,
                                                                      monkeypatch):
-    import contextlib
-
-    import converters.tune_ce as tc
-
     a = tmp_path / "a.rmoe"
     rep = _tune(lossless, a, text_file, steps=6, n_ce=2, objective="layer", lr=0.05)
     x = _ids(text_file.read_text())
@@ -672,16 +674,7 @@ def test_layer_objective_lowers_block_errors_and_keeps_source_teacher(ckpt, loss
     with resmoe_format.open(b) as r:
         assert r.schema.method["compressed_experts"]["objective"] == "layer"
     # --train-experts: every step's targets come from the experts as SRC has them
-    seen: list[list[torch.Tensor]] = []
-    real = tc.swapped
-
-    @contextlib.contextmanager
-    def spy(params, values):
-        with real(params, values):
-            seen.append([p.detach().clone() for p in params])
-            yield
-
-    monkeypatch.setattr(tc, "swapped", spy)
+    seen = spy_teacher_experts(monkeypatch)
     _tune(ckpt, tmp_path / "te.rmoe", text_file, steps=3, objective="layer", train_experts=True, expert_lr=1e-2)
     assert len(seen) == 3 and all(torch.equal(a, b) for step in seen[1:] for a, b in zip(step, seen[0]))
 
