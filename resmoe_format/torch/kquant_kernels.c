@@ -570,6 +570,17 @@ static inline __attribute__((always_inline)) void kq_rcols_bf16(const uint8_t *c
     if ((bits) == 0 && !kq_ternary_digits[242]) kq_ternary_table()
 #endif
 
+/* AS(args..., TERN, RND) with ternary codes (bits 0) or bit fields, and exact (rnd 0) or rounded weights as
+   constants, so that the bf16 kernels' loops are compiled for each */
+#define KQ_BY_CODES(AS, ...)                                                                                         \
+    do {                                                                                                             \
+        if (bits == 0) {                                                                                             \
+            if (rnd) AS(__VA_ARGS__, 1, 1); else AS(__VA_ARGS__, 1, 0);                                              \
+        } else {                                                                                                     \
+            if (rnd) AS(__VA_ARGS__, 0, 1); else AS(__VA_ARGS__, 0, 0);                                              \
+        }                                                                                                            \
+    } while (0)
+
 int resmoe_kq_dpbf16(void) { return KQ_DPBF16; }
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for bf16 activations x, the weights exact (kq_row_bf16: vdpbf16ps on the codes,
@@ -585,17 +596,9 @@ int resmoe_kq_matmul_bf16(int64_t m, int64_t n, const uint8_t *codes, int bits, 
     if (!sx) return 0;
     kq_group_sums(T, groups, x, ldx, sx);
     KQ_SETUP(bits);
-/* ternary codes or bit fields, exact or rounded weights: constants inside the loops */
 #define KQ_ROW_BF16_AS(k, TERN, RND)                                                                                 \
     kq_row_bf16(codes, &u, pairs, supers, sup, g0, groups, xt, ldx, sx + t0 * groups, yt, ldy, k, TERN, RND)
-#define KQ_ROW_BF16(k)                                                                                               \
-    do {                                                                                                             \
-        if (bits == 0) {                                                                                             \
-            if (rnd) KQ_ROW_BF16_AS(k, 1, 1); else KQ_ROW_BF16_AS(k, 1, 0);                                          \
-        } else {                                                                                                     \
-            if (rnd) KQ_ROW_BF16_AS(k, 0, 1); else KQ_ROW_BF16_AS(k, 0, 0);                                          \
-        }                                                                                                            \
-    } while (0)
+#define KQ_ROW_BF16(k) KQ_BY_CODES(KQ_ROW_BF16_AS, k)
     KQ_ROWS(uint16_t, KQ_BY_TOKENS(tb, KQ_ROW_BF16))
 #undef KQ_ROW_BF16
 #undef KQ_ROW_BF16_AS
@@ -776,14 +779,7 @@ int resmoe_kq_rmatmul_bf16(int64_t m, int64_t n, const uint8_t *codes, int bits,
     KQ_SETUP(bits);
 #define KQ_RCOLS_BF16_AS(J, TB, NB, TERN, RND)                                                                       \
     kq_rcols_bf16(codes, &u, pairs, supers, sup, m, r0, r1, groups, J, &sc, t0, yt, ldy, TB, NB, TERN, RND)
-#define KQ_RCOLS_BF16(J, TB, NB)                                                                                     \
-    do {                                                                                                             \
-        if (bits == 0) {                                                                                             \
-            if (rnd) KQ_RCOLS_BF16_AS(J, TB, NB, 1, 1); else KQ_RCOLS_BF16_AS(J, TB, NB, 1, 0);                      \
-        } else {                                                                                                     \
-            if (rnd) KQ_RCOLS_BF16_AS(J, TB, NB, 0, 1); else KQ_RCOLS_BF16_AS(J, TB, NB, 0, 0);                      \
-        }                                                                                                            \
-    } while (0)
+#define KQ_RCOLS_BF16(J, TB, NB) KQ_BY_CODES(KQ_RCOLS_BF16_AS, J, TB, NB)
     KQ_COLUMN_BLOCKS(uint16_t, KQ_RCOLS_BF16)
 #undef KQ_RCOLS_BF16
 #undef KQ_RCOLS_BF16_AS
