@@ -298,8 +298,8 @@ static inline __attribute__((always_inline)) void csr_row_avx512(const uint16_t 
     for (int64_t k = k0; k < k1; k += 16) {
         const __mmask16 km = (__mmask16)(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1);
         const __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, cols + k));
-        const __m512 v = vkind ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                     _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, (const uint16_t *)vals + k)), 16))
+        const __m512 v = vkind ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                     _mm256_maskz_loadu_epi16(km, (const uint16_t *)vals + k)), 16))
                                : _mm512_maskz_loadu_ps(km, (const float *)vals + k);
         for (int t = 0; t < tb; t++)
             acc[t] = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, idx, x + t * ldx, 4), acc[t]);
@@ -394,11 +394,13 @@ void resmoe_bitmap_rmatmul(int64_t m, int64_t nw32, const uint32_t *mask, const 
    interleaved (vpunpcklwd / vpunpckhwd) and multiplied by the pair (x[t][r], x[t][r+1]) in one vdpbf16ps (exact
    products, float32 sums), summed in each thread's share of a scratch in the interleave's column order (lo: 8l +
    0..3, hi: 8l + 4..7 of each 32 columns), which is put back in order once, at the end. The threads take runs of
-   blocks. Returns 0 (computing nothing) without AVX512-BF16 or when the scratch cannot be had. */
+   blocks. Returns 0 (computing nothing) without AVX512-BF16, for more than TB tokens (many tokens' products expand
+   the bitmap instead) or when the scratch cannot be had. */
 int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, const int64_t *voff,
                                const uint16_t *vals, int64_t T, const uint16_t *x, int64_t ldx, float *y, int64_t ldy,
                                int nthreads) {
 #if RESMOE_DPBF16
+    if (T > TB) return 0;
     const int nt = nthreads > 1 ? nthreads : 1;
     const int64_t width = 32 * nw32, blocks = (m + 3) / 4;
     float *part = calloc((size_t)(nt * T * width), sizeof(float));
@@ -414,6 +416,13 @@ int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
                 prefetch_row(mask + f * nw32, 4 * nw32, vals + voff[f], 2 * (voff[f + 1] - voff[f]));
             int64_t q[4];
             for (int i = 0; i < 4; i++) q[i] = r + i < m ? voff[r + i] : 0;
+            __m512bh x01[TB], x23[TB]; /* each token's activations of the two pairs, for every word */
+            for (int64_t t = 0; t < T; t++) {
+                uint32_t xr[4];
+                for (int i = 0; i < 4; i++) xr[i] = r + i < m ? x[t * ldx + r + i] : 0;
+                x01[t] = (__m512bh)_mm512_set1_epi32((int)(xr[0] | xr[1] << 16));
+                x23[t] = (__m512bh)_mm512_set1_epi32((int)(xr[2] | xr[3] << 16));
+            }
             for (int64_t w = 0; w < nw32; w++) {
                 uint32_t b[4];
                 __m512i v[4];
@@ -426,16 +435,12 @@ int resmoe_bitmap_rmatmul_bf16(int64_t m, int64_t nw32, const uint32_t *mask, co
                 const __m512i lo01 = _mm512_unpacklo_epi16(v[0], v[1]), hi01 = _mm512_unpackhi_epi16(v[0], v[1]);
                 const __m512i lo23 = _mm512_unpacklo_epi16(v[2], v[3]), hi23 = _mm512_unpackhi_epi16(v[2], v[3]);
                 for (int64_t t = 0; t < T; t++) {
-                    uint32_t xr[4];
-                    for (int i = 0; i < 4; i++) xr[i] = r + i < m ? x[t * ldx + r + i] : 0;
-                    const __m512bh x01 = (__m512bh)_mm512_set1_epi32((int)(xr[0] | xr[1] << 16));
-                    const __m512bh x23 = (__m512bh)_mm512_set1_epi32((int)(xr[2] | xr[3] << 16));
                     float *a = acc + t * width + 32 * w;
-                    _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a), (__m512bh)lo01, x01),
-                                                         (__m512bh)lo23, x23));
+                    _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a), (__m512bh)lo01, x01[t]),
+                                                         (__m512bh)lo23, x23[t]));
                     _mm512_storeu_ps(a + 16, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a + 16),
-                                                                               (__m512bh)hi01, x01),
-                                                              (__m512bh)hi23, x23));
+                                                                               (__m512bh)hi01, x01[t]),
+                                                              (__m512bh)hi23, x23[t]));
                 }
             }
         }
